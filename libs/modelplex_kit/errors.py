@@ -1,0 +1,134 @@
+"""Errors, from one place.
+
+Every failure in Modelplex is a :class:`ServiceError` carrying a gRPC status
+code. Backends raise it and the server interceptor turns it into a gRPC status
+(with the offending ``param`` in trailing metadata); the edge turns a gRPC
+status back into a ServiceError and renders OpenAI's error envelope. The table
+below is the only place where a status code gets its HTTP meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from modelplex.v1 import common_pb2
+
+ERROR_DETAIL_KEY = "modelplex-error-detail-bin"
+
+
+@dataclass(frozen=True, slots=True)
+class HttpError:
+    status: int
+    type: str
+    code: str | None
+
+
+_SERVER = "server_error"
+_INVALID = "invalid_request_error"
+
+# gRPC status -> HTTP status and OpenAI error type/code (the default code; a
+# ServiceError may name a more specific one).
+GRPC_TO_HTTP: dict[grpc.StatusCode, HttpError] = {
+    grpc.StatusCode.INVALID_ARGUMENT: HttpError(400, _INVALID, None),
+    grpc.StatusCode.FAILED_PRECONDITION: HttpError(400, _INVALID, None),
+    grpc.StatusCode.OUT_OF_RANGE: HttpError(400, _INVALID, "context_length_exceeded"),
+    grpc.StatusCode.UNAUTHENTICATED: HttpError(401, _INVALID, "invalid_api_key"),
+    grpc.StatusCode.PERMISSION_DENIED: HttpError(403, "permission_error", None),
+    grpc.StatusCode.NOT_FOUND: HttpError(404, _INVALID, "not_found"),
+    grpc.StatusCode.ALREADY_EXISTS: HttpError(409, _INVALID, "conflict"),
+    grpc.StatusCode.ABORTED: HttpError(409, _INVALID, "conflict"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: HttpError(429, "requests", "rate_limit_exceeded"),
+    grpc.StatusCode.CANCELLED: HttpError(499, _INVALID, "client_closed_request"),
+    grpc.StatusCode.UNIMPLEMENTED: HttpError(501, _INVALID, "not_implemented"),
+    grpc.StatusCode.UNAVAILABLE: HttpError(503, _SERVER, "service_unavailable"),
+    grpc.StatusCode.DEADLINE_EXCEEDED: HttpError(504, _SERVER, "timeout"),
+    grpc.StatusCode.INTERNAL: HttpError(500, _SERVER, None),
+    grpc.StatusCode.UNKNOWN: HttpError(500, _SERVER, None),
+    grpc.StatusCode.DATA_LOSS: HttpError(500, _SERVER, None),
+}
+
+# HTTP-only failures the edge detects before any gRPC call is made.
+HTTP_ONLY: dict[int, HttpError] = {
+    405: HttpError(405, _INVALID, "method_not_allowed"),
+    413: HttpError(413, _INVALID, "request_too_large"),
+}
+
+
+class ServiceError(Exception):
+    """A failure with a meaning for the API client."""
+
+    def __init__(
+        self,
+        status: grpc.StatusCode,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    @property
+    def http(self) -> HttpError:
+        return GRPC_TO_HTTP.get(self.status, GRPC_TO_HTTP[grpc.StatusCode.UNKNOWN])
+
+    def envelope(self) -> dict[str, Any]:
+        """OpenAI's error body."""
+        http = self.http
+        return {
+            "error": {
+                "message": self.message,
+                "type": http.type,
+                "param": self.param,
+                "code": self.code or http.code,
+            }
+        }
+
+    # -- gRPC wire form -------------------------------------------------
+    def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
+        if not (self.param or self.code):
+            return ()
+        detail = common_pb2.ErrorDetail(param=self.param or "", code=self.code or "")
+        return ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
+
+    @classmethod
+    def from_rpc_error(cls, error: grpc.aio.AioRpcError | grpc.RpcError) -> ServiceError:
+        status = error.code()
+        message = error.details() or status.name.lower()
+        param = code = None
+        for key, value in error.trailing_metadata() or ():
+            if key == ERROR_DETAIL_KEY:
+                detail = common_pb2.ErrorDetail.FromString(value)
+                param, code = detail.param or None, detail.code or None
+        if status == grpc.StatusCode.UNAVAILABLE and not code:
+            message = f"The model backend is unavailable, please retry: {message}"
+        return cls(status, message, param=param, code=code)
+
+
+def invalid(message: str, param: str | None = None, code: str | None = None) -> ServiceError:
+    return ServiceError(grpc.StatusCode.INVALID_ARGUMENT, message, param=param, code=code)
+
+
+def unsupported(param: str, what: str) -> ServiceError:
+    return invalid(f"{what} is not supported by this model.", param=param, code="unsupported_parameter")
+
+
+def model_not_found(model: str) -> ServiceError:
+    return ServiceError(
+        grpc.StatusCode.NOT_FOUND,
+        f"The model `{model}` does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def unavailable(message: str) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, message)

@@ -1,0 +1,181 @@
+"""gRPC aio server bootstrap shared by every backend.
+
+``serve`` starts a server with grpc.health.v1 and reflection, one interceptor
+that gives every call its request id, trace span, metrics and error mapping,
+and a SIGTERM handler that stops accepting calls, drains in-flight ones for
+``grace_seconds`` and exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from opentelemetry import trace
+from prometheus_client import start_http_server
+
+from modelplex_kit.errors import ServiceError
+from modelplex_kit.logging import configure_logging, request_id_var
+from modelplex_kit.settings import GrpcServiceSettings
+from modelplex_kit.telemetry import GRPC_HANDLED, GRPC_LATENCY, configure_tracing, incoming_context
+
+log = logging.getLogger(__name__)
+_tracer = trace.get_tracer("modelplex.grpc")
+
+# Infrastructure methods are not traced or counted: probes would drown the data.
+_UNOBSERVED_PREFIXES = ("/grpc.health.", "/grpc.reflection.")
+
+
+class _Observation:
+    """Request id, span, metrics and error mapping around one call."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.method = method
+        self.context = context
+        self.code = grpc.StatusCode.OK
+
+    async def __aenter__(self) -> _Observation:
+        request_id, parent = incoming_context(context_metadata(self.context))
+        self._token = request_id_var.set(request_id)
+        self._span = _tracer.start_span(self.method, context=parent, kind=trace.SpanKind.SERVER)
+        self._start = time.perf_counter()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        try:
+            return await self._map_error(exc)
+        finally:
+            GRPC_LATENCY.labels(self.method).observe(time.perf_counter() - self._start)
+            GRPC_HANDLED.labels(self.method, self.code.name).inc()
+            self._span.set_attribute("rpc.grpc.status_code", self.code.value[0])
+            self._span.end()
+            request_id_var.reset(self._token)
+
+    async def _map_error(self, exc: BaseException | None) -> bool:
+        if exc is None:
+            return False
+        if isinstance(exc, asyncio.CancelledError):
+            self.code = grpc.StatusCode.CANCELLED
+            return False
+        if isinstance(exc, grpc.aio.AbortError):
+            self.code = self.context.code() or grpc.StatusCode.UNKNOWN
+            return False
+        if isinstance(exc, ServiceError):
+            self.code = exc.status
+            await self.context.abort(exc.status, exc.message, trailing_metadata=exc.trailing_metadata())
+        self.code = grpc.StatusCode.INTERNAL
+        log.exception("unhandled error in %s", self.method)
+        await self.context.abort(grpc.StatusCode.INTERNAL, "internal error in the model backend")
+        return False  # unreachable: abort raises
+
+
+def context_metadata(context: grpc.aio.ServicerContext) -> Iterable[tuple[str, Any]]:
+    return context.invocation_metadata() or ()
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[override]
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_UNOBSERVED_PREFIXES):
+            return handler
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _observe_unary(method, handler.unary_unary),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _observe_stream(method, handler.unary_stream),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # client-streaming methods: none in Modelplex yet
+
+
+def _observe_unary(method: str, behavior: Callable[..., Awaitable[Any]]):
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async with _Observation(method, context):
+            return await behavior(request, context)
+
+    return wrapper
+
+
+def _observe_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]):
+    async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async with _Observation(method, context):
+            async for item in behavior(request, context):
+                yield item
+
+    return wrapper
+
+
+Registrar = Callable[[grpc.aio.Server], Iterable[str]]
+
+
+def server_options(settings: GrpcServiceSettings) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+async def serve(
+    name: str,
+    settings: GrpcServiceSettings,
+    register: Registrar,
+    on_shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Runs a gRPC service until SIGTERM/SIGINT, then drains and returns.
+
+    ``register`` adds the service's servicers to the server and returns their
+    full service names (for health and reflection).
+    """
+    server = grpc.aio.server(interceptors=[ObservingInterceptor()], options=server_options(settings))
+    service_names = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection([*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise SystemExit(f"{name}: cannot listen on {settings.listen}")
+    if settings.metrics_port:
+        start_http_server(settings.metrics_port)
+    await server.start()
+    for service in ["", *service_names]:
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("serving", extra={"listen": settings.listen, "services": service_names})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: draining in-flight calls", extra={"grace_seconds": settings.grace_seconds})
+    await health_servicer.enter_graceful_shutdown()
+    await server.stop(settings.grace_seconds)
+    if on_shutdown is not None:
+        await on_shutdown()
+    log.info("stopped")
+
+
+def run(name: str, settings: GrpcServiceSettings, main: Callable[[], Awaitable[None]]) -> None:
+    """Process entry point: logging, tracing, uvloop, then ``main``."""
+    configure_logging(name, settings.log_level, settings.log_format)
+    configure_tracing(name, settings.otel_exporter)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but keep Windows usable
+        asyncio.run(main())
+    else:
+        uvloop.run(main())

@@ -1,0 +1,42 @@
+"""Typed settings from the environment, one object per service.
+
+Each service subclasses :class:`ServiceSettings` with its own ``env_prefix``;
+the fields every service shares are read without the service prefix so one
+variable (``MODELPLEX_LOG_LEVEL``) configures the whole stack.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _shared(name: str) -> AliasChoices:
+    return AliasChoices(f"MODELPLEX_{name}")
+
+
+class ServiceSettings(BaseSettings):
+    """Settings every Modelplex process understands."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    log_level: str = Field("info", validation_alias=_shared("LOG_LEVEL"))
+    log_format: Literal["json", "text"] = Field("json", validation_alias=_shared("LOG_FORMAT"))
+    # none: tracing context is still propagated, spans are not exported.
+    otel_exporter: Literal["none", "console", "otlp"] = Field(
+        "none", validation_alias=_shared("OTEL_EXPORTER")
+    )
+    # Port for a separate Prometheus endpoint (gRPC services); 0 disables it.
+    metrics_port: int = Field(0, validation_alias=_shared("METRICS_PORT"))
+    # Seconds a SIGTERM'd server keeps serving in-flight calls before exiting.
+    grace_seconds: float = Field(10.0, validation_alias=_shared("GRACE_SECONDS"))
+
+
+class GrpcServiceSettings(ServiceSettings):
+    """Settings of a gRPC service; subclasses set ``env_prefix`` and a default port."""
+
+    listen: str = "127.0.0.1:50051"
+    # Server-side cap on one message; text prompts and images fit well inside.
+    max_message_bytes: int = 32 * 1024 * 1024

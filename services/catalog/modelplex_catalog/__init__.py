@@ -1,0 +1,1 @@
+"""Modelplex catalog service."""

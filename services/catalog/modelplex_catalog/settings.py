@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from modelplex_kit.settings import GrpcServiceSettings
+
+DEFAULT_CATALOG = Path(str(resources.files("modelplex_catalog") / "catalog.yaml"))
+
+
+class CatalogSettings(GrpcServiceSettings):
+    """Catalog service settings (env prefix ``MODELPLEX_CATALOG_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPLEX_CATALOG_", extra="ignore")
+
+    listen: str = "127.0.0.1:50051"
+    # The catalog file; MODELPLEX_CATALOG as the issue and the chart name it.
+    path: Path = Field(DEFAULT_CATALOG, validation_alias=AliasChoices("MODELPLEX_CATALOG", "MODELPLEX_CATALOG_PATH"))
+    # How often the file is checked for changes. Polling (not inotify) because
+    # Kubernetes updates a mounted ConfigMap by swapping a symlink.
+    poll_seconds: float = 1.0

@@ -1,0 +1,1 @@
+"""Modelplex edge: the public OpenAI-compatible HTTP API."""

@@ -1,0 +1,55 @@
+"""The edge application: routers, the one middleware, error handlers, lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
+
+from modelplex_edge.auth import DevKeyAuthorizer
+from modelplex_edge.backends import Backends, channel
+from modelplex_edge.catalog_client import CatalogWatcher
+from modelplex_edge.errors import install_error_handlers
+from modelplex_edge.middleware import EdgeMiddleware
+from modelplex_edge.routers import chat, completions, health, models, unsupported
+from modelplex_edge.settings import EdgeSettings
+from modelplex_edge.state import EdgeState
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: EdgeSettings) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        catalog_channel = channel(settings.catalog_target)
+        watcher = CatalogWatcher(catalog_channel)
+        following = asyncio.create_task(watcher.run())
+        backends = Backends(settings.backend_timeout_seconds)
+        app.state.edge = EdgeState(settings, watcher, backends, DevKeyAuthorizer(settings.dev_api_key.get_secret_value()))
+        try:
+            await asyncio.wait_for(watcher.ready.wait(), settings.catalog_wait_seconds)
+        except TimeoutError:
+            log.warning("no catalog yet; model requests get 503 until it answers")
+        yield
+        following.cancel()
+        await backends.close()
+        await catalog_channel.close()
+
+    app = FastAPI(
+        title="Modelplex", version="0.1.0", lifespan=lifespan,
+        docs_url=None, redoc_url=None, openapi_url=None,
+    )
+    for router in (chat.router, completions.router, models.router, health.router, unsupported.router):
+        app.include_router(router)
+    install_error_handlers(app)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"], expose_headers=["x-request-id", "retry-after"], max_age=600,
+        )
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

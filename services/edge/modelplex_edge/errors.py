@@ -1,0 +1,130 @@
+"""Every edge failure becomes OpenAI's error envelope, here and nowhere else.
+
+Handlers are registered once on the app; routers raise ``ServiceError`` (or
+let gRPC errors be converted by ``backend_error``) and never build error
+bodies themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TypeVar
+
+import grpc
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import Response
+
+from modelplex_kit.errors import HTTP_ONLY, ServiceError, invalid
+
+from modelplex_edge.middleware import BodyTooLarge
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+# Location parts pydantic adds for union members; they are not request fields.
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "json-or-python"}
+
+
+def error_response(error: ServiceError) -> Response:
+    return Response(
+        orjson.dumps(error.envelope()), status_code=error.http.status, media_type="application/json",
+        headers=error.headers,
+    )
+
+
+def http_only_error(status: int, message: str, param: str | None = None) -> Response:
+    http = HTTP_ONLY[status]
+    body = {"error": {"message": message, "type": http.type, "param": param, "code": http.code}}
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+
+
+def openai_param(loc: tuple[int | str, ...]) -> str | None:
+    """('messages', 0, 'content') -> 'messages[0].content' (OpenAI's notation)."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" in part or part in _TYPE_TAGS or part[:1].isupper():
+            continue
+        else:
+            path += f".{part}" if path else part
+    return path or None
+
+
+def validation_error(exc: ValidationError) -> ServiceError:
+    first = exc.errors(include_url=False)[0]
+    if first["type"] == "json_invalid":
+        return invalid(
+            "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "
+            "HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
+        )
+    if first["type"] == "model_type" and not first["loc"]:
+        return invalid("The request body must be a JSON object.")
+    param = (first.get("ctx") or {}).get("param") or openai_param(tuple(first["loc"]))
+    if first["type"] == "extra_forbidden":
+        return invalid(f"Unrecognized request argument supplied: {param}", param)
+    if first["type"] == "missing":
+        return invalid(f"Missing required parameter: '{param}'.", param)
+    message = first["msg"].removeprefix("Value error, ")
+    return invalid(f"Invalid value for '{param}': {message}" if param else message, param)
+
+
+def parse_body(model: type[M], body: bytes) -> M:
+    """Validates a JSON body straight from bytes (pydantic-core's parser, no dict step)."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+
+
+def backend_error(exc: grpc.aio.AioRpcError) -> ServiceError:
+    return ServiceError.from_rpc_error(exc)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_service_error(request: Request, exc: ServiceError) -> Response:
+        return error_response(exc)
+
+    async def on_rpc_error(request: Request, exc: grpc.aio.AioRpcError) -> Response:
+        return error_response(backend_error(exc))
+
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0]
+        return error_response(invalid(first.get("msg", "Invalid request"), openai_param(tuple(first.get("loc", ())))))
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(ServiceError(
+                grpc.StatusCode.NOT_FOUND,
+                f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos, "
+                "or see the docs at https://platform.openai.com/docs/api-reference/.",
+                code="unknown_url",
+            ))
+        if exc.status_code == 405:
+            return http_only_error(405, f"Method {request.method} is not allowed for {request.url.path}.")
+        return http_only_error(exc.status_code, str(exc.detail)) if exc.status_code in HTTP_ONLY else Response(
+            orjson.dumps({"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                                    "param": None, "code": None}}),
+            status_code=exc.status_code, media_type="application/json",
+        )
+
+    async def on_too_large(request: Request, exc: BodyTooLarge) -> Response:
+        return http_only_error(413, str(exc))
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error")
+        return error_response(ServiceError(
+            grpc.StatusCode.INTERNAL, "The server had an error while processing your request. Sorry about that!"
+        ))
+
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(grpc.aio.AioRpcError, on_rpc_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(HTTPException, on_http_error)
+    app.add_exception_handler(BodyTooLarge, on_too_large)
+    app.add_exception_handler(Exception, on_unexpected)

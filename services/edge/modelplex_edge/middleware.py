@@ -1,0 +1,86 @@
+"""The edge's one ASGI middleware: request id, body limit, trace span, metrics.
+
+Written as plain ASGI (not BaseHTTPMiddleware) because it wraps every request,
+streaming ones included, and must add next to nothing to the hot path.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+
+from opentelemetry import trace
+
+from modelplex_kit.logging import request_id_var
+from modelplex_kit.telemetry import HTTP_LATENCY, HTTP_REQUESTS
+
+_tracer = trace.get_tracer("modelplex.edge")
+_SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body too large: the limit is {limit} bytes.")
+        self.limit = limit
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+class EdgeMiddleware:
+    def __init__(self, app, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = _header(scope, b"x-request-id")
+        request_id = incoming.decode() if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        status = 500
+        start = time.perf_counter()
+
+        async def send_with_id(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            with _tracer.start_as_current_span(f"{scope['method']} {scope['path']}", kind=trace.SpanKind.SERVER):
+                await self.app(scope, self._limited(scope, receive), send_with_id)
+        finally:
+            route = scope.get("route")
+            label = route.path if route is not None else "unmatched"
+            HTTP_LATENCY.labels(label).observe(time.perf_counter() - start)
+            HTTP_REQUESTS.labels(label, str(status)).inc()
+            request_id_var.reset(token)
+
+    def _limited(self, scope, receive):
+        """receive() that refuses bodies over the limit, declared or streamed."""
+        limit = self.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            async def refuse():
+                raise BodyTooLarge(limit)
+            return refuse
+        seen = 0
+
+        async def counting():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        return counting

@@ -1,0 +1,1 @@
+"""OpenAI wire models (pydantic). They import no engine or gRPC code."""

@@ -1,0 +1,47 @@
+"""Request model of POST /v1/completions (legacy; OpenAI's CreateCompletionRequest)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from modelplex_edge.protocol.common import Penalty, Stop, StreamOptions, Strict, Temperature, TopP, param_error
+
+
+class CompletionRequest(Strict):
+    model: str
+    prompt: str | Annotated[list[str], Field(min_length=1)] | list[int] | list[list[int]]
+    best_of: Annotated[int | None, Field(ge=0, le=20)] = None
+    echo: bool | None = None
+    frequency_penalty: Penalty = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: Annotated[int | None, Field(ge=0, le=5)] = None
+    # OpenAI's default for legacy completions.
+    max_tokens: Annotated[int | None, Field(ge=0)] = 16
+    n: Annotated[int | None, Field(ge=1, le=128)] = None
+    presence_penalty: Penalty = None
+    seed: int | None = None
+    stop: Stop = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: Temperature = None
+    top_p: TopP = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise param_error("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
+        if self.best_of not in (None, 0, 1) and self.best_of != (self.n or 1):
+            raise param_error("best_of", "only best_of equal to n is supported.")
+        return self
+
+    def prompts(self) -> list[str] | None:
+        """The prompts as text, or None when given as token ids."""
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, str) for p in self.prompt):
+            return list(self.prompt)  # type: ignore[arg-type]
+        return None

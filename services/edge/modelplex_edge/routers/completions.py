@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from modelplex_edge import text_calls
+from modelplex_edge.errors import parse_body
+from modelplex_edge.protocol.completions import CompletionRequest
+from modelplex_edge.state import Authorized, State
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+async def create_completion(request: Request, caller: Authorized, state: State) -> Response:
+    body = parse_body(CompletionRequest, await request.body())
+    return await text_calls.completion(request, body, caller, state)

@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import SettingsConfigDict
+
+from modelplex_kit.settings import ServiceSettings
+
+
+class EdgeSettings(ServiceSettings):
+    """Edge settings (env prefix ``MODELPLEX_EDGE_``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPLEX_EDGE_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    catalog_target: str = "127.0.0.1:50051"
+    # The one accepted API key until the gatekeeper lands. Never logged.
+    dev_api_key: SecretStr = Field(
+        SecretStr("sk-modelplex-dev"), validation_alias=AliasChoices("MODELPLEX_DEV_API_KEY", "MODELPLEX_EDGE_DEV_API_KEY")
+    )
+    # Browser origins allowed by CORS; empty keeps CORS closed (a server-to-server API).
+    cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int = 16 * 1024 * 1024
+    # Deadline for one backend call (generation included).
+    backend_timeout_seconds: float = 600.0
+    # How long startup waits for the first catalog snapshot before serving 503s.
+    catalog_wait_seconds: float = 10.0
+    # uvicorn's keep-alive for idle client connections.
+    keep_alive_seconds: int = 75

@@ -1,0 +1,1 @@
+"""OpenAI wire models <-> internal protobuf contracts (to_proto / from_proto)."""

@@ -1,0 +1,174 @@
+"""Chat completions: ChatCompletionRequest -> GenerateRequest, and results -> OpenAI JSON."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from modelplex.v1 import common_pb2, text_pb2
+from modelplex_kit.errors import unsupported
+
+from modelplex_edge.protocol.chat import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from modelplex_edge.translate.text_common import FINISH_REASONS, sampling, usage_dict
+
+_MODES = {
+    "auto": text_pb2.ToolChoice.MODE_AUTO,
+    "none": text_pb2.ToolChoice.MODE_NONE,
+    "required": text_pb2.ToolChoice.MODE_REQUIRED,
+}
+_FORMATS = {
+    "text": text_pb2.ResponseFormat.TYPE_TEXT,
+    "json_object": text_pb2.ResponseFormat.TYPE_JSON_OBJECT,
+    "json_schema": text_pb2.ResponseFormat.TYPE_JSON_SCHEMA,
+}
+
+
+def _content(message: ChatMessage) -> list[text_pb2.ContentPart]:
+    if message.content is None:
+        return []
+    if isinstance(message.content, str):
+        return [text_pb2.ContentPart(text=message.content)]
+    parts = []
+    for part in message.content:
+        if part.type == "image_url":
+            parts.append(text_pb2.ContentPart(image=text_pb2.ImageInput(url=part.image_url.url,
+                                                                        detail=part.image_url.detail)))
+        else:
+            parts.append(text_pb2.ContentPart(text=part.text if part.type == "text" else part.refusal))
+    return parts
+
+
+def _message(message: ChatMessage) -> text_pb2.ChatMessage:
+    return text_pb2.ChatMessage(
+        role=message.role,
+        content=_content(message),
+        name=message.name or "",
+        tool_calls=[
+            text_pb2.ToolCall(id=c.id, name=c.function.name, arguments=c.function.arguments)
+            for c in message.tool_calls or ()
+        ],
+        tool_call_id=message.tool_call_id or "",
+    )
+
+
+def _tool_choice(body: ChatCompletionRequest) -> text_pb2.ToolChoice:
+    choice = body.tool_choice
+    if isinstance(choice, NamedToolChoice):
+        return text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NAMED, function_name=choice.function.name)
+    return text_pb2.ToolChoice(mode=_MODES.get(choice or "auto", text_pb2.ToolChoice.MODE_AUTO))
+
+
+def _response_format(body: ChatCompletionRequest) -> text_pb2.ResponseFormat:
+    fmt = body.response_format
+    if fmt is None:
+        return text_pb2.ResponseFormat()
+    result = text_pb2.ResponseFormat(type=_FORMATS[fmt.type])
+    if fmt.json_schema is not None:
+        result.schema_name = fmt.json_schema.name
+        result.schema_json = orjson.dumps(fmt.json_schema.schema_ or {"type": "object"}).decode()
+        result.strict = bool(fmt.json_schema.strict)
+    return result
+
+
+def to_proto(body: ChatCompletionRequest, model_id: str, meta: common_pb2.RequestMeta) -> text_pb2.GenerateRequest:
+    if body.logit_bias:
+        raise unsupported("logit_bias", "`logit_bias`")
+    return text_pb2.GenerateRequest(
+        meta=meta,
+        model=model_id,
+        chat=text_pb2.ChatInput(messages=[_message(m) for m in body.messages]),
+        sampling=sampling(
+            temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_completion_tokens or body.max_tokens,
+            stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+        ),
+        tools=[
+            text_pb2.Tool(
+                name=t.function.name,
+                description=t.function.description or "",
+                parameters_json=orjson.dumps(t.function.parameters).decode() if t.function.parameters else "",
+                strict=bool(t.function.strict),
+            )
+            for t in body.tools or ()
+        ],
+        tool_choice=_tool_choice(body),
+        response_format=_response_format(body),
+        n=body.n or 1,
+        logprobs=bool(body.logprobs),
+        top_logprobs=body.top_logprobs or 0,
+    )
+
+
+def _logprobs(items) -> dict[str, Any] | None:
+    if not items:
+        return None
+    return {
+        "content": [
+            {
+                "token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token_bytes),
+                "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)}
+                                 for t in lp.top_logprobs],
+            }
+            for lp in items
+        ],
+        "refusal": None,
+    }
+
+
+def from_proto(response: text_pb2.GenerateResponse, model_id: str) -> dict[str, Any]:
+    choices = []
+    for choice in response.choices:
+        message: dict[str, Any] = {"role": "assistant", "content": choice.text or None, "refusal": None}
+        if choice.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                for c in choice.tool_calls
+            ]
+            message["content"] = choice.text or None
+        choices.append({
+            "index": choice.index, "message": message, "logprobs": _logprobs(choice.logprobs),
+            "finish_reason": FINISH_REASONS[choice.finish_reason] or "stop",
+        })
+    return {
+        "id": f"chatcmpl-{response.id}", "object": "chat.completion", "created": response.created,
+        "model": model_id, "choices": choices, "usage": usage_dict(response.usage),
+    }
+
+
+def _tool_call_delta(fragment: text_pb2.ToolCallDelta) -> dict[str, Any]:
+    if fragment.id:  # the first fragment of a call introduces it
+        return {"index": fragment.index, "id": fragment.id, "type": "function",
+                "function": {"name": fragment.name, "arguments": fragment.arguments}}
+    return {"index": fragment.index, "function": {"arguments": fragment.arguments}}
+
+
+async def stream_chunks(
+    stream: AsyncIterator[text_pb2.GenerateStreamResponse], model_id: str, include_usage: bool,
+) -> AsyncIterator[dict[str, Any]]:
+    """OpenAI chat.completion.chunk objects from the backend stream."""
+    started: set[int] = set()
+    async for message in stream:
+        header = {"id": f"chatcmpl-{message.id}", "object": "chat.completion.chunk",
+                  "created": message.created, "model": model_id}
+        if message.HasField("usage"):
+            if include_usage:
+                yield {**header, "choices": [], "usage": usage_dict(message.usage)}
+            continue
+        choices = []
+        for delta in message.deltas:
+            body: dict[str, Any] = {}
+            if delta.index not in started:
+                started.add(delta.index)
+                body = {"role": "assistant", "content": ""}
+            if delta.text:
+                body["content"] = delta.text
+            if delta.tool_calls:
+                body["tool_calls"] = [_tool_call_delta(f) for f in delta.tool_calls]
+            choices.append({"index": delta.index, "delta": body, "logprobs": _logprobs(delta.logprobs),
+                            "finish_reason": FINISH_REASONS[delta.finish_reason]})
+        chunk = {**header, "choices": choices}
+        if include_usage:
+            chunk["usage"] = None
+        yield chunk

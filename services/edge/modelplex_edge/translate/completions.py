@@ -1,0 +1,91 @@
+"""Legacy completions: one GenerateRequest per prompt, results merged into OpenAI JSON."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from modelplex.v1 import common_pb2, text_pb2
+from modelplex_kit.errors import invalid, unsupported
+
+from modelplex_edge.protocol.completions import CompletionRequest
+from modelplex_edge.translate.text_common import FINISH_REASONS, add_usage, sampling, usage_dict
+
+
+def to_protos(body: CompletionRequest, model_id: str, meta: common_pb2.RequestMeta) -> list[text_pb2.GenerateRequest]:
+    prompts = body.prompts()
+    if prompts is None:
+        raise invalid("Prompts given as token ids are not supported; send text.", "prompt")
+    if body.logit_bias:
+        raise unsupported("logit_bias", "`logit_bias`")
+    params = sampling(
+        temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens, stop=body.stop, seed=body.seed,
+        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+    )
+    return [
+        text_pb2.GenerateRequest(
+            meta=meta, model=model_id,
+            completion=text_pb2.CompletionInput(prompt=prompt, echo=bool(body.echo), suffix=body.suffix or ""),
+            sampling=params, n=body.n or 1, logprobs=body.logprobs is not None and body.logprobs > 0,
+            top_logprobs=body.logprobs or 0,
+        )
+        for prompt in prompts
+    ]
+
+
+def _logprobs(items) -> dict[str, Any] | None:
+    if not items:
+        return None
+    return {
+        "tokens": [lp.token for lp in items],
+        "token_logprobs": [lp.logprob for lp in items],
+        "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in items],
+        "text_offset": [],
+    }
+
+
+def from_protos(responses: list[text_pb2.GenerateResponse], model_id: str) -> dict[str, Any]:
+    """Merges one response per prompt; choice i of prompt p gets index p * n + i."""
+    usage = common_pb2.Usage()
+    choices = []
+    for response in responses:
+        add_usage(usage, response.usage)
+        for choice in response.choices:
+            choices.append({
+                "index": len(choices), "text": choice.text, "logprobs": _logprobs(choice.logprobs),
+                "finish_reason": FINISH_REASONS[choice.finish_reason] or "stop",
+            })
+    first = responses[0]
+    return {
+        "id": f"cmpl-{first.id}", "object": "text_completion", "created": first.created, "model": model_id,
+        "choices": choices, "usage": usage_dict(usage),
+    }
+
+
+async def stream_chunks(
+    streams: list[AsyncIterator[text_pb2.GenerateStreamResponse]], model_id: str, n: int, include_usage: bool,
+) -> AsyncIterator[dict[str, Any]]:
+    """text_completion chunks; prompts are streamed one after another, indexes kept distinct."""
+    usage = common_pb2.Usage()
+    completion_id = created = None
+    for offset, stream in enumerate(streams):
+        async for message in stream:
+            completion_id = completion_id or f"cmpl-{message.id}"
+            created = created or message.created
+            if message.HasField("usage"):
+                add_usage(usage, message.usage)
+                continue
+            chunk = {
+                "id": completion_id, "object": "text_completion", "created": created, "model": model_id,
+                "choices": [
+                    {"index": offset * n + d.index, "text": d.text, "logprobs": _logprobs(d.logprobs),
+                     "finish_reason": FINISH_REASONS[d.finish_reason]}
+                    for d in message.deltas
+                ],
+            }
+            if include_usage:
+                chunk["usage"] = None
+            yield chunk
+    if include_usage:
+        yield {"id": completion_id, "object": "text_completion", "created": created, "model": model_id,
+               "choices": [], "usage": usage_dict(usage)}

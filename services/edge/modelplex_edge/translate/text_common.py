@@ -1,0 +1,56 @@
+"""Pieces shared by the chat and legacy completions translators."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelplex.v1 import common_pb2, text_pb2
+
+FINISH_REASONS = {
+    text_pb2.FINISH_REASON_UNSPECIFIED: None,
+    text_pb2.FINISH_REASON_STOP: "stop",
+    text_pb2.FINISH_REASON_LENGTH: "length",
+    text_pb2.FINISH_REASON_TOOL_CALLS: "tool_calls",
+    text_pb2.FINISH_REASON_CONTENT_FILTER: "content_filter",
+}
+
+
+def sampling(
+    *, temperature: float | None, top_p: float | None, max_tokens: int | None, stop: str | list[str] | None,
+    seed: int | None, presence_penalty: float | None, frequency_penalty: float | None,
+) -> text_pb2.SamplingParams:
+    params = text_pb2.SamplingParams(
+        stop=[stop] if isinstance(stop, str) else (stop or []),
+        presence_penalty=presence_penalty or 0.0,
+        frequency_penalty=frequency_penalty or 0.0,
+    )
+    if temperature is not None:
+        params.temperature = temperature
+    if top_p is not None:
+        params.top_p = top_p
+    if max_tokens:
+        params.max_tokens = max_tokens
+    if seed is not None:
+        params.seed = seed
+    return params
+
+
+def usage_dict(usage: common_pb2.Usage) -> dict[str, Any]:
+    """OpenAI's CompletionUsage plus the cache fields our compatibility page promises."""
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
+        },
+        "cache_read_input_tokens": usage.cached_prompt_tokens,
+        "cache_creation_input_tokens": usage.cache_creation_prompt_tokens,
+    }
+
+
+def add_usage(total: common_pb2.Usage, part: common_pb2.Usage) -> None:
+    for field in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_prompt_tokens",
+                  "cache_creation_prompt_tokens"):
+        setattr(total, field, getattr(total, field) + getattr(part, field))

@@ -1,0 +1,1 @@
+"""Modelplex text backend: the TextGenerationService over a pluggable engine."""

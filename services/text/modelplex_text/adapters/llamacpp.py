@@ -1,0 +1,187 @@
+"""The embedded engine: llama.cpp in-process via llama-cpp-python.
+
+One llama.cpp context serves one sequence at a time, so generations take a
+lock inside the worker thread; requests queue for it. The thread checks a stop
+flag between tokens, which is how a disconnected client aborts generation.
+Tools and JSON output are enforced with GBNF grammars, so even a 135M model
+returns parseable tool calls and schema-valid JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
+from typing import Any
+
+import grpc
+from llama_cpp import Llama, LlamaGrammar, llama_grammar
+
+from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
+from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
+
+from modelplex_text import gguf
+from modelplex_text.assembler import ChoiceAssembler
+from modelplex_text.engine import EngineEvent
+from modelplex_text.prompting import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OutputConstraint, plan_prompt
+from modelplex_text.settings import TextSettings
+
+log = logging.getLogger(__name__)
+
+@lru_cache(maxsize=64)
+def _grammar_text(kind: str, schema_json: str) -> str:
+    if kind == "json_object":
+        return llama_grammar.JSON_GBNF
+    gbnf = llama_grammar.json_schema_to_gbnf(schema_json)
+    if kind != "tool_call_or_text":
+        return gbnf
+    # Prose (which may not open with "<"), or one call wrapped in tags.
+    call = gbnf.replace("root ::=", "tool-call ::=", 1)
+    return (
+        f'root ::= "{TOOL_CALL_OPEN}" tool-call "{TOOL_CALL_CLOSE}" | free-text\n'
+        'free-text ::= [^<] [^\\x00]*\n' + call
+    )
+
+
+@lru_cache(maxsize=64)
+def _grammar(kind: str, schema_json: str) -> LlamaGrammar:
+    return LlamaGrammar.from_string(_grammar_text(kind, schema_json), verbose=False)
+
+
+def grammar_for(constraint: OutputConstraint | None) -> LlamaGrammar | None:
+    if constraint is None:
+        return None
+    schema_json = json.dumps(constraint.schema) if constraint.schema is not None else ""
+    try:
+        return _grammar(constraint.kind, schema_json)
+    except (ValueError, RuntimeError) as exc:  # a schema llama.cpp cannot compile
+        param = "response_format" if constraint.kind == "json_schema" else "tools"
+        raise invalid(f"Cannot enforce this JSON schema: {exc}", param) from exc
+
+
+def _sampling_kwargs(request: text_pb2.GenerateRequest) -> dict[str, Any]:
+    s = request.sampling
+    return {
+        "temperature": s.temperature if s.HasField("temperature") else 1.0,
+        "top_p": s.top_p if s.HasField("top_p") else 1.0,
+        "max_tokens": s.max_tokens if s.HasField("max_tokens") else None,
+        "stop": list(s.stop),
+        "presence_penalty": s.presence_penalty,
+        "frequency_penalty": s.frequency_penalty,
+        "repeat_penalty": 1.0,
+    }
+
+
+class LlamaCppEngine:
+    capabilities = catalog_pb2.Capabilities(
+        chat=True, completions=True, tool_use=True, json_schema=True, prompt_caching=True, multiple_choices=True
+    )
+
+    def __init__(self, settings: TextSettings) -> None:
+        path = gguf.model_path(settings.model_path)
+        self._llm = Llama(
+            model_path=path, n_ctx=settings.context_length, n_threads=settings.threads or None, verbose=False
+        )
+        self._template = gguf.chat_template(self._llm)
+        self._context_length = settings.context_length
+        self._lock = threading.Lock()
+        self._max_queue = settings.max_queue
+        self._queued = 0
+        self._executor = ThreadPoolExecutor(max_workers=settings.max_queue, thread_name_prefix="llamacpp")
+        log.info("llama.cpp engine ready", extra={"model_path": path, "n_ctx": settings.context_length})
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def stream(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
+        if request.completion.suffix:
+            raise unsupported("suffix", "`suffix`")
+        plan = plan_prompt(request, self._template)
+        tokens = self._llm.tokenize(plan.prompt.encode("utf-8"), add_bos=False, special=True)
+        if len(tokens) >= self._context_length:
+            raise ServiceError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"This model's maximum context length is {self._context_length} tokens; "
+                f"your prompt has {len(tokens)} tokens.",
+                param="messages" if request.WhichOneof("input") == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
+        grammar = grammar_for(plan.constraint)
+        kwargs = _sampling_kwargs(request)
+        seed = request.sampling.seed if request.sampling.HasField("seed") else None
+        usage = common_pb2.Usage(prompt_tokens=len(tokens))
+        for index in range(max(1, request.n)):
+            assembler = ChoiceAssembler(index, plan.tool_call_forced)
+            if request.completion.echo:
+                yield text_pb2.ChoiceDelta(index=index, text=request.completion.prompt)
+            choice_seed = None if seed is None else seed + index
+            async for kind, *payload in self._generate(tokens, {**kwargs, "seed": choice_seed, "grammar": grammar}):
+                if kind == "cached":
+                    if index == 0:
+                        usage.cached_prompt_tokens = payload[0]
+                        usage.cache_creation_prompt_tokens = len(tokens) - payload[0]
+                elif kind == "text":
+                    delta = assembler.feed(payload[0])
+                    if delta is not None:
+                        yield delta
+                else:  # "end"
+                    usage.completion_tokens += payload[1]
+                    for delta in assembler.finish(payload[0]):
+                        yield delta
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        yield usage
+
+    async def _generate(self, tokens: list[int], kwargs: dict[str, Any]) -> AsyncIterator[tuple]:
+        """Runs one generation in a worker thread, relaying its events."""
+        if self._queued >= self._max_queue:
+            raise unavailable("The model is at capacity; retry shortly.")
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[tuple] = asyncio.Queue()
+        stop = threading.Event()
+
+        def emit(item: tuple) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        self._queued += 1
+        loop.run_in_executor(self._executor, self._work, tokens, kwargs, emit, stop)
+        try:
+            while True:
+                item = await queue.get()
+                if item[0] == "error":
+                    raise item[1]
+                yield item
+                if item[0] == "end":
+                    return
+        finally:
+            stop.set()  # no-op when finished; aborts generation when the consumer left
+            self._queued -= 1
+
+    def _work(self, tokens: list[int], kwargs: dict[str, Any], emit: Callable[[tuple], None], stop: threading.Event) -> None:
+        try:
+            with self._lock:
+                if stop.is_set():
+                    return
+                emit(("cached", self._cached_prefix(tokens)))
+                text, reason = [], None
+                for chunk in self._llm.create_completion(tokens, stream=True, **kwargs):
+                    if stop.is_set():
+                        log.info("generation aborted: the client went away")
+                        return
+                    choice = chunk["choices"][0]
+                    text.append(choice["text"])
+                    reason = choice["finish_reason"] or reason
+                    emit(("text", choice["text"]))
+                generated = "".join(text).encode("utf-8")
+                emit(("end", reason, len(self._llm.tokenize(generated, add_bos=False)) if generated else 0))
+        except Exception as exc:  # relayed to the event loop, mapped to a gRPC status there
+            log.exception("llama.cpp generation failed")
+            emit(("error", exc if isinstance(exc, ServiceError) else ServiceError(grpc.StatusCode.INTERNAL, "llama.cpp failed")))
+
+    def _cached_prefix(self, tokens: list[int]) -> int:
+        """Prompt tokens llama.cpp will reuse from its KV cache (see Llama.generate)."""
+        prefix = Llama.longest_token_prefix(self._llm._input_ids.tolist(), tokens)
+        return min(prefix, len(tokens) - 1) if prefix else 0

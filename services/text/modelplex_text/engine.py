@@ -1,0 +1,38 @@
+"""The engine protocol every text adapter implements.
+
+Adapters translate a :class:`GenerateRequest` into their runtime's calls and
+stream back what it produces. The servicer owns ids, aggregation and the gRPC
+surface; adapters own nothing but the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
+
+EngineEvent = text_pb2.ChoiceDelta | common_pb2.Usage
+
+
+class TextEngine(Protocol):
+    #: What this engine can really do; requests beyond it get a 400.
+    capabilities: catalog_pb2.Capabilities
+
+    def stream(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
+        """Generates ``request`` and yields events as the engine produces them.
+
+        Streaming contract:
+        - zero or more ``ChoiceDelta`` per choice index in ``[0, max(n, 1))``;
+          each choice ends with exactly one delta whose ``finish_reason`` is set;
+        - then exactly one ``Usage``, the last event;
+        - a request the engine cannot serve raises ``ServiceError`` before the
+          first event (400s) or at any point (503 when the engine went away);
+        - if the consumer stops early (``aclose()``, or cancellation because
+          the client disconnected), the engine aborts the work promptly.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Releases the engine's connections, threads and memory."""
+        ...

@@ -1,0 +1,425 @@
+"""The Helm chart, rendered and linted by the real Helm engine (helm-python-sdk, Helm v4).
+
+No cluster and no network: Chart.render is Helm's offline template engine.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "deploy" / "helm" / "modelplex"
+CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+RELEASE = "modelplex"
+NAMESPACE = "mpx"
+
+SMOLLM2 = {
+    "id": "smollm2-135m-instruct",
+    "aliases": ["smollm2"],
+    "modality": "text",
+    "engine": {"kind": "llamacpp"},
+    "capabilities": ["chat", "completions"],
+    "contextLength": 8192,
+}
+LLAMA_VLLM = {
+    "id": "llama-3.1-8b-instruct",
+    "modality": "text",
+    "engine": {
+        "kind": "openai",
+        "vllm": {"enabled": True, "hfModel": "meta-llama/Llama-3.1-8B-Instruct", "gpus": 2},
+    },
+    "capabilities": ["chat"],
+}
+
+
+def svc_host(name: str) -> str:
+    return f"{name}.{NAMESPACE}.svc.cluster.local"
+
+
+def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Render the chart; return every Kubernetes object."""
+    with helm.Chart.load(CHART) as chart:
+        chart.validate_schema(values)
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    objects = []
+    for path, text in manifests.items():
+        if not path.endswith((".yaml", ".yml")):
+            continue
+        objects.extend(doc for doc in yaml.safe_load_all(text) if doc)
+    return objects
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [
+        o
+        for o in objects
+        if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = find(objects, kind, name)
+    assert len(found) == 1, f"expected one {kind}/{name}, got {[o['metadata']['name'] for o in find(objects, kind)]}"
+    return found[0]
+
+
+def container(deployment: dict[str, Any], name: str | None = None) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    if name is None:
+        assert len(containers) == 1
+        return containers[0]
+    return next(c for c in containers if c["name"] == name)
+
+
+def env(c: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def catalog(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    cm = one(objects, "ConfigMap", f"{RELEASE}-catalog")
+    doc = yaml.safe_load(cm["data"]["catalog.yaml"])
+    return {m["id"]: m for m in doc["models"]}
+
+
+@pytest.fixture(scope="module")
+def default_objects() -> list[dict[str, Any]]:
+    return render()
+
+
+# ------------------------------------------------------------------ lint
+
+
+@pytest.mark.parametrize("values_file", [None, *CI_VALUES], ids=lambda p: p.name if p else "defaults")
+def test_lint_passes(values_file: Path | None) -> None:
+    values = helm.values_from_yaml(values_file.read_text()) if values_file else None
+    report = helm.lint(CHART, values, strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("values_file", CI_VALUES, ids=lambda p: p.name)
+def test_ci_values_render(values_file: Path) -> None:
+    objects = render(helm.values_from_yaml(values_file.read_text()))
+    assert find(objects, "Deployment", f"{RELEASE}-edge")
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(names) == len(set(names)), "duplicate objects"
+
+
+def test_chart_metadata() -> None:
+    with helm.Chart.load(CHART) as chart:
+        assert chart.metadata["apiVersion"] == "v2"
+        assert chart.name == "modelplex"
+        assert chart.schema is not None
+
+
+def test_schema_rejects_unknown_engine() -> None:
+    with helm.Chart.load(CHART) as chart:
+        with pytest.raises(helm.HelmValuesError):
+            chart.validate_schema({"models": [{"id": "x", "engine": {"kind": "bogus"}}]})
+
+
+# ------------------------------------------------------------------ defaults
+
+
+def test_default_objects(default_objects: list[dict[str, Any]]) -> None:
+    deployments = {o["metadata"]["name"] for o in find(default_objects, "Deployment")}
+    assert deployments == {
+        f"{RELEASE}-edge",
+        f"{RELEASE}-catalog",
+        f"{RELEASE}-text-smollm2-135m-instruct",
+    }
+    services = {o["metadata"]["name"] for o in find(default_objects, "Service")}
+    assert services == deployments
+    assert find(default_objects, "ConfigMap", f"{RELEASE}-catalog")
+    assert find(default_objects, "Secret", f"{RELEASE}-dev-api-key")
+    assert find(default_objects, "PodDisruptionBudget", f"{RELEASE}-edge")
+    assert not find(default_objects, "Ingress")
+    assert not find(default_objects, "NetworkPolicy")
+    # Nothing asks for a GPU by default.
+    for d in find(default_objects, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {})
+
+
+def test_catalog_configmap(default_objects: list[dict[str, Any]]) -> None:
+    models = catalog(default_objects)
+    assert set(models) == {"smollm2-135m-instruct"}
+    smol = models["smollm2-135m-instruct"]
+    assert smol["backend"] == f"{svc_host(f'{RELEASE}-text-smollm2-135m-instruct')}:50061"
+    assert smol["modality"] == "text"
+    assert smol["aliases"] == ["smollm2"]
+    assert smol["engine"] == {"kind": "llamacpp", "settings": {}}
+    assert smol["context_length"] == 8192
+    assert isinstance(smol["created"], int)
+    assert "chat" in smol["capabilities"]
+    svc = one(default_objects, "Service", f"{RELEASE}-text-smollm2-135m-instruct")
+    grpc_port = next(p for p in svc["spec"]["ports"] if p["name"] == "grpc")
+    assert grpc_port["port"] == 50061
+
+
+def test_catalog_deployment(default_objects: list[dict[str, Any]]) -> None:
+    dep = one(default_objects, "Deployment", f"{RELEASE}-catalog")
+    c = container(dep)
+    assert c["command"] == ["python", "-m", "modelplex_catalog"]
+    e = env(c)
+    assert e["MODELPLEX_CATALOG"] == "/etc/modelplex/catalog.yaml"
+    assert e["MODELPLEX_CATALOG_LISTEN"] == "0.0.0.0:50051"
+    assert e["MODELPLEX_METRICS_PORT"] == "9090"
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "catalog")
+    # A directory mount: subPath mounts never see ConfigMap updates (hot reload).
+    assert mount["mountPath"] == "/etc/modelplex" and "subPath" not in mount
+    volume = next(v for v in dep["spec"]["template"]["spec"]["volumes"] if v["name"] == "catalog")
+    assert volume["configMap"]["name"] == f"{RELEASE}-catalog"
+
+
+def test_edge_deployment(default_objects: list[dict[str, Any]]) -> None:
+    dep = one(default_objects, "Deployment", f"{RELEASE}-edge")
+    c = container(dep)  # the gatekeeper sidecar is not rendered yet
+    assert c["command"] == ["python", "-m", "modelplex_edge"]
+    assert c["ports"][0]["containerPort"] == 8080
+    e = env(c)
+    assert e["MODELPLEX_EDGE_PORT"] == "8080"
+    assert e["MODELPLEX_EDGE_CATALOG_TARGET"] == f"{svc_host(f'{RELEASE}-catalog')}:50051"
+    assert e["MODELPLEX_DEV_API_KEY"]["secretKeyRef"]["name"] == f"{RELEASE}-dev-api-key"
+    assert e["MODELPLEX_EDGE_CORS_ORIGINS"] == ""
+    assert int(e["MODELPLEX_EDGE_MAX_BODY_BYTES"]) > 0
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    secret = one(default_objects, "Secret", f"{RELEASE}-dev-api-key")
+    assert base64.b64decode(secret["data"]["api-key"]).startswith(b"sk-modelplex-dev-")
+
+
+def test_backend_probes_are_grpc(default_objects: list[dict[str, Any]]) -> None:
+    for name, port in [("catalog", 50051), ("text-smollm2-135m-instruct", 50061)]:
+        c = container(one(default_objects, "Deployment", f"{RELEASE}-{name}"))
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            assert c[probe]["grpc"]["port"] == port, (name, probe)
+
+
+def test_text_backend_llamacpp(default_objects: list[dict[str, Any]]) -> None:
+    dep = one(default_objects, "Deployment", f"{RELEASE}-text-smollm2-135m-instruct")
+    c = container(dep)
+    assert c["command"] == ["python", "-m", "modelplex_text"]
+    e = env(c)
+    assert e["MODELPLEX_TEXT_LISTEN"] == "0.0.0.0:50061"
+    assert e["MODELPLEX_TEXT_ENGINE"] == "llamacpp"
+    assert e["MODELPLEX_TEXT_MODEL_PATH"] == ""
+    assert int(e["MODELPLEX_TEXT_THREADS"]) >= 1
+    assert e["MODELPLEX_METRICS_PORT"] == "9090"
+
+
+def test_pods_run_as_non_root(default_objects: list[dict[str, Any]]) -> None:
+    for dep in find(default_objects, "Deployment"):
+        pod = dep["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in pod["containers"]:
+            assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+
+def test_selectors_match_pods(default_objects: list[dict[str, Any]]) -> None:
+    for dep in find(default_objects, "Deployment"):
+        selector = dep["spec"]["selector"]["matchLabels"]
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= labels.items()
+        svc = one(default_objects, "Service", dep["metadata"]["name"])
+        assert svc["spec"]["selector"].items() <= labels.items()
+        # No Service selects the pods of another Deployment.
+        for other in find(default_objects, "Deployment"):
+            if other is not dep:
+                other_labels = other["spec"]["template"]["metadata"]["labels"]
+                assert not svc["spec"]["selector"].items() <= other_labels.items()
+
+
+def test_image_tag_overrides() -> None:
+    objects = render({"edge": {"image": {"repository": "registry.local/modelplex/edge", "tag": "abc123"}}})
+    c = container(one(objects, "Deployment", f"{RELEASE}-edge"))
+    assert c["image"] == "registry.local/modelplex/edge:abc123"
+
+
+def test_explicit_dev_api_key() -> None:
+    objects = render({"edge": {"devApiKey": {"value": "sk-test"}}})
+    secret = one(objects, "Secret", f"{RELEASE}-dev-api-key")
+    assert base64.b64decode(secret["data"]["api-key"]) == b"sk-test"
+
+
+def test_existing_dev_api_key_secret() -> None:
+    objects = render({"edge": {"devApiKey": {"existingSecret": "mine", "secretKey": "k"}}})
+    assert not find(objects, "Secret")
+    e = env(container(one(objects, "Deployment", f"{RELEASE}-edge")))
+    assert e["MODELPLEX_DEV_API_KEY"]["secretKeyRef"] == {"name": "mine", "key": "k"}
+
+
+# ------------------------------------------------------------------ GPU engines
+
+
+def test_vllm_model() -> None:
+    objects = render({"models": [SMOLLM2, LLAMA_VLLM]})
+    vllm = one(objects, "Deployment", f"{RELEASE}-vllm-llama-3-1-8b-instruct")
+    c = container(vllm)
+    assert c["image"].startswith("vllm/vllm-openai:")
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    args = c["args"]
+    assert args[args.index("--model") + 1] == "meta-llama/Llama-3.1-8B-Instruct"
+    assert args[args.index("--served-model-name") + 1] == "llama-3.1-8b-instruct"
+    assert args[args.index("--tensor-parallel-size") + 1] == "2"
+    assert c["ports"][0]["containerPort"] == 8000
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    pod = vllm["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] and pod["tolerations"]
+    assert {v["name"] for v in pod["volumes"]} >= {"cache", "dshm"}
+    vllm_svc = one(objects, "Service", f"{RELEASE}-vllm-llama-3-1-8b-instruct")
+    assert vllm_svc["spec"]["ports"][0]["port"] == 8000
+
+    text = container(one(objects, "Deployment", f"{RELEASE}-text-llama-3-1-8b-instruct"))
+    e = env(text)
+    assert e["MODELPLEX_TEXT_ENGINE"] == "openai"
+    assert e["MODELPLEX_TEXT_UPSTREAM_URL"] == f"http://{svc_host(f'{RELEASE}-vllm-llama-3-1-8b-instruct')}:8000/v1"
+    assert e["MODELPLEX_TEXT_UPSTREAM_MODEL"] == "llama-3.1-8b-instruct"
+    assert "nvidia.com/gpu" not in text["resources"].get("limits", {})
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert text[probe]["grpc"]["port"] == 50061
+
+    models = catalog(objects)
+    assert set(models) == {"smollm2-135m-instruct", "llama-3.1-8b-instruct"}
+    llama = models["llama-3.1-8b-instruct"]
+    assert llama["backend"] == f"{svc_host(f'{RELEASE}-text-llama-3-1-8b-instruct')}:50061"
+    assert llama["engine"]["kind"] == "openai"
+    assert llama["engine"]["settings"]["upstream_url"] == e["MODELPLEX_TEXT_UPSTREAM_URL"]
+
+
+def test_vllm_cache_pvc() -> None:
+    objects = render({"models": [LLAMA_VLLM], "engines": {"vllm": {"cache": {"persistence": True}}}})
+    pvc = one(objects, "PersistentVolumeClaim", f"{RELEASE}-vllm-llama-3-1-8b-instruct-cache")
+    vllm = one(objects, "Deployment", f"{RELEASE}-vllm-llama-3-1-8b-instruct")
+    cache = next(v for v in vllm["spec"]["template"]["spec"]["volumes"] if v["name"] == "cache")
+    assert cache["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+
+
+def test_triton_model() -> None:
+    model = {
+        "id": "qwen2.5-7b-instruct",
+        "modality": "text",
+        "engine": {
+            "kind": "triton",
+            "flavor": "trtllm",
+            "tokenizerPath": "/tok/tokenizer.json",
+            "triton": {"enabled": True, "modelName": "ensemble"},
+        },
+    }
+    objects = render({"models": [model]})
+    triton = one(objects, "Deployment", f"{RELEASE}-triton-qwen2-5-7b-instruct")
+    c = container(triton)
+    assert c["image"].startswith("nvcr.io/nvidia/tritonserver:") and c["image"].endswith("-trtllm-python-py3")
+    assert {p["containerPort"] for p in c["ports"]} == {8000, 8001, 8002}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert any(m["mountPath"] == "/models" for m in c["volumeMounts"])
+    e = env(container(one(objects, "Deployment", f"{RELEASE}-text-qwen2-5-7b-instruct")))
+    assert e["MODELPLEX_TEXT_ENGINE"] == "triton"
+    assert e["MODELPLEX_TEXT_UPSTREAM_URL"] == f"{svc_host(f'{RELEASE}-triton-qwen2-5-7b-instruct')}:8001"
+    assert e["MODELPLEX_TEXT_UPSTREAM_MODEL"] == "ensemble"
+    assert e["MODELPLEX_TEXT_TRITON_FLAVOR"] == "trtllm"
+    assert e["MODELPLEX_TEXT_TOKENIZER_PATH"] == "/tok/tokenizer.json"
+
+
+def test_external_engines_need_no_engine_deployment() -> None:
+    models = [
+        {
+            "id": "ext-openai",
+            "engine": {"kind": "openai", "upstreamUrl": "http://vllm.other:8000/v1", "upstreamModel": "m",
+                       "apiKeySecret": {"name": "up-key", "key": "token"}},
+        },
+        {"id": "ext-triton", "engine": {"kind": "triton", "upstreamUrl": "triton.other:8001"}},
+        {"id": "bge-small", "modality": "embeddings", "backend": "embeddings.other:50062"},
+    ]
+    objects = render({"models": models})
+    names = {o["metadata"]["name"] for o in find(objects, "Deployment")}
+    assert names == {f"{RELEASE}-edge", f"{RELEASE}-catalog", f"{RELEASE}-text-ext-openai", f"{RELEASE}-text-ext-triton"}
+    e = env(container(one(objects, "Deployment", f"{RELEASE}-text-ext-openai")))
+    assert e["MODELPLEX_TEXT_UPSTREAM_URL"] == "http://vllm.other:8000/v1"
+    assert e["MODELPLEX_TEXT_UPSTREAM_MODEL"] == "m"
+    assert e["MODELPLEX_TEXT_UPSTREAM_API_KEY"]["secretKeyRef"] == {"name": "up-key", "key": "token"}
+    cat = catalog(objects)
+    assert cat["bge-small"]["backend"] == "embeddings.other:50062"
+    assert cat["ext-triton"]["engine"]["settings"]["upstream_url"] == "triton.other:8001"
+
+
+def test_disabled_model_is_skipped() -> None:
+    objects = render({"models": [SMOLLM2, {**LLAMA_VLLM, "enabled": False}]})
+    assert set(catalog(objects)) == {"smollm2-135m-instruct"}
+    assert not find(objects, "Deployment", f"{RELEASE}-vllm-llama-3-1-8b-instruct")
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        {"id": "no-upstream", "engine": {"kind": "openai"}},
+        {"id": "no-hf-model", "engine": {"kind": "openai", "vllm": {"enabled": True}}},
+        {"id": "no-backend", "modality": "embeddings"},
+    ],
+    ids=lambda m: m["id"],
+)
+def test_inconsistent_models_fail(model: dict[str, Any]) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError):
+        chart.render({"models": [model]}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_colliding_model_names_fail() -> None:
+    models = [{"id": "a.b", "engine": {"kind": "llamacpp"}}, {"id": "a-b", "engine": {"kind": "llamacpp"}}]
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError):
+        chart.render({"models": models}, name=RELEASE, namespace=NAMESPACE)
+
+
+# ------------------------------------------------------------------ edge extras
+
+
+def test_ingress() -> None:
+    objects = render(
+        {"ingress": {"enabled": True, "className": "nginx", "host": "api.example.com", "tls": {"enabled": True}}}
+    )
+    ing = one(objects, "Ingress", f"{RELEASE}-edge")
+    ann = ing["metadata"]["annotations"]
+    assert ann["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert int(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= 600
+    assert ing["spec"]["ingressClassName"] == "nginx"
+    rule = ing["spec"]["rules"][0]
+    assert rule["host"] == "api.example.com"
+    assert rule["http"]["paths"][0]["backend"]["service"]["name"] == f"{RELEASE}-edge"
+    assert ing["spec"]["tls"][0]["hosts"] == ["api.example.com"]
+
+
+def test_cors_and_autoscaling() -> None:
+    objects = render(
+        {"edge": {"corsOrigins": ["https://a.example", "https://b.example"], "autoscaling": {"enabled": True}}}
+    )
+    dep = one(objects, "Deployment", f"{RELEASE}-edge")
+    assert "replicas" not in dep["spec"]
+    assert env(container(dep))["MODELPLEX_EDGE_CORS_ORIGINS"] == "https://a.example,https://b.example"
+    assert one(objects, "HorizontalPodAutoscaler", f"{RELEASE}-edge")
+    assert one(objects, "PodDisruptionBudget", f"{RELEASE}-edge")
+
+
+def test_single_edge_replica_has_no_pdb() -> None:
+    assert not find(render({"edge": {"replicaCount": 1}}), "PodDisruptionBudget")
+
+
+def test_gatekeeper_placeholder_renders_nothing_yet() -> None:
+    objects = render({"gatekeeper": {"enabled": True}})
+    assert len(one(objects, "Deployment", f"{RELEASE}-edge")["spec"]["template"]["spec"]["containers"]) == 1
+
+
+def test_network_policies() -> None:
+    objects = render({"networkPolicy": {"enabled": True}, "models": [SMOLLM2, LLAMA_VLLM]})
+    policies = {o["metadata"]["name"]: o for o in find(objects, "NetworkPolicy")}
+    text = policies[f"{RELEASE}-text-ingress"]
+    assert text["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "text"
+    peer = text["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
+    assert peer["app.kubernetes.io/component"] == "edge"
+    vllm = policies[f"{RELEASE}-vllm-ingress"]
+    assert vllm["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "text"

