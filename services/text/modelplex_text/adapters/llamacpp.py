@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 import grpc
-from llama_cpp import Llama, LlamaGrammar, llama_grammar
+from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList, llama_grammar
 
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
@@ -74,6 +74,28 @@ def _sampling_kwargs(request: text_pb2.GenerateRequest) -> dict[str, Any]:
         "frequency_penalty": s.frequency_penalty,
         "repeat_penalty": 1.0,
     }
+
+
+class _SampleCounter:
+    """A llama.cpp stopping criterion, called once per sampled token.
+
+    It counts completion tokens exactly and is how an abort takes effect
+    between two tokens, even while llama.cpp holds text back (stop strings).
+    """
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.count = 0
+        self._stop = stop
+
+    def __call__(self, input_ids, logits) -> bool:
+        self.count += 1
+        return self._stop.is_set()
+
+    def completion_tokens(self, finish_reason: str | None) -> int:
+        # create_completion asks the criteria once more after its loop, and the
+        # end-of-generation token is sampled but not part of the completion (a
+        # stop string ends on a real token, so there the count is one short).
+        return max(0, self.count - 1 - (finish_reason == "stop"))
 
 
 class LlamaCppEngine:
@@ -166,17 +188,18 @@ class LlamaCppEngine:
                 if stop.is_set():
                     return
                 emit(("cached", self._cached_prefix(tokens)))
-                text, reason = [], None
-                for chunk in self._llm.create_completion(tokens, stream=True, **kwargs):
-                    if stop.is_set():
-                        log.info("generation aborted: the client went away")
-                        return
+                sampled = _SampleCounter(stop)
+                reason = None
+                for chunk in self._llm.create_completion(
+                    tokens, stream=True, stopping_criteria=StoppingCriteriaList([sampled]), **kwargs
+                ):
                     choice = chunk["choices"][0]
-                    text.append(choice["text"])
                     reason = choice["finish_reason"] or reason
                     emit(("text", choice["text"]))
-                generated = "".join(text).encode("utf-8")
-                emit(("end", reason, len(self._llm.tokenize(generated, add_bos=False)) if generated else 0))
+                if stop.is_set():
+                    log.info("generation aborted: the client went away")
+                    return
+                emit(("end", reason, sampled.completion_tokens(reason)))
         except Exception as exc:  # relayed to the event loop, mapped to a gRPC status there
             log.exception("llama.cpp generation failed")
             emit(("error", exc if isinstance(exc, ServiceError) else ServiceError(grpc.StatusCode.INTERNAL, "llama.cpp failed")))

@@ -1,0 +1,314 @@
+"""The remote engine: an OpenAI-compatible HTTP server (a vLLM pod).
+
+The upstream already speaks our API's dialect, so the adapter only re-encodes
+the request as OpenAI JSON, always streams (one code path for Generate and
+GenerateStream; the servicer aggregates), and maps upstream failures to gRPC
+statuses. Closing the streamed HTTP response is how an abandoned request gets
+aborted upstream: vLLM stops generating when its client disconnects.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import httpx
+
+from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
+from modelplex_kit.errors import ServiceError, invalid, unavailable
+
+from modelplex_text.engine import EngineEvent
+from modelplex_text.settings import TextSettings
+
+log = logging.getLogger(__name__)
+
+_FINISH = {
+    "stop": text_pb2.FINISH_REASON_STOP,
+    "length": text_pb2.FINISH_REASON_LENGTH,
+    "tool_calls": text_pb2.FINISH_REASON_TOOL_CALLS,
+    "function_call": text_pb2.FINISH_REASON_TOOL_CALLS,
+    "content_filter": text_pb2.FINISH_REASON_CONTENT_FILTER,
+}
+_TOOL_CHOICE = {
+    text_pb2.ToolChoice.MODE_AUTO: "auto",
+    text_pb2.ToolChoice.MODE_NONE: "none",
+    text_pb2.ToolChoice.MODE_REQUIRED: "required",
+}
+# Upstream client errors that are the API client's fault (the rest are ours).
+_INVALID_STATUSES = {400, 413, 422}
+_MAX_MESSAGE = 2000  # upstream messages are echoed to clients; bound them
+
+
+class OpenAIHttpEngine:
+    # Everything the protocol can express; the catalog entry narrows it per model.
+    capabilities = catalog_pb2.Capabilities(
+        chat=True, completions=True, tool_use=True, vision=True, json_schema=True,
+        prompt_caching=True, logprobs=True, multiple_choices=True,
+    )
+
+    def __init__(self, settings: TextSettings, *, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        if not settings.upstream_url:
+            raise ValueError("engine=openai needs MODELPLEX_TEXT_UPSTREAM_URL (e.g. http://vllm:8000/v1)")
+        key = settings.upstream_api_key.get_secret_value()
+        connections = settings.upstream_max_connections
+        self._model = settings.upstream_model
+        self._client = httpx.AsyncClient(
+            base_url=settings.upstream_url,
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=httpx.Timeout(settings.upstream_timeout_seconds),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            transport=transport,  # tests inject canned upstreams here
+        )
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def stream(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
+        path, body = upstream_request(request, self._model or request.model)
+        usage, streamed = None, 0
+        try:
+            # The context manager closes the response (aborting upstream) when the consumer leaves.
+            async with self._client.stream("POST", path, json=body) as response:
+                if response.status_code >= 400:
+                    raise upstream_error(response.status_code, _json_or_empty(await response.aread()))
+                async for event in _sse_events(response):
+                    usage = event.get("usage") or usage
+                    for choice in event.get("choices") or ():
+                        delta = choice_delta(choice)
+                        streamed += bool(delta.text or delta.tool_calls)
+                        if delta.text or delta.tool_calls or delta.logprobs or delta.finish_reason:
+                            yield delta
+        except httpx.TimeoutException as exc:
+            raise unavailable("The model server timed out; retry shortly.") from exc
+        except httpx.TransportError as exc:
+            log.warning("upstream unreachable: %r", exc)
+            raise unavailable("The model server is unreachable; retry shortly.") from exc
+        yield to_usage(usage, streamed)
+
+
+# -- request: GenerateRequest -> OpenAI JSON --------------------------------
+def upstream_request(request: text_pb2.GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
+    body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
+    body.update(_sampling(request))
+    if request.n > 1:
+        body["n"] = request.n
+    if request.meta.end_user:
+        body["user"] = request.meta.end_user
+    if request.WhichOneof("input") == "completion":
+        return "completions", body | _completion_fields(request)
+    return "chat/completions", body | _chat_fields(request)
+
+
+def _sampling(request: text_pb2.GenerateRequest) -> dict[str, Any]:
+    """Only the fields the client set, so the upstream's defaults (e.g. generation_config) apply."""
+    s = request.sampling
+    out: dict[str, Any] = {f: getattr(s, f) for f in ("temperature", "top_p", "max_tokens", "seed") if s.HasField(f)}
+    if s.stop:
+        out["stop"] = list(s.stop)
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if getattr(s, penalty):
+            out[penalty] = getattr(s, penalty)
+    return out
+
+
+def _completion_fields(request: text_pb2.GenerateRequest) -> dict[str, Any]:
+    c = request.completion
+    out: dict[str, Any] = {"prompt": c.prompt, "echo": c.echo}
+    if c.suffix:
+        out["suffix"] = c.suffix
+    if request.logprobs:
+        out["logprobs"] = request.top_logprobs  # legacy API: an int, alternatives per token
+    return out
+
+
+def _chat_fields(request: text_pb2.GenerateRequest) -> dict[str, Any]:
+    out: dict[str, Any] = {"messages": [_message(m) for m in request.chat.messages]}
+    if request.tools:
+        out["tools"] = [_tool(i, t) for i, t in enumerate(request.tools)]
+    mode = request.tool_choice.mode
+    if mode == text_pb2.ToolChoice.MODE_NAMED:
+        out["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.function_name}}
+    elif mode in _TOOL_CHOICE:
+        out["tool_choice"] = _TOOL_CHOICE[mode]
+    fmt = request.response_format
+    if fmt.type == text_pb2.ResponseFormat.TYPE_JSON_OBJECT:
+        out["response_format"] = {"type": "json_object"}
+    elif fmt.type == text_pb2.ResponseFormat.TYPE_JSON_SCHEMA:
+        schema = {"name": fmt.schema_name or "response", "schema": _parse(fmt.schema_json, "response_format"), "strict": fmt.strict}
+        out["response_format"] = {"type": "json_schema", "json_schema": schema}
+    if request.logprobs:
+        out["logprobs"] = True
+        out["top_logprobs"] = request.top_logprobs
+    return out
+
+
+def _message(m: text_pb2.ChatMessage) -> dict[str, Any]:
+    parts = [_part(p) for p in m.content]
+    # A lone text part goes as a plain string: text-only chat templates expect one.
+    content: Any = parts[0]["text"] if len(parts) == 1 and "text" in parts[0] else parts or None
+    out: dict[str, Any] = {"role": m.role, "content": content}
+    if m.name:
+        out["name"] = m.name
+    if m.tool_calls:
+        out["tool_calls"] = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls
+        ]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _part(p: text_pb2.ContentPart) -> dict[str, Any]:
+    if p.WhichOneof("part") == "image":
+        image = {"url": p.image.url} | ({"detail": p.image.detail} if p.image.detail else {})
+        return {"type": "image_url", "image_url": image}
+    return {"type": "text", "text": p.text}
+
+
+def _tool(index: int, t: text_pb2.Tool) -> dict[str, Any]:
+    function: dict[str, Any] = {"name": t.name}
+    if t.description:
+        function["description"] = t.description
+    if t.parameters_json:
+        function["parameters"] = _parse(t.parameters_json, f"tools[{index}].function.parameters")
+    if t.strict:
+        function["strict"] = True
+    return {"type": "function", "function": function}
+
+
+def _parse(text: str, param: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise invalid(f"`{param}` is not valid JSON: {exc}", param) from exc
+
+
+# -- response: SSE chunks -> engine events ----------------------------------
+async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
+    """Yields each event's JSON until ``[DONE]``; a stream cut short is an upstream failure."""
+    data: list[str] = []
+    async for line in _with_final_blank(response.aiter_lines()):
+        if line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+        elif not line and data:  # a blank line ends an event; other fields (pings, ids) are ignored
+            payload, data = "\n".join(data), []
+            if payload == "[DONE]":
+                return
+            event = _json_or_empty(payload.encode())
+            if "error" in event or event.get("object") == "error":  # vLLM reports mid-stream failures so
+                err = event.get("error", event)
+                raise upstream_error(_status_of(err.get("code") if isinstance(err, dict) else None), event)
+            yield event
+    # llama.cpp's server, for one, ends the stream silently when generation raises.
+    raise unavailable("The model server ended the stream before finishing; retry shortly.")
+
+
+async def _with_final_blank(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    async for line in lines:
+        yield line
+    yield ""  # flushes a last event the server did not terminate with a blank line
+
+
+def choice_delta(choice: dict[str, Any]) -> text_pb2.ChoiceDelta:
+    """One upstream choice of a chat chunk (``delta``) or a completion chunk (``text``)."""
+    delta = choice.get("delta") or {}
+    out = text_pb2.ChoiceDelta(index=choice.get("index") or 0, text=delta.get("content") or choice.get("text") or "")
+    for call in delta.get("tool_calls") or ():
+        function = call.get("function") or {}
+        out.tool_calls.add(
+            index=call.get("index") or 0, id=call.get("id") or "",
+            name=function.get("name") or "", arguments=function.get("arguments") or "",
+        )
+    out.logprobs.extend(_logprobs(choice.get("logprobs") or {}))
+    if choice.get("finish_reason"):
+        out.finish_reason = _FINISH.get(choice["finish_reason"], text_pb2.FINISH_REASON_STOP)
+    return out
+
+
+def _logprobs(lp: dict[str, Any]) -> list[text_pb2.TokenLogprob]:
+    if "content" in lp:  # chat: a list of {token, logprob, bytes, top_logprobs}
+        return [
+            text_pb2.TokenLogprob(
+                token=t["token"], logprob=t["logprob"], token_bytes=_bytes(t),
+                top_logprobs=[text_pb2.TopLogprob(token=a["token"], logprob=a["logprob"], token_bytes=_bytes(a)) for a in t.get("top_logprobs") or ()],
+            )
+            for t in lp["content"] or ()
+        ]
+    # legacy completions: parallel lists, alternatives as {token: logprob} maps
+    tops = lp.get("top_logprobs") or []
+    return [
+        text_pb2.TokenLogprob(
+            token=token, logprob=logprob or 0.0, token_bytes=token.encode(),
+            top_logprobs=[text_pb2.TopLogprob(token=k, logprob=v, token_bytes=k.encode()) for k, v in (tops[i] if i < len(tops) and tops[i] else {}).items()],
+        )
+        for i, (token, logprob) in enumerate(zip(lp.get("tokens") or (), lp.get("token_logprobs") or ()))
+    ]
+
+
+def _bytes(entry: dict[str, Any]) -> bytes:
+    return bytes(entry["bytes"]) if entry.get("bytes") is not None else entry["token"].encode()
+
+
+def to_usage(usage: dict[str, Any] | None, streamed_chunks: int) -> common_pb2.Usage:
+    if not usage:
+        # Servers without stream_options (llama.cpp's) send none. Token-streaming servers send
+        # about one token per chunk, so the chunk count is a lower bound worth metering.
+        return common_pb2.Usage(completion_tokens=streamed_chunks, total_tokens=streamed_chunks)
+    details = usage.get("prompt_tokens_details") or {}
+    return common_pb2.Usage(
+        prompt_tokens=usage.get("prompt_tokens") or 0,
+        completion_tokens=usage.get("completion_tokens") or 0,
+        total_tokens=usage.get("total_tokens") or 0,
+        cached_prompt_tokens=details.get("cached_tokens") or 0,
+    )
+
+
+# -- errors -------------------------------------------------------------------
+def upstream_error(status: int, body: dict[str, Any]) -> ServiceError:
+    """Maps an upstream HTTP failure to the status our client should see."""
+    message, param, code = _envelope(body)
+    if status in (401, 403):
+        # The backend's key, not the client's: an operator must fix it, so the client sees a 503.
+        return unavailable("The model server rejected this backend's upstream credentials; the operator must fix them.")
+    if status == 404:
+        about_model = code == "model_not_found" or "model" in message.lower()
+        return ServiceError(grpc.StatusCode.NOT_FOUND, message or "Not found on the model server.",
+                            param="model" if about_model else param, code="model_not_found" if about_model else None)
+    if status in _INVALID_STATUSES:
+        return invalid(message or f"The model server refused the request (HTTP {status}).", param, code)
+    if status == 429:
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message or "The model server is overloaded; retry shortly.")
+    # 5xx bodies can hold tracebacks: log them for the operator, never pass them on.
+    log.warning("upstream failed: HTTP %s %s", status, message[:_MAX_MESSAGE])
+    return unavailable(f"The model server failed (HTTP {status}); retry shortly.")
+
+
+def _envelope(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """Message, param and code from OpenAI's envelope, vLLM's flat one or FastAPI's ``detail``."""
+    err = body.get("error") if isinstance(body.get("error"), dict) else body
+    message = err.get("message") or err.get("error") or ""
+    param = err.get("param")
+    detail = body.get("detail")
+    if isinstance(detail, str):
+        message = message or detail
+    elif isinstance(detail, list) and detail and isinstance(detail[0], dict):  # FastAPI validation (422)
+        message = message or str(detail[0].get("msg", ""))
+        param = param or ".".join(str(p) for p in detail[0].get("loc", ()) if p != "body") or None
+    code = err.get("code")
+    return str(message)[:_MAX_MESSAGE], param if isinstance(param, str) else None, code if isinstance(code, str) else None
+
+
+def _status_of(code: Any) -> int:
+    """An in-stream error's HTTP-like status (vLLM puts it in ``code``); unknown means server error."""
+    return code if isinstance(code, int) and 400 <= code < 600 else 500
+
+
+def _json_or_empty(raw: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    return value if isinstance(value, dict) else {}

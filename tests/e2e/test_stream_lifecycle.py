@@ -1,0 +1,54 @@
+"""What happens when a stream is cut: by the client, or by a backend dying mid-way."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m-instruct"
+
+
+def _backend_log(stack, model_target_name: str) -> str:
+    return "".join(p.read_text() for p in stack.logs.glob(f"{model_target_name}*.log"))
+
+
+def test_client_disconnect_aborts_generation(stack, client):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long essay about rivers."}],
+            "max_tokens": 1500, "temperature": 1.0, "stream": True}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", f"{stack.base_url}/chat/completions", json=body,
+                         headers={"Authorization": f"Bearer {client.api_key}"}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:"):
+                    break  # one chunk, then hang up
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if "generation aborted" in _backend_log(stack, "text@"):
+            break
+        time.sleep(0.2)
+    assert "generation aborted" in _backend_log(stack, "text@")
+    # The engine is free again at once, not after 1500 tokens.
+    started = time.monotonic()
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert time.monotonic() - started < 10
+
+
+def test_backend_dying_mid_stream_becomes_an_error_event_then_done(stack, client):
+    stream = client.chat.completions.create(
+        model="doomed", messages=[{"role": "user", "content": "Write a very long essay about mountains."}],
+        max_tokens=1500, stream=True,
+    )
+    doomed = stack.process(f"text@{stack.targets['doomed']}")
+    first = next(iter(stream))
+    assert first.choices[0].delta.role == "assistant"
+    doomed.popen.send_signal(signal.SIGKILL)
+    with pytest.raises(openai.APIError) as err:
+        for _ in stream:
+            pass
+    assert "unavailable" in str(err.value).lower() or "internal" in str(err.value).lower()
