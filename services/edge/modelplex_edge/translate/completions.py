@@ -83,9 +83,7 @@ async def stream_chunks(
                     for d in message.deltas
                 ],
             }
-            if include_usage:
-                chunk["usage"] = None
-            yield chunk
+            yield chunk  # no "usage": null here: the spec's completion object has no nullable usage
     if include_usage:
         yield {"id": completion_id, "object": "text_completion", "created": created, "model": model_id,
                "choices": [], "usage": usage_dict(usage)}

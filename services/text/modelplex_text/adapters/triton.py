@@ -1,0 +1,227 @@
+"""The Triton engine: decoupled streaming inference over Triton's gRPC API.
+
+Triton only generates tokens (a TRT-LLM ensemble/BLS model or a vLLM-backend
+model); chat templating and token counting happen here, with the model's GGUF
+tokenizer loaded vocab-only (no weights), so prompts render exactly as on the
+llama.cpp engine and usage needs no extra Triton outputs. Each choice is one
+ModelStreamInfer stream: one request, then half-close; Triton streams text
+deltas and ends the stream after the final response. Closing the stream early
+cancels the gRPC call, which is how Triton learns to abort the request.
+
+Guided decoding (vLLM flavor): the backend's ``sampling_parameters`` JSON
+takes ``structured_outputs`` as a JSON *string* of vLLM's
+StructuredOutputsParams ({"json": schema} or {"json_object": true}); this is
+what current releases of triton-inference-server/vllm_backend parse (older
+ones, before vLLM 0.11, called the key ``guided_decoding``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import numpy as np
+from llama_cpp import Llama
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+
+from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
+from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
+
+from modelplex_text import gguf
+from modelplex_text.adapters.llamacpp import _sampling_kwargs
+from modelplex_text.assembler import ChoiceAssembler
+from modelplex_text.engine import EngineEvent
+from modelplex_text.prompting import OutputConstraint, PromptPlan, plan_prompt
+from modelplex_text.settings import TextSettings
+
+log = logging.getLogger(__name__)
+
+# Per-request failures arrive in-band as text only; these mean the model is not
+# being served (missing from the repository, loading, unloaded), not a bad request.
+_NOT_SERVED = ("unknown model", "not ready", "no available version", "not at ready state", "unavailable")
+_MAX_MESSAGE = 2000  # upstream messages are echoed to clients; bound them
+
+InputBuilder = Callable[[str, dict[str, Any], OutputConstraint | None], list[InferInput]]
+
+
+def _tensor(name: str, values: list, dtype: Any) -> InferInput:
+    array = np.array(values, dtype=dtype)
+    tensor = InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def _structured_outputs(constraint: OutputConstraint | None) -> dict[str, Any] | None:
+    if constraint is None or constraint.kind == "tool_call_or_text":
+        # vLLM has no "prose or tagged call" guide short of structural tags;
+        # like vLLM's own server with tool_choice=auto, the model decides freely.
+        return None
+    if constraint.kind == "json_object":
+        return {"json_object": True}
+    return {"json": constraint.schema}
+
+
+def vllm_inputs(prompt: str, params: dict[str, Any], constraint: OutputConstraint | None) -> list[InferInput]:
+    """Inputs of Triton's vLLM backend (max_batch_size 0: no batch dimension)."""
+    sampling = {key: value for key, value in params.items() if value is not None}  # absent: vLLM's default
+    guide = _structured_outputs(constraint)
+    if guide is not None:
+        sampling["structured_outputs"] = json.dumps(guide)  # the backend json.loads this string again
+    return [
+        _tensor("text_input", [prompt.encode()], np.object_),
+        _tensor("stream", [True], np.bool_),
+        _tensor("sampling_parameters", [json.dumps(sampling).encode()], np.object_),
+        _tensor("exclude_input_in_output", [True], np.bool_),
+    ]
+
+
+def trtllm_inputs(prompt: str, params: dict[str, Any], constraint: OutputConstraint | None) -> list[InferInput]:
+    """Inputs of the TRT-LLM ensemble/BLS model; it batches, so every tensor has a batch dimension of 1.
+
+    The constraint is not sent: guided decoding needs inputs and a server-side
+    xgrammar setup that stock ensembles lack; the prompt still asks for the format.
+    """
+    inputs = [
+        _tensor("text_input", [[prompt.encode()]], np.object_),
+        _tensor("max_tokens", [[params["max_tokens"]]], np.int32),
+        _tensor("stream", [[True]], np.bool_),
+        _tensor("temperature", [[params["temperature"]]], np.float32),
+        _tensor("top_p", [[params["top_p"]]], np.float32),
+    ]
+    for penalty in ("presence_penalty", "frequency_penalty"):
+        if params[penalty]:
+            inputs.append(_tensor(penalty, [[params[penalty]]], np.float32))
+    if params["stop"]:
+        inputs.append(_tensor("stop_words", [[stop.encode() for stop in params["stop"]]], np.object_))
+    if params.get("seed") is not None:
+        inputs.append(_tensor("random_seed", [[params["seed"] % 2**64]], np.uint64))  # OpenAI seeds may be negative
+    return inputs
+
+
+_INPUTS: dict[str, InputBuilder] = {"vllm": vllm_inputs, "trtllm": trtllm_inputs}
+
+
+def _is_final(result) -> bool:
+    parameters = result.get_response().parameters
+    return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
+
+
+def upstream_error(error: Exception, model: str) -> ServiceError:
+    """A Triton failure as the ServiceError our clients should see."""
+    if isinstance(error, grpc.aio.AioRpcError):  # the stream itself failed: connection, deadline, server
+        details = (error.details() or error.code().name)[:_MAX_MESSAGE]
+        if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+            return invalid(f"Triton rejected the request: {details}")
+        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "Triton did not finish in time.")
+        return unavailable(f"Triton is unavailable: {details}")
+    message = str(error.message() if isinstance(error, InferenceServerException) else error)[:_MAX_MESSAGE]
+    if any(hint in message.lower() for hint in _NOT_SERVED):
+        # The catalog routed here, so a model Triton does not serve is a deployment problem (or
+        # a model still loading): 503, retryable, not a 404 that blames the client.
+        return unavailable(f"Triton is not serving model `{model}`: {message}")
+    return invalid(f"Triton rejected the request: {message}")
+
+
+class TritonEngine:
+    def __init__(self, settings: TextSettings) -> None:
+        if not settings.upstream_url or not settings.upstream_model:
+            raise ValueError("engine=triton needs MODELPLEX_TEXT_UPSTREAM_URL (host:port) and MODELPLEX_TEXT_UPSTREAM_MODEL")
+        path = gguf.model_path(settings.tokenizer_path)
+        self._tokenizer = Llama(model_path=path, vocab_only=True, verbose=False)
+        self._template = gguf.chat_template(self._tokenizer)
+        self._url, self._model = settings.upstream_url, settings.upstream_model
+        self._build_inputs = _INPUTS[settings.triton_flavor]
+        self._timeout = settings.upstream_timeout_seconds
+        # Triton has no max_tokens "until the context is full"; this is the model's context length.
+        self._context_length = settings.context_length
+        self._client: InferenceServerClient | None = None
+        self.capabilities = catalog_pb2.Capabilities(
+            chat=True, completions=True, tool_use=True, multiple_choices=True,
+            json_schema=settings.triton_flavor == "vllm",  # only there is guided decoding sent
+        )
+        log.info("triton engine ready", extra={"url": self._url, "model": self._model, "tokenizer": path})
+
+    def _connection(self) -> InferenceServerClient:
+        # Created on first use: a grpc.aio channel binds to the event loop it is made in.
+        if self._client is None:
+            self._client = InferenceServerClient(self._url)
+        return self._client
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
+    def _count(self, text: str) -> int:
+        return len(self._tokenizer.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
+
+    def _params(self, request: text_pb2.GenerateRequest, prompt_tokens: int) -> dict[str, Any]:
+        params = _sampling_kwargs(request)
+        del params["repeat_penalty"]  # llama.cpp's name; 1.0 is vLLM's and TRT-LLM's default anyway
+        if params["max_tokens"] is None:  # both backends need a number (vLLM's default is 16)
+            params["max_tokens"] = max(1, self._context_length - prompt_tokens)
+        return params
+
+    async def stream(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
+        if request.completion.suffix:
+            raise unsupported("suffix", "`suffix`")
+        plan = plan_prompt(request, self._template)
+        usage = common_pb2.Usage(prompt_tokens=self._count(plan.prompt))
+        params = self._params(request, usage.prompt_tokens)
+        seed = request.sampling.seed if request.sampling.HasField("seed") else None
+        for index in range(max(1, request.n)):
+            if request.completion.echo:
+                yield text_pb2.ChoiceDelta(index=index, text=request.completion.prompt)
+            assembler = ChoiceAssembler(index, plan.tool_call_forced)
+            generated = []
+            async for text in self._generate(plan, {**params, "seed": None if seed is None else seed + index}):
+                generated.append(text)
+                delta = assembler.feed(text)
+                if delta is not None:
+                    yield delta
+            completion_tokens = self._count("".join(generated))
+            usage.completion_tokens += completion_tokens
+            for delta in assembler.finish("length" if completion_tokens >= params["max_tokens"] else "stop"):
+                yield delta
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        yield usage
+
+    async def _generate(self, plan: PromptPlan, params: dict[str, Any]) -> AsyncIterator[str]:
+        """Streams one choice's text deltas from one Triton stream."""
+        request = {
+            "model_name": self._model,
+            "inputs": self._build_inputs(plan.prompt, params, plan.constraint),
+            "outputs": [InferRequestedOutput("text_output")],
+            "request_id": uuid.uuid4().hex,
+        }
+
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield request  # then half-close: Triton ends the stream after the last response
+
+        # Deltas may split a multi-byte character (TRT-LLM detokenizes per token).
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        responses = self._connection().stream_infer(inputs_iterator=one_request(), stream_timeout=self._timeout)
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise upstream_error(error, self._model)
+                output = result.as_numpy("text_output")
+                text = decoder.decode(b"".join(output.ravel())) if output is not None else ""
+                if text:
+                    yield text
+                if _is_final(result):  # may come with the last delta (vLLM) or empty (TRT-LLM)
+                    break
+        except grpc.aio.AioRpcError as exc:
+            raise upstream_error(exc, self._model) from exc
+        finally:
+            # A no-op once the stream ended; when the consumer left early it makes Triton abort the request.
+            responses.cancel()
+        if tail := decoder.decode(b"", final=True):
+            yield tail
