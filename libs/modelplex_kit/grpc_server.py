@@ -159,13 +159,16 @@ async def serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-
-    log.info("shutting down: draining in-flight calls", extra={"grace_seconds": settings.grace_seconds})
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(settings.grace_seconds)
-    if on_shutdown is not None:
-        await on_shutdown()
+    try:
+        await stop.wait()
+    finally:  # on a signal, or when the caller cancels us (tests, embedding)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("shutting down: draining in-flight calls", extra={"grace_seconds": settings.grace_seconds})
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(settings.grace_seconds)
+        if on_shutdown is not None:
+            await on_shutdown()
     log.info("stopped")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import grpc
@@ -39,6 +40,7 @@ _TOOL_CHOICE = {
 }
 # Upstream client errors that are the API client's fault (the rest are ours).
 _INVALID_STATUSES = {400, 413, 422}
+_ATTEMPTS = 2
 _MAX_MESSAGE = 2000  # upstream messages are echoed to clients; bound them
 
 
@@ -70,23 +72,42 @@ class OpenAIHttpEngine:
         path, body = upstream_request(request, self._model or request.model)
         usage, streamed = None, 0
         try:
-            # The context manager closes the response (aborting upstream) when the consumer leaves.
-            async with self._client.stream("POST", path, json=body) as response:
+            async with self._post(path, body) as response:
                 if response.status_code >= 400:
                     raise upstream_error(response.status_code, _json_or_empty(await response.aread()))
-                async for event in _sse_events(response):
-                    usage = event.get("usage") or usage
-                    for choice in event.get("choices") or ():
-                        delta = choice_delta(choice)
-                        streamed += bool(delta.text or delta.tool_calls)
-                        if delta.text or delta.tool_calls or delta.logprobs or delta.finish_reason:
-                            yield delta
+                async with aclosing(_sse_events(response)) as events:
+                    async for event in events:
+                        usage = event.get("usage") or usage
+                        for choice in event.get("choices") or ():
+                            delta = choice_delta(choice)
+                            streamed += bool(delta.text or delta.tool_calls)
+                            if delta.text or delta.tool_calls or delta.logprobs or delta.finish_reason:
+                                yield delta
         except httpx.TimeoutException as exc:
             raise unavailable("The model server timed out; retry shortly.") from exc
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             log.warning("upstream unreachable: %r", exc)
             raise unavailable("The model server is unreachable; retry shortly.") from exc
         yield to_usage(usage, streamed)
+
+    @asynccontextmanager
+    async def _post(self, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
+        """A streamed POST, closed on exit: that is what aborts upstream when the consumer leaves."""
+        request = self._client.build_request("POST", path, json=body)
+        for attempt in range(_ATTEMPTS):
+            try:
+                response = await self._client.send(request, stream=True)
+                break
+            except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError):
+                # Failing before any response is the signature of a pooled keep-alive connection
+                # the server had just closed (uvicorn does after a failed stream): the request did
+                # not run, and a generation has no side effects, so retry on a fresh connection.
+                if attempt == _ATTEMPTS - 1:
+                    raise
+        try:
+            yield response
+        finally:
+            await response.aclose()
 
 
 # -- request: GenerateRequest -> OpenAI JSON --------------------------------
@@ -137,8 +158,9 @@ def _chat_fields(request: text_pb2.GenerateRequest) -> dict[str, Any]:
     if fmt.type == text_pb2.ResponseFormat.TYPE_JSON_OBJECT:
         out["response_format"] = {"type": "json_object"}
     elif fmt.type == text_pb2.ResponseFormat.TYPE_JSON_SCHEMA:
-        schema = {"name": fmt.schema_name or "response", "schema": _parse(fmt.schema_json, "response_format"), "strict": fmt.strict}
-        out["response_format"] = {"type": "json_schema", "json_schema": schema}
+        schema = _parse(fmt.schema_json, "response_format")
+        spec = {"name": fmt.schema_name or "response", "schema": schema, "strict": fmt.strict}
+        out["response_format"] = {"type": "json_schema", "json_schema": spec}
     if request.logprobs:
         out["logprobs"] = True
         out["top_logprobs"] = request.top_logprobs
@@ -154,7 +176,8 @@ def _message(m: text_pb2.ChatMessage) -> dict[str, Any]:
         out["name"] = m.name
     if m.tool_calls:
         out["tool_calls"] = [
-            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c in m.tool_calls
         ]
     if m.tool_call_id:
         out["tool_call_id"] = m.tool_call_id
@@ -190,26 +213,29 @@ def _parse(text: str, param: str) -> Any:
 async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     """Yields each event's JSON until ``[DONE]``; a stream cut short is an upstream failure."""
     data: list[str] = []
-    async for line in _with_final_blank(response.aiter_lines()):
+    async for line in response.aiter_lines():
         if line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
-        elif not line and data:  # a blank line ends an event; other fields (pings, ids) are ignored
+        elif not line and data:  # a blank line ends an event; other fields (pings, ids) carry nothing
             payload, data = "\n".join(data), []
             if payload == "[DONE]":
                 return
-            event = _json_or_empty(payload.encode())
-            if "error" in event or event.get("object") == "error":  # vLLM reports mid-stream failures so
-                err = event.get("error", event)
-                raise upstream_error(_status_of(err.get("code") if isinstance(err, dict) else None), event)
-            yield event
-    # llama.cpp's server, for one, ends the stream silently when generation raises.
-    raise unavailable("The model server ended the stream before finishing; retry shortly.")
+            yield _parse_event(payload)
+    if data != ["[DONE]"]:  # tolerate a last line without its blank terminator
+        # llama.cpp's server, for one, ends the stream silently when generation raises.
+        raise unavailable("The model server ended the stream before finishing; retry shortly.")
 
 
-async def _with_final_blank(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    async for line in lines:
-        yield line
-    yield ""  # flushes a last event the server did not terminate with a blank line
+def _parse_event(payload: str) -> dict[str, Any]:
+    event = _json_or_empty(payload.encode())
+    if not event:
+        raise unavailable("The model server sent a malformed stream event; retry shortly.")
+    if "error" in event or event.get("object") == "error":  # how vLLM reports a failure mid-stream
+        err = event.get("error", event)
+        code = err.get("code") if isinstance(err, dict) else None
+        # vLLM's code is the HTTP status it would have answered; anything else is a server failure.
+        raise upstream_error(code if isinstance(code, int) and 400 <= code < 600 else 500, event)
+    return event
 
 
 def choice_delta(choice: dict[str, Any]) -> text_pb2.ChoiceDelta:
@@ -230,26 +256,29 @@ def choice_delta(choice: dict[str, Any]) -> text_pb2.ChoiceDelta:
 
 def _logprobs(lp: dict[str, Any]) -> list[text_pb2.TokenLogprob]:
     if "content" in lp:  # chat: a list of {token, logprob, bytes, top_logprobs}
-        return [
-            text_pb2.TokenLogprob(
-                token=t["token"], logprob=t["logprob"], token_bytes=_bytes(t),
-                top_logprobs=[text_pb2.TopLogprob(token=a["token"], logprob=a["logprob"], token_bytes=_bytes(a)) for a in t.get("top_logprobs") or ()],
-            )
-            for t in lp["content"] or ()
-        ]
-    # legacy completions: parallel lists, alternatives as {token: logprob} maps
-    tops = lp.get("top_logprobs") or []
+        return [_token_logprob(t, t.get("top_logprobs") or ()) for t in lp["content"] or ()]
+    # legacy completions: parallel lists, the alternatives as {token: logprob} maps
+    tokens = lp.get("tokens") or []
+    tops = lp.get("top_logprobs") or [None] * len(tokens)
     return [
-        text_pb2.TokenLogprob(
-            token=token, logprob=logprob or 0.0, token_bytes=token.encode(),
-            top_logprobs=[text_pb2.TopLogprob(token=k, logprob=v, token_bytes=k.encode()) for k, v in (tops[i] if i < len(tops) and tops[i] else {}).items()],
-        )
-        for i, (token, logprob) in enumerate(zip(lp.get("tokens") or (), lp.get("token_logprobs") or ()))
+        _token_logprob({"token": t, "logprob": v}, [{"token": k, "logprob": a} for k, a in (alts or {}).items()])
+        for t, v, alts in zip(tokens, lp.get("token_logprobs") or (), tops)
     ]
 
 
-def _bytes(entry: dict[str, Any]) -> bytes:
-    return bytes(entry["bytes"]) if entry.get("bytes") is not None else entry["token"].encode()
+def _token_logprob(entry: dict[str, Any], alternatives: Any) -> text_pb2.TokenLogprob:
+    return text_pb2.TokenLogprob(
+        **_scored(entry), top_logprobs=[text_pb2.TopLogprob(**_scored(a)) for a in alternatives]
+    )
+
+
+def _scored(entry: dict[str, Any]) -> dict[str, Any]:
+    raw = entry.get("bytes")  # servers that omit bytes (llama.cpp's) get the token's UTF-8
+    return {
+        "token": entry["token"],
+        "logprob": entry.get("logprob") or 0.0,  # null for an echoed first prompt token
+        "token_bytes": bytes(raw) if raw is not None else entry["token"].encode(),
+    }
 
 
 def to_usage(usage: dict[str, Any] | None, streamed_chunks: int) -> common_pb2.Usage:
@@ -272,17 +301,19 @@ def upstream_error(status: int, body: dict[str, Any]) -> ServiceError:
     message, param, code = _envelope(body)
     if status in (401, 403):
         # The backend's key, not the client's: an operator must fix it, so the client sees a 503.
-        return unavailable("The model server rejected this backend's upstream credentials; the operator must fix them.")
+        return unavailable("The model server rejected this backend's upstream credentials; an operator must fix them.")
     if status == 404:
-        about_model = code == "model_not_found" or "model" in message.lower()
-        return ServiceError(grpc.StatusCode.NOT_FOUND, message or "Not found on the model server.",
-                            param="model" if about_model else param, code="model_not_found" if about_model else None)
+        if code == "model_not_found" or "model" in message.lower():
+            param, code = "model", "model_not_found"
+        message = message or "Not found on the model server."
+        return ServiceError(grpc.StatusCode.NOT_FOUND, message, param=param, code=code)
     if status in _INVALID_STATUSES:
         return invalid(message or f"The model server refused the request (HTTP {status}).", param, code)
     if status == 429:
-        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message or "The model server is overloaded; retry shortly.")
+        message = message or "The model server is overloaded; retry shortly."
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
     # 5xx bodies can hold tracebacks: log them for the operator, never pass them on.
-    log.warning("upstream failed: HTTP %s %s", status, message[:_MAX_MESSAGE])
+    log.warning("upstream failed: HTTP %s %s", status, message)
     return unavailable(f"The model server failed (HTTP {status}); retry shortly.")
 
 
@@ -297,13 +328,12 @@ def _envelope(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
     elif isinstance(detail, list) and detail and isinstance(detail[0], dict):  # FastAPI validation (422)
         message = message or str(detail[0].get("msg", ""))
         param = param or ".".join(str(p) for p in detail[0].get("loc", ()) if p != "body") or None
-    code = err.get("code")
-    return str(message)[:_MAX_MESSAGE], param if isinstance(param, str) else None, code if isinstance(code, str) else None
+    code = err.get("code")  # vLLM puts the HTTP status here; only OpenAI's string codes mean anything
+    return str(message)[:_MAX_MESSAGE], _str_or_none(param), _str_or_none(code)
 
 
-def _status_of(code: Any) -> int:
-    """An in-stream error's HTTP-like status (vLLM puts it in ``code``); unknown means server error."""
-    return code if isinstance(code, int) and 400 <= code < 600 else 500
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
 
 
 def _json_or_empty(raw: bytes) -> dict[str, Any]:

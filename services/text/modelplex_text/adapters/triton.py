@@ -22,6 +22,7 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
+from contextlib import aclosing
 from typing import Any
 
 import grpc
@@ -38,14 +39,16 @@ from modelplex_text import gguf
 from modelplex_text.adapters.llamacpp import _sampling_kwargs
 from modelplex_text.assembler import ChoiceAssembler
 from modelplex_text.engine import EngineEvent
-from modelplex_text.prompting import OutputConstraint, PromptPlan, plan_prompt
+from modelplex_text.prompting import OutputConstraint, plan_prompt
 from modelplex_text.settings import TextSettings
 
 log = logging.getLogger(__name__)
 
-# Per-request failures arrive in-band as text only; these mean the model is not
-# being served (missing from the repository, loading, unloaded), not a bad request.
+# Per-request failures arrive in-band as text only, so they are told apart by
+# Triton's wording. Not served: missing from the repository, loading, unloaded.
 _NOT_SERVED = ("unknown model", "not ready", "no available version", "not at ready state", "unavailable")
+# The model's inputs are not the flavor's: a deployment mistake, never the client's.
+_WRONG_LAYOUT = ("inference input", "inputs but got", "unexpected shape", "inference output")
 _MAX_MESSAGE = 2000  # upstream messages are echoed to clients; bound them
 
 InputBuilder = Callable[[str, dict[str, Any], OutputConstraint | None], list[InferInput]]
@@ -127,16 +130,24 @@ def upstream_error(error: Exception, model: str) -> ServiceError:
         # The catalog routed here, so a model Triton does not serve is a deployment problem (or
         # a model still loading): 503, retryable, not a 404 that blames the client.
         return unavailable(f"Triton is not serving model `{model}`: {message}")
+    if any(hint in message for hint in _WRONG_LAYOUT):
+        return ServiceError(grpc.StatusCode.INTERNAL, f"Triton model `{model}` does not fit triton_flavor: {message}")
     return invalid(f"Triton rejected the request: {message}")
 
 
 class TritonEngine:
     def __init__(self, settings: TextSettings) -> None:
         if not settings.upstream_url or not settings.upstream_model:
-            raise ValueError("engine=triton needs MODELPLEX_TEXT_UPSTREAM_URL (host:port) and MODELPLEX_TEXT_UPSTREAM_MODEL")
+            raise ValueError(
+                "engine=triton needs MODELPLEX_TEXT_UPSTREAM_URL (host:port) and MODELPLEX_TEXT_UPSTREAM_MODEL"
+            )
         path = gguf.model_path(settings.tokenizer_path)
         self._tokenizer = Llama(model_path=path, vocab_only=True, verbose=False)
         self._template = gguf.chat_template(self._tokenizer)
+        # Triton's side tokenizes the text prompt and adds BOS when the model wants one (what
+        # tokenizer.ggml.add_bos_token records); a BOS rendered by the chat template would be doubled.
+        adds_bos = self._tokenizer.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+        self._bos = self._template.bos_token if adds_bos else ""
         self._url, self._model = settings.upstream_url, settings.upstream_model
         self._build_inputs = _INPUTS[settings.triton_flavor]
         self._timeout = settings.upstream_timeout_seconds
@@ -173,7 +184,8 @@ class TritonEngine:
         if request.completion.suffix:
             raise unsupported("suffix", "`suffix`")
         plan = plan_prompt(request, self._template)
-        usage = common_pb2.Usage(prompt_tokens=self._count(plan.prompt))
+        prompt = plan.prompt.removeprefix(self._bos)
+        usage = common_pb2.Usage(prompt_tokens=self._count(prompt) + bool(self._bos))
         params = self._params(request, usage.prompt_tokens)
         seed = request.sampling.seed if request.sampling.HasField("seed") else None
         for index in range(max(1, request.n)):
@@ -181,11 +193,14 @@ class TritonEngine:
                 yield text_pb2.ChoiceDelta(index=index, text=request.completion.prompt)
             assembler = ChoiceAssembler(index, plan.tool_call_forced)
             generated = []
-            async for text in self._generate(plan, {**params, "seed": None if seed is None else seed + index}):
-                generated.append(text)
-                delta = assembler.feed(text)
-                if delta is not None:
-                    yield delta
+            choice_params = {**params, "seed": None if seed is None else seed + index}
+            # aclosing: if our consumer leaves, the Triton stream is cancelled now, not at garbage collection.
+            async with aclosing(self._generate(prompt, plan.constraint, choice_params)) as texts:
+                async for text in texts:
+                    generated.append(text)
+                    delta = assembler.feed(text)
+                    if delta is not None:
+                        yield delta
             completion_tokens = self._count("".join(generated))
             usage.completion_tokens += completion_tokens
             for delta in assembler.finish("length" if completion_tokens >= params["max_tokens"] else "stop"):
@@ -193,11 +208,13 @@ class TritonEngine:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield usage
 
-    async def _generate(self, plan: PromptPlan, params: dict[str, Any]) -> AsyncIterator[str]:
+    async def _generate(
+        self, prompt: str, constraint: OutputConstraint | None, params: dict[str, Any]
+    ) -> AsyncIterator[str]:
         """Streams one choice's text deltas from one Triton stream."""
         request = {
             "model_name": self._model,
-            "inputs": self._build_inputs(plan.prompt, params, plan.constraint),
+            "inputs": self._build_inputs(prompt, params, constraint),
             "outputs": [InferRequestedOutput("text_output")],
             "request_id": uuid.uuid4().hex,
         }
@@ -221,7 +238,8 @@ class TritonEngine:
         except grpc.aio.AioRpcError as exc:
             raise upstream_error(exc, self._model) from exc
         finally:
-            # A no-op once the stream ended; when the consumer left early it makes Triton abort the request.
+            # Ends the call even when the final response came before the stream closed; when the
+            # consumer left early, this is what makes Triton abort the request.
             responses.cancel()
         if tail := decoder.decode(b"", final=True):
             yield tail

@@ -1,0 +1,47 @@
+import grpc
+import pytest
+
+from modelplex_kit.errors import GRPC_TO_HTTP, ServiceError, invalid, model_not_found
+
+
+def test_every_grpc_status_has_an_http_meaning():
+    missing = {code for code in grpc.StatusCode if code != grpc.StatusCode.OK} - set(GRPC_TO_HTTP)
+    assert not missing
+
+
+@pytest.mark.parametrize(
+    ("status", "http", "kind"),
+    [
+        (grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_error"),
+        (grpc.StatusCode.UNAUTHENTICATED, 401, "invalid_request_error"),
+        (grpc.StatusCode.NOT_FOUND, 404, "invalid_request_error"),
+        (grpc.StatusCode.RESOURCE_EXHAUSTED, 429, "requests"),
+        (grpc.StatusCode.UNAVAILABLE, 503, "server_error"),
+        (grpc.StatusCode.INTERNAL, 500, "server_error"),
+    ],
+)
+def test_table(status, http, kind):
+    error = ServiceError(status, "boom")
+    assert error.http.status == http
+    assert error.envelope()["error"]["type"] == kind
+
+
+def test_envelope_has_openais_four_fields():
+    body = invalid("bad temperature", "temperature").envelope()
+    assert body == {"error": {"message": "bad temperature", "type": "invalid_request_error",
+                              "param": "temperature", "code": None}}
+
+
+def test_param_and_code_survive_the_grpc_hop():
+    original = model_not_found("gpt-17")
+    wire = grpc.aio.AioRpcError(
+        original.status, grpc.aio.Metadata(), grpc.aio.Metadata(*original.trailing_metadata()), original.message
+    )
+    back = ServiceError.from_rpc_error(wire)
+    assert (back.status, back.param, back.code, back.message) == (
+        grpc.StatusCode.NOT_FOUND, "model", "model_not_found", original.message)
+
+
+def test_unavailable_without_detail_says_retry():
+    wire = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connect failed")
+    assert "retry" in ServiceError.from_rpc_error(wire).message

@@ -1,0 +1,105 @@
+"""The shared server bootstrap: error mapping, request ids and health, on a real gRPC server."""
+
+import asyncio
+import json
+import logging
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from modelplex.v1 import catalog_pb2, catalog_pb2_grpc
+from modelplex_kit import grpc_server
+from modelplex_kit.errors import ServiceError, invalid
+from modelplex_kit.logging import JsonFormatter, request_id_var
+from modelplex_kit.settings import GrpcServiceSettings
+from tests.support.ports import free_port
+
+seen_request_ids: list[str] = []
+
+
+class Servicer(catalog_pb2_grpc.CatalogServiceServicer):
+    async def ResolveModel(self, request, context):
+        seen_request_ids.append(request_id_var.get())
+        if request.model == "bad":
+            raise invalid("bad model name", "model")
+        if request.model == "crash":
+            raise RuntimeError("secret internal detail")
+        return catalog_pb2.ResolveModelResponse(model=catalog_pb2.Model(id=request.model))
+
+    async def WatchModels(self, request, context):
+        yield catalog_pb2.WatchModelsResponse(revision=1)
+        raise invalid("stream broke", "x")
+
+
+@pytest.fixture(scope="module")
+async def target():
+    address = f"127.0.0.1:{free_port()}"
+    settings = GrpcServiceSettings(listen=address, grace_seconds=0.5)
+
+    def register(server):
+        catalog_pb2_grpc.add_CatalogServiceServicer_to_server(Servicer(), server)
+        return ["modelplex.v1.CatalogService"]
+
+    task = asyncio.create_task(grpc_server.serve("test", settings, register))
+    for _ in range(50):
+        await asyncio.sleep(0.05)
+        try:
+            async with grpc.aio.insecure_channel(address) as channel:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=0.5)
+                break
+        except grpc.aio.AioRpcError:
+            continue
+    yield address
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_service_error_becomes_status_with_param(target):
+    async with grpc.aio.insecure_channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await catalog_pb2_grpc.CatalogServiceStub(channel).ResolveModel(catalog_pb2.ResolveModelRequest(model="bad"))
+    error = ServiceError.from_rpc_error(err.value)
+    assert (error.status, error.param) == (grpc.StatusCode.INVALID_ARGUMENT, "model")
+
+
+async def test_unexpected_exception_is_internal_without_details(target):
+    async with grpc.aio.insecure_channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await catalog_pb2_grpc.CatalogServiceStub(channel).ResolveModel(catalog_pb2.ResolveModelRequest(model="crash"))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "secret" not in err.value.details() and "Traceback" not in err.value.details()
+
+
+async def test_streaming_errors_are_mapped_too(target):
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = catalog_pb2_grpc.CatalogServiceStub(channel).WatchModels(catalog_pb2.WatchModelsRequest())
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_request_id_from_metadata_reaches_handlers(target):
+    async with grpc.aio.insecure_channel(target) as channel:
+        await catalog_pb2_grpc.CatalogServiceStub(channel).ResolveModel(
+            catalog_pb2.ResolveModelRequest(model="m"), metadata=(("x-request-id", "req-42"),))
+    assert seen_request_ids[-1] == "req-42"
+
+
+async def test_health_reports_serving_for_the_server_and_each_service(target):
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "modelplex.v1.CatalogService"):
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service))
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_json_logs_carry_the_request_id():
+    token = request_id_var.set("abc123")
+    try:
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello %s", ("world",), None)
+        line = json.loads(JsonFormatter("edge").format(record))
+    finally:
+        request_id_var.reset(token)
+    assert line["msg"] == "hello world" and line["request_id"] == "abc123" and line["service"] == "edge"

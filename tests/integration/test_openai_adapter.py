@@ -1,0 +1,336 @@
+"""The `openai` engine adapter against a real OpenAI-compatible server.
+
+llama-cpp-python's server (SmolLM2-135M) stands in for a vLLM pod: the adapter
+is driven directly and through the real gRPC servicer. What llama.cpp's server
+cannot produce (usage in streams, tool-call fragments, 4xx envelopes, 429s) is
+replayed from canned vLLM-style responses over httpx's MockTransport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from contextlib import aclosing, asynccontextmanager
+
+import grpc
+import httpx
+import pytest
+
+from modelplex.v1 import common_pb2, text_pb2, text_pb2_grpc
+from modelplex_kit.errors import ServiceError
+from modelplex_kit.grpc_server import ObservingInterceptor
+from modelplex_text.adapters.openai_http import OpenAIHttpEngine
+from modelplex_text.servicer import TextGenerationServicer, merge_delta
+from modelplex_text.settings import TextSettings
+from tests.support.llama_server import llama_server
+from tests.support.ports import free_port
+
+pytestmark = pytest.mark.integration
+
+API_KEY = "sk-upstream-test"
+MAX_TOKENS = 16
+
+
+# -- fixtures -------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def llama(tmp_path_factory):
+    # interrupt_requests off: a queued request must not end a running stream, so
+    # only the adapter closing its response can free the server early.
+    log = tmp_path_factory.mktemp("llama") / "server.log"
+    with llama_server(log, api_key=API_KEY, extra_args=["--interrupt_requests", "False"]) as server:
+        yield server
+
+
+def settings_for(llama, **overrides) -> TextSettings:
+    values = {"engine": "openai", "upstream_url": llama.base_url, "upstream_model": llama.model,
+              "upstream_api_key": API_KEY, "upstream_timeout_seconds": 60.0}
+    return TextSettings(**(values | overrides))
+
+
+@pytest.fixture(scope="session")
+async def engine(llama):
+    engine = OpenAIHttpEngine(settings_for(llama))
+    yield engine
+    await engine.close()
+
+
+@asynccontextmanager
+async def text_service(engine):
+    """The real servicer (with the production interceptor that maps errors) on a free port."""
+    server = grpc.aio.server(interceptors=[ObservingInterceptor()])
+    text_pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationServicer(engine), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield text_pb2_grpc.TextGenerationServiceStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
+
+
+@pytest.fixture(scope="session")
+async def stub(engine):
+    async with text_service(engine) as stub:
+        yield stub
+
+
+def chat(text: str, max_tokens: int = MAX_TOKENS, **fields) -> text_pb2.GenerateRequest:
+    message = text_pb2.ChatMessage(role="user", content=[text_pb2.ContentPart(text=text)])
+    return text_pb2.GenerateRequest(
+        model="smollm2", chat=text_pb2.ChatInput(messages=[message]),
+        sampling=text_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0), **fields,
+    )
+
+
+async def collect(engine, request) -> list:
+    async with aclosing(engine.stream(request)) as events:
+        return [event async for event in events]
+
+
+def assert_usage(usage: common_pb2.Usage, max_tokens: int = MAX_TOKENS) -> None:
+    # llama.cpp's server ignores stream_options, so usage is the adapter's chunk count.
+    assert 0 < usage.completion_tokens <= max_tokens
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+# -- against llama.cpp's server ---------------------------------------------------
+async def test_adapter_streams_chat_deltas_then_usage(engine):
+    events = await collect(engine, chat("Say hello to the world."))
+    *deltas, usage = events
+    assert isinstance(usage, common_pb2.Usage)
+    assert all(isinstance(d, text_pb2.ChoiceDelta) and d.index == 0 for d in deltas)
+    assert "".join(d.text for d in deltas).strip()
+    assert [d.finish_reason for d in deltas if d.finish_reason] == [deltas[-1].finish_reason]
+    assert deltas[-1].finish_reason in (text_pb2.FINISH_REASON_STOP, text_pb2.FINISH_REASON_LENGTH)
+    assert_usage(usage)
+
+
+async def test_generate_over_grpc(stub):
+    response = await stub.Generate(chat("What is the capital of France?"))
+    (choice,) = response.choices
+    assert choice.text.strip()
+    assert choice.finish_reason in (text_pb2.FINISH_REASON_STOP, text_pb2.FINISH_REASON_LENGTH)
+    assert_usage(response.usage)
+
+
+async def test_generate_stream_over_grpc(stub):
+    messages = [m async for m in stub.GenerateStream(chat("Tell me a short story about a cat."))]
+    *chunks, last = messages
+    text = "".join(d.text for m in chunks for d in m.deltas)
+    assert len(chunks) >= 3 and text.strip()
+    assert not last.deltas and last.HasField("usage")
+    assert not any(m.HasField("usage") for m in chunks)
+    assert chunks[-1].deltas[-1].finish_reason != text_pb2.FINISH_REASON_UNSPECIFIED
+    assert_usage(last.usage)
+
+
+async def test_legacy_completion_with_logprobs(stub):
+    request = text_pb2.GenerateRequest(
+        model="smollm2", completion=text_pb2.CompletionInput(prompt="Once upon a time"),
+        sampling=text_pb2.SamplingParams(max_tokens=8, temperature=0.0), logprobs=True, top_logprobs=2,
+    )
+    response = await stub.Generate(request)
+    (choice,) = response.choices
+    assert choice.text
+    assert choice.finish_reason == text_pb2.FINISH_REASON_LENGTH
+    assert "".join(lp.token for lp in choice.logprobs) == choice.text
+    assert all(lp.logprob <= 0 and lp.top_logprobs for lp in choice.logprobs)
+    assert_usage(response.usage, max_tokens=8)
+
+
+async def test_chat_logprobs(engine):
+    events = await collect(engine, chat("Say hi.", max_tokens=4, logprobs=True, top_logprobs=2))
+    logprobs = [lp for e in events if isinstance(e, text_pb2.ChoiceDelta) for lp in e.logprobs]
+    assert logprobs and all(lp.token and lp.token_bytes and len(lp.top_logprobs) >= 2 for lp in logprobs)
+
+
+async def test_rejected_credentials_are_unavailable_not_the_clients_fault(llama):
+    engine = OpenAIHttpEngine(settings_for(llama, upstream_api_key="sk-wrong"))
+    try:
+        with pytest.raises(ServiceError) as caught:
+            await collect(engine, chat("hi"))
+    finally:
+        await engine.close()
+    assert caught.value.status == grpc.StatusCode.UNAVAILABLE
+    assert "credentials" in caught.value.message
+
+
+async def test_unknown_upstream_route_is_not_found(llama):
+    engine = OpenAIHttpEngine(settings_for(llama, upstream_url=llama.base_url.replace("/v1", "/nowhere/v1")))
+    try:
+        with pytest.raises(ServiceError) as caught:
+            await collect(engine, chat("hi"))
+    finally:
+        await engine.close()
+    assert caught.value.status == grpc.StatusCode.NOT_FOUND
+
+
+async def test_closed_port_is_unavailable_over_grpc(llama):
+    engine = OpenAIHttpEngine(settings_for(llama, upstream_url=f"http://127.0.0.1:{free_port()}/v1"))
+    try:
+        async with text_service(engine) as stub:
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Generate(chat("hi"))
+    finally:
+        await engine.close()
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Traceback" not in caught.value.details()
+
+
+async def test_silently_truncated_stream_is_unavailable(stub):
+    # llama.cpp's server answers 200 and then ends the stream without [DONE] when the
+    # prompt overflows its context; the adapter must not pass that off as a success.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(chat("word " * 2500, max_tokens=4))
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+LONG = "Write a very long essay about the history of the world."
+
+
+async def assert_upstream_aborted(llama, engine, disconnects_before: int) -> None:
+    # llama.cpp's server logs the client's disconnect: proof the adapter closed its response.
+    for _ in range(100):
+        if llama.disconnects() > disconnects_before:
+            break
+        await asyncio.sleep(0.1)
+    assert llama.disconnects() == disconnects_before + 1
+    # ...and its only slot is free again: without the abort this would wait for 1500 tokens.
+    started = time.monotonic()
+    events = await collect(engine, chat("Say hi.", max_tokens=4))
+    assert isinstance(events[-1], common_pb2.Usage)
+    assert time.monotonic() - started < 20
+
+
+async def test_aclose_aborts_the_upstream_generation(llama, engine):
+    before = llama.disconnects()
+    async with aclosing(engine.stream(chat(LONG, max_tokens=1500))) as events:
+        assert isinstance(await anext(events), text_pb2.ChoiceDelta)
+    await assert_upstream_aborted(llama, engine, before)
+
+
+async def test_grpc_cancellation_aborts_the_upstream_generation(llama, engine, stub):
+    before = llama.disconnects()
+    call = stub.GenerateStream(chat(LONG, max_tokens=1500))
+    assert (await call.read()).deltas
+    call.cancel()  # the client went away: the servicer's stream is cancelled, then the adapter's
+    await assert_upstream_aborted(llama, engine, before)
+
+
+# -- canned vLLM responses ----------------------------------------------------------
+def sse(*events) -> bytes:
+    return b"".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events)
+
+
+def canned(status: int, body: bytes, seen: list | None = None) -> OpenAIHttpEngine:
+    def handle(request: httpx.Request) -> httpx.Response:
+        if seen is not None:
+            seen.append(request)
+        return httpx.Response(status, content=body, headers={"content-type": "text/event-stream"})
+
+    settings = TextSettings(engine="openai", upstream_url="http://vllm:8000/v1", upstream_api_key="sk-op")
+    return OpenAIHttpEngine(settings, transport=httpx.MockTransport(handle))
+
+
+async def test_request_translation_and_tool_call_fragments():
+    call_chunks = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
+        {"choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49,
+                                  "prompt_tokens_details": {"cached_tokens": 32}}},
+    ]
+    seen: list[httpx.Request] = []
+    engine = canned(200, sse(*call_chunks, "[DONE]"), seen)
+    request = text_pb2.GenerateRequest(
+        model="qwen-7b",
+        chat=text_pb2.ChatInput(messages=[
+            text_pb2.ChatMessage(role="user", content=[
+                text_pb2.ContentPart(text="Weather here?"),
+                text_pb2.ContentPart(image=text_pb2.ImageInput(url="data:image/png;base64,AA==", detail="low"))]),
+            text_pb2.ChatMessage(role="assistant", tool_calls=[text_pb2.ToolCall(id="c0", name="f", arguments="{}")]),
+            text_pb2.ChatMessage(role="tool", tool_call_id="c0", content=[text_pb2.ContentPart(text="42")]),
+        ]),
+        tools=[text_pb2.Tool(name="get_weather", parameters_json='{"type":"object","properties":{"city":{}}}')],
+        tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NAMED, function_name="get_weather"),
+        response_format=text_pb2.ResponseFormat(type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA,
+                                                schema_name="w", schema_json='{"type":"object"}'),
+        sampling=text_pb2.SamplingParams(max_tokens=20, stop=["\n"]), n=2,
+    )
+    events = await collect(engine, request)
+    await engine.close()
+
+    (sent,) = seen
+    body = json.loads(sent.content)
+    assert str(sent.url) == "http://vllm:8000/v1/chat/completions"
+    assert sent.headers["authorization"] == "Bearer sk-op"
+    assert body["model"] == "qwen-7b"  # no upstream_model: the catalog's id
+    assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
+    assert body["max_tokens"] == 20 and body["stop"] == ["\n"] and body["n"] == 2
+    assert "temperature" not in body and "top_p" not in body and "presence_penalty" not in body
+    user, assistant, tool = body["messages"]
+    image = {"url": "data:image/png;base64,AA==", "detail": "low"}
+    assert user["content"] == [{"type": "text", "text": "Weather here?"}, {"type": "image_url", "image_url": image}]
+    assert assistant["tool_calls"] == [{"id": "c0", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    assert tool == {"role": "tool", "content": "42", "tool_call_id": "c0"}
+    assert body["tools"][0]["function"]["parameters"]["properties"] == {"city": {}}
+    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert body["response_format"]["json_schema"]["schema"] == {"type": "object"}
+
+    *deltas, usage = events
+    choice = text_pb2.Choice()
+    for delta in deltas:  # aggregated the way Generate does
+        merge_delta(choice, delta)
+    assert (choice.tool_calls[0].id, choice.tool_calls[0].name) == ("call_1", "get_weather")
+    assert json.loads(choice.tool_calls[0].arguments) == {"city": "Paris"}
+    assert choice.finish_reason == text_pb2.FINISH_REASON_TOOL_CALLS
+    assert usage == common_pb2.Usage(prompt_tokens=40, completion_tokens=9, total_tokens=49, cached_prompt_tokens=32)
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "code", "param", "error_code"),
+    [
+        (400, {"error": {"message": "temperature too high", "type": "BadRequestError", "param": "temperature",
+                         "code": 400}}, grpc.StatusCode.INVALID_ARGUMENT, "temperature", None),
+        (400, {"object": "error", "message": "bad", "type": "BadRequestError", "param": None, "code": 400},
+         grpc.StatusCode.INVALID_ARGUMENT, None, None),
+        (422, {"detail": [{"loc": ["body", "max_tokens"], "msg": "must be an int"}]},
+         grpc.StatusCode.INVALID_ARGUMENT, "max_tokens", None),
+        (413, {}, grpc.StatusCode.INVALID_ARGUMENT, None, None),
+        (401, {"error": {"message": "Unauthorized"}}, grpc.StatusCode.UNAVAILABLE, None, None),
+        (403, {}, grpc.StatusCode.UNAVAILABLE, None, None),
+        (404, {"error": {"message": "The model `x` does not exist.", "code": 404}},
+         grpc.StatusCode.NOT_FOUND, "model", "model_not_found"),
+        (429, {"error": {"message": "slow down"}}, grpc.StatusCode.RESOURCE_EXHAUSTED, None, None),
+        (500, {"error": {"message": "Traceback (most recent call last):\n  File ..."}},
+         grpc.StatusCode.UNAVAILABLE, None, None),
+        (503, {}, grpc.StatusCode.UNAVAILABLE, None, None),
+    ],
+)
+async def test_upstream_error_mapping(status, body, code, param, error_code):
+    engine = canned(status, json.dumps(body).encode())
+    with pytest.raises(ServiceError) as caught:
+        await collect(engine, chat("hi"))
+    await engine.close()
+    error = caught.value
+    assert (error.status, error.param, error.code) == (code, param, error_code)
+    assert "Traceback" not in error.message
+    if status in (400, 429):
+        assert error.message == (body.get("error") or body)["message"]
+
+
+async def test_error_event_inside_the_stream():
+    chunk = {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}
+    engine = canned(200, sse(chunk, {"error": {"message": "prompt too long", "code": 400}}))
+    async with aclosing(engine.stream(chat("hi"))) as events:
+        assert (await anext(events)).text == "Hi"
+        with pytest.raises(ServiceError) as caught:
+            await anext(events)
+    await engine.close()
+    assert caught.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.message == "prompt too long"
