@@ -183,8 +183,17 @@ async def test_silently_truncated_stream_is_unavailable(stub):
     # llama.cpp's server answers 200 and then ends the stream without [DONE] when the
     # prompt overflows its context; the adapter must not pass that off as a success.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await stub.Generate(chat("word " * 2500, max_tokens=4))
+        async for _ in stub.GenerateStream(chat("word " * 2500, max_tokens=4)):
+            pass
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_unary_context_overflow_is_the_clients_400(stub):
+    # Unary calls go upstream without streaming, where the server can still answer 400.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.Generate(chat("word " * 2500, max_tokens=4))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "context" in caught.value.details()
 
 
 LONG = "Write a very long essay about the history of the world."

@@ -42,6 +42,8 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     app = FastAPI(
         title="Modelplex", version="0.1.0", lifespan=lifespan,
         docs_url=None, redoc_url=None, openapi_url=None,
+        # EdgeMiddleware owns the request span and metrics; FastAPI's own would double them.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     for router in (chat.router, completions.router, models.router, health.router, unsupported.router):
         app.include_router(router)

@@ -21,11 +21,11 @@ class EdgeState:
     authorizer: DevKeyAuthorizer
 
 
-def _state(request: Request) -> EdgeState:
+async def _state(request: Request) -> EdgeState:
     return request.app.state.edge
 
 
-def _caller(request: Request) -> Caller:
+async def _caller(request: Request) -> Caller:
     return request.app.state.edge.authorizer.authorize(request.headers.get("authorization"))
 
 

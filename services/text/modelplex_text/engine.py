@@ -19,8 +19,12 @@ class TextEngine(Protocol):
     #: What this engine can really do; requests beyond it get a 400.
     capabilities: catalog_pb2.Capabilities
 
-    def stream(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
+    def stream(self, request: text_pb2.GenerateRequest, *, incremental: bool = True) -> AsyncIterator[EngineEvent]:
         """Generates ``request`` and yields events as the engine produces them.
+
+        ``incremental=False`` says the caller only wants the finished answer
+        (unary Generate): an engine may then produce it in one piece, e.g. one
+        non-streaming upstream call, as long as the events keep this contract.
 
         Streaming contract:
         - zero or more ``ChoiceDelta`` per choice index in ``[0, max(n, 1))``;

@@ -35,7 +35,7 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
         check_text_request(request, self._engine.capabilities)
         choices = [text_pb2.Choice(index=i) for i in range(max(1, request.n))]
         usage = common_pb2.Usage()
-        async with aclosing(self._engine.stream(request)) as events:
+        async with aclosing(self._engine.stream(request, incremental=False)) as events:
             async for event in events:
                 if isinstance(event, common_pb2.Usage):
                     usage = event

@@ -119,7 +119,7 @@ class LlamaCppEngine:
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def stream(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
+    async def stream(self, request: text_pb2.GenerateRequest, *, incremental: bool = True) -> AsyncIterator[EngineEvent]:
         if request.completion.suffix:
             raise unsupported("suffix", "`suffix`")
         plan = plan_prompt(request, self._template)

@@ -68,7 +68,11 @@ class OpenAIHttpEngine:
     async def close(self) -> None:
         await self._client.aclose()
 
-    async def stream(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
+    async def stream(self, request: text_pb2.GenerateRequest, *, incremental: bool = True) -> AsyncIterator[EngineEvent]:
+        if not incremental:
+            async for event in self._complete(request):
+                yield event
+            return
         path, body = upstream_request(request, self._model or request.model)
         usage, streamed = None, 0
         try:
@@ -89,6 +93,26 @@ class OpenAIHttpEngine:
             log.warning("upstream unreachable: %r", exc)
             raise unavailable("The model server is unreachable; retry shortly.") from exc
         yield to_usage(usage, streamed)
+
+    async def _complete(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
+        """One non-streaming upstream call: a whole answer costs one JSON parse, not one per token."""
+        path, body = upstream_request(request, self._model or request.model, stream=False)
+        try:
+            async with self._post(path, body) as response:
+                raw = await response.aread()
+        except httpx.TimeoutException as exc:
+            raise unavailable("The model server timed out; retry shortly.") from exc
+        except httpx.RequestError as exc:
+            log.warning("upstream unreachable: %r", exc)
+            raise unavailable("The model server is unreachable; retry shortly.") from exc
+        answer = _json_or_empty(raw)
+        if response.status_code >= 400:
+            raise upstream_error(response.status_code, answer)
+        if not isinstance(answer.get("choices"), list):
+            raise unavailable("The model server sent a malformed answer; retry shortly.")
+        for choice in answer["choices"]:
+            yield choice_delta(_as_chunk_choice(choice))
+        yield to_usage(answer.get("usage"), 0)
 
     @asynccontextmanager
     async def _post(self, path: str, body: dict[str, Any]) -> AsyncIterator[httpx.Response]:
@@ -111,8 +135,12 @@ class OpenAIHttpEngine:
 
 
 # -- request: GenerateRequest -> OpenAI JSON --------------------------------
-def upstream_request(request: text_pb2.GenerateRequest, model: str) -> tuple[str, dict[str, Any]]:
-    body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True}}
+def upstream_request(
+    request: text_pb2.GenerateRequest, model: str, stream: bool = True
+) -> tuple[str, dict[str, Any]]:
+    body: dict[str, Any] = {"model": model, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
     body.update(_sampling(request))
     if request.n > 1:
         body["n"] = request.n
@@ -213,12 +241,17 @@ def _parse(text: str, param: str) -> Any:
 async def _sse_events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
     """Yields each event's JSON until ``[DONE]``; a stream cut short is an upstream failure."""
     data: list[str] = []
-    async for line in response.aiter_lines():
+    lines = response.aiter_lines()
+    async for line in lines:
         if line.startswith("data:"):
             data.append(line[5:].removeprefix(" "))
         elif not line and data:  # a blank line ends an event; other fields (pings, ids) carry nothing
             payload, data = "\n".join(data), []
             if payload == "[DONE]":
+                # Read to the end of the body: a fully read response returns its
+                # keep-alive connection to the pool instead of being dropped.
+                async for _ in lines:
+                    pass
                 return
             yield _parse_event(payload)
     if data != ["[DONE]"]:  # tolerate a last line without its blank terminator
@@ -236,6 +269,13 @@ def _parse_event(payload: str) -> dict[str, Any]:
         # vLLM's code is the HTTP status it would have answered; anything else is a server failure.
         raise upstream_error(code if isinstance(code, int) and 400 <= code < 600 else 500, event)
     return event
+
+
+def _as_chunk_choice(choice: dict[str, Any]) -> dict[str, Any]:
+    """A non-streamed choice (``message``) in the shape of a streamed one (``delta``)."""
+    message = dict(choice.get("message") or {})
+    message["tool_calls"] = [{**call, "index": i} for i, call in enumerate(message.get("tool_calls") or ())]
+    return {**choice, "delta": message}
 
 
 def choice_delta(choice: dict[str, Any]) -> text_pb2.ChoiceDelta:

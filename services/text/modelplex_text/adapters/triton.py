@@ -180,7 +180,7 @@ class TritonEngine:
             params["max_tokens"] = max(1, self._context_length - prompt_tokens)
         return params
 
-    async def stream(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
+    async def stream(self, request: text_pb2.GenerateRequest, *, incremental: bool = True) -> AsyncIterator[EngineEvent]:
         if request.completion.suffix:
             raise unsupported("suffix", "`suffix`")
         plan = plan_prompt(request, self._template)

@@ -1,0 +1,96 @@
+import asyncio
+from pathlib import Path
+
+import grpc
+import pytest
+from pydantic import ValidationError
+
+from modelplex.v1 import catalog_pb2, catalog_pb2_grpc
+from modelplex_catalog.loader import parse_catalog
+from modelplex_kit.grpc_server import ObservingInterceptor
+from modelplex_catalog.servicer import CatalogServicer
+from modelplex_catalog.settings import DEFAULT_CATALOG
+from modelplex_catalog.store import CatalogStore
+from tests.support.ports import free_port
+
+ENTRY = """
+models:
+  - id: {id}
+    aliases: [short]
+    modality: text
+    backend: 127.0.0.1:50061
+    engine: {{kind: llamacpp, settings: {{threads: 2}}}}
+    capabilities: [chat, tool_use]
+    context_length: 4096
+"""
+
+
+def test_shipped_default_catalog_serves_smollm2():
+    models = parse_catalog(DEFAULT_CATALOG.read_text())
+    assert models[0].id == "smollm2-135m-instruct"
+    assert models[0].capabilities.chat and models[0].capabilities.json_schema and not models[0].capabilities.vision
+
+
+def test_entry_fields_reach_the_proto():
+    model = parse_catalog(ENTRY.format(id="m1"))[0]
+    assert model.modality == catalog_pb2.MODALITY_TEXT and model.backend_target == "127.0.0.1:50061"
+    assert model.engine.kind == "llamacpp" and model.engine.settings["threads"] == 2
+    assert model.capabilities.tool_use and not model.capabilities.completions
+
+
+@pytest.mark.parametrize("bad", [
+    "models: [{id: x}]",
+    ENTRY.format(id="m1").replace("text", "smell"),
+    ENTRY.format(id="m1").replace("tool_use", "telepathy"),
+    ENTRY.format(id="m1") + "    surprise: 1\n",
+])
+def test_invalid_entries_are_rejected(bad):
+    with pytest.raises(ValidationError):
+        parse_catalog(bad)
+
+
+def test_bad_edit_keeps_the_last_good_catalog(tmp_path: Path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(ENTRY.format(id="m1"))
+    store = CatalogStore(path)
+    path.write_text("models: [{id: broken}]")
+    assert not store.reload()
+    assert store.view.resolve("short").id == "m1" and store.view.revision == 1
+
+
+def test_duplicate_names_are_rejected(tmp_path: Path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(ENTRY.format(id="m1"))
+    store = CatalogStore(path)
+    path.write_text(ENTRY.format(id="m1") + ENTRY.format(id="m2").replace("models:\n", ""))
+    assert not store.reload()  # "short" would name two models
+
+
+async def test_watch_pushes_changes_without_being_asked(tmp_path: Path):
+    path = tmp_path / "catalog.yaml"
+    path.write_text(ENTRY.format(id="m1"))
+    store = CatalogStore(path)
+    poller = asyncio.create_task(store.poll(0.05))
+    server = grpc.aio.server(interceptors=[ObservingInterceptor()])
+    catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(store), server)
+    address = f"127.0.0.1:{free_port()}"
+    server.add_insecure_port(address)
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            watch = stub.WatchModels(catalog_pb2.WatchModelsRequest())
+            first = await watch.read()
+            assert [m.id for m in first.models] == ["m1"]
+            path.write_text(ENTRY.format(id="m2"))
+            second = await asyncio.wait_for(watch.read(), 5)
+            assert [m.id for m in second.models] == ["m2"] and second.revision == first.revision + 1
+            resolved = await stub.ResolveModel(catalog_pb2.ResolveModelRequest(model="short"))
+            assert resolved.model.id == "m2"
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.ResolveModel(catalog_pb2.ResolveModelRequest(model="m1"))
+            assert err.value.code() == grpc.StatusCode.NOT_FOUND
+            watch.cancel()
+    finally:
+        poller.cancel()
+        await server.stop(0)

@@ -1,0 +1,84 @@
+"""Wire models and translators: OpenAI JSON in, protobuf out, OpenAI JSON back."""
+
+import json
+
+import pytest
+
+from modelplex.v1 import common_pb2, text_pb2
+from modelplex_edge.errors import openai_param, parse_body
+from modelplex_edge.protocol.chat import ChatCompletionRequest
+from modelplex_edge.translate import chat as chat_tr
+from modelplex_kit.errors import ServiceError
+
+META = common_pb2.RequestMeta(request_id="r1")
+
+
+def body(**fields) -> bytes:
+    return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
+
+
+@pytest.mark.parametrize(("loc", "param"), [
+    (("messages", 0, "content"), "messages[0].content"),
+    (("messages", 1, "content", "list[tagged-union[TextPart,ImagePart]]", 0, "ImagePart", "image_url"),
+     "messages[1].content[0].image_url"),
+    (("temperature",), "temperature"),
+    (("stop", "str"), "stop"),
+])
+def test_openai_param_notation(loc, param):
+    assert openai_param(loc) == param
+
+
+def test_assistant_messages_echoed_from_responses_are_accepted():
+    # SDK users append response messages (with refusal/annotations/audio) back into the conversation.
+    echoed = {"role": "assistant", "content": "hi", "refusal": None, "annotations": [], "audio": None}
+    parsed = parse_body(ChatCompletionRequest, body(messages=[{"role": "user", "content": "x"}, echoed]))
+    assert parsed.messages[1].content == "hi"
+
+
+def test_unknown_top_level_fields_are_rejected_like_openai():
+    with pytest.raises(ServiceError) as err:
+        parse_body(ChatCompletionRequest, body(temprature=1))
+    assert err.value.param == "temprature" and "Unrecognized" in err.value.message
+
+
+def test_named_tool_choice_must_name_a_given_tool():
+    tools = [{"type": "function", "function": {"name": "a"}}]
+    with pytest.raises(ServiceError) as err:
+        parse_body(ChatCompletionRequest, body(tools=tools, tool_choice={"type": "function", "function": {"name": "b"}}))
+    assert err.value.param == "tool_choice"
+
+
+def test_to_proto_carries_every_field():
+    request = parse_body(ChatCompletionRequest, body(
+        messages=[{"role": "user", "content": [{"type": "text", "text": "look"},
+                                               {"type": "image_url", "image_url": {"url": "data:,x"}}]}],
+        temperature=0.5, max_completion_tokens=9, stop="END", seed=3, n=2,
+        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                                                 "properties": {"z": {}, "a": {}}}}}],
+        tool_choice={"type": "function", "function": {"name": "f"}},
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
+    ))
+    proto = chat_tr.to_proto(request, "canonical", META)
+    assert proto.model == "canonical" and proto.n == 2
+    assert proto.chat.messages[0].content[1].image.url == "data:,x"
+    assert abs(proto.sampling.temperature - 0.5) < 1e-6 and proto.sampling.max_tokens == 9
+    assert list(proto.sampling.stop) == ["END"] and proto.sampling.seed == 3
+    assert list(json.loads(proto.tools[0].parameters_json)["properties"]) == ["z", "a"]
+    assert proto.tool_choice.mode == text_pb2.ToolChoice.MODE_NAMED and proto.tool_choice.function_name == "f"
+    assert proto.response_format.type == text_pb2.ResponseFormat.TYPE_JSON_SCHEMA
+
+
+def test_from_proto_builds_openais_shape():
+    response = text_pb2.GenerateResponse(
+        id="abc", created=1, choices=[text_pb2.Choice(
+            index=0, tool_calls=[text_pb2.ToolCall(id="call_1", name="f", arguments="{}")],
+            finish_reason=text_pb2.FINISH_REASON_TOOL_CALLS)],
+        usage=common_pb2.Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7, cached_prompt_tokens=3,
+                               cache_creation_prompt_tokens=2))
+    out = chat_tr.from_proto(response, "m")
+    assert out["id"] == "chatcmpl-abc" and out["object"] == "chat.completion"
+    message = out["choices"][0]["message"]
+    assert message["content"] is None and message["tool_calls"][0]["function"] == {"name": "f", "arguments": "{}"}
+    assert out["choices"][0]["finish_reason"] == "tool_calls"
+    assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 3
+    assert out["usage"]["cache_creation_input_tokens"] == 2
