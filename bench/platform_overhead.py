@@ -25,11 +25,10 @@ from pathlib import Path
 import grpc
 import yaml
 
+from bench.fast_engine import STREAM_CHUNKS
 from modelplex.v1 import text_pb2, text_pb2_grpc
 from modelplex_kit.devstack import Stack
 from tests.support.ports import free_port
-
-from bench.fast_engine import STREAM_CHUNKS
 
 KEY = "sk-bench"
 BODY = {"model": "bench-echo", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 64}
@@ -52,8 +51,10 @@ class HttpClient:
         return self
 
     async def post(self, path: str, body: bytes) -> Sample:
-        head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
         start = time.perf_counter()
         self.writer.write(head + body)
         headers = (await self.reader.readuntil(b"\r\n\r\n")).lower()
@@ -85,9 +86,12 @@ class GrpcClient:
 
     async def post(self, path: str, body: bytes) -> Sample:
         request = text_pb2.GenerateRequest(
-            model="bench-echo", sampling=text_pb2.SamplingParams(max_tokens=64),
-            chat=text_pb2.ChatInput(messages=[text_pb2.ChatMessage(
-                role="user", content=[text_pb2.ContentPart(text="Say something.")])]))
+            model="bench-echo",
+            sampling=text_pb2.SamplingParams(max_tokens=64),
+            chat=text_pb2.ChatInput(
+                messages=[text_pb2.ChatMessage(role="user", content=[text_pb2.ContentPart(text="Say something.")])]
+            ),
+        )
         start = time.perf_counter()
         if b'"stream": true' not in body:
             await self.stub.Generate(request)
@@ -131,6 +135,7 @@ def start_engine(port: int) -> subprocess.Popen:
     for _ in range(100):
         try:
             import urllib.request
+
             urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/", data=b"{}"), timeout=1)
             return engine
         except OSError:
@@ -149,19 +154,27 @@ async def measure(targets: dict, count: int, seconds: float, concurrency: int) -
             totals = [s.total * 1e3 for s in samples]
             firsts = [s.first_byte * 1e3 for s in samples]
             results[(name, stream)] = {
-                "p50": statistics.median(totals), "p99": percentile(totals, 0.99),
-                "ttft_p50": statistics.median(firsts), "ttft_p99": percentile(firsts, 0.99), "rps": rps,
+                "p50": statistics.median(totals),
+                "p99": percentile(totals, 0.99),
+                "ttft_p50": statistics.median(firsts),
+                "ttft_p99": percentile(firsts, 0.99),
+                "rps": rps,
             }
-            print(f"{name:<28} stream={stream!s:<5} p50={results[(name, stream)]['p50']:.3f}ms "
-                  f"p99={results[(name, stream)]['p99']:.3f}ms rps(c={concurrency})={rps:.0f}", flush=True)
+            print(
+                f"{name:<28} stream={stream!s:<5} p50={results[(name, stream)]['p50']:.3f}ms "
+                f"p99={results[(name, stream)]['p99']:.3f}ms rps(c={concurrency})={rps:.0f}",
+                flush=True,
+            )
     return results
 
 
 def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
     engine, backend, edge = "engine (direct HTTP)", "text backend (gRPC)", "edge (HTTP, full path)"
     lines = [
-        "# Benchmarks", "",
-        "What the platform adds on top of an engine, measured by `make bench` (bench/platform_overhead.py).", "",
+        "# Benchmarks",
+        "",
+        "What the platform adds on top of an engine, measured by `make bench` (bench/platform_overhead.py).",
+        "",
         f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
         f"Python {platform.python_version()}, {time.strftime('%Y-%m-%d')}",
         "- Engine: bench/fast_engine.py, a deterministic OpenAI-compatible server (uvicorn), standing in for a "
@@ -169,26 +182,40 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
         f"- Latency: {count} sequential requests per target (after {count // 10} warm-up) on one keep-alive "
         f"connection. Throughput: {concurrency} connections for {seconds:.0f} s.",
         "- Client, edge, backend and engine all share the machine's cores, so throughput figures are bounded "
-        "by that CPU, not by the network.", "",
+        "by that CPU, not by the network.",
+        "",
         "| path | mode | p50 ms | p99 ms | first byte p50 ms | req/s at c=" + str(concurrency) + " |",
         "|---|---|---|---|---|---|",
     ]
     for stream in (False, True):
         for name in (engine, backend, edge):
             r = results[(name, stream)]
-            lines.append(f"| {name} | {'stream' if stream else 'unary'} | {r['p50']:.3f} | {r['p99']:.3f} | "
-                         f"{r['ttft_p50']:.3f} | {r['rps']:.0f} |")
-    lines += ["", "## Added by each hop (p50)", "", "| hop | unary ms | stream: first chunk ms | stream: per chunk µs |",
-              "|---|---|---|---|"]
-    for low, high, hop in ((engine, backend, "text backend (gRPC → engine)"), (backend, edge, "edge (HTTP → gRPC)"),
-                           (engine, edge, "whole platform")):
+            lines.append(
+                f"| {name} | {'stream' if stream else 'unary'} | {r['p50']:.3f} | {r['p99']:.3f} | "
+                f"{r['ttft_p50']:.3f} | {r['rps']:.0f} |"
+            )
+    lines += [
+        "",
+        "## Added by each hop (p50)",
+        "",
+        "| hop | unary ms | stream: first chunk ms | stream: per chunk µs |",
+        "|---|---|---|---|",
+    ]
+    for low, high, hop in (
+        (engine, backend, "text backend (gRPC → engine)"),
+        (backend, edge, "edge (HTTP → gRPC)"),
+        (engine, edge, "whole platform"),
+    ):
         unary = results[(high, False)]["p50"] - results[(low, False)]["p50"]
         ttft = results[(high, True)]["ttft_p50"] - results[(low, True)]["ttft_p50"]
         stream_total = results[(high, True)]["p50"] - results[(low, True)]["p50"]
         per_chunk = (stream_total - ttft) / (STREAM_CHUNKS + 3) * 1e3
         lines.append(f"| {hop} | {unary:.3f} | {ttft:.3f} | {per_chunk:.1f} |")
-    lines += ["", "The gatekeeper hop (auth and rate limits) is not in the path yet; it will be measured here when "
-              "it lands.", ""]
+    lines += [
+        "",
+        "The gatekeeper hop (auth and rate limits) is not in the path yet; it will be measured here when it lands.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -198,13 +225,34 @@ async def run(args) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="modelplex-bench-"))
     backend_target = f"127.0.0.1:{free_port()}"
     catalog = tmp / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"models": [{
-        "id": "bench-echo", "modality": "text", "backend": backend_target, "capabilities": ["chat"],
-        "engine": {"kind": "openai", "settings": {"upstream_url": f"http://127.0.0.1:{engine_port}/v1",
-                                                   "upstream_model": "bench"}},
-    }]}))
-    stack = Stack(catalog, catalog_listen=f"127.0.0.1:{free_port()}", edge_port=free_port(), log_dir=tmp,
-                  env={"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_LOG_LEVEL": "warning"}).start()
+    catalog.write_text(
+        yaml.safe_dump(
+            {
+                "models": [
+                    {
+                        "id": "bench-echo",
+                        "modality": "text",
+                        "backend": backend_target,
+                        "capabilities": ["chat"],
+                        "engine": {
+                            "kind": "openai",
+                            "settings": {
+                                "upstream_url": f"http://127.0.0.1:{engine_port}/v1",
+                                "upstream_model": "bench",
+                            },
+                        },
+                    }
+                ]
+            }
+        )
+    )
+    stack = Stack(
+        catalog,
+        catalog_listen=f"127.0.0.1:{free_port()}",
+        edge_port=free_port(),
+        log_dir=tmp,
+        env={"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_LOG_LEVEL": "warning"},
+    ).start()
     try:
         targets = {
             "engine (direct HTTP)": (lambda: HttpClient(engine_port).connect(), "/v1/chat/completions"),

@@ -8,7 +8,6 @@ wherever the gap is found.
 from __future__ import annotations
 
 from modelplex.v1 import catalog_pb2, text_pb2
-
 from modelplex_kit.errors import invalid, unsupported
 
 _SCHEMA = text_pb2.ResponseFormat.TYPE_JSON_SCHEMA

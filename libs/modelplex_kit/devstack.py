@@ -78,15 +78,21 @@ class Stack:
 
     def start(self) -> Stack:
         try:
-            self._spawn("catalog", "modelplex_catalog", {"MODELPLEX_CATALOG": str(self.catalog),
-                                                          "MODELPLEX_CATALOG_LISTEN": self.catalog_listen})
+            self._spawn(
+                "catalog",
+                "modelplex_catalog",
+                {"MODELPLEX_CATALOG": str(self.catalog), "MODELPLEX_CATALOG_LISTEN": self.catalog_listen},
+            )
             self._wait_grpc("catalog", self.catalog_listen)
             for target, (module, env) in backend_plan(self.catalog).items():
                 name = f"{module.removeprefix('modelplex_')}@{target}"
                 self._spawn(name, module, env)
                 self._wait_grpc(name, target)
-            self._spawn("edge", "modelplex_edge", {"MODELPLEX_EDGE_PORT": str(self.edge_port),
-                                                    "MODELPLEX_EDGE_CATALOG_TARGET": self.catalog_listen})
+            self._spawn(
+                "edge",
+                "modelplex_edge",
+                {"MODELPLEX_EDGE_PORT": str(self.edge_port), "MODELPLEX_EDGE_CATALOG_TARGET": self.catalog_listen},
+            )
             self._wait_http("edge", f"http://127.0.0.1:{self.edge_port}/readyz")
         except BaseException:
             self.stop()
@@ -112,10 +118,13 @@ class Stack:
         self.processes.clear()
 
     def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
-        log = open(self.log_dir / f"{name.replace(':', '_')}.log", "w") if self.log_dir else None
+        # Closed in stop(), when the process is gone.
+        log = open(self.log_dir / f"{name.replace(':', '_')}.log", "w") if self.log_dir else None  # noqa: SIM115
         popen = subprocess.Popen(
-            [sys.executable, "-m", module], env={**os.environ, **self.env, **env},
-            stdout=log, stderr=subprocess.STDOUT if log else None,
+            [sys.executable, "-m", module],
+            env={**os.environ, **self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT if log else None,
         )
         self.processes.append(Process(name, popen, log))
 
@@ -153,8 +162,11 @@ def main() -> None:
     parser.add_argument("--catalog", type=Path, default=None)
     parser.add_argument("--port", type=int, default=int(os.environ.get("MODELPLEX_EDGE_PORT", "8080")))
     args = parser.parse_args()
-    stack = Stack(args.catalog or default_catalog(), edge_port=args.port,
-                  env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text")})
+    stack = Stack(
+        args.catalog or default_catalog(),
+        edge_port=args.port,
+        env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text")},
+    )
     stopping = False
 
     def request_stop(signum, frame) -> None:
@@ -165,9 +177,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, request_stop)
     stack.start()
     key = os.environ.get("MODELPLEX_DEV_API_KEY", "sk-modelplex-dev")
-    print(f"\n  Modelplex is serving at {stack.base_url}\n  API key: {key}\n"
-          f"  Try: curl {stack.base_url}/models -H 'Authorization: Bearer {key}'\n  Ctrl-C stops everything.\n",
-          flush=True)
+    print(
+        f"\n  Modelplex is serving at {stack.base_url}\n  API key: {key}\n"
+        f"  Try: curl {stack.base_url}/models -H 'Authorization: Bearer {key}'\n  Ctrl-C stops everything.\n",
+        flush=True,
+    )
     while not stopping:
         for proc in stack.processes:
             if proc.popen.poll() is not None:

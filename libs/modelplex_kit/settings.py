@@ -25,9 +25,7 @@ class ServiceSettings(BaseSettings):
     log_level: str = Field("info", validation_alias=_shared("LOG_LEVEL"))
     log_format: Literal["json", "text"] = Field("json", validation_alias=_shared("LOG_FORMAT"))
     # none: tracing context is still propagated, spans are not exported.
-    otel_exporter: Literal["none", "console", "otlp"] = Field(
-        "none", validation_alias=_shared("OTEL_EXPORTER")
-    )
+    otel_exporter: Literal["none", "console", "otlp"] = Field("none", validation_alias=_shared("OTEL_EXPORTER"))
     # Port for a separate Prometheus endpoint (gRPC services); 0 disables it.
     metrics_port: int = Field(0, validation_alias=_shared("METRICS_PORT"))
     # Seconds a SIGTERM'd server keeps serving in-flight calls before exiting.

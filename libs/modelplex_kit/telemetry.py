@@ -32,7 +32,9 @@ GRPC_LATENCY = Histogram(
 )
 HTTP_REQUESTS = Counter("modelplex_http_requests_total", "HTTP requests, by route and status", ["route", "status"])
 HTTP_LATENCY = Histogram(
-    "modelplex_http_request_duration_seconds", "HTTP request duration to the last byte", ["route"],
+    "modelplex_http_request_duration_seconds",
+    "HTTP request duration to the last byte",
+    ["route"],
     buckets=_LATENCY_BUCKETS,
 )
 TOKENS = Counter("modelplex_tokens_total", "Tokens processed, by model and kind (prompt/completion)", ["model", "kind"])

@@ -4,8 +4,9 @@ from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_kit.capabilities import check_text_request
 from modelplex_kit.errors import ServiceError
 
-ALL = catalog_pb2.Capabilities(chat=True, completions=True, tool_use=True, vision=True, json_schema=True,
-                               logprobs=True, multiple_choices=True)
+ALL = catalog_pb2.Capabilities(
+    chat=True, completions=True, tool_use=True, vision=True, json_schema=True, logprobs=True, multiple_choices=True
+)
 CHAT_ONLY = catalog_pb2.Capabilities(chat=True)
 
 
@@ -39,8 +40,11 @@ def test_images_need_vision():
 
 
 def test_json_schema_falls_back_to_json_object():
-    request = chat(response_format=text_pb2.ResponseFormat(type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA,
-                                                           schema_json='{"type": "object"}'))
+    request = chat(
+        response_format=text_pb2.ResponseFormat(
+            type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA, schema_json='{"type": "object"}'
+        )
+    )
     check_text_request(request, CHAT_ONLY)
     assert request.response_format.type == text_pb2.ResponseFormat.TYPE_JSON_OBJECT
     assert request.response_format.schema_json == ""

@@ -28,8 +28,9 @@ def test_table(status, http, kind):
 
 def test_envelope_has_openais_four_fields():
     body = invalid("bad temperature", "temperature").envelope()
-    assert body == {"error": {"message": "bad temperature", "type": "invalid_request_error",
-                              "param": "temperature", "code": None}}
+    assert body == {
+        "error": {"message": "bad temperature", "type": "invalid_request_error", "param": "temperature", "code": None}
+    }
 
 
 def test_param_and_code_survive_the_grpc_hop():
@@ -39,7 +40,11 @@ def test_param_and_code_survive_the_grpc_hop():
     )
     back = ServiceError.from_rpc_error(wire)
     assert (back.status, back.param, back.code, back.message) == (
-        grpc.StatusCode.NOT_FOUND, "model", "model_not_found", original.message)
+        grpc.StatusCode.NOT_FOUND,
+        "model",
+        "model_not_found",
+        original.message,
+    )
 
 
 def test_unavailable_without_detail_says_retry():

@@ -58,7 +58,9 @@ async def target():
 async def test_service_error_becomes_status_with_param(target):
     async with grpc.aio.insecure_channel(target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await catalog_pb2_grpc.CatalogServiceStub(channel).ResolveModel(catalog_pb2.ResolveModelRequest(model="bad"))
+            await catalog_pb2_grpc.CatalogServiceStub(channel).ResolveModel(
+                catalog_pb2.ResolveModelRequest(model="bad")
+            )
     error = ServiceError.from_rpc_error(err.value)
     assert (error.status, error.param) == (grpc.StatusCode.INVALID_ARGUMENT, "model")
 
@@ -66,7 +68,9 @@ async def test_service_error_becomes_status_with_param(target):
 async def test_unexpected_exception_is_internal_without_details(target):
     async with grpc.aio.insecure_channel(target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await catalog_pb2_grpc.CatalogServiceStub(channel).ResolveModel(catalog_pb2.ResolveModelRequest(model="crash"))
+            await catalog_pb2_grpc.CatalogServiceStub(channel).ResolveModel(
+                catalog_pb2.ResolveModelRequest(model="crash")
+            )
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "secret" not in err.value.details() and "Traceback" not in err.value.details()
 
@@ -83,7 +87,8 @@ async def test_streaming_errors_are_mapped_too(target):
 async def test_request_id_from_metadata_reaches_handlers(target):
     async with grpc.aio.insecure_channel(target) as channel:
         await catalog_pb2_grpc.CatalogServiceStub(channel).ResolveModel(
-            catalog_pb2.ResolveModelRequest(model="m"), metadata=(("x-request-id", "req-42"),))
+            catalog_pb2.ResolveModelRequest(model="m"), metadata=(("x-request-id", "req-42"),)
+        )
     assert seen_request_ids[-1] == "req-42"
 
 

@@ -56,11 +56,7 @@ def render(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
 
 
 def find(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> list[dict[str, Any]]:
-    return [
-        o
-        for o in objects
-        if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
-    ]
+    return [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
 
 
 def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
@@ -119,9 +115,8 @@ def test_chart_metadata() -> None:
 
 
 def test_schema_rejects_unknown_engine() -> None:
-    with helm.Chart.load(CHART) as chart:
-        with pytest.raises(helm.HelmValuesError):
-            chart.validate_schema({"models": [{"id": "x", "engine": {"kind": "bogus"}}]})
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema({"models": [{"id": "x", "engine": {"kind": "bogus"}}]})
 
 
 # ------------------------------------------------------------------ defaults
@@ -332,15 +327,24 @@ def test_external_engines_need_no_engine_deployment() -> None:
     models = [
         {
             "id": "ext-openai",
-            "engine": {"kind": "openai", "upstreamUrl": "http://vllm.other:8000/v1", "upstreamModel": "m",
-                       "apiKeySecret": {"name": "up-key", "key": "token"}},
+            "engine": {
+                "kind": "openai",
+                "upstreamUrl": "http://vllm.other:8000/v1",
+                "upstreamModel": "m",
+                "apiKeySecret": {"name": "up-key", "key": "token"},
+            },
         },
         {"id": "ext-triton", "engine": {"kind": "triton", "upstreamUrl": "triton.other:8001"}},
         {"id": "bge-small", "modality": "embeddings", "backend": "embeddings.other:50062"},
     ]
     objects = render({"models": models})
     names = {o["metadata"]["name"] for o in find(objects, "Deployment")}
-    assert names == {f"{RELEASE}-edge", f"{RELEASE}-catalog", f"{RELEASE}-text-ext-openai", f"{RELEASE}-text-ext-triton"}
+    assert names == {
+        f"{RELEASE}-edge",
+        f"{RELEASE}-catalog",
+        f"{RELEASE}-text-ext-openai",
+        f"{RELEASE}-text-ext-triton",
+    }
     e = env(container(one(objects, "Deployment", f"{RELEASE}-text-ext-openai")))
     assert e["MODELPLEX_TEXT_UPSTREAM_URL"] == "http://vllm.other:8000/v1"
     assert e["MODELPLEX_TEXT_UPSTREAM_MODEL"] == "m"

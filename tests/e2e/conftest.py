@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import openai
@@ -20,15 +19,35 @@ def _catalog(tmp: Path) -> Path:
     llamacpp = {"kind": "llamacpp", "settings": {"context_length": 2048}}
     text_caps = ["chat", "completions", "tool_use", "json_schema", "prompt_caching", "multiple_choices"]
     models = [
-        {"id": "smollm2-135m-instruct", "aliases": ["smollm2"], "modality": "text",
-         "backend": f"127.0.0.1:{free_port()}", "engine": llamacpp, "capabilities": text_caps,
-         "context_length": 2048, "owned_by": "huggingfacetb", "created": 1730419200},
+        {
+            "id": "smollm2-135m-instruct",
+            "aliases": ["smollm2"],
+            "modality": "text",
+            "backend": f"127.0.0.1:{free_port()}",
+            "engine": llamacpp,
+            "capabilities": text_caps,
+            "context_length": 2048,
+            "owned_by": "huggingfacetb",
+            "created": 1730419200,
+        },
         # Its own backend process, which a test kills mid-stream.
-        {"id": "doomed", "modality": "text", "backend": f"127.0.0.1:{free_port()}", "engine": llamacpp,
-         "capabilities": ["chat"], "created": 1730419200},
+        {
+            "id": "doomed",
+            "modality": "text",
+            "backend": f"127.0.0.1:{free_port()}",
+            "engine": llamacpp,
+            "capabilities": ["chat"],
+            "created": 1730419200,
+        },
         # Routed to a port nobody listens on: the engine is unavailable.
-        {"id": "offline", "modality": "text", "backend": f"127.0.0.1:{free_port()}",
-         "engine": {"kind": "external"}, "capabilities": ["chat"], "created": 1730419200},
+        {
+            "id": "offline",
+            "modality": "text",
+            "backend": f"127.0.0.1:{free_port()}",
+            "engine": {"kind": "external"},
+            "capabilities": ["chat"],
+            "created": 1730419200,
+        },
     ]
     path = tmp / "catalog.yaml"
     path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
@@ -39,10 +58,15 @@ def _catalog(tmp: Path) -> Path:
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack")
     catalog = _catalog(tmp)
-    env = {"MODELPLEX_DEV_API_KEY": DEV_KEY, "MODELPLEX_EDGE_MAX_BODY_BYTES": str(MAX_BODY),
-           "MODELPLEX_TEXT_MAX_QUEUE": "16", "MODELPLEX_LOG_LEVEL": "info"}
-    running = Stack(catalog, catalog_listen=f"127.0.0.1:{free_port()}", edge_port=free_port(), env=env,
-                    log_dir=tmp).start()
+    env = {
+        "MODELPLEX_DEV_API_KEY": DEV_KEY,
+        "MODELPLEX_EDGE_MAX_BODY_BYTES": str(MAX_BODY),
+        "MODELPLEX_TEXT_MAX_QUEUE": "16",
+        "MODELPLEX_LOG_LEVEL": "info",
+    }
+    running = Stack(
+        catalog, catalog_listen=f"127.0.0.1:{free_port()}", edge_port=free_port(), env=env, log_dir=tmp
+    ).start()
     running.logs = tmp  # type: ignore[attr-defined]
     running.targets = {m["id"]: m["backend"] for m in yaml.safe_load(catalog.read_text())["models"]}  # type: ignore[attr-defined]
     yield running

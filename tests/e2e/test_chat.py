@@ -26,15 +26,20 @@ WEATHER_TOOL = {
 }
 TIME_TOOL = {
     "type": "function",
-    "function": {"name": "get_time", "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}},
-                                                     "required": ["timezone"]}},
+    "function": {
+        "name": "get_time",
+        "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]},
+    },
 }
 
 
 def test_chat_returns_a_real_answer_that_matches_openais_schema(client):
     raw = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
-        max_tokens=24, temperature=0.2, seed=7,
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=24,
+        temperature=0.2,
+        seed=7,
     )
     assert raw.headers["x-request-id"]
     completion = raw.parse()
@@ -72,8 +77,13 @@ def test_seed_makes_sampling_repeatable(client):
     # cache can get slightly different logits than one evaluated whole. So each
     # seeded run follows the same other request, leaving the cache the same.
     other = dict(model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=2)
-    ask = dict(model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=16,
-               temperature=1.0, seed=1234)
+    ask = dict(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Tell me a story."}],
+        max_tokens=16,
+        temperature=1.0,
+        seed=1234,
+    )
     runs = []
     for _ in range(2):
         client.chat.completions.create(**other)
@@ -85,8 +95,11 @@ def test_seed_makes_sampling_repeatable(client):
 
 def test_stop_sequence_ends_generation(client):
     completion = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Count from 1 to 20 separated by commas."}],
-        max_tokens=60, temperature=0, stop=["5"],
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count from 1 to 20 separated by commas."}],
+        max_tokens=60,
+        temperature=0,
+        stop=["5"],
     )
     assert "5" not in completion.choices[0].message.content
 
@@ -101,8 +114,11 @@ def test_n_returns_several_choices(client):
 
 def test_stream_ends_with_a_usage_chunk(client):
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Write one sentence about the sea."}],
-        max_tokens=20, stream=True, stream_options={"include_usage": True},
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write one sentence about the sea."}],
+        max_tokens=20,
+        stream=True,
+        stream_options={"include_usage": True},
     )
     chunks = list(stream)
     for chunk in chunks:
@@ -119,17 +135,22 @@ def test_stream_ends_with_a_usage_chunk(client):
 
 
 def test_stream_without_include_usage_has_no_usage_chunk(client):
-    chunks = list(client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True
+        )
+    )
     assert all(c.choices for c in chunks)
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_forced_tool_call_has_parseable_arguments(client, tool_choice):
     completion = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What's the weather in Paris in celsius?"}],
+        model=MODEL,
+        messages=[{"role": "user", "content": "What's the weather in Paris in celsius?"}],
         tools=[WEATHER_TOOL, TIME_TOOL] if tool_choice == "required" else [WEATHER_TOOL],
-        tool_choice=tool_choice, max_tokens=60,
+        tool_choice=tool_choice,
+        max_tokens=60,
     )
     validate(completion.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
     choice = completion.choices[0]
@@ -142,8 +163,12 @@ def test_forced_tool_call_has_parseable_arguments(client, tool_choice):
 
 def test_tool_call_streams_like_openai(client):
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Weather in Oslo, in fahrenheit?"}],
-        tools=[WEATHER_TOOL], tool_choice="required", max_tokens=60, stream=True,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather in Oslo, in fahrenheit?"}],
+        tools=[WEATHER_TOOL],
+        tool_choice="required",
+        max_tokens=60,
+        stream=True,
     )
     fragments = [tc for chunk in stream if chunk.choices for tc in (chunk.choices[0].delta.tool_calls or [])]
     assert fragments[0].id and fragments[0].function.name == "get_weather" and fragments[0].type == "function"
@@ -155,24 +180,39 @@ def test_tool_call_streams_like_openai(client):
 
 def test_tool_choice_auto_returns_text_or_a_valid_call(client):
     completion = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What's the weather in Rome? Use the tool."}],
-        tools=[WEATHER_TOOL], max_tokens=60, temperature=0,
+        model=MODEL,
+        messages=[{"role": "user", "content": "What's the weather in Rome? Use the tool."}],
+        tools=[WEATHER_TOOL],
+        max_tokens=60,
+        temperature=0,
     )
     message = completion.choices[0].message
     if message.tool_calls:
         assert completion.choices[0].finish_reason == "tool_calls"
-        jsonschema.validate(json.loads(message.tool_calls[0].function.arguments), WEATHER_TOOL["function"]["parameters"])
+        jsonschema.validate(
+            json.loads(message.tool_calls[0].function.arguments), WEATHER_TOOL["function"]["parameters"]
+        )
     else:
         assert message.content
 
 
 def test_tool_results_can_be_sent_back(client):
     completion = client.chat.completions.create(
-        model=MODEL, max_tokens=20,
+        model=MODEL,
+        max_tokens=20,
         messages=[
             {"role": "user", "content": "Weather in Paris?"},
-            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
-             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}}]},
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": "call_1",
+                        "type": "function",
+                        "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+                    }
+                ],
+            },
             {"role": "tool", "tool_call_id": "call_1", "content": '{"temperature": 21}'},
         ],
         tools=[WEATHER_TOOL],
@@ -185,13 +225,18 @@ def test_tool_results_can_be_sent_back(client):
 def test_json_schema_output_validates(client):
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                       "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3}},
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer"},
+            "hobbies": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+        },
         "required": ["name", "age", "hobbies"],
         "additionalProperties": False,
     }
     completion = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Invent a person."}], max_tokens=120,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Invent a person."}],
+        max_tokens=120,
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
     )
     data = json.loads(completion.choices[0].message.content)
@@ -201,7 +246,10 @@ def test_json_schema_output_validates(client):
 
 def test_json_object_output_parses(client):
     completion = client.chat.completions.create(
-        model=MODEL, max_tokens=300, temperature=0, response_format={"type": "json_object"},
+        model=MODEL,
+        max_tokens=300,
+        temperature=0,
+        response_format={"type": "json_object"},
         messages=[{"role": "user", "content": "Return a JSON object with the keys name and color of a cat."}],
     )
     assert completion.choices[0].finish_reason == "stop"  # the grammar closed the object
@@ -216,7 +264,10 @@ def test_sdk_structured_output_parse_helper(client):
         country: str
 
     completion = client.chat.completions.parse(
-        model=MODEL, messages=[{"role": "user", "content": "Name a city."}], response_format=City, max_tokens=60,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Name a city."}],
+        response_format=City,
+        max_tokens=60,
     )
     assert isinstance(completion.choices[0].message.parsed, City)
 
@@ -226,7 +277,8 @@ async def test_async_client_streams_concurrently(aclient):
 
     async def ask(word: str) -> str:
         stream = await aclient.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Say {word}."}], max_tokens=8, stream=True)
+            model=MODEL, messages=[{"role": "user", "content": f"Say {word}."}], max_tokens=8, stream=True
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     answers = await asyncio.gather(*(ask(w) for w in ("red", "green", "blue")))

@@ -40,8 +40,11 @@ def test_completion_echo_prepends_the_prompt(client):
 
 
 def test_completion_stream(client):
-    chunks = list(client.completions.create(
-        model=MODEL, prompt=["Hello", "Bonjour"], max_tokens=5, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=["Hello", "Bonjour"], max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
     # The spec gives chunks the response's shape, where finish_reason is a
     # string; like OpenAI's API we send null until a choice finishes.
     finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]

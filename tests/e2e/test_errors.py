@@ -16,8 +16,9 @@ HELLO = [{"role": "user", "content": "Hello"}]
 
 @pytest.fixture(scope="module")
 def http(stack, client):
-    with httpx.Client(base_url=stack.base_url, headers={"Authorization": f"Bearer {client.api_key}"},
-                      timeout=60) as session:
+    with httpx.Client(
+        base_url=stack.base_url, headers={"Authorization": f"Bearer {client.api_key}"}, timeout=60
+    ) as session:
         yield session
 
 
@@ -61,8 +62,10 @@ def test_malformed_json_is_400(http):
         ({"model": MODEL, "messages": HELLO, "temperature": 5}, "temperature"),
         ({"model": MODEL}, "messages"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]},
-         "messages[0].content"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}]},
+            "messages[0].content",
+        ),
         ({"model": MODEL, "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"model": MODEL, "messages": HELLO, "tool_choice": "required"}, "tool_choice"),
         ({"model": MODEL, "messages": HELLO, "frobnicate": 1}, "frobnicate"),
@@ -89,10 +92,19 @@ def test_n_on_a_model_without_it_is_400_naming_it(client):
 
 def test_image_content_on_a_text_only_model_is_400(client):
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
-            {"type": "text", "text": "What is this?"},
-            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
-        ]}])
+        client.chat.completions.create(
+            model=MODEL,
+            max_tokens=2,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is this?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
+                    ],
+                }
+            ],
+        )
     assert err.value.param == "messages[0].content[1]"
 
 
@@ -153,10 +165,15 @@ def test_context_length_exceeded_is_400(client):
 
 @pytest.mark.parametrize(
     ("method", "path", "advice"),
-    [("POST", "/audio/translations", "transcriptions"), ("GET", "/files", "inline"),
-     ("POST", "/batches", "individually"), ("POST", "/images/edits", "generations"),
-     ("POST", "/fine_tuning/jobs", "Fine-tuning"), ("POST", "/assistants", "chat/completions"),
-     ("POST", "/threads/abc/runs", "chat/completions")],
+    [
+        ("POST", "/audio/translations", "transcriptions"),
+        ("GET", "/files", "inline"),
+        ("POST", "/batches", "individually"),
+        ("POST", "/images/edits", "generations"),
+        ("POST", "/fine_tuning/jobs", "Fine-tuning"),
+        ("POST", "/assistants", "chat/completions"),
+        ("POST", "/threads/abc/runs", "chat/completions"),
+    ],
 )
 def test_unsupported_endpoints_say_what_to_use(http, method, path, advice):
     response = http.request(method, path, json={})
@@ -172,6 +189,7 @@ def test_every_response_carries_a_request_id(http):
 
 
 def test_cors_is_closed_by_default(http):
-    response = http.options("/chat/completions", headers={
-        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    response = http.options(
+        "/chat/completions", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
     assert "access-control-allow-origin" not in response.headers

@@ -19,14 +19,25 @@ def _backend_log(stack, model_target_name: str) -> str:
 
 
 def test_client_disconnect_aborts_generation(stack, client):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Write a very long essay about rivers."}],
-            "max_tokens": 1500, "temperature": 1.0, "stream": True}
-    with httpx.Client(timeout=60) as http:
-        with http.stream("POST", f"{stack.base_url}/chat/completions", json=body,
-                         headers={"Authorization": f"Bearer {client.api_key}"}) as response:
-            for line in response.iter_lines():
-                if line.startswith("data:"):
-                    break  # one chunk, then hang up
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a very long essay about rivers."}],
+        "max_tokens": 1500,
+        "temperature": 1.0,
+        "stream": True,
+    }
+    with (
+        httpx.Client(timeout=60) as http,
+        http.stream(
+            "POST",
+            f"{stack.base_url}/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {client.api_key}"},
+        ) as response,
+    ):
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                break  # one chunk, then hang up
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if "generation aborted" in _backend_log(stack, "text@"):
@@ -41,8 +52,10 @@ def test_client_disconnect_aborts_generation(stack, client):
 
 def test_backend_dying_mid_stream_becomes_an_error_event_then_done(stack, client):
     stream = client.chat.completions.create(
-        model="doomed", messages=[{"role": "user", "content": "Write a very long essay about mountains."}],
-        max_tokens=1500, stream=True,
+        model="doomed",
+        messages=[{"role": "user", "content": "Write a very long essay about mountains."}],
+        max_tokens=1500,
+        stream=True,
     )
     doomed = stack.process(f"text@{stack.targets['doomed']}")
     first = next(iter(stream))

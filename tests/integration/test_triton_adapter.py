@@ -31,7 +31,11 @@ WEATHER = text_pb2.Tool(
     name="get_weather",
     description="Get the current weather in a city.",
     parameters_json=json.dumps(
-        {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}}, "required": ["city"]}
+        {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "London"]}},
+            "required": ["city"],
+        }
     ),
 )
 
@@ -39,7 +43,9 @@ WEATHER = text_pb2.Tool(
 def chat(text: str, max_tokens: int = 16, **fields) -> text_pb2.GenerateRequest:
     message = text_pb2.ChatMessage(role="user", content=[text_pb2.ContentPart(text=text)])
     sampling = text_pb2.SamplingParams(max_tokens=max_tokens, temperature=0)
-    return text_pb2.GenerateRequest(model="smollm2", chat=text_pb2.ChatInput(messages=[message]), sampling=sampling, **fields)
+    return text_pb2.GenerateRequest(
+        model="smollm2", chat=text_pb2.ChatInput(messages=[message]), sampling=sampling, **fields
+    )
 
 
 def settings(address: str, model: str = "smollm2", flavor: str = "vllm") -> TextSettings:
@@ -174,8 +180,12 @@ async def test_multiple_choices(stub):
 
 
 async def test_forced_tool_call_is_valid_json(stub, triton):
-    request = chat("What is the weather in Paris?", max_tokens=32, tools=[WEATHER],
-                   tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_REQUIRED))
+    request = chat(
+        "What is the weather in Paris?",
+        max_tokens=32,
+        tools=[WEATHER],
+        tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_REQUIRED),
+    )
     response = await stub.Generate(request, timeout=60)
     (choice,) = response.choices
     assert choice.finish_reason == text_pb2.FINISH_REASON_TOOL_CALLS and not choice.text
@@ -189,15 +199,21 @@ async def test_forced_tool_call_is_valid_json(stub, triton):
 
 async def test_json_schema_response_format(stub):
     schema = {"type": "object", "properties": {"sunny": {"type": "boolean"}}, "required": ["sunny"]}
-    request = chat("Is it sunny in Paris today?", max_tokens=32, response_format=text_pb2.ResponseFormat(
-        type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA, schema_json=json.dumps(schema)))
+    request = chat(
+        "Is it sunny in Paris today?",
+        max_tokens=32,
+        response_format=text_pb2.ResponseFormat(
+            type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA, schema_json=json.dumps(schema)
+        ),
+    )
     response = await stub.Generate(request, timeout=60)
     assert isinstance(json.loads(response.choices[0].text)["sunny"], bool)
 
 
 async def test_client_disconnect_aborts_triton_request(stub, triton):
     request = text_pb2.GenerateRequest(
-        model="smollm2", completion=text_pb2.CompletionInput(prompt="1, 2, 3, 4, 5,"),
+        model="smollm2",
+        completion=text_pb2.CompletionInput(prompt="1, 2, 3, 4, 5,"),
         sampling=text_pb2.SamplingParams(max_tokens=400, temperature=0),  # never reached: cancelled
     )
     aborted = triton.aborted
@@ -253,8 +269,15 @@ async def test_flavor_mismatch_is_a_server_error(triton):
 
 # -- the TRT-LLM flavor --------------------------------------------------------------------
 def test_trtllm_inputs():
-    params = {"temperature": 0.5, "top_p": 0.9, "max_tokens": 32, "stop": ["\n\n", "END"], "seed": -1,
-              "presence_penalty": 0.0, "frequency_penalty": 0.25}
+    params = {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "max_tokens": 32,
+        "stop": ["\n\n", "END"],
+        "seed": -1,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.25,
+    }
     tensors = {t.name(): t for t in trtllm_inputs("Hello", params, OutputConstraint("json_object"))}
     assert {name: (t.datatype(), t.shape()) for name, t in tensors.items()} == {
         "text_input": ("BYTES", [1, 1]),
@@ -274,13 +297,22 @@ def test_trtllm_inputs():
 
 
 def test_vllm_inputs():
-    params = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 8, "stop": [], "seed": None,
-              "presence_penalty": 0.0, "frequency_penalty": 0.0}
+    params = {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "max_tokens": 8,
+        "stop": [],
+        "seed": None,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+    }
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     tensors = {t.name(): t for t in vllm_inputs("Hi", params, OutputConstraint("json_schema", schema))}
     assert {name: (t.datatype(), t.shape()) for name, t in tensors.items()} == {
-        "text_input": ("BYTES", [1]), "stream": ("BOOL", [1]),
-        "sampling_parameters": ("BYTES", [1]), "exclude_input_in_output": ("BOOL", [1]),
+        "text_input": ("BYTES", [1]),
+        "stream": ("BOOL", [1]),
+        "sampling_parameters": ("BYTES", [1]),
+        "exclude_input_in_output": ("BOOL", [1]),
     }
     sampling = json.loads(decoded(tensors["sampling_parameters"])[0])
     assert "seed" not in sampling and sampling["max_tokens"] == 8

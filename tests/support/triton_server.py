@@ -42,8 +42,16 @@ from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor, triton_to_np_dtype
 
 # vLLM SamplingParams fields this stand-in honours (anything else is refused, as vLLM refuses unknown fields).
-_VLLM_KEYS = {"temperature", "top_p", "max_tokens", "stop", "seed", "presence_penalty", "frequency_penalty",
-              "structured_outputs"}
+_VLLM_KEYS = {
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "stop",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "structured_outputs",
+}
 
 
 def smollm2_gguf() -> str:
@@ -65,23 +73,42 @@ def _io(kind, name: str, dtype: str, dims: list[int], optional: bool = False):
 
 
 def vllm_config(name: str) -> mc.ModelConfig:
-    inputs = [_io(mc.ModelInput, "text_input", "STRING", [1]),
-              _io(mc.ModelInput, "stream", "BOOL", [1], optional=True),
-              _io(mc.ModelInput, "sampling_parameters", "STRING", [1], optional=True),
-              _io(mc.ModelInput, "exclude_input_in_output", "BOOL", [1], optional=True)]
-    return mc.ModelConfig(name=name, backend="vllm", max_batch_size=0, input=inputs,
-                          output=[_io(mc.ModelOutput, "text_output", "STRING", [-1])],
-                          model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True))
+    inputs = [
+        _io(mc.ModelInput, "text_input", "STRING", [1]),
+        _io(mc.ModelInput, "stream", "BOOL", [1], optional=True),
+        _io(mc.ModelInput, "sampling_parameters", "STRING", [1], optional=True),
+        _io(mc.ModelInput, "exclude_input_in_output", "BOOL", [1], optional=True),
+    ]
+    return mc.ModelConfig(
+        name=name,
+        backend="vllm",
+        max_batch_size=0,
+        input=inputs,
+        output=[_io(mc.ModelOutput, "text_output", "STRING", [-1])],
+        model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+    )
 
 
 def trtllm_config(name: str) -> mc.ModelConfig:
-    optional = [("stream", "BOOL", [1]), ("temperature", "FP32", [1]), ("top_p", "FP32", [1]),
-                ("presence_penalty", "FP32", [1]), ("frequency_penalty", "FP32", [1]),
-                ("stop_words", "STRING", [-1]), ("bad_words", "STRING", [-1]), ("random_seed", "UINT64", [1])]
+    optional = [
+        ("stream", "BOOL", [1]),
+        ("temperature", "FP32", [1]),
+        ("top_p", "FP32", [1]),
+        ("presence_penalty", "FP32", [1]),
+        ("frequency_penalty", "FP32", [1]),
+        ("stop_words", "STRING", [-1]),
+        ("bad_words", "STRING", [-1]),
+        ("random_seed", "UINT64", [1]),
+    ]
     inputs = [_io(mc.ModelInput, "text_input", "STRING", [1]), _io(mc.ModelInput, "max_tokens", "INT32", [1])]
     inputs += [_io(mc.ModelInput, name_, dtype, dims, optional=True) for name_, dtype, dims in optional]
-    return mc.ModelConfig(name=name, platform="ensemble", max_batch_size=64, input=inputs,
-                          output=[_io(mc.ModelOutput, "text_output", "STRING", [-1])])
+    return mc.ModelConfig(
+        name=name,
+        platform="ensemble",
+        max_batch_size=64,
+        input=inputs,
+        output=[_io(mc.ModelOutput, "text_output", "STRING", [-1])],
+    )
 
 
 # -- request decoding: tensors -> (prompt, llama.cpp kwargs, streaming) ---------------------
@@ -101,11 +128,16 @@ def vllm_request(tensors: dict[str, np.ndarray]) -> tuple[str, dict[str, Any], b
     sampling = json.loads(tensors["sampling_parameters"][0]) if "sampling_parameters" in tensors else {}
     if unknown := set(sampling) - _VLLM_KEYS:
         raise RequestError(f"Error generating stream: unexpected sampling parameters {sorted(unknown)}")
-    kwargs = {"max_tokens": sampling.get("max_tokens", 16), "temperature": sampling.get("temperature", 1.0),
-              "top_p": sampling.get("top_p", 1.0), "stop": sampling.get("stop") or [], "seed": sampling.get("seed"),
-              "presence_penalty": sampling.get("presence_penalty", 0.0),
-              "frequency_penalty": sampling.get("frequency_penalty", 0.0),
-              "grammar": _grammar(sampling.get("structured_outputs"))}
+    kwargs = {
+        "max_tokens": sampling.get("max_tokens", 16),
+        "temperature": sampling.get("temperature", 1.0),
+        "top_p": sampling.get("top_p", 1.0),
+        "stop": sampling.get("stop") or [],
+        "seed": sampling.get("seed"),
+        "presence_penalty": sampling.get("presence_penalty", 0.0),
+        "frequency_penalty": sampling.get("frequency_penalty", 0.0),
+        "grammar": _grammar(sampling.get("structured_outputs")),
+    }
     stream = bool(tensors["stream"][0]) if "stream" in tensors else False
     return tensors["text_input"][0].decode(), kwargs, stream
 
@@ -115,10 +147,15 @@ def trtllm_request(tensors: dict[str, np.ndarray]) -> tuple[str, dict[str, Any],
         return tensors[name][0][0].item() if name in tensors else default
 
     stop = [word.decode() for word in tensors["stop_words"][0]] if "stop_words" in tensors else []
-    kwargs = {"max_tokens": scalar("max_tokens", 16), "temperature": scalar("temperature", 1.0),
-              "top_p": scalar("top_p", 1.0), "stop": stop, "seed": scalar("random_seed", None),
-              "presence_penalty": scalar("presence_penalty", 0.0),
-              "frequency_penalty": scalar("frequency_penalty", 0.0)}
+    kwargs = {
+        "max_tokens": scalar("max_tokens", 16),
+        "temperature": scalar("temperature", 1.0),
+        "top_p": scalar("top_p", 1.0),
+        "stop": stop,
+        "seed": scalar("random_seed", None),
+        "presence_penalty": scalar("presence_penalty", 0.0),
+        "frequency_penalty": scalar("frequency_penalty", 0.0),
+    }
     return tensors["text_input"][0][0].decode(), kwargs, bool(scalar("stream", False))
 
 
@@ -146,21 +183,30 @@ def read_inputs(request: pb.ModelInferRequest, config: mc.ModelConfig) -> dict[s
     if unexpected := [name for name in got if name not in declared]:
         raise RequestError(f"{where} unexpected inference input '{unexpected[0]}' for model '{config.name}'")
     if missing := [name for name, i in declared.items() if not i.optional and name not in got]:
-        raise RequestError(f"{where} expected {len(declared)} inputs but got {len(got)} inputs for model "
-                           f"'{config.name}'. Got input(s) {got}, but missing required input(s) {missing}. "
-                           "Please provide all required input(s).")
+        raise RequestError(
+            f"{where} expected {len(declared)} inputs but got {len(got)} inputs for model "
+            f"'{config.name}'. Got input(s) {got}, but missing required input(s) {missing}. "
+            "Please provide all required input(s)."
+        )
     tensors = {}
     for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True):
         spec = declared[tensor.name]
         if tensor.datatype != _wire_type(spec.data_type):
-            raise RequestError(f"{where} inference input '{tensor.name}' data-type is '{tensor.datatype}', but "
-                               f"model '{config.name}' expects '{_wire_type(spec.data_type)}'")
+            raise RequestError(
+                f"{where} inference input '{tensor.name}' data-type is '{tensor.datatype}', but "
+                f"model '{config.name}' expects '{_wire_type(spec.data_type)}'"
+            )
         shape, dims = list(tensor.shape), ([-1] if config.max_batch_size else []) + list(spec.dims)
-        if len(shape) != len(dims) or any(d not in (-1, s) for d, s in zip(dims, shape)):
-            raise RequestError(f"{where} unexpected shape for input '{tensor.name}' for model '{config.name}'. "
-                               f"Expected {dims}, got {shape}.")
-        flat = (deserialize_bytes_tensor(raw) if tensor.datatype == "BYTES"
-                else np.frombuffer(raw, dtype=triton_to_np_dtype(tensor.datatype)))
+        if len(shape) != len(dims) or any(d not in (-1, s) for d, s in zip(dims, shape, strict=True)):
+            raise RequestError(
+                f"{where} unexpected shape for input '{tensor.name}' for model '{config.name}'. "
+                f"Expected {dims}, got {shape}."
+            )
+        flat = (
+            deserialize_bytes_tensor(raw)
+            if tensor.datatype == "BYTES"
+            else np.frombuffer(raw, dtype=triton_to_np_dtype(tensor.datatype))
+        )
         tensors[tensor.name] = flat.reshape(shape)
     return tensors
 
@@ -210,9 +256,12 @@ class TritonStandIn(service_pb2_grpc.GRPCInferenceServiceServicer):
         config = await self._config(request.name, context)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
-            name=config.name, versions=["1"], platform=config.platform or config.backend,
+            name=config.name,
+            versions=["1"],
+            platform=config.platform or config.backend,
             inputs=[tensor(name=i.name, datatype=_wire_type(i.data_type), shape=i.dims) for i in config.input],
-            outputs=[tensor(name=o.name, datatype=_wire_type(o.data_type), shape=o.dims) for o in config.output])
+            outputs=[tensor(name=o.name, datatype=_wire_type(o.data_type), shape=o.dims) for o in config.output],
+        )
 
     async def ModelConfig(self, request, context):
         return pb.ModelConfigResponse(config=await self._config(request.name, context))
@@ -262,13 +311,14 @@ class TritonStandIn(service_pb2_grpc.GRPCInferenceServiceServicer):
             try:
                 with self._lock:
                     criteria = StoppingCriteriaList([lambda ids, logits: stop.is_set()])
-                    for chunk in self._llm.create_completion(prompt, stream=True, stopping_criteria=criteria,
-                                                             repeat_penalty=1.0, **kwargs):
+                    for chunk in self._llm.create_completion(
+                        prompt, stream=True, stopping_criteria=criteria, repeat_penalty=1.0, **kwargs
+                    ):
                         loop.call_soon_threadsafe(queue.put_nowait, chunk["choices"][0]["text"])
                 if stop.is_set():
                     self.aborted += 1
                 loop.call_soon_threadsafe(queue.put_nowait, None)
-            except Exception as exc:  # noqa: BLE001 - relayed to the stream as Triton's in-band error
+            except Exception as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, RequestError(f"Error generating stream: {exc}"))
 
         if kwargs.get("seed") is not None:
@@ -285,7 +335,9 @@ class TritonStandIn(service_pb2_grpc.GRPCInferenceServiceServicer):
 
 def _response(request: pb.ModelInferRequest, text: str, shape: list[int], final: bool) -> pb.ModelInferResponse:
     return pb.ModelInferResponse(
-        model_name=request.model_name, model_version="1", id=request.id,
+        model_name=request.model_name,
+        model_version="1",
+        id=request.id,
         outputs=[pb.ModelInferResponse.InferOutputTensor(name="text_output", datatype="BYTES", shape=shape)],
         raw_output_contents=[serialize_byte_tensor(np.array([text.encode()], dtype=np.object_)).item()],
         parameters={"triton_final_response": pb.InferParameter(bool_param=final)},

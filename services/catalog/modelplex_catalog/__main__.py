@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from modelplex.v1 import catalog_pb2, catalog_pb2_grpc
-from modelplex_kit.grpc_server import run, serve
-
 from modelplex_catalog.servicer import CatalogServicer
 from modelplex_catalog.settings import CatalogSettings
 from modelplex_catalog.store import CatalogStore
+from modelplex_kit.grpc_server import run, serve
 
 
 async def main(settings: CatalogSettings) -> None:

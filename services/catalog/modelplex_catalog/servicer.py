@@ -5,9 +5,8 @@ from collections.abc import AsyncIterator
 import grpc
 
 from modelplex.v1 import catalog_pb2, catalog_pb2_grpc
-from modelplex_kit.errors import model_not_found
-
 from modelplex_catalog.store import CatalogStore
+from modelplex_kit.errors import model_not_found
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -24,6 +23,8 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServiceServicer):
             raise model_not_found(request.model)
         return catalog_pb2.ResolveModelResponse(model=model)
 
-    async def WatchModels(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[catalog_pb2.WatchModelsResponse]:
+    async def WatchModels(
+        self, request, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[catalog_pb2.WatchModelsResponse]:
         async for view in self._store.views():
             yield catalog_pb2.WatchModelsResponse(models=view.models, revision=view.revision)

@@ -12,9 +12,8 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from modelplex_kit.catalog_view import CatalogView
-
 from modelplex_catalog.loader import parse_catalog
+from modelplex_kit.catalog_view import CatalogView
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,8 @@ class CatalogStore:
         seen = self.view
         yield seen
         while True:
+            revision = seen.revision
             async with self._changed:
-                await self._changed.wait_for(lambda: self.view.revision != seen.revision)
+                await self._changed.wait_for(lambda rev=revision: self.view.revision != rev)
             seen = self.view
             yield seen

@@ -7,10 +7,10 @@ from pydantic import ValidationError
 
 from modelplex.v1 import catalog_pb2, catalog_pb2_grpc
 from modelplex_catalog.loader import parse_catalog
-from modelplex_kit.grpc_server import ObservingInterceptor
 from modelplex_catalog.servicer import CatalogServicer
 from modelplex_catalog.settings import DEFAULT_CATALOG
 from modelplex_catalog.store import CatalogStore
+from modelplex_kit.grpc_server import ObservingInterceptor
 from tests.support.ports import free_port
 
 ENTRY = """
@@ -38,12 +38,15 @@ def test_entry_fields_reach_the_proto():
     assert model.capabilities.tool_use and not model.capabilities.completions
 
 
-@pytest.mark.parametrize("bad", [
-    "models: [{id: x}]",
-    ENTRY.format(id="m1").replace("text", "smell"),
-    ENTRY.format(id="m1").replace("tool_use", "telepathy"),
-    ENTRY.format(id="m1") + "    surprise: 1\n",
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "models: [{id: x}]",
+        ENTRY.format(id="m1").replace("text", "smell"),
+        ENTRY.format(id="m1").replace("tool_use", "telepathy"),
+        ENTRY.format(id="m1") + "    surprise: 1\n",
+    ],
+)
 def test_invalid_entries_are_rejected(bad):
     with pytest.raises(ValidationError):
         parse_catalog(bad)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import uvicorn
 
-from modelplex_kit.logging import configure_logging
-from modelplex_kit.telemetry import configure_tracing
-
 from modelplex_edge.app import create_app
 from modelplex_edge.settings import EdgeSettings
+from modelplex_kit.logging import configure_logging
+from modelplex_kit.telemetry import configure_tracing
 
 
 def main() -> None:
@@ -16,8 +15,15 @@ def main() -> None:
     configure_logging("edge", settings.log_level, settings.log_format)
     configure_tracing("edge", settings.otel_exporter)
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, loop="uvloop", http="httptools",
-        log_config=None, access_log=False, server_header=False, timeout_keep_alive=settings.keep_alive_seconds,
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_keep_alive=settings.keep_alive_seconds,
         timeout_graceful_shutdown=int(settings.grace_seconds),
     )
 

@@ -29,7 +29,9 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         watcher = CatalogWatcher(catalog_channel)
         following = asyncio.create_task(watcher.run())
         backends = Backends(settings.backend_timeout_seconds)
-        app.state.edge = EdgeState(settings, watcher, backends, DevKeyAuthorizer(settings.dev_api_key.get_secret_value()))
+        app.state.edge = EdgeState(
+            settings, watcher, backends, DevKeyAuthorizer(settings.dev_api_key.get_secret_value())
+        )
         try:
             await asyncio.wait_for(watcher.ready.wait(), settings.catalog_wait_seconds)
         except TimeoutError:
@@ -40,8 +42,12 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         await catalog_channel.close()
 
     app = FastAPI(
-        title="Modelplex", version="0.1.0", lifespan=lifespan,
-        docs_url=None, redoc_url=None, openapi_url=None,
+        title="Modelplex",
+        version="0.1.0",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
         # EdgeMiddleware owns the request span and metrics; FastAPI's own would double them.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
@@ -50,8 +56,12 @@ def create_app(settings: EdgeSettings) -> FastAPI:
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
-            allow_headers=["*"], expose_headers=["x-request-id", "retry-after"], max_age=600,
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "retry-after"],
+            max_age=600,
         )
     app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

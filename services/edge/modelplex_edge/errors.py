@@ -18,9 +18,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from modelplex_kit.errors import HTTP_ONLY, ServiceError, invalid
-
 from modelplex_edge.middleware import BodyTooLarge
+from modelplex_kit.errors import HTTP_ONLY, ServiceError, invalid
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,9 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-a
 
 def error_response(error: ServiceError) -> Response:
     return Response(
-        orjson.dumps(error.envelope()), status_code=error.http.status, media_type="application/json",
+        orjson.dumps(error.envelope()),
+        status_code=error.http.status,
+        media_type="application/json",
         headers=error.headers,
     )
 
@@ -99,18 +100,33 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
-            return error_response(ServiceError(
-                grpc.StatusCode.NOT_FOUND,
-                f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos, "
-                "or see the docs at https://platform.openai.com/docs/api-reference/.",
-                code="unknown_url",
-            ))
+            return error_response(
+                ServiceError(
+                    grpc.StatusCode.NOT_FOUND,
+                    f"Unknown request URL: {request.method} {request.url.path}. Please check the URL for typos, "
+                    "or see the docs at https://platform.openai.com/docs/api-reference/.",
+                    code="unknown_url",
+                )
+            )
         if exc.status_code == 405:
             return http_only_error(405, f"Method {request.method} is not allowed for {request.url.path}.")
-        return http_only_error(exc.status_code, str(exc.detail)) if exc.status_code in HTTP_ONLY else Response(
-            orjson.dumps({"error": {"message": str(exc.detail), "type": "invalid_request_error",
-                                    "param": None, "code": None}}),
-            status_code=exc.status_code, media_type="application/json",
+        return (
+            http_only_error(exc.status_code, str(exc.detail))
+            if exc.status_code in HTTP_ONLY
+            else Response(
+                orjson.dumps(
+                    {
+                        "error": {
+                            "message": str(exc.detail),
+                            "type": "invalid_request_error",
+                            "param": None,
+                            "code": None,
+                        }
+                    }
+                ),
+                status_code=exc.status_code,
+                media_type="application/json",
+            )
         )
 
     async def on_too_large(request: Request, exc: BodyTooLarge) -> Response:
@@ -118,9 +134,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return error_response(ServiceError(
-            grpc.StatusCode.INTERNAL, "The server had an error while processing your request. Sorry about that!"
-        ))
+        return error_response(
+            ServiceError(
+                grpc.StatusCode.INTERNAL, "The server had an error while processing your request. Sorry about that!"
+            )
+        )
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(grpc.aio.AioRpcError, on_rpc_error)

@@ -69,8 +69,10 @@ class EdgeMiddleware:
         limit = self.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
+
             async def refuse():
                 raise BodyTooLarge(limit)
+
             return refuse
         seen = 0
 

@@ -16,7 +16,8 @@ class EdgeSettings(ServiceSettings):
     catalog_target: str = "127.0.0.1:50051"
     # The one accepted API key until the gatekeeper lands. Never logged.
     dev_api_key: SecretStr = Field(
-        SecretStr("sk-modelplex-dev"), validation_alias=AliasChoices("MODELPLEX_DEV_API_KEY", "MODELPLEX_EDGE_DEV_API_KEY")
+        SecretStr("sk-modelplex-dev"),
+        validation_alias=AliasChoices("MODELPLEX_DEV_API_KEY", "MODELPLEX_EDGE_DEV_API_KEY"),
     )
     # Browser origins allowed by CORS; empty keeps CORS closed (a server-to-server API).
     cors_origins: list[str] = Field(default_factory=list)

@@ -11,9 +11,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from modelplex.v1 import catalog_pb2, text_pb2
-from modelplex_kit.capabilities import check_text_request
-from modelplex_kit.telemetry import TOKENS
-
 from modelplex_edge.auth import Caller
 from modelplex_edge.backends import open_stream, until_disconnect
 from modelplex_edge.protocol.chat import ChatCompletionRequest
@@ -22,6 +19,8 @@ from modelplex_edge.sse import sse_response
 from modelplex_edge.state import EdgeState
 from modelplex_edge.translate import chat as chat_tr
 from modelplex_edge.translate import completions as completions_tr
+from modelplex_kit.capabilities import check_text_request
+from modelplex_kit.telemetry import TOKENS
 
 
 def json_response(body: dict[str, Any]) -> Response:

@@ -17,13 +17,18 @@ def body(**fields) -> bytes:
     return json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}).encode()
 
 
-@pytest.mark.parametrize(("loc", "param"), [
-    (("messages", 0, "content"), "messages[0].content"),
-    (("messages", 1, "content", "list[tagged-union[TextPart,ImagePart]]", 0, "ImagePart", "image_url"),
-     "messages[1].content[0].image_url"),
-    (("temperature",), "temperature"),
-    (("stop", "str"), "stop"),
-])
+@pytest.mark.parametrize(
+    ("loc", "param"),
+    [
+        (("messages", 0, "content"), "messages[0].content"),
+        (
+            ("messages", 1, "content", "list[tagged-union[TextPart,ImagePart]]", 0, "ImagePart", "image_url"),
+            "messages[1].content[0].image_url",
+        ),
+        (("temperature",), "temperature"),
+        (("stop", "str"), "stop"),
+    ],
+)
 def test_openai_param_notation(loc, param):
     assert openai_param(loc) == param
 
@@ -44,20 +49,40 @@ def test_unknown_top_level_fields_are_rejected_like_openai():
 def test_named_tool_choice_must_name_a_given_tool():
     tools = [{"type": "function", "function": {"name": "a"}}]
     with pytest.raises(ServiceError) as err:
-        parse_body(ChatCompletionRequest, body(tools=tools, tool_choice={"type": "function", "function": {"name": "b"}}))
+        parse_body(
+            ChatCompletionRequest, body(tools=tools, tool_choice={"type": "function", "function": {"name": "b"}})
+        )
     assert err.value.param == "tool_choice"
 
 
 def test_to_proto_carries_every_field():
-    request = parse_body(ChatCompletionRequest, body(
-        messages=[{"role": "user", "content": [{"type": "text", "text": "look"},
-                                               {"type": "image_url", "image_url": {"url": "data:,x"}}]}],
-        temperature=0.5, max_completion_tokens=9, stop="END", seed=3, n=2,
-        tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object",
-                                                 "properties": {"z": {}, "a": {}}}}}],
-        tool_choice={"type": "function", "function": {"name": "f"}},
-        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
-    ))
+    request = parse_body(
+        ChatCompletionRequest,
+        body(
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "look"},
+                        {"type": "image_url", "image_url": {"url": "data:,x"}},
+                    ],
+                }
+            ],
+            temperature=0.5,
+            max_completion_tokens=9,
+            stop="END",
+            seed=3,
+            n=2,
+            tools=[
+                {
+                    "type": "function",
+                    "function": {"name": "f", "parameters": {"type": "object", "properties": {"z": {}, "a": {}}}},
+                }
+            ],
+            tool_choice={"type": "function", "function": {"name": "f"}},
+            response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
+        ),
+    )
     proto = chat_tr.to_proto(request, "canonical", META)
     assert proto.model == "canonical" and proto.n == 2
     assert proto.chat.messages[0].content[1].image.url == "data:,x"
@@ -70,11 +95,19 @@ def test_to_proto_carries_every_field():
 
 def test_from_proto_builds_openais_shape():
     response = text_pb2.GenerateResponse(
-        id="abc", created=1, choices=[text_pb2.Choice(
-            index=0, tool_calls=[text_pb2.ToolCall(id="call_1", name="f", arguments="{}")],
-            finish_reason=text_pb2.FINISH_REASON_TOOL_CALLS)],
-        usage=common_pb2.Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7, cached_prompt_tokens=3,
-                               cache_creation_prompt_tokens=2))
+        id="abc",
+        created=1,
+        choices=[
+            text_pb2.Choice(
+                index=0,
+                tool_calls=[text_pb2.ToolCall(id="call_1", name="f", arguments="{}")],
+                finish_reason=text_pb2.FINISH_REASON_TOOL_CALLS,
+            )
+        ],
+        usage=common_pb2.Usage(
+            prompt_tokens=5, completion_tokens=2, total_tokens=7, cached_prompt_tokens=3, cache_creation_prompt_tokens=2
+        ),
+    )
     out = chat_tr.from_proto(response, "m")
     assert out["id"] == "chatcmpl-abc" and out["object"] == "chat.completion"
     message = out["choices"][0]["message"]

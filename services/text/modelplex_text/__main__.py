@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from modelplex.v1 import text_pb2, text_pb2_grpc
 from modelplex_kit.grpc_server import run, serve
-
 from modelplex_text.adapters import load_engine
 from modelplex_text.servicer import TextGenerationServicer
 from modelplex_text.settings import TextSettings

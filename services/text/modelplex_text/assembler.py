@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from modelplex.v1 import text_pb2
-
 from modelplex_text.tool_calls import ToolCallStream
 
 _FINISH = {

@@ -30,6 +30,7 @@ def model_path(configured: str) -> str:
 
 def chat_template(llm) -> ChatTemplate:
     """The model's own template and special tokens, from the GGUF metadata."""
+
     def token_text(token_id: int) -> str:
         return llm.detokenize([token_id], special=True).decode("utf-8", "replace") if token_id >= 0 else ""
 

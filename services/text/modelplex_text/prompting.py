@@ -85,8 +85,7 @@ def _parameters(tool: text_pb2.Tool) -> dict[str, Any]:
 
 def _tools_instructions(request: text_pb2.GenerateRequest) -> str:
     listing = "\n".join(
-        json.dumps({"name": t.name, "description": t.description, "parameters": _parameters(t)})
-        for t in request.tools
+        json.dumps({"name": t.name, "description": t.description, "parameters": _parameters(t)}) for t in request.tools
     )
     if forced_tools(request):
         how = 'Call a tool now: reply with only a JSON object {"name": <tool name>, "arguments": <arguments object>}.'
@@ -123,8 +122,11 @@ def chat_messages(request: text_pb2.GenerateRequest) -> list[dict[str, Any]]:
         {"role": "system" if m.role == "developer" else m.role, "content": _message_text(m)}
         for m in request.chat.messages
     ]
-    extra = [part for part in (_tools_instructions(request) if tools_active(request) else "",
-                               _format_instructions(request)) if part]
+    extra = [
+        part
+        for part in (_tools_instructions(request) if tools_active(request) else "", _format_instructions(request))
+        if part
+    ]
     if extra:
         instructions = "\n\n".join(extra)
         if messages and messages[0]["role"] == "system":

@@ -11,7 +11,6 @@ import grpc
 
 from modelplex.v1 import common_pb2, text_pb2, text_pb2_grpc
 from modelplex_kit.capabilities import check_text_request
-
 from modelplex_text.engine import TextEngine
 
 
@@ -19,7 +18,9 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
     def __init__(self, engine: TextEngine) -> None:
         self._engine = engine
 
-    async def GenerateStream(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[text_pb2.GenerateStreamResponse]:
+    async def GenerateStream(
+        self, request, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[text_pb2.GenerateStreamResponse]:
         check_text_request(request, self._engine.capabilities)
         header = {"id": uuid.uuid4().hex, "model": request.model, "created": int(time.time())}
         usage = common_pb2.Usage()

@@ -16,7 +16,6 @@ import re
 import uuid
 
 from modelplex.v1 import text_pb2
-
 from modelplex_text.prompting import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 _HEADER = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"arguments"\s*:\s*')
@@ -62,7 +61,7 @@ class ToolCallStream:
 
     def _body(self) -> str:
         body = self._buffer.lstrip()
-        return body[len(TOOL_CALL_OPEN):] if not self._forced and body.startswith(TOOL_CALL_OPEN) else body
+        return body[len(TOOL_CALL_OPEN) :] if not self._forced and body.startswith(TOOL_CALL_OPEN) else body
 
     def _call_fragments(self, final: bool) -> list[text_pb2.ToolCallDelta]:
         body = self._body()
@@ -76,12 +75,12 @@ class ToolCallStream:
             fragments.append(text_pb2.ToolCallDelta(index=0, id=new_call_id(), name=json.loads(match.group(1))))
         args = self._final_args(body) if final else self._safe_args(body)
         if args.startswith(self._emitted_args) and len(args) > len(self._emitted_args):
-            fragments.append(text_pb2.ToolCallDelta(index=0, arguments=args[len(self._emitted_args):]))
+            fragments.append(text_pb2.ToolCallDelta(index=0, arguments=args[len(self._emitted_args) :]))
             self._emitted_args = args
         return fragments
 
     def _safe_args(self, body: str) -> str:
-        region = body[self._args_start:]
+        region = body[self._args_start :]
         for k in range(len(TOOL_CALL_CLOSE), 0, -1):
             if region.endswith(TOOL_CALL_CLOSE[:k]):
                 region = region[:-k]
@@ -89,7 +88,7 @@ class ToolCallStream:
         return region.rstrip("} \t\r\n")
 
     def _final_args(self, body: str) -> str:
-        region = body[self._args_start:].rstrip()
+        region = body[self._args_start :].rstrip()
         if region.endswith(TOOL_CALL_CLOSE):
             region = region[: -len(TOOL_CALL_CLOSE)].rstrip()
         if region.endswith("}"):  # the call object's closing brace

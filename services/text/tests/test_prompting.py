@@ -10,8 +10,10 @@ def chat(*turns, **fields) -> text_pb2.GenerateRequest:
     return text_pb2.GenerateRequest(chat=text_pb2.ChatInput(messages=messages), **fields)
 
 
-TOOL = text_pb2.Tool(name="lookup", parameters_json=json.dumps(
-    {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}))
+TOOL = text_pb2.Tool(
+    name="lookup",
+    parameters_json=json.dumps({"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}),
+)
 
 
 def test_tool_instructions_join_the_existing_system_turn():
@@ -32,10 +34,17 @@ def test_tool_choice_none_hides_the_tools():
 
 def test_constraints_follow_tool_choice_and_response_format():
     template = ChatTemplate(CHATML_TEMPLATE)
-    required = chat(("user", "hi"), tools=[TOOL], tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_REQUIRED))
+    required = chat(
+        ("user", "hi"), tools=[TOOL], tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_REQUIRED)
+    )
     auto = chat(("user", "hi"), tools=[TOOL])
-    schema = chat(("user", "hi"), response_format=text_pb2.ResponseFormat(
-        type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA, schema_json='{"type": "object", "properties": {"b": {}, "a": {}}}'))
+    schema = chat(
+        ("user", "hi"),
+        response_format=text_pb2.ResponseFormat(
+            type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA,
+            schema_json='{"type": "object", "properties": {"b": {}, "a": {}}}',
+        ),
+    )
     assert plan_prompt(required, template).constraint.kind == "tool_call"
     assert plan_prompt(auto, template).constraint.kind == "tool_call_or_text"
     plan = plan_prompt(schema, template)
@@ -44,9 +53,11 @@ def test_constraints_follow_tool_choice_and_response_format():
 
 def test_every_constraint_compiles_to_a_llama_grammar():
     template = ChatTemplate(CHATML_TEMPLATE)
-    for request in (chat(("user", "x"), tools=[TOOL]),
-                    chat(("user", "x"), tools=[TOOL], tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_REQUIRED)),
-                    chat(("user", "x"), response_format=text_pb2.ResponseFormat(type=text_pb2.ResponseFormat.TYPE_JSON_OBJECT))):
+    for request in (
+        chat(("user", "x"), tools=[TOOL]),
+        chat(("user", "x"), tools=[TOOL], tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_REQUIRED)),
+        chat(("user", "x"), response_format=text_pb2.ResponseFormat(type=text_pb2.ResponseFormat.TYPE_JSON_OBJECT)),
+    ):
         assert grammar_for(plan_prompt(request, template).constraint) is not None
 
 

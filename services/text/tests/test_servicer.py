@@ -8,10 +8,16 @@ def test_merge_delta_rebuilds_choices_from_fragments():
         text_pb2.ChoiceDelta(text="Hel"),
         text_pb2.ChoiceDelta(text="lo", tool_calls=[text_pb2.ToolCallDelta(index=0, id="call_1", name="f")]),
         text_pb2.ChoiceDelta(tool_calls=[text_pb2.ToolCallDelta(index=0, arguments='{"a"')]),
-        text_pb2.ChoiceDelta(tool_calls=[text_pb2.ToolCallDelta(index=0, arguments=": 1}")],
-                             finish_reason=text_pb2.FINISH_REASON_TOOL_CALLS),
+        text_pb2.ChoiceDelta(
+            tool_calls=[text_pb2.ToolCallDelta(index=0, arguments=": 1}")],
+            finish_reason=text_pb2.FINISH_REASON_TOOL_CALLS,
+        ),
     ):
         merge_delta(choice, delta)
     assert choice.text == "Hello"
-    assert (choice.tool_calls[0].id, choice.tool_calls[0].name, choice.tool_calls[0].arguments) == ("call_1", "f", '{"a": 1}')
+    assert (choice.tool_calls[0].id, choice.tool_calls[0].name, choice.tool_calls[0].arguments) == (
+        "call_1",
+        "f",
+        '{"a": 1}',
+    )
     assert choice.finish_reason == text_pb2.FINISH_REASON_TOOL_CALLS

@@ -10,7 +10,7 @@ CALL = '{"name": "get_weather", "arguments": {"city": "Paris}", "unit": "celsius
 def run(stream: ToolCallStream, text: str, step: int):
     content, fragments = "", []
     for i in range(0, len(text), step):
-        c, f = stream.feed(text[i:i + step])
+        c, f = stream.feed(text[i : i + step])
         content += c
         fragments += f
     c, f = stream.finish()

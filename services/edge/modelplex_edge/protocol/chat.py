@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
@@ -35,10 +35,14 @@ def _part_tag(value: Any) -> str | None:
 
 
 ContentPart = Annotated[
-    Union[Annotated[TextPart, Tag("TextPart")], Annotated[ImagePart, Tag("ImagePart")],
-          Annotated[RefusalPart, Tag("RefusalPart")]],
-    Discriminator(_part_tag, custom_error_type="invalid_content_part",
-                  custom_error_message="Content parts must have type 'text' or 'image_url'"),
+    Annotated[TextPart, Tag("TextPart")]
+    | Annotated[ImagePart, Tag("ImagePart")]
+    | Annotated[RefusalPart, Tag("RefusalPart")],
+    Discriminator(
+        _part_tag,
+        custom_error_type="invalid_content_part",
+        custom_error_message="Content parts must have type 'text' or 'image_url'",
+    ),
 ]
 
 
@@ -140,7 +144,9 @@ class ChatCompletionRequest(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
         if self.stream_options is not None and not self.stream:
-            raise param_error("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
+            raise param_error(
+                "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+            )
         if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
             raise param_error("tool_choice", "'tool_choice' is only allowed when 'tools' are specified.")
         if isinstance(self.tool_choice, NamedToolChoice):

@@ -33,7 +33,9 @@ class CompletionRequest(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:
         if self.stream_options is not None and not self.stream:
-            raise param_error("stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled.")
+            raise param_error(
+                "stream_options", "The 'stream_options' parameter is only allowed when 'stream' is enabled."
+            )
         if self.best_of not in (None, 0, 1) and self.best_of != (self.n or 1):
             raise param_error("best_of", "only best_of equal to n is supported.")
         return self

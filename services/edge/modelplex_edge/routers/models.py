@@ -6,10 +6,9 @@ from fastapi import APIRouter
 from starlette.responses import Response
 
 from modelplex.v1 import catalog_pb2
-from modelplex_kit.errors import model_not_found
-
 from modelplex_edge.state import Authorized, State
 from modelplex_edge.text_calls import json_response
+from modelplex_kit.errors import model_not_found
 
 router = APIRouter()
 

@@ -8,10 +8,9 @@ from typing import Any
 import orjson
 
 from modelplex.v1 import common_pb2, text_pb2
-from modelplex_kit.errors import unsupported
-
 from modelplex_edge.protocol.chat import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from modelplex_edge.translate.text_common import FINISH_REASONS, sampling, usage_dict
+from modelplex_kit.errors import unsupported
 
 _MODES = {
     "auto": text_pb2.ToolChoice.MODE_AUTO,
@@ -33,8 +32,9 @@ def _content(message: ChatMessage) -> list[text_pb2.ContentPart]:
     parts = []
     for part in message.content:
         if part.type == "image_url":
-            parts.append(text_pb2.ContentPart(image=text_pb2.ImageInput(url=part.image_url.url,
-                                                                        detail=part.image_url.detail)))
+            parts.append(
+                text_pb2.ContentPart(image=text_pb2.ImageInput(url=part.image_url.url, detail=part.image_url.detail))
+            )
         else:
             parts.append(text_pb2.ContentPart(text=part.text if part.type == "text" else part.refusal))
     return parts
@@ -80,8 +80,12 @@ def to_proto(body: ChatCompletionRequest, model_id: str, meta: common_pb2.Reques
         model=model_id,
         chat=text_pb2.ChatInput(messages=[_message(m) for m in body.messages]),
         sampling=sampling(
-            temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_completion_tokens or body.max_tokens,
-            stop=body.stop, seed=body.seed, presence_penalty=body.presence_penalty,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            max_tokens=body.max_completion_tokens or body.max_tokens,
+            stop=body.stop,
+            seed=body.seed,
+            presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
         ),
         tools=[
@@ -107,9 +111,12 @@ def _logprobs(items) -> dict[str, Any] | None:
     return {
         "content": [
             {
-                "token": lp.token, "logprob": lp.logprob, "bytes": list(lp.token_bytes),
-                "top_logprobs": [{"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)}
-                                 for t in lp.top_logprobs],
+                "token": lp.token,
+                "logprob": lp.logprob,
+                "bytes": list(lp.token_bytes),
+                "top_logprobs": [
+                    {"token": t.token, "logprob": t.logprob, "bytes": list(t.token_bytes)} for t in lp.top_logprobs
+                ],
             }
             for lp in items
         ],
@@ -127,31 +134,49 @@ def from_proto(response: text_pb2.GenerateResponse, model_id: str) -> dict[str, 
                 for c in choice.tool_calls
             ]
             message["content"] = choice.text or None
-        choices.append({
-            "index": choice.index, "message": message, "logprobs": _logprobs(choice.logprobs),
-            "finish_reason": FINISH_REASONS[choice.finish_reason] or "stop",
-        })
+        choices.append(
+            {
+                "index": choice.index,
+                "message": message,
+                "logprobs": _logprobs(choice.logprobs),
+                "finish_reason": FINISH_REASONS[choice.finish_reason] or "stop",
+            }
+        )
     return {
-        "id": f"chatcmpl-{response.id}", "object": "chat.completion", "created": response.created,
-        "model": model_id, "choices": choices, "usage": usage_dict(response.usage),
+        "id": f"chatcmpl-{response.id}",
+        "object": "chat.completion",
+        "created": response.created,
+        "model": model_id,
+        "choices": choices,
+        "usage": usage_dict(response.usage),
     }
 
 
 def _tool_call_delta(fragment: text_pb2.ToolCallDelta) -> dict[str, Any]:
     if fragment.id:  # the first fragment of a call introduces it
-        return {"index": fragment.index, "id": fragment.id, "type": "function",
-                "function": {"name": fragment.name, "arguments": fragment.arguments}}
+        return {
+            "index": fragment.index,
+            "id": fragment.id,
+            "type": "function",
+            "function": {"name": fragment.name, "arguments": fragment.arguments},
+        }
     return {"index": fragment.index, "function": {"arguments": fragment.arguments}}
 
 
 async def stream_chunks(
-    stream: AsyncIterator[text_pb2.GenerateStreamResponse], model_id: str, include_usage: bool,
+    stream: AsyncIterator[text_pb2.GenerateStreamResponse],
+    model_id: str,
+    include_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
     """OpenAI chat.completion.chunk objects from the backend stream."""
     started: set[int] = set()
     async for message in stream:
-        header = {"id": f"chatcmpl-{message.id}", "object": "chat.completion.chunk",
-                  "created": message.created, "model": model_id}
+        header = {
+            "id": f"chatcmpl-{message.id}",
+            "object": "chat.completion.chunk",
+            "created": message.created,
+            "model": model_id,
+        }
         if message.HasField("usage"):
             if include_usage:
                 yield {**header, "choices": [], "usage": usage_dict(message.usage)}
@@ -166,8 +191,14 @@ async def stream_chunks(
                 body["content"] = delta.text
             if delta.tool_calls:
                 body["tool_calls"] = [_tool_call_delta(f) for f in delta.tool_calls]
-            choices.append({"index": delta.index, "delta": body, "logprobs": _logprobs(delta.logprobs),
-                            "finish_reason": FINISH_REASONS[delta.finish_reason]})
+            choices.append(
+                {
+                    "index": delta.index,
+                    "delta": body,
+                    "logprobs": _logprobs(delta.logprobs),
+                    "finish_reason": FINISH_REASONS[delta.finish_reason],
+                }
+            )
         chunk = {**header, "choices": choices}
         if include_usage:
             chunk["usage"] = None

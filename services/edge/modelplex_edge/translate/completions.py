@@ -6,10 +6,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from modelplex.v1 import common_pb2, text_pb2
-from modelplex_kit.errors import invalid, unsupported
-
 from modelplex_edge.protocol.completions import CompletionRequest
 from modelplex_edge.translate.text_common import FINISH_REASONS, add_usage, sampling, usage_dict
+from modelplex_kit.errors import invalid, unsupported
 
 
 def to_protos(body: CompletionRequest, model_id: str, meta: common_pb2.RequestMeta) -> list[text_pb2.GenerateRequest]:
@@ -19,14 +18,22 @@ def to_protos(body: CompletionRequest, model_id: str, meta: common_pb2.RequestMe
     if body.logit_bias:
         raise unsupported("logit_bias", "`logit_bias`")
     params = sampling(
-        temperature=body.temperature, top_p=body.top_p, max_tokens=body.max_tokens, stop=body.stop, seed=body.seed,
-        presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        max_tokens=body.max_tokens,
+        stop=body.stop,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
     )
     return [
         text_pb2.GenerateRequest(
-            meta=meta, model=model_id,
+            meta=meta,
+            model=model_id,
             completion=text_pb2.CompletionInput(prompt=prompt, echo=bool(body.echo), suffix=body.suffix or ""),
-            sampling=params, n=body.n or 1, logprobs=body.logprobs is not None and body.logprobs > 0,
+            sampling=params,
+            n=body.n or 1,
+            logprobs=body.logprobs is not None and body.logprobs > 0,
             top_logprobs=body.logprobs or 0,
         )
         for prompt in prompts
@@ -51,19 +58,30 @@ def from_protos(responses: list[text_pb2.GenerateResponse], model_id: str) -> di
     for response in responses:
         add_usage(usage, response.usage)
         for choice in response.choices:
-            choices.append({
-                "index": len(choices), "text": choice.text, "logprobs": _logprobs(choice.logprobs),
-                "finish_reason": FINISH_REASONS[choice.finish_reason] or "stop",
-            })
+            choices.append(
+                {
+                    "index": len(choices),
+                    "text": choice.text,
+                    "logprobs": _logprobs(choice.logprobs),
+                    "finish_reason": FINISH_REASONS[choice.finish_reason] or "stop",
+                }
+            )
     first = responses[0]
     return {
-        "id": f"cmpl-{first.id}", "object": "text_completion", "created": first.created, "model": model_id,
-        "choices": choices, "usage": usage_dict(usage),
+        "id": f"cmpl-{first.id}",
+        "object": "text_completion",
+        "created": first.created,
+        "model": model_id,
+        "choices": choices,
+        "usage": usage_dict(usage),
     }
 
 
 async def stream_chunks(
-    streams: list[AsyncIterator[text_pb2.GenerateStreamResponse]], model_id: str, n: int, include_usage: bool,
+    streams: list[AsyncIterator[text_pb2.GenerateStreamResponse]],
+    model_id: str,
+    n: int,
+    include_usage: bool,
 ) -> AsyncIterator[dict[str, Any]]:
     """text_completion chunks; prompts are streamed one after another, indexes kept distinct."""
     usage = common_pb2.Usage()
@@ -76,14 +94,27 @@ async def stream_chunks(
                 add_usage(usage, message.usage)
                 continue
             chunk = {
-                "id": completion_id, "object": "text_completion", "created": created, "model": model_id,
+                "id": completion_id,
+                "object": "text_completion",
+                "created": created,
+                "model": model_id,
                 "choices": [
-                    {"index": offset * n + d.index, "text": d.text, "logprobs": _logprobs(d.logprobs),
-                     "finish_reason": FINISH_REASONS[d.finish_reason]}
+                    {
+                        "index": offset * n + d.index,
+                        "text": d.text,
+                        "logprobs": _logprobs(d.logprobs),
+                        "finish_reason": FINISH_REASONS[d.finish_reason],
+                    }
                     for d in message.deltas
                 ],
             }
             yield chunk  # no "usage": null here: the spec's completion object has no nullable usage
     if include_usage:
-        yield {"id": completion_id, "object": "text_completion", "created": created, "model": model_id,
-               "choices": [], "usage": usage_dict(usage)}
+        yield {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model_id,
+            "choices": [],
+            "usage": usage_dict(usage),
+        }

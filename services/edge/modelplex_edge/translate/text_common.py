@@ -16,8 +16,14 @@ FINISH_REASONS = {
 
 
 def sampling(
-    *, temperature: float | None, top_p: float | None, max_tokens: int | None, stop: str | list[str] | None,
-    seed: int | None, presence_penalty: float | None, frequency_penalty: float | None,
+    *,
+    temperature: float | None,
+    top_p: float | None,
+    max_tokens: int | None,
+    stop: str | list[str] | None,
+    seed: int | None,
+    presence_penalty: float | None,
+    frequency_penalty: float | None,
 ) -> text_pb2.SamplingParams:
     params = text_pb2.SamplingParams(
         stop=[stop] if isinstance(stop, str) else (stop or []),
@@ -43,7 +49,10 @@ def usage_dict(usage: common_pb2.Usage) -> dict[str, Any]:
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_prompt_tokens, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
         },
         "cache_read_input_tokens": usage.cached_prompt_tokens,
         "cache_creation_input_tokens": usage.cache_creation_prompt_tokens,
@@ -51,6 +60,11 @@ def usage_dict(usage: common_pb2.Usage) -> dict[str, Any]:
 
 
 def add_usage(total: common_pb2.Usage, part: common_pb2.Usage) -> None:
-    for field in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_prompt_tokens",
-                  "cache_creation_prompt_tokens"):
+    for field in (
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+        "cached_prompt_tokens",
+        "cache_creation_prompt_tokens",
+    ):
         setattr(total, field, getattr(total, field) + getattr(part, field))

@@ -23,7 +23,6 @@ from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList, llama_grammar
 
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
-
 from modelplex_text import gguf
 from modelplex_text.assembler import ChoiceAssembler
 from modelplex_text.engine import EngineEvent
@@ -31,6 +30,7 @@ from modelplex_text.prompting import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OutputCons
 from modelplex_text.settings import TextSettings
 
 log = logging.getLogger(__name__)
+
 
 @lru_cache(maxsize=64)
 def _grammar_text(kind: str, schema_json: str) -> str:
@@ -42,8 +42,7 @@ def _grammar_text(kind: str, schema_json: str) -> str:
     # Prose (which may not open with "<"), or one call wrapped in tags.
     call = gbnf.replace("root ::=", "tool-call ::=", 1)
     return (
-        f'root ::= "{TOOL_CALL_OPEN}" tool-call "{TOOL_CALL_CLOSE}" | free-text\n'
-        'free-text ::= [^<] [^\\x00]*\n' + call
+        f'root ::= "{TOOL_CALL_OPEN}" tool-call "{TOOL_CALL_CLOSE}" | free-text\nfree-text ::= [^<] [^\\x00]*\n' + call
     )
 
 
@@ -119,7 +118,9 @@ class LlamaCppEngine:
     async def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def stream(self, request: text_pb2.GenerateRequest, *, incremental: bool = True) -> AsyncIterator[EngineEvent]:
+    async def stream(
+        self, request: text_pb2.GenerateRequest, *, incremental: bool = True
+    ) -> AsyncIterator[EngineEvent]:
         if request.completion.suffix:
             raise unsupported("suffix", "`suffix`")
         plan = plan_prompt(request, self._template)
@@ -182,7 +183,9 @@ class LlamaCppEngine:
             stop.set()  # no-op when finished; aborts generation when the consumer left
             self._queued -= 1
 
-    def _work(self, tokens: list[int], kwargs: dict[str, Any], emit: Callable[[tuple], None], stop: threading.Event) -> None:
+    def _work(
+        self, tokens: list[int], kwargs: dict[str, Any], emit: Callable[[tuple], None], stop: threading.Event
+    ) -> None:
         try:
             with self._lock:
                 if stop.is_set():
@@ -202,7 +205,14 @@ class LlamaCppEngine:
                 emit(("end", reason, sampled.completion_tokens(reason)))
         except Exception as exc:  # relayed to the event loop, mapped to a gRPC status there
             log.exception("llama.cpp generation failed")
-            emit(("error", exc if isinstance(exc, ServiceError) else ServiceError(grpc.StatusCode.INTERNAL, "llama.cpp failed")))
+            emit(
+                (
+                    "error",
+                    exc
+                    if isinstance(exc, ServiceError)
+                    else ServiceError(grpc.StatusCode.INTERNAL, "llama.cpp failed"),
+                )
+            )
 
     def _cached_prefix(self, tokens: list[int]) -> int:
         """Prompt tokens llama.cpp will reuse from its KV cache (see Llama.generate)."""

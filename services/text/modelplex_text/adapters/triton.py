@@ -34,7 +34,6 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
-
 from modelplex_text import gguf
 from modelplex_text.adapters.llamacpp import _sampling_kwargs
 from modelplex_text.assembler import ChoiceAssembler
@@ -155,7 +154,10 @@ class TritonEngine:
         self._context_length = settings.context_length
         self._client: InferenceServerClient | None = None
         self.capabilities = catalog_pb2.Capabilities(
-            chat=True, completions=True, tool_use=True, multiple_choices=True,
+            chat=True,
+            completions=True,
+            tool_use=True,
+            multiple_choices=True,
             json_schema=settings.triton_flavor == "vllm",  # only there is guided decoding sent
         )
         log.info("triton engine ready", extra={"url": self._url, "model": self._model, "tokenizer": path})
@@ -180,7 +182,9 @@ class TritonEngine:
             params["max_tokens"] = max(1, self._context_length - prompt_tokens)
         return params
 
-    async def stream(self, request: text_pb2.GenerateRequest, *, incremental: bool = True) -> AsyncIterator[EngineEvent]:
+    async def stream(
+        self, request: text_pb2.GenerateRequest, *, incremental: bool = True
+    ) -> AsyncIterator[EngineEvent]:
         if request.completion.suffix:
             raise unsupported("suffix", "`suffix`")
         plan = plan_prompt(request, self._template)
