@@ -18,7 +18,6 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from modelplex_edge.middleware import BodyTooLarge
 from modelplex_kit.errors import HTTP_ONLY, ServiceError, invalid
 
 log = logging.getLogger(__name__)
@@ -27,6 +26,11 @@ M = TypeVar("M", bound=BaseModel)
 
 # Location parts pydantic adds for union members; they are not request fields.
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "json-or-python"}
+
+
+class BodyTooLarge(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"Request body too large: the limit is {limit} bytes.")
 
 
 def error_response(error: ServiceError) -> Response:

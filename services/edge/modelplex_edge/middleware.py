@@ -12,17 +12,12 @@ import uuid
 
 from opentelemetry import trace
 
+from modelplex_edge.errors import BodyTooLarge, http_only_error
 from modelplex_kit.logging import request_id_var
 from modelplex_kit.telemetry import HTTP_LATENCY, HTTP_REQUESTS
 
 _tracer = trace.get_tracer("modelplex.edge")
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
-
-
-class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"Request body too large: the limit is {limit} bytes.")
-        self.limit = limit
 
 
 def _header(scope, name: bytes) -> bytes | None:
@@ -56,7 +51,11 @@ class EdgeMiddleware:
 
         try:
             with _tracer.start_as_current_span(f"{scope['method']} {scope['path']}", kind=trace.SpanKind.SERVER):
-                await self.app(scope, self._limited(scope, receive), send_with_id)
+                if self._declared_too_large(scope):  # refused before auth or parsing
+                    limit = BodyTooLarge(self.max_body_bytes)
+                    await http_only_error(413, str(limit))(scope, receive, send_with_id)
+                    return
+                await self.app(scope, self._limited(receive), send_with_id)
         finally:
             route = scope.get("route")
             label = route.path if route is not None else "unmatched"
@@ -64,16 +63,13 @@ class EdgeMiddleware:
             HTTP_REQUESTS.labels(label, str(status)).inc()
             request_id_var.reset(token)
 
-    def _limited(self, scope, receive):
-        """receive() that refuses bodies over the limit, declared or streamed."""
-        limit = self.max_body_bytes
+    def _declared_too_large(self, scope) -> bool:
         declared = _header(scope, b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        return declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes
 
-            async def refuse():
-                raise BodyTooLarge(limit)
-
-            return refuse
+    def _limited(self, receive):
+        """receive() that refuses a streamed (chunked) body once it passes the limit."""
+        limit = self.max_body_bytes
         seen = 0
 
         async def counting():

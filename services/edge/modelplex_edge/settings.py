@@ -1,7 +1,9 @@
 from __future__ import annotations
 
-from pydantic import AliasChoices, Field, SecretStr
-from pydantic_settings import SettingsConfigDict
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from modelplex_kit.settings import ServiceSettings
 
@@ -20,7 +22,8 @@ class EdgeSettings(ServiceSettings):
         validation_alias=AliasChoices("MODELPLEX_DEV_API_KEY", "MODELPLEX_EDGE_DEV_API_KEY"),
     )
     # Browser origins allowed by CORS; empty keeps CORS closed (a server-to-server API).
-    cors_origins: list[str] = Field(default_factory=list)
+    # Comma-separated in the environment, as the Helm chart writes it.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 16 * 1024 * 1024
     # Deadline for one backend call (generation included).
     backend_timeout_seconds: float = 600.0
@@ -28,3 +31,10 @@ class EdgeSettings(ServiceSettings):
     catalog_wait_seconds: float = 10.0
     # uvicorn's keep-alive for idle client connections.
     keep_alive_seconds: int = 75
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value

@@ -1,0 +1,36 @@
+"""The edge app in-process (no backends): CORS, limits and error shapes."""
+
+import httpx
+
+from modelplex_edge.app import create_app
+from modelplex_edge.settings import EdgeSettings
+
+
+def client(**settings) -> httpx.AsyncClient:
+    app = create_app(EdgeSettings(**settings))
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge")
+
+
+PREFLIGHT = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+
+
+async def test_cors_allows_only_configured_origins():
+    async with client(cors_origins=["https://app.example"]) as open_edge:
+        response = await open_edge.options("/v1/chat/completions", headers=PREFLIGHT)
+        assert response.headers["access-control-allow-origin"] == "https://app.example"
+    async with client() as closed_edge:
+        response = await closed_edge.options("/v1/chat/completions", headers=PREFLIGHT)
+        assert "access-control-allow-origin" not in response.headers
+
+
+async def test_declared_oversized_body_is_413_before_anything_else():
+    async with client(max_body_bytes=10) as edge:
+        response = await edge.post("/v1/chat/completions", content=b"x" * 11)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert response.headers["x-request-id"]
+
+
+async def test_health_needs_no_key():
+    async with client() as edge:
+        assert (await edge.get("/healthz")).status_code == 200
