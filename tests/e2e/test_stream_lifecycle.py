@@ -65,3 +65,21 @@ def test_backend_dying_mid_stream_becomes_an_error_event_then_done(stack, client
         for _ in stream:
             pass
     assert "unavailable" in str(err.value).lower() or "internal" in str(err.value).lower()
+
+
+def test_client_disconnect_during_a_unary_request_aborts_generation(stack, client):
+    aborted_before = _backend_log(stack, "text@").count("generation aborted")
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Write a very long essay about deserts."}],
+        "max_tokens": 1500,
+        "temperature": 1.0,
+    }
+    with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(60, read=1.5)) as http:
+        http.post(
+            f"{stack.base_url}/chat/completions", json=body, headers={"Authorization": f"Bearer {client.api_key}"}
+        )
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _backend_log(stack, "text@").count("generation aborted") == aborted_before:
+        time.sleep(0.2)
+    assert _backend_log(stack, "text@").count("generation aborted") > aborted_before
