@@ -31,6 +31,7 @@ from modelplex_kit.devstack import Stack
 from tests.support.ports import free_port
 
 KEY = "sk-bench"
+FLOOR = "bare gRPC (no-op servicer)"
 BODY = {"model": "bench-echo", "messages": [{"role": "user", "content": "Say something."}], "max_tokens": 64}
 
 
@@ -170,6 +171,7 @@ async def measure(targets: dict, count: int, seconds: float, concurrency: int) -
 
 def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
     engine, backend, edge = "engine (direct HTTP)", "text backend (gRPC)", "edge (HTTP, full path)"
+    floor = FLOOR
     lines = [
         "# Benchmarks",
         "",
@@ -188,7 +190,7 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
         "|---|---|---|---|---|---|",
     ]
     for stream in (False, True):
-        for name in (engine, backend, edge):
+        for name in (floor, engine, backend, edge):
             r = results[(name, stream)]
             lines.append(
                 f"| {name} | {'stream' if stream else 'unary'} | {r['p50']:.3f} | {r['p99']:.3f} | "
@@ -213,6 +215,11 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
         lines.append(f"| {hop} | {unary:.3f} | {ttft:.3f} | {per_chunk:.1f} |")
     lines += [
         "",
+        f"For scale: on this machine a bare gRPC round trip to a Python servicer that does nothing "
+        f"({floor}) takes {results[(floor, False)]['p50']:.3f} ms at p50, and a bare HTTP round trip to a "
+        f"uvicorn app that does nothing (the engine row) {results[(engine, False)]['p50']:.3f} ms: that much of "
+        "each hop is transport, the rest is Modelplex's own code.",
+        "",
         "The gatekeeper hop (auth and rate limits) is not in the path yet; it will be measured here when it lands.",
         "",
     ]
@@ -220,8 +227,9 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
 
 
 async def run(args) -> str:
-    engine_port = free_port()
+    engine_port, floor_port = free_port(), free_port()
     engine = start_engine(engine_port)
+    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(floor_port)])
     tmp = Path(tempfile.mkdtemp(prefix="modelplex-bench-"))
     backend_target = f"127.0.0.1:{free_port()}"
     catalog = tmp / "catalog.yaml"
@@ -255,6 +263,7 @@ async def run(args) -> str:
     ).start()
     try:
         targets = {
+            FLOOR: (lambda: GrpcClient(f"127.0.0.1:{floor_port}").connect(), ""),
             "engine (direct HTTP)": (lambda: HttpClient(engine_port).connect(), "/v1/chat/completions"),
             "text backend (gRPC)": (lambda: GrpcClient(backend_target).connect(), ""),
             "edge (HTTP, full path)": (lambda: HttpClient(stack.edge_port).connect(), "/v1/chat/completions"),
@@ -263,6 +272,7 @@ async def run(args) -> str:
     finally:
         stack.stop()
         engine.terminate()
+        floor.terminate()
     return report(results, args.requests, args.seconds, args.concurrency)
 
 

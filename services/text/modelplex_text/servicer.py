@@ -11,6 +11,7 @@ import grpc
 
 from modelplex.v1 import common_pb2, text_pb2, text_pb2_grpc
 from modelplex_kit.capabilities import check_text_request
+from modelplex_text.batching import merge_deltas, ready_batches
 from modelplex_text.engine import TextEngine
 
 
@@ -25,11 +26,11 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
         header = {"id": uuid.uuid4().hex, "model": request.model, "created": int(time.time())}
         usage = common_pb2.Usage()
         async with aclosing(self._engine.stream(request)) as events:
-            async for event in events:
-                if isinstance(event, common_pb2.Usage):
-                    usage = event
-                else:
-                    yield text_pb2.GenerateStreamResponse(**header, deltas=[event])
+            async for batch in ready_batches(events):
+                deltas = [event for event in batch if not isinstance(event, common_pb2.Usage)]
+                usage = next((event for event in batch if isinstance(event, common_pb2.Usage)), usage)
+                if deltas:
+                    yield text_pb2.GenerateStreamResponse(**header, deltas=merge_deltas(deltas))
         yield text_pb2.GenerateStreamResponse(**header, usage=usage)
 
     async def Generate(self, request, context: grpc.aio.ServicerContext) -> text_pb2.GenerateResponse:
