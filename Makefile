@@ -51,6 +51,7 @@ run: $(GEN_STAMP)
 
 test: $(GEN_STAMP)
 	$(BIN)/buf lint
+	$(BIN)/ruff check libs services tests bench
 	$(BIN)/pytest
 
 test-fast: $(GEN_STAMP)

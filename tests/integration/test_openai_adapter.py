@@ -3,7 +3,8 @@
 llama-cpp-python's server (SmolLM2-135M) stands in for a vLLM pod: the adapter
 is driven directly and through the real gRPC servicer. What llama.cpp's server
 cannot produce (usage in streams, tool-call fragments, 4xx envelopes, 429s) is
-replayed from canned vLLM-style responses over httpx's MockTransport.
+replayed from canned vLLM-style responses by a local aiohttp server, which
+also records what the adapter sent.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ import asyncio
 import json
 import time
 from contextlib import aclosing, asynccontextmanager
+from dataclasses import dataclass, field
 
 import grpc
-import httpx
 import pytest
+from aiohttp import web
+from multidict import CIMultiDict
 
 from modelplex.v1 import common_pb2, text_pb2, text_pb2_grpc
 from modelplex_kit.errors import ServiceError
@@ -233,17 +236,64 @@ def sse(*events) -> bytes:
     return b"".join(f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events)
 
 
-def canned(status: int, body: bytes, seen: list | None = None) -> OpenAIHttpEngine:
-    def handle(request: httpx.Request) -> httpx.Response:
-        if seen is not None:
-            seen.append(request)
-        return httpx.Response(status, content=body, headers={"content-type": "text/event-stream"})
-
-    settings = TextSettings(engine="openai", upstream_url="http://vllm:8000/v1", upstream_api_key="sk-op")
-    return OpenAIHttpEngine(settings, transport=httpx.MockTransport(handle))
+@dataclass
+class Received:
+    url: str
+    headers: CIMultiDict
+    content: bytes
+    peer: tuple  # the client's address and port: the same twice means one reused connection
 
 
-async def test_request_translation_and_tool_call_fragments():
+@dataclass
+class Canned:
+    """A vLLM stand-in that answers every POST with ``body`` and records each request."""
+
+    url: str
+    status: int = 200
+    body: bytes = b""
+    pause: float = 0.0  # before the answer and between its events
+    drops: int = 0  # requests to answer by closing the connection instead
+    seen: list[Received] = field(default_factory=list)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.seen.append(Received(str(request.url), request.headers.copy(), await request.read(),
+                                  request.transport.get_extra_info("peername")))
+        if self.drops:
+            self.drops -= 1
+            request.transport.close()  # what a server closing an idle keep-alive connection looks like
+            return web.Response()
+        response = web.StreamResponse(status=self.status, headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+        *events, tail = self.body.split(b"\n\n")
+        for piece in [e + b"\n\n" for e in events] + ([tail] if tail else []):  # a write per event, as vLLM does
+            await asyncio.sleep(self.pause)
+            await response.write(piece)
+        await asyncio.sleep(max(self.pause, 0.01))  # the body's end comes apart from [DONE], as from vLLM
+        await response.write_eof()
+        return response
+
+
+@pytest.fixture
+async def upstream():
+    port = free_port()
+    server = Canned(f"http://127.0.0.1:{port}/v1")
+    app = web.Application()
+    app.router.add_post("/{path:.*}", server.handle)
+    # handler_cancellation: like vLLM, stop answering when the client goes away.
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    yield server
+    await runner.cleanup()
+
+
+def canned(upstream: Canned, status: int, body: bytes, **settings) -> OpenAIHttpEngine:
+    upstream.status, upstream.body = status, body
+    values = {"engine": "openai", "upstream_url": upstream.url, "upstream_api_key": "sk-op"}
+    return OpenAIHttpEngine(TextSettings(**(values | settings)))
+
+
+async def test_request_translation_and_tool_call_fragments(upstream):
     call_chunks = [
         {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
         {"choices": [{"index": 0, "delta": {"tool_calls": [
@@ -254,8 +304,7 @@ async def test_request_translation_and_tool_call_fragments():
         {"choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49,
                                   "prompt_tokens_details": {"cached_tokens": 32}}},
     ]
-    seen: list[httpx.Request] = []
-    engine = canned(200, sse(*call_chunks, "[DONE]"), seen)
+    engine = canned(upstream, 200, sse(*call_chunks, "[DONE]"))
     request = text_pb2.GenerateRequest(
         model="qwen-7b",
         chat=text_pb2.ChatInput(messages=[
@@ -274,10 +323,11 @@ async def test_request_translation_and_tool_call_fragments():
     events = await collect(engine, request)
     await engine.close()
 
-    (sent,) = seen
+    (sent,) = upstream.seen
     body = json.loads(sent.content)
-    assert str(sent.url) == "http://vllm:8000/v1/chat/completions"
+    assert sent.url == f"{upstream.url}/chat/completions"
     assert sent.headers["authorization"] == "Bearer sk-op"
+    assert sent.headers["content-type"] == "application/json"
     assert body["model"] == "qwen-7b"  # no upstream_model: the catalog's id
     assert body["stream"] is True and body["stream_options"] == {"include_usage": True}
     assert body["max_tokens"] == 20 and body["stop"] == ["\n"] and body["n"] == 2
@@ -321,8 +371,8 @@ async def test_request_translation_and_tool_call_fragments():
         (503, {}, grpc.StatusCode.UNAVAILABLE, None, None),
     ],
 )
-async def test_upstream_error_mapping(status, body, code, param, error_code):
-    engine = canned(status, json.dumps(body).encode())
+async def test_upstream_error_mapping(upstream, status, body, code, param, error_code):
+    engine = canned(upstream, status, json.dumps(body).encode())
     with pytest.raises(ServiceError) as caught:
         await collect(engine, chat("hi"))
     await engine.close()
@@ -333,9 +383,9 @@ async def test_upstream_error_mapping(status, body, code, param, error_code):
         assert error.message == (body.get("error") or body)["message"]
 
 
-async def test_error_event_inside_the_stream():
+async def test_error_event_inside_the_stream(upstream):
     chunk = {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}
-    engine = canned(200, sse(chunk, {"error": {"message": "prompt too long", "code": 400}}))
+    engine = canned(upstream, 200, sse(chunk, {"error": {"message": "prompt too long", "code": 400}}))
     async with aclosing(engine.stream(chat("hi"))) as events:
         assert (await anext(events)).text == "Hi"
         with pytest.raises(ServiceError) as caught:
@@ -343,3 +393,72 @@ async def test_error_event_inside_the_stream():
     await engine.close()
     assert caught.value.status == grpc.StatusCode.INVALID_ARGUMENT
     assert caught.value.message == "prompt too long"
+
+
+async def test_unary_is_one_non_streaming_call(upstream):
+    answer = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": None,
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+    engine = canned(upstream, 200, json.dumps(answer).encode())
+    async with aclosing(engine.stream(chat("hi"), incremental=False)) as events:
+        (delta, usage) = [event async for event in events]
+    await engine.close()
+    body = json.loads(upstream.seen[0].content)
+    assert body["stream"] is False and "stream_options" not in body
+    assert (delta.tool_calls[0].id, delta.tool_calls[0].name) == ("call_1", "f")
+    assert delta.finish_reason == text_pb2.FINISH_REASON_TOOL_CALLS
+    assert usage == common_pb2.Usage(prompt_tokens=5, completion_tokens=3, total_tokens=8)
+
+
+async def test_stream_framing(upstream):
+    # CRLF line ends (sse-starlette's), pings, an event far beyond aiohttp's 128 KiB line cap
+    # (echoed prompt logprobs get that big), and a last [DONE] without its blank line.
+    big = "x" * 300_000
+    body = (f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': big}}]})}\r\n\r\n"
+            ": ping\r\n\r\ndata: [DONE]\r\n").encode()
+    engine = canned(upstream, 200, body)
+    *deltas, usage = await collect(engine, chat("hi"))
+    await engine.close()
+    assert [d.text for d in deltas] == [big]
+    assert usage.completion_tokens == 1
+
+
+async def test_finished_streams_reuse_their_connection(upstream):
+    engine = canned(upstream, 200, sse({"choices": [{"index": 0, "delta": {"content": "Hi"}}]}, "[DONE]"))
+    for _ in range(2):
+        await collect(engine, chat("hi"))
+    async with aclosing(engine.stream(chat("hi"))) as events:
+        await anext(events)  # left early: that connection must be closed, never reused
+    await collect(engine, chat("hi"))
+    await engine.close()
+    first, second, early, after = (r.peer for r in upstream.seen)
+    assert first == second == early != after
+
+
+async def test_a_connection_closed_before_answering_is_retried_once(upstream):
+    engine = canned(upstream, 200, sse({"choices": [{"index": 0, "delta": {"content": "Hi"}}]}, "[DONE]"))
+    await collect(engine, chat("hi"))
+    upstream.drops = 1  # the server drops the pooled connection as the next request arrives
+    *deltas, _ = await collect(engine, chat("hi"))
+    assert [d.text for d in deltas] == ["Hi"]
+    upstream.drops = 2  # ...but only once: a second failure is the server's
+    with pytest.raises(ServiceError) as caught:
+        await collect(engine, chat("hi"))
+    await engine.close()
+    assert caught.value.status == grpc.StatusCode.UNAVAILABLE
+    assert len(upstream.seen) == 5
+
+
+async def test_timeout_bounds_silence_not_the_whole_stream(upstream):
+    chunks = [{"choices": [{"index": 0, "delta": {"content": str(i)}}]} for i in range(6)]
+    upstream.pause = 0.1  # 0.7 s in all, never 0.3 s without a byte
+    engine = canned(upstream, 200, sse(*chunks, "[DONE]"), upstream_timeout_seconds=0.3)
+    *deltas, _ = await collect(engine, chat("hi"))
+    assert "".join(d.text for d in deltas) == "012345"
+    upstream.pause = 0.6
+    with pytest.raises(ServiceError) as caught:
+        await collect(engine, chat("hi"))
+    await engine.close()
+    assert caught.value.status == grpc.StatusCode.UNAVAILABLE
+    assert "timed out" in caught.value.message
