@@ -9,6 +9,8 @@ _FINISH = {
     "stop": text_pb2.FINISH_REASON_STOP,
     "length": text_pb2.FINISH_REASON_LENGTH,
     "tool_calls": text_pb2.FINISH_REASON_TOOL_CALLS,
+    "function_call": text_pb2.FINISH_REASON_TOOL_CALLS,  # older OpenAI-compatible servers
+    "content_filter": text_pb2.FINISH_REASON_CONTENT_FILTER,
 }
 
 

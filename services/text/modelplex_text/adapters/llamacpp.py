@@ -27,6 +27,7 @@ from modelplex_text import gguf
 from modelplex_text.assembler import ChoiceAssembler
 from modelplex_text.engine import EngineEvent
 from modelplex_text.prompting import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OutputConstraint, plan_prompt
+from modelplex_text.sampling import sampling_kwargs
 from modelplex_text.settings import TextSettings
 
 log = logging.getLogger(__name__)
@@ -60,19 +61,6 @@ def grammar_for(constraint: OutputConstraint | None) -> LlamaGrammar | None:
     except (ValueError, RuntimeError) as exc:  # a schema llama.cpp cannot compile
         param = "response_format" if constraint.kind == "json_schema" else "tools"
         raise invalid(f"Cannot enforce this JSON schema: {exc}", param) from exc
-
-
-def _sampling_kwargs(request: text_pb2.GenerateRequest) -> dict[str, Any]:
-    s = request.sampling
-    return {
-        "temperature": s.temperature if s.HasField("temperature") else 1.0,
-        "top_p": s.top_p if s.HasField("top_p") else 1.0,
-        "max_tokens": s.max_tokens if s.HasField("max_tokens") else None,
-        "stop": list(s.stop),
-        "presence_penalty": s.presence_penalty,
-        "frequency_penalty": s.frequency_penalty,
-        "repeat_penalty": 1.0,
-    }
 
 
 class _SampleCounter:
@@ -134,7 +122,8 @@ class LlamaCppEngine:
                 code="context_length_exceeded",
             )
         grammar = grammar_for(plan.constraint)
-        kwargs = _sampling_kwargs(request)
+        # repeat_penalty 1.0: OpenAI has no such knob, so llama.cpp must not apply one either.
+        kwargs = {**sampling_kwargs(request), "repeat_penalty": 1.0}
         seed = request.sampling.seed if request.sampling.HasField("seed") else None
         usage = common_pb2.Usage(prompt_tokens=len(tokens))
         for index in range(max(1, request.n)):

@@ -23,18 +23,12 @@ import orjson
 
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_kit.errors import ServiceError, invalid, unavailable
+from modelplex_text.assembler import finish_reason
 from modelplex_text.engine import EngineEvent
 from modelplex_text.settings import TextSettings
 
 log = logging.getLogger(__name__)
 
-_FINISH = {
-    "stop": text_pb2.FINISH_REASON_STOP,
-    "length": text_pb2.FINISH_REASON_LENGTH,
-    "tool_calls": text_pb2.FINISH_REASON_TOOL_CALLS,
-    "function_call": text_pb2.FINISH_REASON_TOOL_CALLS,
-    "content_filter": text_pb2.FINISH_REASON_CONTENT_FILTER,
-}
 _TOOL_CHOICE = {
     text_pb2.ToolChoice.MODE_AUTO: "auto",
     text_pb2.ToolChoice.MODE_NONE: "none",
@@ -334,7 +328,7 @@ def choice_delta(choice: dict[str, Any]) -> text_pb2.ChoiceDelta:
         )
     out.logprobs.extend(_logprobs(choice.get("logprobs") or {}))
     if choice.get("finish_reason"):
-        out.finish_reason = _FINISH.get(choice["finish_reason"], text_pb2.FINISH_REASON_STOP)
+        out.finish_reason = finish_reason(choice["finish_reason"])
     return out
 
 

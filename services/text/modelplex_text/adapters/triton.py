@@ -35,10 +35,10 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
 from modelplex_text import gguf
-from modelplex_text.adapters.llamacpp import _sampling_kwargs
 from modelplex_text.assembler import ChoiceAssembler
 from modelplex_text.engine import EngineEvent
 from modelplex_text.prompting import OutputConstraint, plan_prompt
+from modelplex_text.sampling import sampling_kwargs
 from modelplex_text.settings import TextSettings
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,7 @@ class TritonEngine:
         return len(self._tokenizer.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
 
     def _params(self, request: text_pb2.GenerateRequest, prompt_tokens: int) -> dict[str, Any]:
-        params = _sampling_kwargs(request)
-        del params["repeat_penalty"]  # llama.cpp's name; 1.0 is vLLM's and TRT-LLM's default anyway
+        params = sampling_kwargs(request)
         if params["max_tokens"] is None:  # both backends need a number (vLLM's default is 16)
             params["max_tokens"] = max(1, self._context_length - prompt_tokens)
         return params
