@@ -217,8 +217,19 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
         "",
         f"For scale: on this machine a bare gRPC round trip to a Python servicer that does nothing "
         f"({floor}) takes {results[(floor, False)]['p50']:.3f} ms at p50, and a bare HTTP round trip to a "
-        f"uvicorn app that does nothing (the engine row) {results[(engine, False)]['p50']:.3f} ms: that much of "
-        "each hop is transport, the rest is Modelplex's own code.",
+        f"uvicorn app that does nothing (the engine row) {results[(engine, False)]['p50']:.3f} ms. Each hop "
+        "contains one such round trip, so that much of it is transport and the rest is Modelplex's own code "
+        "(the backend hop also contains the adapter's HTTP client call to the engine).",
+        "",
+        "Target: under 1 ms added per hop at p50 (unary). "
+        + "; ".join(
+            f"{hop}: {added:.3f} ms, {'met' if added < 1.0 else 'not met'}"
+            for hop, added in (
+                ("text backend", results[(backend, False)]["p50"] - results[(engine, False)]["p50"]),
+                ("edge", results[(edge, False)]["p50"] - results[(backend, False)]["p50"]),
+            )
+        )
+        + ".",
         "",
         "The gatekeeper hop (auth and rate limits) is not in the path yet; it will be measured here when it lands.",
         "",

@@ -22,6 +22,10 @@ class TextSettings(GrpcServiceSettings):
     context_length: int = 8192
     # 0: llama.cpp picks (all cores).
     threads: int = 0
+    # Sampling defaults for requests that set none (the model card's recommendation;
+    # OpenAI's own defaults are 1.0). Used by the engines that sample here (llamacpp, triton).
+    default_temperature: float = 1.0
+    default_top_p: float = 1.0
     # Requests waiting for the single llama.cpp context beyond this get 503.
     max_queue: int = 64
 

@@ -97,6 +97,7 @@ class LlamaCppEngine:
         )
         self._template = gguf.chat_template(self._llm)
         self._context_length = settings.context_length
+        self._defaults = (settings.default_temperature, settings.default_top_p)
         self._lock = threading.Lock()
         self._max_queue = settings.max_queue
         self._queued = 0
@@ -123,7 +124,7 @@ class LlamaCppEngine:
             )
         grammar = grammar_for(plan.constraint)
         # repeat_penalty 1.0: OpenAI has no such knob, so llama.cpp must not apply one either.
-        kwargs = {**sampling_kwargs(request), "repeat_penalty": 1.0}
+        kwargs = {**sampling_kwargs(request, *self._defaults), "repeat_penalty": 1.0}
         seed = request.sampling.seed if request.sampling.HasField("seed") else None
         usage = common_pb2.Usage(prompt_tokens=len(tokens))
         for index in range(max(1, request.n)):

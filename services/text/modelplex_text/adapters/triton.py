@@ -152,6 +152,7 @@ class TritonEngine:
         self._timeout = settings.upstream_timeout_seconds
         # Triton has no max_tokens "until the context is full"; this is the model's context length.
         self._context_length = settings.context_length
+        self._defaults = (settings.default_temperature, settings.default_top_p)
         self._client: InferenceServerClient | None = None
         self.capabilities = catalog_pb2.Capabilities(
             chat=True,
@@ -176,7 +177,7 @@ class TritonEngine:
         return len(self._tokenizer.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
 
     def _params(self, request: text_pb2.GenerateRequest, prompt_tokens: int) -> dict[str, Any]:
-        params = sampling_kwargs(request)
+        params = sampling_kwargs(request, *self._defaults)
         if params["max_tokens"] is None:  # both backends need a number (vLLM's default is 16)
             params["max_tokens"] = max(1, self._context_length - prompt_tokens)
         return params
