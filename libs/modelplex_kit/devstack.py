@@ -176,10 +176,11 @@ def main() -> None:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     stack.start()
-    key = os.environ.get("MODELPLEX_DEV_API_KEY", "sk-modelplex-dev")
+    # A key of your own stays out of the terminal's scrollback; the public default is shown.
+    key = "$MODELPLEX_DEV_API_KEY" if os.environ.get("MODELPLEX_DEV_API_KEY") else "sk-modelplex-dev"
     print(
         f"\n  Modelplex is serving at {stack.base_url}\n  API key: {key}\n"
-        f"  Try: curl {stack.base_url}/models -H 'Authorization: Bearer {key}'\n  Ctrl-C stops everything.\n",
+        f'  Try: curl {stack.base_url}/models -H "Authorization: Bearer {key}"\n  Ctrl-C stops everything.\n',
         flush=True,
     )
     while not stopping:

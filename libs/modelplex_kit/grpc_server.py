@@ -70,10 +70,11 @@ class _Observation:
         if isinstance(exc, ServiceError):
             self.code = exc.status
             await self.context.abort(exc.status, exc.message, trailing_metadata=exc.trailing_metadata())
-        self.code = grpc.StatusCode.INTERNAL
-        log.exception("unhandled error in %s", self.method)
-        await self.context.abort(grpc.StatusCode.INTERNAL, "internal error in the model backend")
-        return False  # unreachable: abort raises
+        else:
+            self.code = grpc.StatusCode.INTERNAL
+            log.exception("unhandled error in %s", self.method)
+            await self.context.abort(grpc.StatusCode.INTERNAL, "internal error in the model backend")
+        return False  # not reached: abort raises
 
 
 def context_metadata(context: grpc.aio.ServicerContext) -> Iterable[tuple[str, Any]]:

@@ -54,10 +54,6 @@ def configure_tracing(service: str, exporter: str = "none") -> None:
     trace.set_tracer_provider(provider)
 
 
-def tracer(name: str) -> trace.Tracer:
-    return trace.get_tracer(name)
-
-
 def outgoing_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
     """gRPC metadata carrying the request id and the current trace context."""
     carrier: dict[str, str] = {}

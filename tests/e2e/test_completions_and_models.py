@@ -77,3 +77,16 @@ def test_retrieve_unknown_model_is_404_model_not_found(client):
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("gpt-17")
     assert err.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize(("prompt", "max_tokens"), [([], 4), ("Hello", 0)])
+def test_empty_prompt_lists_and_zero_max_tokens_are_400(client, prompt, max_tokens):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens)
+    assert err.value.param in ("prompt", "max_tokens")
+
+
+def test_special_tokens_in_a_raw_prompt_stay_text(client):
+    # As control tokens "<|im_start|><|im_end|>" would be 2 tokens; as text it is many more.
+    completion = client.completions.create(model=MODEL, prompt="<|im_start|><|im_end|>", max_tokens=1)
+    assert completion.usage.prompt_tokens > 4

@@ -46,8 +46,13 @@ def llama(tmp_path_factory):
 
 
 def settings_for(llama, **overrides) -> TextSettings:
-    values = {"engine": "openai", "upstream_url": llama.base_url, "upstream_model": llama.model,
-              "upstream_api_key": API_KEY, "upstream_timeout_seconds": 60.0}
+    values = {
+        "engine": "openai",
+        "upstream_url": llama.base_url,
+        "upstream_model": llama.model,
+        "upstream_api_key": API_KEY,
+        "upstream_timeout_seconds": 60.0,
+    }
     return TextSettings(**(values | overrides))
 
 
@@ -82,8 +87,10 @@ async def stub(engine):
 def chat(text: str, max_tokens: int = MAX_TOKENS, **fields) -> text_pb2.GenerateRequest:
     message = text_pb2.ChatMessage(role="user", content=[text_pb2.ContentPart(text=text)])
     return text_pb2.GenerateRequest(
-        model="smollm2", chat=text_pb2.ChatInput(messages=[message]),
-        sampling=text_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0), **fields,
+        model="smollm2",
+        chat=text_pb2.ChatInput(messages=[message]),
+        sampling=text_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+        **fields,
     )
 
 
@@ -131,8 +138,11 @@ async def test_generate_stream_over_grpc(stub):
 
 async def test_legacy_completion_with_logprobs(stub):
     request = text_pb2.GenerateRequest(
-        model="smollm2", completion=text_pb2.CompletionInput(prompt="Once upon a time"),
-        sampling=text_pb2.SamplingParams(max_tokens=8, temperature=0.0), logprobs=True, top_logprobs=2,
+        model="smollm2",
+        completion=text_pb2.CompletionInput(prompt="Once upon a time"),
+        sampling=text_pb2.SamplingParams(max_tokens=8, temperature=0.0),
+        logprobs=True,
+        top_logprobs=2,
     )
     response = await stub.Generate(request)
     (choice,) = response.choices
@@ -256,8 +266,14 @@ class Canned:
     seen: list[Received] = field(default_factory=list)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.seen.append(Received(str(request.url), request.headers.copy(), await request.read(),
-                                  request.transport.get_extra_info("peername")))
+        self.seen.append(
+            Received(
+                str(request.url),
+                request.headers.copy(),
+                await request.read(),
+                request.transport.get_extra_info("peername"),
+            )
+        )
         if self.drops:
             self.drops -= 1
             request.transport.close()  # what a server closing an idle keep-alive connection looks like
@@ -296,29 +312,61 @@ def canned(upstream: Canned, status: int, body: bytes, **settings) -> OpenAIHttp
 async def test_request_translation_and_tool_call_fragments(upstream):
     call_chunks = [
         {"choices": [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]},
-        {"choices": [{"index": 0, "delta": {"tool_calls": [
-            {"index": 0, "id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": ""}}]}}]},
-        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "{\"city\":"}}]}}]},
-        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "\"Paris\"}"}}]}}]},
+        {
+            "choices": [
+                {
+                    "index": 0,
+                    "delta": {
+                        "tool_calls": [
+                            {
+                                "index": 0,
+                                "id": "call_1",
+                                "type": "function",
+                                "function": {"name": "get_weather", "arguments": ""},
+                            }
+                        ]
+                    },
+                }
+            ]
+        },
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '{"city":'}}]}}]},
+        {"choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}}]},
         {"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]},
-        {"choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49,
-                                  "prompt_tokens_details": {"cached_tokens": 32}}},
+        {
+            "choices": [],
+            "usage": {
+                "prompt_tokens": 40,
+                "completion_tokens": 9,
+                "total_tokens": 49,
+                "prompt_tokens_details": {"cached_tokens": 32},
+            },
+        },
     ]
     engine = canned(upstream, 200, sse(*call_chunks, "[DONE]"))
     request = text_pb2.GenerateRequest(
         model="qwen-7b",
-        chat=text_pb2.ChatInput(messages=[
-            text_pb2.ChatMessage(role="user", content=[
-                text_pb2.ContentPart(text="Weather here?"),
-                text_pb2.ContentPart(image=text_pb2.ImageInput(url="data:image/png;base64,AA==", detail="low"))]),
-            text_pb2.ChatMessage(role="assistant", tool_calls=[text_pb2.ToolCall(id="c0", name="f", arguments="{}")]),
-            text_pb2.ChatMessage(role="tool", tool_call_id="c0", content=[text_pb2.ContentPart(text="42")]),
-        ]),
+        chat=text_pb2.ChatInput(
+            messages=[
+                text_pb2.ChatMessage(
+                    role="user",
+                    content=[
+                        text_pb2.ContentPart(text="Weather here?"),
+                        text_pb2.ContentPart(image=text_pb2.ImageInput(url="data:image/png;base64,AA==", detail="low")),
+                    ],
+                ),
+                text_pb2.ChatMessage(
+                    role="assistant", tool_calls=[text_pb2.ToolCall(id="c0", name="f", arguments="{}")]
+                ),
+                text_pb2.ChatMessage(role="tool", tool_call_id="c0", content=[text_pb2.ContentPart(text="42")]),
+            ]
+        ),
         tools=[text_pb2.Tool(name="get_weather", parameters_json='{"type":"object","properties":{"city":{}}}')],
         tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NAMED, function_name="get_weather"),
-        response_format=text_pb2.ResponseFormat(type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA,
-                                                schema_name="w", schema_json='{"type":"object"}'),
-        sampling=text_pb2.SamplingParams(max_tokens=20, stop=["\n"]), n=2,
+        response_format=text_pb2.ResponseFormat(
+            type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA, schema_name="w", schema_json='{"type":"object"}'
+        ),
+        sampling=text_pb2.SamplingParams(max_tokens=20, stop=["\n"]),
+        n=2,
     )
     events = await collect(engine, request)
     await engine.close()
@@ -354,20 +402,52 @@ async def test_request_translation_and_tool_call_fragments(upstream):
 @pytest.mark.parametrize(
     ("status", "body", "code", "param", "error_code"),
     [
-        (400, {"error": {"message": "temperature too high", "type": "BadRequestError", "param": "temperature",
-                         "code": 400}}, grpc.StatusCode.INVALID_ARGUMENT, "temperature", None),
-        (400, {"object": "error", "message": "bad", "type": "BadRequestError", "param": None, "code": 400},
-         grpc.StatusCode.INVALID_ARGUMENT, None, None),
-        (422, {"detail": [{"loc": ["body", "max_tokens"], "msg": "must be an int"}]},
-         grpc.StatusCode.INVALID_ARGUMENT, "max_tokens", None),
+        (
+            400,
+            {
+                "error": {
+                    "message": "temperature too high",
+                    "type": "BadRequestError",
+                    "param": "temperature",
+                    "code": 400,
+                }
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "temperature",
+            None,
+        ),
+        (
+            400,
+            {"object": "error", "message": "bad", "type": "BadRequestError", "param": None, "code": 400},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            None,
+            None,
+        ),
+        (
+            422,
+            {"detail": [{"loc": ["body", "max_tokens"], "msg": "must be an int"}]},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens",
+            None,
+        ),
         (413, {}, grpc.StatusCode.INVALID_ARGUMENT, None, None),
         (401, {"error": {"message": "Unauthorized"}}, grpc.StatusCode.UNAVAILABLE, None, None),
         (403, {}, grpc.StatusCode.UNAVAILABLE, None, None),
-        (404, {"error": {"message": "The model `x` does not exist.", "code": 404}},
-         grpc.StatusCode.NOT_FOUND, "model", "model_not_found"),
+        (
+            404,
+            {"error": {"message": "The model `x` does not exist.", "code": 404}},
+            grpc.StatusCode.NOT_FOUND,
+            "model",
+            "model_not_found",
+        ),
         (429, {"error": {"message": "slow down"}}, grpc.StatusCode.RESOURCE_EXHAUSTED, None, None),
-        (500, {"error": {"message": "Traceback (most recent call last):\n  File ..."}},
-         grpc.StatusCode.UNAVAILABLE, None, None),
+        (
+            500,
+            {"error": {"message": "Traceback (most recent call last):\n  File ..."}},
+            grpc.StatusCode.UNAVAILABLE,
+            None,
+            None,
+        ),
         (503, {}, grpc.StatusCode.UNAVAILABLE, None, None),
     ],
 )
@@ -396,10 +476,20 @@ async def test_error_event_inside_the_stream(upstream):
 
 
 async def test_unary_is_one_non_streaming_call(upstream):
-    answer = {"choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
-        "role": "assistant", "content": None,
-        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+    answer = {
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "tool_calls",
+                "message": {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+                },
+            }
+        ],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }
     engine = canned(upstream, 200, json.dumps(answer).encode())
     async with aclosing(engine.stream(chat("hi"), incremental=False)) as events:
         (delta, usage) = [event async for event in events]
@@ -415,8 +505,10 @@ async def test_stream_framing(upstream):
     # CRLF line ends (sse-starlette's), pings, an event far beyond aiohttp's 128 KiB line cap
     # (echoed prompt logprobs get that big), and a last [DONE] without its blank line.
     big = "x" * 300_000
-    body = (f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': big}}]})}\r\n\r\n"
-            ": ping\r\n\r\ndata: [DONE]\r\n").encode()
+    body = (
+        f"data: {json.dumps({'choices': [{'index': 0, 'delta': {'content': big}}]})}\r\n\r\n"
+        ": ping\r\n\r\ndata: [DONE]\r\n"
+    ).encode()
     engine = canned(upstream, 200, body)
     *deltas, usage = await collect(engine, chat("hi"))
     await engine.close()

@@ -44,8 +44,19 @@ def llama_server(
     log: Path, api_key: str = "", n_ctx: int = 2048, extra_args: list[str] | None = None, startup_s: float = 120.0
 ) -> Iterator[LlamaServer]:
     port = free_port()
-    args = [sys.executable, "-m", "llama_cpp.server", "--model", smollm2_gguf(), "--host", "127.0.0.1",
-            "--port", str(port), "--n_ctx", str(n_ctx)]
+    args = [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        smollm2_gguf(),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--n_ctx",
+        str(n_ctx),
+    ]
     if api_key:
         args += ["--api_key", api_key]
     args += extra_args or []

@@ -78,6 +78,17 @@ async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
         raise ServiceError.from_rpc_error(exc) from None
     finally:
         watcher.cancel()
+        work.cancel()  # no-op once done; stops the backend calls if we were cancelled ourselves
+
+
+async def all_of(calls: list[Awaitable[T]]) -> list[T]:
+    """Like gather, but one failure cancels the other calls instead of leaving them running."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def open_stream(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Any]:
@@ -94,6 +105,9 @@ async def open_stream(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Any]:
         first = None
     except grpc.aio.AioRpcError as exc:
         raise ServiceError.from_rpc_error(exc) from None
+    except BaseException:  # cancelled (the client left while queued): the backend must hear of it
+        call.cancel()
+        raise
     return _rest(call, iterator, first)
 
 

@@ -40,6 +40,8 @@ class CatalogWatcher:
                 log.warning("catalog watch interrupted; retrying", extra={"code": exc.code().name})
             except ValueError as exc:  # a catalog with duplicate names: keep the last good view
                 log.error("catalog update rejected", extra={"error": str(exc)})
+            except Exception:  # never let the follower die: the edge would serve a frozen catalog
+                log.exception("catalog watch failed; retrying")
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 

@@ -1,7 +1,7 @@
 """Every edge failure becomes OpenAI's error envelope, here and nowhere else.
 
 Handlers are registered once on the app; routers raise ``ServiceError`` (or
-let gRPC errors be converted by ``backend_error``) and never build error
+let gRPC errors be converted by ``ServiceError.from_rpc_error``) and never build error
 bodies themselves.
 """
 
@@ -39,6 +39,14 @@ def error_response(error: ServiceError) -> Response:
         status_code=error.http.status,
         media_type="application/json",
         headers=error.headers,
+    )
+
+
+def internal_error() -> Response:
+    return error_response(
+        ServiceError(
+            grpc.StatusCode.INTERNAL, "The server had an error while processing your request. Sorry about that!"
+        )
     )
 
 
@@ -87,16 +95,12 @@ def parse_body(model: type[M], body: bytes) -> M:
         raise validation_error(exc) from None
 
 
-def backend_error(exc: grpc.aio.AioRpcError) -> ServiceError:
-    return ServiceError.from_rpc_error(exc)
-
-
 def install_error_handlers(app: FastAPI) -> None:
     async def on_service_error(request: Request, exc: ServiceError) -> Response:
         return error_response(exc)
 
     async def on_rpc_error(request: Request, exc: grpc.aio.AioRpcError) -> Response:
-        return error_response(backend_error(exc))
+        return error_response(ServiceError.from_rpc_error(exc))
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0]
@@ -136,17 +140,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_too_large(request: Request, exc: BodyTooLarge) -> Response:
         return http_only_error(413, str(exc))
 
-    async def on_unexpected(request: Request, exc: Exception) -> Response:
-        log.exception("unhandled error")
-        return error_response(
-            ServiceError(
-                grpc.StatusCode.INTERNAL, "The server had an error while processing your request. Sorry about that!"
-            )
-        )
-
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(grpc.aio.AioRpcError, on_rpc_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(BodyTooLarge, on_too_large)
-    app.add_exception_handler(Exception, on_unexpected)

@@ -6,17 +6,19 @@ streaming ones included, and must add next to nothing to the hot path.
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 import uuid
 
 from opentelemetry import trace
 
-from modelplex_edge.errors import BodyTooLarge, http_only_error
+from modelplex_edge.errors import BodyTooLarge, http_only_error, internal_error
 from modelplex_kit.logging import request_id_var
 from modelplex_kit.telemetry import HTTP_LATENCY, HTTP_REQUESTS
 
 _tracer = trace.get_tracer("modelplex.edge")
+log = logging.getLogger(__name__)
 _SAFE_ID = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
 
 
@@ -40,25 +42,34 @@ class EdgeMiddleware:
         request_id = incoming.decode() if incoming and _SAFE_ID.match(incoming) else uuid.uuid4().hex
         token = request_id_var.set(request_id)
         status = 500
+        started = False
         start = time.perf_counter()
 
         async def send_with_id(message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
             await send(message)
 
+        span = _tracer.start_span(scope["method"], kind=trace.SpanKind.SERVER)
         try:
-            with _tracer.start_as_current_span(f"{scope['method']} {scope['path']}", kind=trace.SpanKind.SERVER):
+            with trace.use_span(span):
                 if self._declared_too_large(scope):  # refused before auth or parsing
                     limit = BodyTooLarge(self.max_body_bytes)
                     await http_only_error(413, str(limit))(scope, receive, send_with_id)
                     return
                 await self.app(scope, self._limited(receive), send_with_id)
+        except Exception:
+            # Here, not in an app-level handler, so the log line and the response keep the request id.
+            log.exception("unhandled error")
+            if not started:
+                await internal_error()(scope, receive, send_with_id)
         finally:
             route = scope.get("route")
             label = route.path if route is not None else "unmatched"
+            span.update_name(f"{scope['method']} {label}")  # the route, not the raw path: few names
+            span.end()
             HTTP_LATENCY.labels(label).observe(time.perf_counter() - start)
             HTTP_REQUESTS.labels(label, str(status)).inc()
             request_id_var.reset(token)

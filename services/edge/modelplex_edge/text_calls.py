@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,7 +11,7 @@ from starlette.responses import Response
 
 from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_edge.auth import Caller
-from modelplex_edge.backends import open_stream, until_disconnect
+from modelplex_edge.backends import all_of, open_stream, until_disconnect
 from modelplex_edge.protocol.chat import ChatCompletionRequest
 from modelplex_edge.protocol.completions import CompletionRequest
 from modelplex_edge.sse import sse_response
@@ -39,6 +38,10 @@ async def _metered(stream: AsyncIterator[text_pb2.GenerateStreamResponse], model
         yield message
 
 
+def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
 def _resolve(state: EdgeState, name: str) -> catalog_pb2.Model:
     return state.catalog.resolve(name, catalog_pb2.MODALITY_TEXT)
 
@@ -50,9 +53,9 @@ async def chat_completion(http: Request, body: ChatCompletionRequest, caller: Ca
     stub = state.backends.text(model.backend_target)
     options = state.backends.call_options(caller.request_id)
     if body.stream:
-        stream = await open_stream(stub.GenerateStream(request, **options))
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(chat_tr.stream_chunks(_metered(stream, model.id), model.id, include_usage))
+        # Watched for a disconnect too: a request can wait a while for its first token.
+        stream = await until_disconnect(http, open_stream(stub.GenerateStream(request, **options)))
+        return sse_response(chat_tr.stream_chunks(_metered(stream, model.id), model.id, _include_usage(body)))
     response = await until_disconnect(http, stub.Generate(request, **options))
     _count_tokens(model.id, response.usage)
     return json_response(chat_tr.from_proto(response, model.id))
@@ -61,17 +64,15 @@ async def chat_completion(http: Request, body: ChatCompletionRequest, caller: Ca
 async def completion(http: Request, body: CompletionRequest, caller: Caller, state: EdgeState) -> Response:
     model = _resolve(state, body.model)
     requests = completions_tr.to_protos(body, model.id, caller.meta(body.user))
-    for request in requests:
-        check_text_request(request, model.capabilities)
+    check_text_request(requests[0], model.capabilities)  # the prompts differ, nothing checked does
     stub = state.backends.text(model.backend_target)
     options = state.backends.call_options(caller.request_id)
     if body.stream:
         # The first prompt is opened now so its errors get an HTTP status; later ones lazily.
-        first = await open_stream(stub.GenerateStream(requests[0], **options))
+        first = await until_disconnect(http, open_stream(stub.GenerateStream(requests[0], **options)))
         streams = [_metered(first, model.id), *(_lazy(stub, r, options, model.id) for r in requests[1:])]
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(completions_tr.stream_chunks(streams, model.id, body.n or 1, include_usage))
-    responses = await until_disconnect(http, asyncio.gather(*(stub.Generate(r, **options) for r in requests)))
+        return sse_response(completions_tr.stream_chunks(streams, model.id, body.n or 1, _include_usage(body)))
+    responses = await until_disconnect(http, all_of([stub.Generate(r, **options) for r in requests]))
     for response in responses:
         _count_tokens(model.id, response.usage)
     return json_response(completions_tr.from_protos(list(responses), model.id))

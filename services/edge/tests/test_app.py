@@ -34,3 +34,12 @@ async def test_declared_oversized_body_is_413_before_anything_else():
 async def test_health_needs_no_key():
     async with client() as edge:
         assert (await edge.get("/healthz")).status_code == 200
+
+
+async def test_an_unexpected_failure_is_a_500_envelope_that_keeps_the_request_id():
+    # Without its lifespan the app has no state, so the route fails unexpectedly.
+    async with client() as edge:
+        response = await edge.get("/v1/models", headers={"Authorization": "Bearer k", "x-request-id": "req-500"})
+    assert response.status_code == 500
+    assert response.json()["error"]["type"] == "server_error" and "Traceback" not in response.text
+    assert response.headers["x-request-id"] == "req-500"

@@ -27,8 +27,12 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
         usage = common_pb2.Usage()
         async with aclosing(self._engine.stream(request)) as events:
             async for batch in ready_batches(events):
-                deltas = [event for event in batch if not isinstance(event, common_pb2.Usage)]
-                usage = next((event for event in batch if isinstance(event, common_pb2.Usage)), usage)
+                deltas = []
+                for event in batch:
+                    if isinstance(event, common_pb2.Usage):
+                        usage = event
+                    else:
+                        deltas.append(event)
                 if deltas:
                     yield text_pb2.GenerateStreamResponse(**header, deltas=merge_deltas(deltas))
         yield text_pb2.GenerateStreamResponse(**header, usage=usage)

@@ -17,8 +17,9 @@ class CompletionRequest(Strict):
     frequency_penalty: Penalty = None
     logit_bias: dict[str, float] | None = None
     logprobs: Annotated[int | None, Field(ge=0, le=5)] = None
-    # OpenAI's default for legacy completions.
-    max_tokens: Annotated[int | None, Field(ge=0)] = 16
+    # OpenAI's default for legacy completions (null means the default too). At least 1:
+    # engines read 0 as "no limit", which would turn a scoring request into a runaway.
+    max_tokens: Annotated[int | None, Field(ge=1)] = 16
     n: Annotated[int | None, Field(ge=1, le=128)] = None
     presence_penalty: Penalty = None
     seed: int | None = None
@@ -44,6 +45,6 @@ class CompletionRequest(Strict):
         """The prompts as text, or None when given as token ids."""
         if isinstance(self.prompt, str):
             return [self.prompt]
-        if all(isinstance(p, str) for p in self.prompt):
+        if self.prompt and all(isinstance(p, str) for p in self.prompt):
             return list(self.prompt)  # type: ignore[arg-type]
         return None

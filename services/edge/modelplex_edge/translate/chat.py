@@ -133,7 +133,6 @@ def from_proto(response: text_pb2.GenerateResponse, model_id: str) -> dict[str, 
                 {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                 for c in choice.tool_calls
             ]
-            message["content"] = choice.text or None
         choices.append(
             {
                 "index": choice.index,

@@ -14,13 +14,13 @@ from modelplex_kit.errors import invalid, unsupported
 def to_protos(body: CompletionRequest, model_id: str, meta: common_pb2.RequestMeta) -> list[text_pb2.GenerateRequest]:
     prompts = body.prompts()
     if prompts is None:
-        raise invalid("Prompts given as token ids are not supported; send text.", "prompt")
+        raise invalid("Send the prompt as text or a non-empty list of texts (token ids are not supported).", "prompt")
     if body.logit_bias:
         raise unsupported("logit_bias", "`logit_bias`")
     params = sampling(
         temperature=body.temperature,
         top_p=body.top_p,
-        max_tokens=body.max_tokens,
+        max_tokens=16 if body.max_tokens is None else body.max_tokens,
         stop=body.stop,
         seed=body.seed,
         presence_penalty=body.presence_penalty,

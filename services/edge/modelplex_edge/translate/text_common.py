@@ -34,7 +34,7 @@ def sampling(
         params.temperature = temperature
     if top_p is not None:
         params.top_p = top_p
-    if max_tokens:
+    if max_tokens is not None:
         params.max_tokens = max_tokens
     if seed is not None:
         params.seed = seed

@@ -113,7 +113,7 @@ class LlamaCppEngine:
         if request.completion.suffix:
             raise unsupported("suffix", "`suffix`")
         plan = plan_prompt(request, self._template)
-        tokens = self._llm.tokenize(plan.prompt.encode("utf-8"), add_bos=False, special=True)
+        tokens = self._tokens(request, plan.prompt)
         if len(tokens) >= self._context_length:
             raise ServiceError(
                 grpc.StatusCode.OUT_OF_RANGE,
@@ -148,6 +148,13 @@ class LlamaCppEngine:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield usage
 
+    def _tokens(self, request: text_pb2.GenerateRequest, prompt: str) -> list[int]:
+        if request.WhichOneof("input") == "chat":  # the template wrote the special tokens itself
+            return self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
+        # A raw prompt is user text: "<|im_start|>" in it must stay text, not become a control
+        # token; BOS is added when the model wants one.
+        return self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+
     async def _generate(self, tokens: list[int], kwargs: dict[str, Any]) -> AsyncIterator[tuple]:
         """Runs one generation in a worker thread, relaying its events."""
         if self._queued >= self._max_queue:
@@ -160,7 +167,14 @@ class LlamaCppEngine:
             loop.call_soon_threadsafe(queue.put_nowait, item)
 
         self._queued += 1
-        loop.run_in_executor(self._executor, self._work, tokens, kwargs, emit, stop)
+        try:
+            worker = loop.run_in_executor(self._executor, self._work, tokens, kwargs, emit, stop)
+        except RuntimeError as exc:  # the executor is shut down: the server is stopping
+            self._queued -= 1
+            raise unavailable("The model is shutting down; retry shortly.") from exc
+        # Counted until the worker thread is done, not until the consumer leaves: an aborted
+        # generation still holds the context until its next token.
+        worker.add_done_callback(self._release)
         try:
             while True:
                 item = await queue.get()
@@ -171,7 +185,9 @@ class LlamaCppEngine:
                     return
         finally:
             stop.set()  # no-op when finished; aborts generation when the consumer left
-            self._queued -= 1
+
+    def _release(self, worker: asyncio.Future) -> None:
+        self._queued -= 1
 
     def _work(
         self, tokens: list[int], kwargs: dict[str, Any], emit: Callable[[tuple], None], stop: threading.Event
