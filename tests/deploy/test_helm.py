@@ -303,7 +303,7 @@ def test_triton_model() -> None:
         "engine": {
             "kind": "triton",
             "flavor": "trtllm",
-            "tokenizerPath": "/tok/tokenizer.json",
+            "tokenizerPath": "/tok/model.gguf",
             "triton": {"enabled": True, "modelName": "ensemble"},
         },
     }
@@ -320,7 +320,7 @@ def test_triton_model() -> None:
     assert e["MODELPLEX_TEXT_UPSTREAM_URL"] == f"{svc_host(f'{RELEASE}-triton-qwen2-5-7b-instruct')}:8001"
     assert e["MODELPLEX_TEXT_UPSTREAM_MODEL"] == "ensemble"
     assert e["MODELPLEX_TEXT_TRITON_FLAVOR"] == "trtllm"
-    assert e["MODELPLEX_TEXT_TOKENIZER_PATH"] == "/tok/tokenizer.json"
+    assert e["MODELPLEX_TEXT_TOKENIZER_PATH"] == "/tok/model.gguf"
 
 
 def test_external_engines_need_no_engine_deployment() -> None:

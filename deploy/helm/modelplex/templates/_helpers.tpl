@@ -232,7 +232,7 @@ livenessProbe:
 {{- else if or (eq $kind "openai") (eq $kind "triton") }}
 {{- $_ := set $settings "upstream_url" (include "modelplex.upstreamUrl" .) }}
 {{- $_ := set $settings "upstream_model" (include "modelplex.upstreamModel" .) }}
-{{- if eq $kind "triton" }}{{ $_ := set $settings "flavor" ($e.flavor | default "vllm") }}{{ end }}
+{{- if eq $kind "triton" }}{{ $_ := set $settings "triton_flavor" ($e.flavor | default "vllm") }}{{ end }}
 {{- end }}
 {{- $entry := dict "id" $m.id "modality" ($m.modality | default "text") "backend" (include "modelplex.modelBackend" .) }}
 {{- with $m.aliases }}{{ $_ := set $entry "aliases" . }}{{ end }}
