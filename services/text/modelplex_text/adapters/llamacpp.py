@@ -26,7 +26,7 @@ from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
 from modelplex_text import gguf
 from modelplex_text.assembler import ChoiceAssembler
 from modelplex_text.engine import EngineEvent
-from modelplex_text.prompting import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OutputConstraint, plan_prompt
+from modelplex_text.prompting import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OutputConstraint, PromptPlan, plan_prompt
 from modelplex_text.sampling import sampling_kwargs
 from modelplex_text.settings import TextSettings
 
@@ -110,19 +110,9 @@ class LlamaCppEngine:
     async def stream(
         self, request: text_pb2.GenerateRequest, *, incremental: bool = True
     ) -> AsyncIterator[EngineEvent]:
-        if request.completion.suffix:
-            raise unsupported("suffix", "`suffix`")
-        plan = plan_prompt(request, self._template)
-        tokens = self._tokens(request, plan.prompt)
-        if len(tokens) >= self._context_length:
-            raise ServiceError(
-                grpc.StatusCode.OUT_OF_RANGE,
-                f"This model's maximum context length is {self._context_length} tokens; "
-                f"your prompt has {len(tokens)} tokens.",
-                param="messages" if request.WhichOneof("input") == "chat" else "prompt",
-                code="context_length_exceeded",
-            )
-        grammar = grammar_for(plan.constraint)
+        # Templating, tokenizing and compiling a grammar take milliseconds for long prompts:
+        # off the event loop, so other streams' tokens keep flowing meanwhile.
+        plan, tokens, grammar = await asyncio.to_thread(self._prepare, request)
         # repeat_penalty 1.0: OpenAI has no such knob, so llama.cpp must not apply one either.
         kwargs = {**sampling_kwargs(request, *self._defaults), "repeat_penalty": 1.0}
         seed = request.sampling.seed if request.sampling.HasField("seed") else None
@@ -147,6 +137,21 @@ class LlamaCppEngine:
                         yield delta
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield usage
+
+    def _prepare(self, request: text_pb2.GenerateRequest) -> tuple[PromptPlan, list[int], LlamaGrammar | None]:
+        if request.completion.suffix:
+            raise unsupported("suffix", "`suffix`")
+        plan = plan_prompt(request, self._template)
+        tokens = self._tokens(request, plan.prompt)
+        if len(tokens) >= self._context_length:
+            raise ServiceError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                f"This model's maximum context length is {self._context_length} tokens; "
+                f"your prompt has {len(tokens)} tokens.",
+                param="messages" if request.WhichOneof("input") == "chat" else "prompt",
+                code="context_length_exceeded",
+            )
+        return plan, tokens, grammar_for(plan.constraint)
 
     def _tokens(self, request: text_pb2.GenerateRequest, prompt: str) -> list[int]:
         if request.WhichOneof("input") == "chat":  # the template wrote the special tokens itself
