@@ -37,7 +37,7 @@ class Caller:
 def bearer_key(authorization: str | None) -> str:
     scheme, _, key = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
-        raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, _NO_KEY, code=None)
+        raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, _NO_KEY)
     return key.strip()
 
 

@@ -185,7 +185,8 @@ async def stream_chunks(
             body: dict[str, Any] = {}
             if delta.index not in started:
                 started.add(delta.index)
-                body = {"role": "assistant", "content": ""}
+                # OpenAI opens a tool-call stream with content null, a text stream with "".
+                body = {"role": "assistant", "content": None if delta.tool_calls and not delta.text else ""}
             if delta.text:
                 body["content"] = delta.text
             if delta.tool_calls:
