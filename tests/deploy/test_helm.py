@@ -395,6 +395,7 @@ def test_ingress() -> None:
     rule = ing["spec"]["rules"][0]
     assert rule["host"] == "api.example.com"
     assert rule["http"]["paths"][0]["backend"]["service"]["name"] == f"{RELEASE}-edge"
+    assert rule["http"]["paths"][0]["path"] == "/v1"  # metrics and probes are not public
     assert ing["spec"]["tls"][0]["hosts"] == ["api.example.com"]
 
 
