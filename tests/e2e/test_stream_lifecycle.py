@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -18,6 +19,11 @@ def _backend_log(stack, model_target_name: str) -> str:
     return "".join(p.read_text() for p in stack.logs.glob(f"{model_target_name}*.log"))
 
 
+def _aborted_request_ids(stack) -> list[str]:
+    lines = [json.loads(line) for line in _backend_log(stack, "text@").splitlines() if line.startswith("{")]
+    return [line.get("request_id", "") for line in lines if line["msg"].startswith("generation aborted")]
+
+
 def test_client_disconnect_aborts_generation(stack, client):
     body = {
         "model": MODEL,
@@ -32,18 +38,17 @@ def test_client_disconnect_aborts_generation(stack, client):
             "POST",
             f"{stack.base_url}/chat/completions",
             json=body,
-            headers={"Authorization": f"Bearer {client.api_key}"},
+            headers={"Authorization": f"Bearer {client.api_key}", "x-request-id": "abort-me-1"},
         ) as response,
     ):
         for line in response.iter_lines():
             if line.startswith("data:"):
                 break  # one chunk, then hang up
     deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        if "generation aborted" in _backend_log(stack, "text@"):
-            break
+    while time.monotonic() < deadline and "abort-me-1" not in _aborted_request_ids(stack):
         time.sleep(0.2)
-    assert "generation aborted" in _backend_log(stack, "text@")
+    # The backend's JSON log says so, under the request id the client sent to the edge.
+    assert "abort-me-1" in _aborted_request_ids(stack)
     # The engine is free again at once, not after 1500 tokens.
     started = time.monotonic()
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)

@@ -10,6 +10,8 @@ returns parseable tool calls and schema-valid JSON.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import json
 import logging
 import threading
@@ -173,7 +175,9 @@ class LlamaCppEngine:
 
         self._queued += 1
         try:
-            worker = loop.run_in_executor(self._executor, self._work, tokens, kwargs, emit, stop)
+            # In the caller's context, so the worker's log lines carry the request id.
+            work = functools.partial(contextvars.copy_context().run, self._work, tokens, kwargs, emit, stop)
+            worker = loop.run_in_executor(self._executor, work)
         except RuntimeError as exc:  # the executor is shut down: the server is stopping
             self._queued -= 1
             raise unavailable("The model is shutting down; retry shortly.") from exc
