@@ -175,7 +175,10 @@ def main() -> None:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    stack.start()
+    try:
+        stack.start()
+    except (RuntimeError, TimeoutError) as exc:  # e.g. a port in use: the service's own log says which
+        raise SystemExit(f"modelplex: {exc}; see the log lines above") from None
     # A key of your own stays out of the terminal's scrollback; the public default is shown.
     key = "$MODELPLEX_DEV_API_KEY" if os.environ.get("MODELPLEX_DEV_API_KEY") else "sk-modelplex-dev"
     print(
