@@ -283,3 +283,16 @@ async def test_async_client_streams_concurrently(aclient):
 
     answers = await asyncio.gather(*(ask(w) for w in ("red", "green", "blue")))
     assert all(a.strip() for a in answers)
+
+
+def test_json_schema_falls_back_to_json_object_on_a_model_without_schema_support(client):
+    # "doomed" lists only `chat`: the schema cannot be enforced, a JSON object still is.
+    completion = client.chat.completions.create(
+        model="doomed",
+        max_tokens=300,
+        temperature=0,
+        messages=[{"role": "user", "content": "Return a JSON object with the keys name and color of a cat."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "dog", "schema": {"type": "object"}}},
+    )
+    assert completion.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(completion.choices[0].message.content), dict)
