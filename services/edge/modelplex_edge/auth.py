@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 
@@ -39,6 +40,16 @@ def bearer_key(authorization: str | None) -> str:
     if scheme.lower() != "bearer" or not key.strip():
         raise ServiceError(grpc.StatusCode.UNAUTHENTICATED, _NO_KEY)
     return key.strip()
+
+
+class Authorizer(Protocol):
+    """Decides who is calling, or raises a 401/429 ServiceError.
+
+    The gatekeeper sidecar's client will implement this too (with rate limits
+    and the x-ratelimit-* headers); the routes only see ``Caller``.
+    """
+
+    def authorize(self, authorization: str | None) -> Caller: ...
 
 
 class DevKeyAuthorizer:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from modelplex_edge.auth import Caller, DevKeyAuthorizer
+from modelplex_edge.auth import Authorizer, Caller
 from modelplex_edge.backends import Backends
 from modelplex_edge.catalog_client import CatalogWatcher
 from modelplex_edge.settings import EdgeSettings
@@ -18,7 +18,7 @@ class EdgeState:
     settings: EdgeSettings
     catalog: CatalogWatcher
     backends: Backends
-    authorizer: DevKeyAuthorizer
+    authorizer: Authorizer
 
 
 async def _state(request: Request) -> EdgeState:
