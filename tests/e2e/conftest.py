@@ -39,6 +39,14 @@ def _catalog(tmp: Path) -> Path:
             "capabilities": ["chat"],
             "created": 1730419200,
         },
+        # Another modality: chat requests naming it are refused.
+        {
+            "id": "minilm",
+            "modality": "embeddings",
+            "backend": f"127.0.0.1:{free_port()}",
+            "engine": {"kind": "external"},
+            "created": 1730419200,
+        },
         # Routed to a port nobody listens on: the engine is unavailable.
         {
             "id": "offline",

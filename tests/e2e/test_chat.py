@@ -101,7 +101,9 @@ def test_stop_sequence_ends_generation(client):
         temperature=0,
         stop=["5"],
     )
-    assert "5" not in completion.choices[0].message.content
+    content = completion.choices[0].message.content
+    assert "4" in content and "5" not in content  # it counted, and stopped where told
+    assert completion.choices[0].finish_reason == "stop" and completion.usage.completion_tokens < 60
 
 
 def test_n_returns_several_choices(client):
@@ -140,7 +142,8 @@ def test_stream_without_include_usage_has_no_usage_chunk(client):
             model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=5, stream=True
         )
     )
-    assert all(c.choices for c in chunks)
+    assert chunks and all(c.choices and c.usage is None for c in chunks)
+    assert len([c for c in chunks if c.choices[0].finish_reason]) == 1
 
 
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
@@ -187,6 +190,7 @@ def test_tool_choice_auto_returns_text_or_a_valid_call(client):
         temperature=0,
     )
     message = completion.choices[0].message
+    assert "<tool_call>" not in (message.content or "")  # a call is never leaked as text
     if message.tool_calls:
         assert completion.choices[0].finish_reason == "tool_calls"
         jsonschema.validate(

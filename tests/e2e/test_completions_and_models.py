@@ -24,8 +24,8 @@ def test_completion_of_a_string_prompt(client):
 
 
 def test_completion_default_max_tokens_is_openais_16(client):
-    completion = client.completions.create(model=MODEL, prompt="Once upon a time", temperature=1.0, seed=5)
-    assert completion.usage.completion_tokens <= 16
+    completion = client.completions.create(model=MODEL, prompt="1, 2, 3, 4,", temperature=0)
+    assert completion.usage.completion_tokens == 16 and completion.choices[0].finish_reason == "length"
 
 
 def test_completion_of_a_list_of_prompts(client):
@@ -37,12 +37,18 @@ def test_completion_of_a_list_of_prompts(client):
 def test_completion_echo_prepends_the_prompt(client):
     completion = client.completions.create(model=MODEL, prompt="Roses are red,", max_tokens=4, echo=True)
     assert completion.choices[0].text.startswith("Roses are red,")
+    assert len(completion.choices[0].text) > len("Roses are red,")  # and the generation follows
 
 
 def test_completion_stream(client):
     chunks = list(
         client.completions.create(
-            model=MODEL, prompt=["Hello", "Bonjour"], max_tokens=5, stream=True, stream_options={"include_usage": True}
+            model=MODEL,
+            prompt=["Hello", "Bonjour"],
+            max_tokens=5,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
         )
     )
     # The spec gives chunks the response's shape, where finish_reason is a
@@ -50,8 +56,8 @@ def test_completion_stream(client):
     finished = [c for c in chunks if c.choices and c.choices[0].finish_reason]
     for chunk in finished:
         validate(chunk.model_dump(exclude_unset=True), "CreateCompletionResponse")
-    assert len(finished) == 2
-    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+    assert len(finished) == 4
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1, 2, 3}  # prompt p, choice i: p * n + i
     assert chunks[-1].usage.completion_tokens > 0
 
 
@@ -79,11 +85,11 @@ def test_retrieve_unknown_model_is_404_model_not_found(client):
     assert err.value.code == "model_not_found"
 
 
-@pytest.mark.parametrize(("prompt", "max_tokens"), [([], 4), ("Hello", 0)])
-def test_empty_prompt_lists_and_zero_max_tokens_are_400(client, prompt, max_tokens):
+@pytest.mark.parametrize(("prompt", "max_tokens", "param"), [([], 4, "prompt"), ("Hello", 0, "max_tokens")])
+def test_empty_prompt_lists_and_zero_max_tokens_are_400(client, prompt, max_tokens, param):
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens)
-    assert err.value.param in ("prompt", "max_tokens")
+    assert err.value.param == param
 
 
 def test_special_tokens_in_a_raw_prompt_stay_text(client):

@@ -108,6 +108,18 @@ def test_image_content_on_a_text_only_model_is_400(client):
     assert err.value.param == "messages[0].content[1]"
 
 
+def test_logit_bias_is_refused_by_name(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model=MODEL, messages=HELLO, logit_bias={"42": 5}, max_tokens=2)
+    assert err.value.param == "logit_bias"
+
+
+def test_a_model_of_another_modality_is_400_model_not_supported(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="minilm", messages=HELLO)
+    assert err.value.code == "model_not_supported" and err.value.param == "model"
+
+
 def test_unknown_model_is_404_model_not_found(client):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gpt-17", messages=HELLO)
@@ -142,7 +154,7 @@ def test_chunked_body_too_large_is_413(http):
         yield b'"}]}'
 
     response = http.post("/chat/completions", content=body(), headers={"content-type": "application/json"})
-    assert response.status_code == 413
+    assert response.status_code == 413 and envelope(response)["code"] == "request_too_large"
 
 
 def test_engine_unavailable_is_503(client):
@@ -154,7 +166,7 @@ def test_engine_unavailable_is_503(client):
 def test_engine_unavailable_while_streaming_is_503_before_the_stream(client):
     with pytest.raises(openai.InternalServerError) as err:
         client.chat.completions.create(model="offline", messages=HELLO, max_tokens=2, stream=True)
-    assert err.value.status_code == 503
+    assert err.value.status_code == 503 and err.value.code == "service_unavailable"
 
 
 def test_context_length_exceeded_is_400(client):
@@ -186,6 +198,9 @@ def test_every_response_carries_a_request_id(http):
     assert http.get("/models").headers["x-request-id"]
     assert http.get("/nothing").headers["x-request-id"]
     assert http.get("/models", headers={"x-request-id": "trace-me-123"}).headers["x-request-id"] == "trace-me-123"
+    for unsafe in ("a b<>", "x" * 200):  # not echoed: a fresh id instead
+        replaced = http.get("/models", headers={"x-request-id": unsafe}).headers["x-request-id"]
+        assert replaced != unsafe and len(replaced) == 32
 
 
 def test_cors_is_closed_by_default(http):

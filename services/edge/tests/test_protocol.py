@@ -69,6 +69,10 @@ def test_to_proto_carries_every_field():
                 }
             ],
             temperature=0.5,
+            top_p=0.8,
+            presence_penalty=0.25,
+            frequency_penalty=-0.5,
+            max_tokens=50,
             max_completion_tokens=9,
             stop="END",
             seed=3,
@@ -84,9 +88,12 @@ def test_to_proto_carries_every_field():
         ),
     )
     proto = chat_tr.to_proto(request, "canonical", META)
+    assert proto.meta.request_id == "r1"
     assert proto.model == "canonical" and proto.n == 2
     assert proto.chat.messages[0].content[1].image.url == "data:,x"
-    assert abs(proto.sampling.temperature - 0.5) < 1e-6 and proto.sampling.max_tokens == 9
+    assert abs(proto.sampling.temperature - 0.5) < 1e-6 and proto.sampling.max_tokens == 9  # the newer name wins
+    assert abs(proto.sampling.top_p - 0.8) < 1e-6
+    assert (proto.sampling.presence_penalty, proto.sampling.frequency_penalty) == (0.25, -0.5)
     assert list(proto.sampling.stop) == ["END"] and proto.sampling.seed == 3
     assert list(json.loads(proto.tools[0].parameters_json)["properties"]) == ["z", "a"]
     assert proto.tool_choice.mode == text_pb2.ToolChoice.MODE_NAMED and proto.tool_choice.function_name == "f"

@@ -28,8 +28,23 @@ def test_developer_role_is_a_system_turn_for_templates_without_it():
 
 
 def test_tool_choice_none_hides_the_tools():
+    template = ChatTemplate(CHATML_TEMPLATE)
     request = chat(("user", "hi"), tools=[TOOL], tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NONE))
-    assert "lookup" not in plan_prompt(request, ChatTemplate(CHATML_TEMPLATE)).prompt
+    assert "lookup" not in plan_prompt(request, template).prompt
+    assert "lookup" in plan_prompt(chat(("user", "hi"), tools=[TOOL]), template).prompt
+
+
+def test_earlier_tool_calls_and_their_results_reach_the_prompt():
+    request = chat(("user", "Weather in Paris?"), tools=[TOOL])
+    request.chat.messages.add(
+        role="assistant", tool_calls=[text_pb2.ToolCall(id="call_1", name="lookup", arguments='{"q": "Paris"}')]
+    )
+    request.chat.messages.add(
+        role="tool", tool_call_id="call_1", content=[text_pb2.ContentPart(text='{"temperature": 21}')]
+    )
+    prompt = plan_prompt(request, ChatTemplate(CHATML_TEMPLATE)).prompt
+    assert '<tool_call>{"name": "lookup", "arguments": {"q": "Paris"}}</tool_call>' in prompt
+    assert '<|im_start|>tool\n{"temperature": 21}<|im_end|>' in prompt
 
 
 def test_constraints_follow_tool_choice_and_response_format():
