@@ -197,7 +197,7 @@ async def test_forced_tool_call_is_valid_json(stub, triton):
     assert guide["json"]["properties"]["name"] == {"const": "get_weather"}
 
 
-async def test_json_schema_response_format(stub):
+async def test_json_schema_response_format(stub, triton):
     schema = {"type": "object", "properties": {"sunny": {"type": "boolean"}}, "required": ["sunny"]}
     request = chat(
         "Is it sunny in Paris today?",
@@ -208,6 +208,9 @@ async def test_json_schema_response_format(stub):
     )
     response = await stub.Generate(request, timeout=60)
     assert isinstance(json.loads(response.choices[0].text)["sunny"], bool)
+    # The schema reached Triton as vLLM's guided decoding, not just as words in the prompt.
+    sampling = json.loads(sent_inputs(triton)["sampling_parameters"][0])
+    assert json.loads(sampling["structured_outputs"]) == {"json": schema}
 
 
 async def test_client_disconnect_aborts_triton_request(stub, triton):
