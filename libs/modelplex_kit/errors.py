@@ -108,9 +108,13 @@ class ServiceError(Exception):
             if key == ERROR_DETAIL_KEY:
                 detail = common_pb2.ErrorDetail.FromString(value)
                 param, code = detail.param or None, detail.code or None
-        if status == grpc.StatusCode.UNAVAILABLE and not code:
-            message = f"The model backend is unavailable, please retry: {message}"
-        return cls(status, message, param=param, code=code)
+        headers = {}
+        if status == grpc.StatusCode.UNAVAILABLE:
+            # A restarting pod or a full queue: worth retrying soon (the SDKs honour Retry-After).
+            headers["retry-after"] = "1"
+            if not code:
+                message = f"The model backend is unavailable, please retry: {message}"
+        return cls(status, message, param=param, code=code, headers=headers)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ServiceError:

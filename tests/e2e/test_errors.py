@@ -161,6 +161,7 @@ def test_engine_unavailable_is_503(client):
     with pytest.raises(openai.InternalServerError) as err:
         client.chat.completions.create(model="offline", messages=HELLO, max_tokens=2)
     assert err.value.status_code == 503 and err.value.code == "service_unavailable"
+    assert err.value.response.headers["retry-after"] == "1"
 
 
 def test_engine_unavailable_while_streaming_is_503_before_the_stream(client):
