@@ -110,10 +110,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def sequential(client, path: str, body: bytes, count: int) -> list[Sample]:
-    for _ in range(count // 10):  # warm-up
-        await client.post(path, body)
-    return [await client.post(path, body) for _ in range(count)]
+ROUNDS = 5
+
+
+async def interleaved(clients: dict, bodies: dict, count: int) -> dict[str, list[Sample]]:
+    """Latency samples taken in rounds that visit every target in turn.
+
+    A shared VM drifts over a run; interleaving spreads that drift over all
+    targets instead of charging it to whichever ran during a slow spell.
+    """
+    samples: dict[str, list[Sample]] = {name: [] for name in clients}
+    for name, (client, path) in clients.items():
+        for _ in range(count // 10):  # warm-up
+            await client.post(path, bodies[name])
+    for _ in range(ROUNDS):
+        for name, (client, path) in clients.items():
+            samples[name] += [await client.post(path, bodies[name]) for _ in range(count // ROUNDS)]
+    return samples
 
 
 async def throughput(make_client, path: str, body: bytes, concurrency: int, seconds: float) -> float:
@@ -148,13 +161,16 @@ def start_engine(port: int) -> subprocess.Popen:
 async def measure(targets: dict, count: int, seconds: float, concurrency: int) -> dict:
     results: dict = {}
     for stream in (False, True):
-        for name, (make_client, path, model) in targets.items():
-            body = json.dumps({**BODY, "model": model, "stream": stream}).encode()
-            client = await make_client()
-            samples = await sequential(client, path, body, count)
-            rps = await throughput(make_client, path, body, concurrency, seconds)
-            totals = [s.total * 1e3 for s in samples]
-            firsts = [s.first_byte * 1e3 for s in samples]
+        bodies = {
+            name: json.dumps({**BODY, "model": model, "stream": stream}).encode()
+            for name, (_, _, model) in targets.items()
+        }
+        clients = {name: (await make_client(), path) for name, (make_client, path, _) in targets.items()}
+        samples = await interleaved(clients, bodies, count)
+        for name, (make_client, path, _) in targets.items():
+            totals = [s.total * 1e3 for s in samples[name]]
+            firsts = [s.first_byte * 1e3 for s in samples[name]]
+            rps = await throughput(make_client, path, bodies[name], concurrency, seconds)
             results[(name, stream)] = {
                 "p50": statistics.median(totals),
                 "p99": percentile(totals, 0.99),
@@ -183,7 +199,8 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
         "- Engine: bench/fast_engine.py, a deterministic OpenAI-compatible server (uvicorn), standing in for a "
         f"vLLM pod; streamed answers are {STREAM_CHUNKS} content chunks plus role, finish and usage chunks.",
         f"- Latency: {count} sequential requests per target (after {count // 10} warm-up) on one keep-alive "
-        f"connection. Throughput: {concurrency} connections for {seconds:.0f} s.",
+        f"connection, taken in {ROUNDS} rounds that visit every target in turn, so drift over the run is "
+        f"shared. Throughput: {concurrency} connections for {seconds:.0f} s.",
         "- Client, edge, backend and engine all share the machine's cores, so throughput figures are bounded "
         "by that CPU, not by the network.",
         "",
