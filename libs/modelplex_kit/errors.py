@@ -57,6 +57,11 @@ HTTP_ONLY: dict[int, HttpError] = {
 }
 
 
+def envelope(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
+    """OpenAI's error body: the only place its shape is written."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
 class ServiceError(Exception):
     """A failure with a meaning for the API client."""
 
@@ -81,16 +86,8 @@ class ServiceError(Exception):
         return GRPC_TO_HTTP.get(self.status, GRPC_TO_HTTP[grpc.StatusCode.UNKNOWN])
 
     def envelope(self) -> dict[str, Any]:
-        """OpenAI's error body."""
         http = self.http
-        return {
-            "error": {
-                "message": self.message,
-                "type": http.type,
-                "param": self.param,
-                "code": self.code or http.code,
-            }
-        }
+        return envelope(self.message, http.type, self.param, self.code or http.code)
 
     # -- gRPC wire form -------------------------------------------------
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:

@@ -24,14 +24,27 @@ def _aborted_request_ids(stack) -> list[str]:
     return [line.get("request_id", "") for line in lines if line["msg"].startswith("generation aborted")]
 
 
-def test_client_disconnect_aborts_generation(stack, client):
-    body = {
+def _essay(topic: str, **fields) -> dict:
+    """A request that would run for 1500 tokens unless aborted."""
+    return {
         "model": MODEL,
-        "messages": [{"role": "user", "content": "Write a very long essay about rivers."}],
+        "messages": [{"role": "user", "content": f"Write a very long essay about {topic}."}],
         "max_tokens": 1500,
         "temperature": 1.0,
-        "stream": True,
+        **fields,
     }
+
+
+def _assert_aborted(stack, request_id: str) -> None:
+    """The backend's JSON log says so, under the request id the client sent to the edge."""
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and request_id not in _aborted_request_ids(stack):
+        time.sleep(0.2)
+    assert request_id in _aborted_request_ids(stack)
+
+
+def test_client_disconnect_aborts_generation(stack, client):
+    body = _essay("rivers", stream=True)
     with (
         httpx.Client(timeout=60) as http,
         http.stream(
@@ -44,11 +57,7 @@ def test_client_disconnect_aborts_generation(stack, client):
         for line in response.iter_lines():
             if line.startswith("data:"):
                 break  # one chunk, then hang up
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and "abort-me-1" not in _aborted_request_ids(stack):
-        time.sleep(0.2)
-    # The backend's JSON log says so, under the request id the client sent to the edge.
-    assert "abort-me-1" in _aborted_request_ids(stack)
+    _assert_aborted(stack, "abort-me-1")
     # The engine is free again at once, not after 1500 tokens.
     started = time.monotonic()
     client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
@@ -73,19 +82,10 @@ def test_backend_dying_mid_stream_becomes_an_error_event_then_done(stack, client
 
 
 def test_client_disconnect_during_a_unary_request_aborts_generation(stack, client):
-    body = {
-        "model": MODEL,
-        "messages": [{"role": "user", "content": "Write a very long essay about deserts."}],
-        "max_tokens": 1500,
-        "temperature": 1.0,
-    }
     with pytest.raises(httpx.ReadTimeout), httpx.Client(timeout=httpx.Timeout(60, read=1.5)) as http:
         http.post(
             f"{stack.base_url}/chat/completions",
-            json=body,
+            json=_essay("deserts"),
             headers={"Authorization": f"Bearer {client.api_key}", "x-request-id": "abort-me-2"},
         )
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and "abort-me-2" not in _aborted_request_ids(stack):
-        time.sleep(0.2)
-    assert "abort-me-2" in _aborted_request_ids(stack)
+    _assert_aborted(stack, "abort-me-2")

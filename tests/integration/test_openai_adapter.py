@@ -159,25 +159,26 @@ async def test_chat_logprobs(engine):
     assert logprobs and all(lp.token and lp.token_bytes and len(lp.top_logprobs) >= 2 for lp in logprobs)
 
 
-async def test_rejected_credentials_are_unavailable_not_the_clients_fault(llama):
-    engine = OpenAIHttpEngine(settings_for(llama, upstream_api_key="sk-wrong"))
+async def failure_of(llama, **settings) -> ServiceError:
+    """The error a chat request gets from an engine configured with ``settings``."""
+    engine = OpenAIHttpEngine(settings_for(llama, **settings))
     try:
         with pytest.raises(ServiceError) as caught:
             await collect(engine, chat("hi"))
     finally:
         await engine.close()
-    assert caught.value.status == grpc.StatusCode.UNAVAILABLE
-    assert "credentials" in caught.value.message
+    return caught.value
+
+
+async def test_rejected_credentials_are_unavailable_not_the_clients_fault(llama):
+    error = await failure_of(llama, upstream_api_key="sk-wrong")
+    assert error.status == grpc.StatusCode.UNAVAILABLE
+    assert "credentials" in error.message
 
 
 async def test_unknown_upstream_route_is_not_found(llama):
-    engine = OpenAIHttpEngine(settings_for(llama, upstream_url=llama.base_url.replace("/v1", "/nowhere/v1")))
-    try:
-        with pytest.raises(ServiceError) as caught:
-            await collect(engine, chat("hi"))
-    finally:
-        await engine.close()
-    assert caught.value.status == grpc.StatusCode.NOT_FOUND
+    error = await failure_of(llama, upstream_url=llama.base_url.replace("/v1", "/nowhere/v1"))
+    assert error.status == grpc.StatusCode.NOT_FOUND
 
 
 async def test_closed_port_is_unavailable_over_grpc(llama):

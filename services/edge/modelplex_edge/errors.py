@@ -13,12 +13,11 @@ from typing import TypeVar
 import grpc
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
-from modelplex_kit.errors import HTTP_ONLY, ServiceError, invalid
+from modelplex_kit.errors import HTTP_ONLY, HttpError, ServiceError, envelope, invalid
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +49,10 @@ def internal_error() -> Response:
     )
 
 
-def http_only_error(status: int, message: str, param: str | None = None) -> Response:
-    http = HTTP_ONLY[status]
-    body = {"error": {"message": message, "type": http.type, "param": param, "code": http.code}}
+def http_only_error(status: int, message: str) -> Response:
+    """An HTTP-level failure (405, 413, ...) that no gRPC status describes."""
+    http = HTTP_ONLY.get(status, HttpError(status, "invalid_request_error", None))
+    body = envelope(message, http.type, None, http.code)
     return Response(orjson.dumps(body), status_code=status, media_type="application/json")
 
 
@@ -102,10 +102,6 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_rpc_error(request: Request, exc: grpc.aio.AioRpcError) -> Response:
         return error_response(ServiceError.from_rpc_error(exc))
 
-    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0]
-        return error_response(invalid(first.get("msg", "Invalid request"), openai_param(tuple(first.get("loc", ())))))
-
     async def on_http_error(request: Request, exc: HTTPException) -> Response:
         if exc.status_code == 404:
             return error_response(
@@ -118,30 +114,12 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         if exc.status_code == 405:
             return http_only_error(405, f"Method {request.method} is not allowed for {request.url.path}.")
-        return (
-            http_only_error(exc.status_code, str(exc.detail))
-            if exc.status_code in HTTP_ONLY
-            else Response(
-                orjson.dumps(
-                    {
-                        "error": {
-                            "message": str(exc.detail),
-                            "type": "invalid_request_error",
-                            "param": None,
-                            "code": None,
-                        }
-                    }
-                ),
-                status_code=exc.status_code,
-                media_type="application/json",
-            )
-        )
+        return http_only_error(exc.status_code, str(exc.detail))
 
     async def on_too_large(request: Request, exc: BodyTooLarge) -> Response:
         return http_only_error(413, str(exc))
 
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(grpc.aio.AioRpcError, on_rpc_error)
-    app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(BodyTooLarge, on_too_large)

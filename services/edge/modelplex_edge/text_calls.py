@@ -53,9 +53,8 @@ async def chat_completion(http: Request, body: ChatCompletionRequest, caller: Ca
     stub = state.backends.text(model.backend_target)
     options = state.backends.call_options(caller.request_id)
     if body.stream:
-        # Watched for a disconnect too: a request can wait a while for its first token.
-        stream = await until_disconnect(http, open_stream(stub.GenerateStream(request, **options)))
-        return sse_response(chat_tr.stream_chunks(_metered(stream, model.id), model.id, _include_usage(body)))
+        stream = await until_disconnect(http, _open(stub, request, options, model.id))
+        return sse_response(chat_tr.stream_chunks(stream, model.id, _include_usage(body)))
     response = await until_disconnect(http, stub.Generate(request, **options))
     _count_tokens(model.id, response.usage)
     return json_response(chat_tr.from_proto(response, model.id))
@@ -69,8 +68,8 @@ async def completion(http: Request, body: CompletionRequest, caller: Caller, sta
     options = state.backends.call_options(caller.request_id)
     if body.stream:
         # The first prompt is opened now so its errors get an HTTP status; later ones lazily.
-        first = await until_disconnect(http, open_stream(stub.GenerateStream(requests[0], **options)))
-        streams = [_metered(first, model.id), *(_lazy(stub, r, options, model.id) for r in requests[1:])]
+        first = await until_disconnect(http, _open(stub, requests[0], options, model.id))
+        streams = [first, *(_lazy(stub, r, options, model.id) for r in requests[1:])]
         return sse_response(completions_tr.stream_chunks(streams, model.id, body.n or 1, _include_usage(body)))
     responses = await until_disconnect(http, all_of([stub.Generate(r, **options) for r in requests]))
     for response in responses:
@@ -78,6 +77,12 @@ async def completion(http: Request, body: CompletionRequest, caller: Caller, sta
     return json_response(completions_tr.from_protos(list(responses), model.id))
 
 
+async def _open(stub, request, options, model_id: str) -> AsyncIterator[text_pb2.GenerateStreamResponse]:
+    """Opens a metered backend stream. Awaited under until_disconnect: a request can wait
+    a while for its first token, and a client that leaves meanwhile must cancel it."""
+    return _metered(await open_stream(stub.GenerateStream(request, **options)), model_id)
+
+
 async def _lazy(stub, request, options, model_id: str):
-    async for message in _metered(await open_stream(stub.GenerateStream(request, **options)), model_id):
+    async for message in await _open(stub, request, options, model_id):
         yield message
