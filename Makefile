@@ -47,7 +47,7 @@ lint: $(GEN_STAMP)
 	$(BIN)/ruff check libs services tests bench
 
 run: $(GEN_STAMP)
-	$(PY) -m modelplex_kit.devstack
+	$(PY) -m modelplex_kit.devstack --catalog $${MODELPLEX_CATALOG:-services/catalog/modelplex_catalog/catalog.yaml}
 
 test: $(GEN_STAMP)
 	$(BIN)/buf lint

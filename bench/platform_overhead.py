@@ -27,8 +27,7 @@ import yaml
 
 from bench.fast_engine import STREAM_CHUNKS
 from modelplex.v1 import text_pb2, text_pb2_grpc
-from modelplex_kit.devstack import Stack
-from tests.support.ports import free_port
+from modelplex_kit.devstack import Stack, free_port
 
 KEY = "sk-bench"
 FLOOR = "bare gRPC (no-op servicer)"

@@ -1,8 +1,9 @@
 """Runs the whole stack as local processes: ``make run`` and the end-to-end tests.
 
 The catalog file is the single source of truth: every distinct backend target
-of a text model gets one text backend process, configured from the entry's
-engine kind and settings, exactly as the Helm chart does in a cluster.
+in it gets one backend process of the entry's modality (the modality registry
+says which package serves it), configured from the entry's engine kind and
+settings, exactly as the Helm chart does in a cluster.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Mapping
@@ -23,11 +26,14 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-# modality -> the backend module that serves it (each later service adds itself here)
-BACKEND_MODULES = {"text": "modelplex_text"}
-_ENV_PREFIX = {"modelplex_text": "MODELPLEX_TEXT_"}
+from modelplex_kit.modalities import REGISTRY
+
 # Engine kind of a backend that runs elsewhere (another machine, a cluster): not started here.
 EXTERNAL = "external"
+# Restart backoff of a crashed process: 1 s, 2 s, 4 s ... up to 30 s, reset after a minute up.
+_BACKOFF_FIRST_SECONDS = 1.0
+_BACKOFF_MAX_SECONDS = 30.0
+_STABLE_SECONDS = 60.0
 
 
 @dataclass
@@ -35,30 +41,36 @@ class Process:
     name: str
     popen: subprocess.Popen
     log: IO[Any] | None
+    #: How to start it again (the supervisor restarts a process that died).
+    module: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0
+    started_at: float = field(default_factory=time.monotonic)
+    restart_at: float | None = None
 
     def check_alive(self) -> None:
         if self.popen.poll() is not None:
             raise RuntimeError(f"{self.name} exited with status {self.popen.returncode}")
 
 
-def default_catalog() -> Path:
-    from modelplex_catalog.settings import DEFAULT_CATALOG
-
-    return Path(os.environ.get("MODELPLEX_CATALOG") or DEFAULT_CATALOG)
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def backend_plan(catalog: Path) -> dict[str, tuple[str, dict[str, str]]]:
     """target -> (module, env) for every backend the catalog routes to."""
     plan: dict[str, tuple[str, dict[str, str]]] = {}
     for entry in (yaml.safe_load(catalog.read_text()) or {}).get("models", []):
-        module = BACKEND_MODULES.get(entry["modality"])
+        row = REGISTRY.get(entry["modality"])
         engine = entry.get("engine", {})
-        if module is None or entry["backend"] in plan or engine.get("kind") == EXTERNAL:
+        if row is None or entry["backend"] in plan or engine.get("kind") == EXTERNAL:
             continue
-        prefix = _ENV_PREFIX[module]
+        prefix = row.env_prefix
         env = {f"{prefix}LISTEN": entry["backend"], f"{prefix}ENGINE": engine.get("kind", "")}
         env |= {f"{prefix}{key.upper()}": str(value) for key, value in (engine.get("settings") or {}).items()}
-        plan[entry["backend"]] = (module, env)
+        plan[entry["backend"]] = (row.package, env)
     return plan
 
 
@@ -71,6 +83,8 @@ class Stack:
     log_dir: Path | None = None
     start_timeout: float = 180.0
     processes: list[Process] = field(default_factory=list)
+    _supervisor: threading.Thread | None = field(default=None, repr=False)
+    _supervisor_stop: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -103,6 +117,10 @@ class Stack:
         return next(p for p in self.processes if p.name == name)
 
     def stop(self, grace: float = 15.0) -> None:
+        self._supervisor_stop.set()  # first: nothing may be restarted while the stack stops
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
         for proc in reversed(self.processes):
             if proc.popen.poll() is None:
                 proc.popen.send_signal(signal.SIGTERM)
@@ -117,16 +135,60 @@ class Stack:
                 proc.log.close()
         self.processes.clear()
 
-    def _spawn(self, name: str, module: str, env: dict[str, str]) -> None:
-        # Closed in stop(), when the process is gone.
-        log = open(self.log_dir / f"{name.replace(':', '_')}.log", "w") if self.log_dir else None  # noqa: SIM115
+    def _spawn(self, name: str, module: str, env: dict[str, str], append: bool = False) -> None:
+        # Closed in stop(), when the process is gone. A restarted process appends to its log.
+        path = self.log_dir / f"{name.replace(':', '_')}.log" if self.log_dir else None
+        log = open(path, "a" if append else "w") if path else None  # noqa: SIM115
         popen = subprocess.Popen(
             [sys.executable, "-m", module],
             env={**os.environ, **self.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT if log else None,
         )
-        self.processes.append(Process(name, popen, log))
+        self.processes.append(Process(name, popen, log, module, env))
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """Restarts, with exponential backoff, every process that died; returns what it did.
+
+        Like a kubelet: a crash is logged and the process comes back, the rest of the
+        stack keeps serving. A process that stayed up a minute starts its backoff afresh.
+        """
+        now = time.monotonic() if now is None else now
+        events = []
+        for proc in self.processes:
+            if proc.popen.poll() is None:
+                if proc.restarts and now - proc.started_at > _STABLE_SECONDS:
+                    proc.restarts = 0
+                continue
+            if proc.restart_at is None:
+                delay = min(_BACKOFF_MAX_SECONDS, _BACKOFF_FIRST_SECONDS * 2**proc.restarts)
+                proc.restart_at = now + delay
+                events.append(f"{proc.name} exited with status {proc.popen.returncode}; restarting in {delay:g} s")
+            elif now >= proc.restart_at:
+                self._respawn(proc)
+                events.append(f"{proc.name} restarted (restart #{proc.restarts})")
+        return events
+
+    def start_supervising(self, interval: float = 0.5) -> None:
+        """Supervises in a background thread until stop(); restarts are reported on stderr."""
+
+        def loop() -> None:
+            while not self._supervisor_stop.wait(interval):
+                for line in self.supervise():
+                    print(f"modelplex: {line}", file=sys.stderr, flush=True)
+
+        self._supervisor_stop.clear()
+        self._supervisor = threading.Thread(target=loop, name="modelplex-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _respawn(self, proc: Process) -> None:
+        if proc.log:
+            proc.log.close()
+        self._spawn(proc.name, proc.module, proc.env, append=True)
+        fresh = self.processes.pop()
+        proc.popen, proc.log = fresh.popen, fresh.log
+        proc.restarts += 1
+        proc.started_at, proc.restart_at = time.monotonic(), None
 
     def _wait_grpc(self, name: str, target: str) -> None:
         deadline = time.monotonic() + self.start_timeout
@@ -159,11 +221,14 @@ class Stack:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run Modelplex locally on the CPU engines.")
-    parser.add_argument("--catalog", type=Path, default=None)
+    # `make run` passes the packaged catalog; the launcher does not import the catalog service.
+    parser.add_argument("--catalog", type=Path, default=os.environ.get("MODELPLEX_CATALOG"), required=False)
     parser.add_argument("--port", type=int, default=int(os.environ.get("MODELPLEX_EDGE_PORT", "8080")))
     args = parser.parse_args()
+    if args.catalog is None:
+        parser.error("name the catalog file: --catalog PATH or MODELPLEX_CATALOG")
     stack = Stack(
-        args.catalog or default_catalog(),
+        args.catalog,
         edge_port=args.port,
         env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text")},
     )
@@ -186,12 +251,9 @@ def main() -> None:
         f'  Try: curl {stack.base_url}/models -H "Authorization: Bearer {key}"\n  Ctrl-C stops everything.\n',
         flush=True,
     )
+    stack.start_supervising()
     while not stopping:
-        for proc in stack.processes:
-            if proc.popen.poll() is not None:
-                print(f"{proc.name} exited unexpectedly; stopping", file=sys.stderr)
-                stopping = True
-        time.sleep(0.5)
+        time.sleep(0.2)
     stack.stop()
 
 

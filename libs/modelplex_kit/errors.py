@@ -9,12 +9,15 @@ below is the only place where a status code gets its HTTP meaning.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from modelplex.v1 import common_pb2
+
+log = logging.getLogger(__name__)
 
 ERROR_DETAIL_KEY = "modelplex-error-detail-bin"
 
@@ -35,7 +38,8 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, HttpError] = {
     grpc.StatusCode.INVALID_ARGUMENT: HttpError(400, _INVALID, None),
     grpc.StatusCode.FAILED_PRECONDITION: HttpError(400, _INVALID, None),
     grpc.StatusCode.OUT_OF_RANGE: HttpError(400, _INVALID, "context_length_exceeded"),
-    grpc.StatusCode.UNAUTHENTICATED: HttpError(401, _INVALID, "invalid_api_key"),
+    # OpenAI sends code null for a missing key and "invalid_api_key" for a wrong one (named where raised).
+    grpc.StatusCode.UNAUTHENTICATED: HttpError(401, _INVALID, None),
     grpc.StatusCode.PERMISSION_DENIED: HttpError(403, "permission_error", None),
     grpc.StatusCode.NOT_FOUND: HttpError(404, _INVALID, "not_found"),
     grpc.StatusCode.ALREADY_EXISTS: HttpError(409, _INVALID, "conflict"),
@@ -53,6 +57,7 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, HttpError] = {
 # HTTP-only failures the edge detects before any gRPC call is made.
 HTTP_ONLY: dict[int, HttpError] = {
     405: HttpError(405, _INVALID, "method_not_allowed"),
+    408: HttpError(408, _INVALID, "request_timeout"),
     413: HttpError(413, _INVALID, "request_too_large"),
 }
 
@@ -91,27 +96,50 @@ class ServiceError(Exception):
 
     # -- gRPC wire form -------------------------------------------------
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:
-        if not (self.param or self.code):
-            return ()
+        # Always sent: its presence tells the edge the message was written for clients. A status
+        # without it comes from gRPC itself (a connection refused, a crashed backend), whose text
+        # names internal addresses and must not reach clients.
         detail = common_pb2.ErrorDetail(param=self.param or "", code=self.code or "")
         return ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
 
     @classmethod
     def from_rpc_error(cls, error: grpc.aio.AioRpcError | grpc.RpcError) -> ServiceError:
         status = error.code()
+        detail = _error_detail(error)
+        if detail is None:
+            return _transport_failure(status, error)
         message = error.details() or status.name.lower()
-        param = code = None
-        for key, value in error.trailing_metadata() or ():
-            if key == ERROR_DETAIL_KEY:
-                detail = common_pb2.ErrorDetail.FromString(value)
-                param, code = detail.param or None, detail.code or None
-        headers = {}
-        if status == grpc.StatusCode.UNAVAILABLE:
-            # A restarting pod or a full queue: worth retrying soon (the SDKs honour Retry-After).
-            headers["retry-after"] = "1"
-            if not code:
-                message = f"The model backend is unavailable, please retry: {message}"
+        param, code = detail.param or None, detail.code or None
+        headers = {"retry-after": "1"} if status == grpc.StatusCode.UNAVAILABLE else {}
         return cls(status, message, param=param, code=code, headers=headers)
+
+
+def _error_detail(error: grpc.RpcError) -> common_pb2.ErrorDetail | None:
+    for key, value in error.trailing_metadata() or ():
+        if key == ERROR_DETAIL_KEY:
+            return common_pb2.ErrorDetail.FromString(value)
+    return None
+
+
+# What clients are told when gRPC itself failed; the raw text goes to the log.
+_TRANSPORT_MESSAGES = {
+    grpc.StatusCode.UNAVAILABLE: "The model backend is unavailable; please retry shortly.",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "The model backend did not answer in time.",
+    grpc.StatusCode.CANCELLED: "The request was cancelled.",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "The model backend is overloaded; please retry shortly.",
+}
+
+
+def _transport_failure(status: grpc.StatusCode, error: grpc.RpcError) -> ServiceError:
+    log.warning("backend call failed", extra={"grpc_code": status.name, "grpc_details": error.details()})
+    message = _TRANSPORT_MESSAGES.get(status, "The server had an error while processing your request.")
+    if status not in _TRANSPORT_MESSAGES:
+        status = grpc.StatusCode.INTERNAL
+    # A restarting pod or a full queue: worth retrying soon (the SDKs honour Retry-After).
+    headers = (
+        {"retry-after": "1"} if status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED) else {}
+    )
+    return ServiceError(status, message, headers=headers)
 
 
 def invalid(message: str, param: str | None = None, code: str | None = None) -> ServiceError:
@@ -131,5 +159,5 @@ def model_not_found(model: str) -> ServiceError:
     )
 
 
-def unavailable(message: str) -> ServiceError:
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, message)
+def unavailable(message: str, retry_after: int = 1) -> ServiceError:
+    return ServiceError(grpc.StatusCode.UNAVAILABLE, message, headers={"retry-after": str(retry_after)})

@@ -20,7 +20,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,47 @@ HTTP_LATENCY = Histogram(
     ["route"],
     buckets=_LATENCY_BUCKETS,
 )
-TOKENS = Counter("modelplex_tokens_total", "Tokens processed, by model and kind (prompt/completion)", ["model", "kind"])
+
+# Per-model serving metrics, recorded once in the edge's pipeline for every modality (and queue
+# time in the backends). Named like vLLM's where they mean the same thing, so dashboards and
+# autoscalers written for vLLM read them with a prefix change.
+_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+_REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+TIME_TO_FIRST_TOKEN = Histogram(
+    "modelplex_time_to_first_token_seconds",
+    "Time from the request's arrival to its first streamed token, audio byte or event",
+    ["model", "endpoint"],
+    buckets=_REQUEST_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "modelplex_inter_token_latency_seconds",
+    "Time between two streamed messages of one response",
+    ["model", "endpoint"],
+    buckets=_TOKEN_BUCKETS,
+)
+E2E_REQUEST_LATENCY = Histogram(
+    "modelplex_e2e_request_latency_seconds",
+    "Time from the request's arrival to its last byte, per model",
+    ["model", "endpoint"],
+    buckets=_REQUEST_BUCKETS,
+)
+REQUEST_QUEUE_TIME = Histogram(
+    "modelplex_request_queue_time_seconds",
+    "Time a request waited in a backend before its engine started on it",
+    ["model"],
+    buckets=_REQUEST_BUCKETS,
+)
+REQUESTS_RUNNING = Gauge(
+    "modelplex_num_requests_running", "Requests in flight through the edge, per model", ["model", "endpoint"]
+)
+REQUESTS_WAITING = Gauge("modelplex_num_requests_waiting", "Requests queued in a backend for its engine", ["model"])
+PROMPT_TOKENS = Counter("modelplex_prompt_tokens_total", "Prompt (input) tokens processed", ["model"])
+GENERATION_TOKENS = Counter("modelplex_generation_tokens_total", "Generated (output) tokens", ["model"])
+REQUEST_UNITS = Counter(
+    "modelplex_request_units_total",
+    "Non-token units served: images, audio/video seconds, characters",
+    ["model", "kind"],
+)
 
 
 def configure_tracing(service: str, exporter: str = "none") -> None:

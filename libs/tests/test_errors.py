@@ -50,3 +50,26 @@ def test_param_and_code_survive_the_grpc_hop():
 def test_unavailable_without_detail_says_retry():
     wire = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "connect failed")
     assert "retry" in ServiceError.from_rpc_error(wire).message
+
+
+def test_grpc_transport_text_never_reaches_the_client():
+    raw = "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:50061: Failed to connect"
+    wire = grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), raw)
+    error = ServiceError.from_rpc_error(wire)
+    assert error.http.status == 503 and error.headers["retry-after"] == "1"
+    assert "127.0.0.1" not in error.message and "ipv4" not in error.message
+
+
+def test_unknown_transport_status_is_a_plain_500():
+    wire = grpc.aio.AioRpcError(grpc.StatusCode.UNKNOWN, grpc.aio.Metadata(), grpc.aio.Metadata(), "Exception calling")
+    error = ServiceError.from_rpc_error(wire)
+    assert error.http.status == 500 and "Exception" not in error.message
+
+
+def test_a_backend_unavailable_error_keeps_its_message_and_retry_after():
+    original = ServiceError(grpc.StatusCode.UNAVAILABLE, "The model is at capacity; retry shortly.")
+    wire = grpc.aio.AioRpcError(
+        original.status, grpc.aio.Metadata(), grpc.aio.Metadata(*original.trailing_metadata()), original.message
+    )
+    back = ServiceError.from_rpc_error(wire)
+    assert back.message == original.message and back.headers["retry-after"] == "1"

@@ -45,6 +45,7 @@ def _catalog(tmp: Path) -> Path:
             "modality": "embeddings",
             "backend": f"127.0.0.1:{free_port()}",
             "engine": {"kind": "external"},
+            "capabilities": {"dimensions": 384},
             "created": 1730419200,
         },
         # Routed to a port nobody listens on: the engine is unavailable.

@@ -1,7 +1,5 @@
-import socket
+"""Free loopback ports for test servers (the launcher's own helper)."""
 
+from modelplex_kit.devstack import free_port
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["free_port"]

@@ -1,20 +1,20 @@
-"""Reads and validates the catalog YAML into protobuf models."""
+"""Reads and validates the catalog YAML into protobuf models.
+
+An entry's ``modality`` picks its row in the modality registry, which says how
+that modality's ``capabilities`` are written and validated.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from google.protobuf import struct_pb2
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from modelplex.v1 import catalog_pb2
-
-Capability = Literal[
-    "chat", "completions", "tool_use", "vision", "json_schema", "prompt_caching", "logprobs", "multiple_choices"
-]
-ModalityName = Literal["text", "embeddings", "images", "videos", "speech", "transcription"]
+from modelplex_kit.modalities import REGISTRY
 
 
 class EngineSpec(BaseModel):
@@ -27,25 +27,34 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1)
     aliases: list[str] = Field(default_factory=list)
-    modality: ModalityName
+    modality: str
     backend: str = Field(min_length=1, description="gRPC target host:port")
     engine: EngineSpec
-    capabilities: list[Capability] = Field(default_factory=list)
+    # Written per modality (a list of flags for text, a mapping for the others).
+    capabilities: Any = None
     context_length: int = Field(0, ge=0)
     owned_by: str = "modelplex"
     created: int = 0
     description: str = ""
 
+    @field_validator("modality")
+    @classmethod
+    def _known_modality(cls, value: str) -> str:
+        if value not in REGISTRY:
+            raise ValueError(f"unknown modality {value!r}; known: {', '.join(REGISTRY)}")
+        return value
+
     def to_proto(self) -> catalog_pb2.Model:
+        row = REGISTRY[self.modality]
         settings = struct_pb2.Struct()
         settings.update(self.engine.settings)
         return catalog_pb2.Model(
             id=self.id,
             aliases=self.aliases,
-            modality=catalog_pb2.Modality.Value(f"MODALITY_{self.modality.upper()}"),
+            modality=row.proto,
             backend_target=self.backend,
             engine=catalog_pb2.Engine(kind=self.engine.kind, settings=settings),
-            capabilities=catalog_pb2.Capabilities(**{name: True for name in self.capabilities}),
+            capabilities=row.capabilities_proto(self.capabilities),
             context_length=self.context_length,
             owned_by=self.owned_by,
             created=self.created,
@@ -55,13 +64,21 @@ class ModelSpec(BaseModel):
 
 class CatalogFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    models: list[ModelSpec] = Field(default_factory=list)
+    # Required: an empty or truncated file must not pass as a catalog without models
+    # (every model would turn into a 404). `models: []` says so explicitly.
+    models: list[ModelSpec]
 
 
 def parse_catalog(text: str) -> list[catalog_pb2.Model]:
     """Parses catalog YAML; raises ValueError (pydantic's ValidationError is one) on bad content."""
-    data = yaml.safe_load(text) or {}
-    return [spec.to_proto() for spec in CatalogFile.model_validate(data).models]
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:  # a truncated or mangled file
+        raise ValueError(f"the catalog is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError("the catalog must be a YAML mapping with a `models` list")
+    specs = CatalogFile.model_validate(data).models
+    return [spec.to_proto() for spec in specs]
 
 
 def load_catalog(path: Path) -> list[catalog_pb2.Model]:

@@ -3,7 +3,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pydantic import ValidationError
 
 from modelplex.v1 import catalog_pb2, catalog_pb2_grpc
 from modelplex_catalog.loader import parse_catalog
@@ -28,14 +27,15 @@ models:
 def test_shipped_default_catalog_serves_smollm2():
     models = parse_catalog(DEFAULT_CATALOG.read_text())
     assert models[0].id == "smollm2-135m-instruct"
-    assert models[0].capabilities.chat and models[0].capabilities.json_schema and not models[0].capabilities.vision
+    caps = models[0].capabilities.text
+    assert caps.chat and caps.json_schema and not caps.vision
 
 
 def test_entry_fields_reach_the_proto():
     model = parse_catalog(ENTRY.format(id="m1"))[0]
     assert model.modality == catalog_pb2.MODALITY_TEXT and model.backend_target == "127.0.0.1:50061"
     assert model.engine.kind == "llamacpp" and model.engine.settings["threads"] == 2
-    assert model.capabilities.tool_use and not model.capabilities.completions
+    assert model.capabilities.text.tool_use and not model.capabilities.text.completions
 
 
 @pytest.mark.parametrize(
@@ -45,10 +45,13 @@ def test_entry_fields_reach_the_proto():
         ENTRY.format(id="m1").replace("text", "smell"),
         ENTRY.format(id="m1").replace("tool_use", "telepathy"),
         ENTRY.format(id="m1") + "    surprise: 1\n",
+        "",  # an empty file is not a catalog without models
+        "models:",  # nor is a truncated one
+        "models:\n  - id: m1\n    modality: text\n    backend: 127.0.0.1:1\n    engine: {kind: llama",
     ],
 )
 def test_invalid_entries_are_rejected(bad):
-    with pytest.raises(ValidationError):
+    with pytest.raises(ValueError):  # pydantic's ValidationError is one
         parse_catalog(bad)
 
 

@@ -1,4 +1,4 @@
-"""The edge application: routers, the one middleware, error handlers, lifespan."""
+"""The edge application: endpoint routers, the one middleware, error handlers, lifespan."""
 
 from __future__ import annotations
 
@@ -10,28 +10,32 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from modelplex_edge.auth import DevKeyAuthorizer
+from modelplex_edge import ops
+from modelplex_edge.admission import Admission, DevKeyAdmission
 from modelplex_edge.backends import Backends, channel
 from modelplex_edge.catalog_client import CatalogWatcher
+from modelplex_edge.endpoints import ROUTERS
 from modelplex_edge.errors import install_error_handlers
 from modelplex_edge.middleware import EdgeMiddleware
-from modelplex_edge.routers import chat, completions, health, models, unsupported
 from modelplex_edge.settings import EdgeSettings
 from modelplex_edge.state import EdgeState
 
 log = logging.getLogger(__name__)
 
 
-def create_app(settings: EdgeSettings) -> FastAPI:
+def default_admission(settings: EdgeSettings) -> Admission:
+    return DevKeyAdmission(settings.dev_api_key.get_secret_value())
+
+
+def create_app(settings: EdgeSettings, admission: Admission | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         catalog_channel = channel(settings.catalog_target)
         watcher = CatalogWatcher(catalog_channel)
         following = asyncio.create_task(watcher.run())
         backends = Backends(settings.backend_timeout_seconds)
-        app.state.edge = EdgeState(
-            settings, watcher, backends, DevKeyAuthorizer(settings.dev_api_key.get_secret_value())
-        )
+        gate = admission or default_admission(settings)
+        app.state.edge = EdgeState(settings, watcher, backends, gate)
         try:
             await asyncio.wait_for(watcher.ready.wait(), settings.catalog_wait_seconds)
         except TimeoutError:
@@ -39,6 +43,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         yield
         following.cancel()
         await backends.close()
+        await gate.close()
         await catalog_channel.close()
 
     app = FastAPI(
@@ -51,7 +56,7 @@ def create_app(settings: EdgeSettings) -> FastAPI:
         # EdgeMiddleware owns the request span and metrics; FastAPI's own would double them.
         telemetry={"tracing": False, "metrics": False, "logs": False},
     )
-    for router in (chat.router, completions.router, models.router, health.router, unsupported.router):
+    for router in (*ROUTERS, ops.router):
         app.include_router(router)
     install_error_handlers(app)
     if settings.cors_origins:
@@ -60,8 +65,10 @@ def create_app(settings: EdgeSettings) -> FastAPI:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["x-request-id", "retry-after"],
+            expose_headers=["x-request-id", "retry-after", "retry-after-ms", "x-ratelimit-*"],
             max_age=600,
         )
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        EdgeMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_seconds=settings.body_timeout_seconds
+    )
     return app

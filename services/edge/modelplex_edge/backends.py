@@ -1,24 +1,18 @@
-"""gRPC channels to backends, and the call helpers every route uses.
+"""gRPC channels and stubs to the backends, one channel per target, shared.
 
-One channel per backend target, created on first use and shared. The helpers
-carry the request id and trace context, apply the deadline, cancel the call
-when the HTTP client goes away, and turn gRPC failures into ServiceErrors.
+Which stub a target gets comes from the modality registry, so a new modality
+needs no code here.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
-from starlette.requests import Request
 
-from modelplex.v1 import text_pb2_grpc
-from modelplex_kit.errors import ServiceError
+from modelplex_kit.modalities import Modality
 from modelplex_kit.telemetry import outgoing_metadata
-
-T = TypeVar("T")
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -38,17 +32,15 @@ class Backends:
     def __init__(self, timeout_seconds: float) -> None:
         self.timeout = timeout_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._text: dict[str, text_pb2_grpc.TextGenerationServiceStub] = {}
+        self._stubs: dict[tuple[str, str], Any] = {}
 
-    def _channel(self, target: str) -> grpc.aio.Channel:
-        if target not in self._channels:
-            self._channels[target] = channel(target)
-        return self._channels[target]
-
-    def text(self, target: str) -> text_pb2_grpc.TextGenerationServiceStub:
-        stub = self._text.get(target)
+    def stub(self, modality: Modality, target: str) -> Any:
+        key = (modality.name, target)
+        stub = self._stubs.get(key)
         if stub is None:
-            stub = self._text[target] = text_pb2_grpc.TextGenerationServiceStub(self._channel(target))
+            if target not in self._channels:
+                self._channels[target] = channel(target)
+            stub = self._stubs[key] = modality.stub(self._channels[target])
         return stub
 
     def call_options(self, request_id: str) -> dict[str, Any]:
@@ -56,66 +48,3 @@ class Backends:
 
     async def close(self) -> None:
         await asyncio.gather(*(ch.close() for ch in self._channels.values()))
-
-
-async def _disconnected(request: Request) -> None:
-    # After the body is read, receive() only returns when the client leaves.
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
-    """Awaits backend work, cancelling it (and so its gRPC calls) if the HTTP client leaves first."""
-    watcher = asyncio.ensure_future(_disconnected(request))
-    work = asyncio.ensure_future(awaitable)
-    try:
-        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():
-            work.cancel()
-            raise ServiceError(grpc.StatusCode.CANCELLED, "The client closed the request.")
-        return work.result()
-    except grpc.aio.AioRpcError as exc:
-        raise ServiceError.from_rpc_error(exc) from None
-    finally:
-        watcher.cancel()
-        work.cancel()  # no-op once done; stops the backend calls if we were cancelled ourselves
-
-
-async def all_of(calls: list[Awaitable[T]]) -> list[T]:
-    """Like gather, but one failure cancels the other calls instead of leaving them running."""
-    tasks = [asyncio.ensure_future(call) for call in calls]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()
-
-
-async def open_stream(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Any]:
-    """Starts a server stream and waits for its first message.
-
-    Failures before any output (bad request, model down) thus still get their
-    own HTTP status instead of a 200 with an error event. The returned
-    iterator cancels the call when closed early, e.g. on client disconnect.
-    """
-    iterator = call.__aiter__()
-    try:
-        first = await iterator.__anext__()
-    except StopAsyncIteration:
-        first = None
-    except grpc.aio.AioRpcError as exc:
-        raise ServiceError.from_rpc_error(exc) from None
-    except BaseException:  # cancelled (the client left while queued): the backend must hear of it
-        call.cancel()
-        raise
-    return _rest(call, iterator, first)
-
-
-async def _rest(call: grpc.aio.UnaryStreamCall, iterator: AsyncIterator[Any], first: Any) -> AsyncIterator[Any]:
-    try:
-        if first is not None:
-            yield first
-            async for message in iterator:
-                yield message
-    finally:
-        call.cancel()  # no-op once the stream completed

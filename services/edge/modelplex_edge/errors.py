@@ -23,8 +23,16 @@ log = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
+# pydantic-core's JSON parser refuses deeper documents (a guard against stack exhaustion).
+JSON_NESTING_LIMIT = 200
+
 # Location parts pydantic adds for union members; they are not request fields.
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "json-or-python"}
+
+
+class BodyTimeout(Exception):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"The request body was not received within {seconds:g} seconds.")
 
 
 class BodyTooLarge(Exception):
@@ -49,11 +57,12 @@ def internal_error() -> Response:
     )
 
 
-def http_only_error(status: int, message: str) -> Response:
-    """An HTTP-level failure (405, 413, ...) that no gRPC status describes."""
+def http_only_error(status: int, message: str, close: bool = False) -> Response:
+    """An HTTP-level failure (405, 408, 413, ...) that no gRPC status describes."""
     http = HTTP_ONLY.get(status, HttpError(status, "invalid_request_error", None))
     body = envelope(message, http.type, None, http.code)
-    return Response(orjson.dumps(body), status_code=status, media_type="application/json")
+    headers = {"connection": "close"} if close else None
+    return Response(orjson.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 def openai_param(loc: tuple[int | str, ...]) -> str | None:
@@ -71,6 +80,10 @@ def openai_param(loc: tuple[int | str, ...]) -> str | None:
 
 def validation_error(exc: ValidationError) -> ServiceError:
     first = exc.errors(include_url=False)[0]
+    if first["type"] == "json_invalid" and "recursion limit" in str((first.get("ctx") or {}).get("error", "")):
+        return invalid(
+            f"The JSON body is nested too deeply: at most {JSON_NESTING_LIMIT} levels of arrays and objects."
+        )
     if first["type"] == "json_invalid":
         return invalid(
             "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your "

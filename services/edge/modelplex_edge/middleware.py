@@ -1,4 +1,4 @@
-"""The edge's one ASGI middleware: request id, body limit, trace span, metrics.
+"""The edge's one ASGI middleware: request id, body limit and read timeout, trace span, metrics.
 
 Written as plain ASGI (not BaseHTTPMiddleware) because it wraps every request,
 streaming ones included, and must add next to nothing to the hot path.
@@ -6,14 +6,16 @@ streaming ones included, and must add next to nothing to the hot path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 import uuid
 
 from opentelemetry import trace
+from starlette.requests import ClientDisconnect
 
-from modelplex_edge.errors import BodyTooLarge, http_only_error, internal_error
+from modelplex_edge.errors import BodyTimeout, BodyTooLarge, http_only_error, internal_error
 from modelplex_kit.logging import request_id_var
 from modelplex_kit.telemetry import HTTP_LATENCY, HTTP_REQUESTS
 
@@ -30,9 +32,10 @@ def _header(scope, name: bytes) -> bytes | None:
 
 
 class EdgeMiddleware:
-    def __init__(self, app, max_body_bytes: int) -> None:
+    def __init__(self, app, max_body_bytes: int, body_timeout_seconds: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout_seconds
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -43,7 +46,7 @@ class EdgeMiddleware:
         token = request_id_var.set(request_id)
         status = 500
         started = False
-        start = time.perf_counter()
+        start = scope["modelplex.start"] = time.perf_counter()
 
         async def send_with_id(message) -> None:
             nonlocal status, started
@@ -60,6 +63,14 @@ class EdgeMiddleware:
                     await http_only_error(413, str(limit))(scope, receive, send_with_id)
                     return
                 await self.app(scope, self._limited(receive), send_with_id)
+        except ClientDisconnect:  # the client left mid-upload: its problem, not a server error
+            status = 499
+            log.info("client disconnected before sending the whole body")
+        except BodyTimeout as exc:
+            status = 408
+            log.info("request body too slow; closing the connection")
+            if not started:
+                await http_only_error(408, str(exc), close=True)(scope, receive, send_with_id)
         except Exception:
             # Here, not in an app-level handler, so the log line and the response keep the request id.
             log.exception("unhandled error")
@@ -79,17 +90,26 @@ class EdgeMiddleware:
         return declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes
 
     def _limited(self, receive):
-        """receive() that refuses a streamed (chunked) body once it passes the limit."""
-        limit = self.max_body_bytes
+        """receive() that bounds the body: its size (also when chunked) and the wait for each
+        piece of it, so a client sending a byte a second cannot hold a connection for minutes.
+        Once the body is complete, receive() is left alone: it then waits for a disconnect."""
+        limit, timeout = self.max_body_bytes, self.body_timeout
         seen = 0
+        complete = False
 
-        async def counting():
-            nonlocal seen
-            message = await receive()
+        async def guarded():
+            nonlocal seen, complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), timeout)
+            except TimeoutError:
+                raise BodyTimeout(timeout) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
                     raise BodyTooLarge(limit)
+                complete = not message.get("more_body", False)
             return message
 
-        return counting
+        return guarded

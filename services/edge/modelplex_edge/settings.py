@@ -25,6 +25,10 @@ class EdgeSettings(ServiceSettings):
     # Comma-separated in the environment, as the Helm chart writes it.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 16 * 1024 * 1024
+    # Longest wait for the next piece of a request body, and for a request's headers; a slower
+    # client gets 408 and its connection is closed.
+    body_timeout_seconds: float = 30.0
+    header_timeout_seconds: float = 30.0
     # Deadline for one backend call (generation included).
     backend_timeout_seconds: float = 600.0
     # How long startup waits for the first catalog snapshot before serving 503s.

@@ -1,16 +1,14 @@
-"""What the routes depend on, built once at startup and injected with Depends."""
+"""What the routes share, built once at startup (``app.state.edge``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Annotated
+from dataclasses import dataclass, field
 
-from fastapi import Depends, Request
-
-from modelplex_edge.auth import Authorizer, Caller
+from modelplex_edge.admission import Admission
 from modelplex_edge.backends import Backends
 from modelplex_edge.catalog_client import CatalogWatcher
 from modelplex_edge.settings import EdgeSettings
+from modelplex_edge.sse import Drain
 
 
 @dataclass(slots=True)
@@ -18,16 +16,5 @@ class EdgeState:
     settings: EdgeSettings
     catalog: CatalogWatcher
     backends: Backends
-    authorizer: Authorizer
-
-
-async def _state(request: Request) -> EdgeState:
-    return request.app.state.edge
-
-
-async def _caller(request: Request) -> Caller:
-    return request.app.state.edge.authorizer.authorize(request.headers.get("authorization"))
-
-
-State = Annotated[EdgeState, Depends(_state)]
-Authorized = Annotated[Caller, Depends(_caller)]
+    admission: Admission
+    drain: Drain = field(default_factory=Drain)

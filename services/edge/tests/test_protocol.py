@@ -5,9 +5,9 @@ import json
 import pytest
 
 from modelplex.v1 import common_pb2, text_pb2
+from modelplex_edge.endpoints.chat import translate as chat_tr
+from modelplex_edge.endpoints.chat.protocol import ChatCompletionRequest
 from modelplex_edge.errors import openai_param, parse_body
-from modelplex_edge.protocol.chat import ChatCompletionRequest
-from modelplex_edge.translate import chat as chat_tr
 from modelplex_kit.errors import ServiceError
 
 META = common_pb2.RequestMeta(request_id="r1")

@@ -17,7 +17,7 @@ EngineEvent = text_pb2.ChoiceDelta | common_pb2.Usage
 
 class TextEngine(Protocol):
     #: What this engine can really do; requests beyond it get a 400.
-    capabilities: catalog_pb2.Capabilities
+    capabilities: catalog_pb2.TextCapabilities
 
     def stream(self, request: text_pb2.GenerateRequest, *, incremental: bool = True) -> AsyncIterator[EngineEvent]:
         """Generates ``request`` and yields events as the engine produces them.

@@ -9,8 +9,8 @@ from contextlib import aclosing
 
 import grpc
 
-from modelplex.v1 import common_pb2, text_pb2, text_pb2_grpc
-from modelplex_kit.capabilities import check_text_request
+from modelplex.v1 import catalog_pb2, common_pb2, text_pb2, text_pb2_grpc
+from modelplex_kit.modalities.text import check_text_request
 from modelplex_text.batching import merge_deltas, ready_batches
 from modelplex_text.engine import TextEngine
 
@@ -18,11 +18,12 @@ from modelplex_text.engine import TextEngine
 class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
     def __init__(self, engine: TextEngine) -> None:
         self._engine = engine
+        self._capabilities = catalog_pb2.Capabilities(text=engine.capabilities)
 
     async def GenerateStream(
         self, request, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[text_pb2.GenerateStreamResponse]:
-        check_text_request(request, self._engine.capabilities)
+        check_text_request(request, self._capabilities)
         header = {"id": uuid.uuid4().hex, "model": request.model, "created": int(time.time())}
         usage = common_pb2.Usage()
         async with aclosing(self._engine.stream(request)) as events:
@@ -38,7 +39,7 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
         yield text_pb2.GenerateStreamResponse(**header, usage=usage)
 
     async def Generate(self, request, context: grpc.aio.ServicerContext) -> text_pb2.GenerateResponse:
-        check_text_request(request, self._engine.capabilities)
+        check_text_request(request, self._capabilities)
         choices = [text_pb2.Choice(index=i) for i in range(max(1, request.n))]
         usage = common_pb2.Usage()
         async with aclosing(self._engine.stream(request, incremental=False)) as events:

@@ -88,7 +88,7 @@ class _SampleCounter:
 
 
 class LlamaCppEngine:
-    capabilities = catalog_pb2.Capabilities(
+    capabilities = catalog_pb2.TextCapabilities(
         chat=True, completions=True, tool_use=True, json_schema=True, prompt_caching=True, multiple_choices=True
     )
 

@@ -43,7 +43,7 @@ _STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aio
 
 class OpenAIHttpEngine:
     # Everything the protocol can express; the catalog entry narrows it per model.
-    capabilities = catalog_pb2.Capabilities(
+    capabilities = catalog_pb2.TextCapabilities(
         chat=True,
         completions=True,
         tool_use=True,

@@ -154,7 +154,7 @@ class TritonEngine:
         self._context_length = settings.context_length
         self._defaults = (settings.default_temperature, settings.default_top_p)
         self._client: InferenceServerClient | None = None
-        self.capabilities = catalog_pb2.Capabilities(
+        self.capabilities = catalog_pb2.TextCapabilities(
             chat=True,
             completions=True,
             tool_use=True,

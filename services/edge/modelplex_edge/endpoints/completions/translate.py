@@ -6,9 +6,20 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from modelplex.v1 import common_pb2, text_pb2
-from modelplex_edge.protocol.completions import CompletionRequest
-from modelplex_edge.translate.text_common import FINISH_REASONS, add_usage, sampling, usage_dict
+from modelplex_edge.endpoints.completions.protocol import CompletionRequest
+from modelplex_edge.endpoints.text_shared import FINISH_REASONS, add_usage, estimate_tokens, sampling, usage_dict
 from modelplex_kit.errors import invalid, unsupported
+
+
+def include_usage(body: CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def cost(body: CompletionRequest) -> int:
+    """Tokens to reserve at admission: a prompt estimate plus the output bound, for every prompt and choice."""
+    prompts = body.prompts() or []
+    per_prompt = 16 if body.max_tokens is None else body.max_tokens
+    return estimate_tokens(prompts) + per_prompt * (body.n or 1) * max(1, len(prompts))
 
 
 def to_protos(body: CompletionRequest, model_id: str, meta: common_pb2.RequestMeta) -> list[text_pb2.GenerateRequest]:

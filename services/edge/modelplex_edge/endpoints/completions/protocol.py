@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from modelplex_edge.protocol.common import Penalty, Stop, StreamOptions, Strict, Temperature, TopP, param_error
+from modelplex_edge.wire import Penalty, Stop, StreamOptions, Strict, Temperature, TopP, param_error
 
 
 class CompletionRequest(Strict):

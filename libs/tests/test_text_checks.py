@@ -1,13 +1,15 @@
 import pytest
 
 from modelplex.v1 import catalog_pb2, text_pb2
-from modelplex_kit.capabilities import check_text_request
 from modelplex_kit.errors import ServiceError
+from modelplex_kit.modalities.text import check_text_request
 
 ALL = catalog_pb2.Capabilities(
-    chat=True, completions=True, tool_use=True, vision=True, json_schema=True, logprobs=True, multiple_choices=True
+    text=catalog_pb2.TextCapabilities(
+        chat=True, completions=True, tool_use=True, vision=True, json_schema=True, logprobs=True, multiple_choices=True
+    )
 )
-CHAT_ONLY = catalog_pb2.Capabilities(chat=True)
+CHAT_ONLY = catalog_pb2.Capabilities(text=catalog_pb2.TextCapabilities(chat=True))
 
 
 def chat(**fields) -> text_pb2.GenerateRequest:

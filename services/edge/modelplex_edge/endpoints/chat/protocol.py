@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from modelplex_edge.protocol.common import Lenient, Penalty, Stop, StreamOptions, Strict, Temperature, TopP, param_error
+from modelplex_edge.wire import Lenient, Penalty, Stop, StreamOptions, Strict, Temperature, TopP, param_error
 
 
 class TextPart(Lenient):

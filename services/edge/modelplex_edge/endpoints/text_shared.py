@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from modelplex.v1 import common_pb2, text_pb2
@@ -68,3 +69,9 @@ def add_usage(total: common_pb2.Usage, part: common_pb2.Usage) -> None:
         "cache_creation_prompt_tokens",
     ):
         setattr(total, field, getattr(total, field) + getattr(part, field))
+
+
+def estimate_tokens(texts: Iterable[str]) -> int:
+    """A cheap upper-leaning token estimate (about 4 bytes a token), for admission only: the
+    backend counts exactly, and the gatekeeper reconciles with the real usage afterwards."""
+    return sum(len(text.encode()) for text in texts) // 4 + 1

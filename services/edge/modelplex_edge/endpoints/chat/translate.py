@@ -8,8 +8,8 @@ from typing import Any
 import orjson
 
 from modelplex.v1 import common_pb2, text_pb2
-from modelplex_edge.protocol.chat import ChatCompletionRequest, ChatMessage, NamedToolChoice
-from modelplex_edge.translate.text_common import FINISH_REASONS, sampling, usage_dict
+from modelplex_edge.endpoints.chat.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
+from modelplex_edge.endpoints.text_shared import FINISH_REASONS, estimate_tokens, sampling, usage_dict
 from modelplex_kit.errors import unsupported
 
 _MODES = {
@@ -70,6 +70,18 @@ def _response_format(body: ChatCompletionRequest) -> text_pb2.ResponseFormat:
         result.schema_json = orjson.dumps(fmt.json_schema.schema_ or {"type": "object"}).decode()
         result.strict = bool(fmt.json_schema.strict)
     return result
+
+
+def include_usage(body: ChatCompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+def cost(body: ChatCompletionRequest) -> int:
+    """Tokens to reserve at admission: a prompt estimate plus the output bound (0: the model's rest)."""
+    prompt = estimate_tokens(m.model_dump_json(exclude_none=True) for m in body.messages)
+    if body.tools:
+        prompt += estimate_tokens(t.model_dump_json() for t in body.tools)
+    return prompt + (body.max_completion_tokens or body.max_tokens or 0) * (body.n or 1)
 
 
 def to_proto(body: ChatCompletionRequest, model_id: str, meta: common_pb2.RequestMeta) -> text_pb2.GenerateRequest:

@@ -1,25 +1,44 @@
-"""One check of a text request against what a model can do.
+"""Text (chat and legacy completions): capability flags and the one request check.
 
-The edge runs it with the catalog's advertised capabilities, the text backend
-with its engine's real ones, so a request is refused with the same clear 400
-wherever the gap is found.
+The edge runs the check with the catalog's advertised capabilities, the text
+backend with its engine's real ones, so a request is refused with the same
+clear 400 wherever the gap is found.
 """
 
 from __future__ import annotations
 
-from modelplex.v1 import catalog_pb2, text_pb2
+from typing import Literal
+
+from pydantic import RootModel
+
+from modelplex.v1 import catalog_pb2, text_pb2, text_pb2_grpc
 from modelplex_kit.errors import invalid, unsupported
+from modelplex_kit.modalities.base import Modality
+
+Flag = Literal[
+    "chat", "completions", "tool_use", "vision", "json_schema", "prompt_caching", "logprobs", "multiple_choices"
+]
 
 _SCHEMA = text_pb2.ResponseFormat.TYPE_JSON_SCHEMA
 _JSON_OBJECT = text_pb2.ResponseFormat.TYPE_JSON_OBJECT
 
 
-def check_text_request(request: text_pb2.GenerateRequest, caps: catalog_pb2.Capabilities) -> None:
+class TextCapabilitySpec(RootModel[list[Flag]]):
+    """A list of flags: ``capabilities: [chat, completions, tool_use]``."""
+
+    root: list[Flag] = []
+
+    def to_proto(self) -> catalog_pb2.Capabilities:
+        return catalog_pb2.Capabilities(text=catalog_pb2.TextCapabilities(**{flag: True for flag in self.root}))
+
+
+def check_text_request(request: text_pb2.GenerateRequest, capabilities: catalog_pb2.Capabilities) -> None:
     """Raises a 400 ServiceError naming the parameter the model cannot serve.
 
     A ``json_schema`` response format on a model without schema support is
     downgraded in place to ``json_object`` (the documented fallback).
     """
+    caps = capabilities.text
     kind = request.WhichOneof("input")
     if kind == "chat" and not caps.chat:
         raise invalid("This model does not support chat completions; use /v1/completions.", "model")
@@ -47,3 +66,15 @@ def _refuse_images(messages) -> None:
                     f"messages[{i}].content[{j}]",
                     code="image_not_supported",
                 )
+
+
+MODALITY = Modality(
+    name="text",
+    proto=catalog_pb2.MODALITY_TEXT,
+    package="modelplex_text",
+    env_prefix="MODELPLEX_TEXT_",
+    stub=text_pb2_grpc.TextGenerationServiceStub,
+    capabilities=TextCapabilitySpec,  # type: ignore[arg-type]  # a RootModel with to_proto
+    check=check_text_request,
+    port=50061,
+)

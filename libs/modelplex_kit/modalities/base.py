@@ -1,0 +1,48 @@
+"""What the platform needs to know about one modality, as one registry row."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf.message import Message
+from pydantic import BaseModel, ConfigDict
+
+from modelplex.v1 import catalog_pb2
+
+
+class CapabilitySpec(BaseModel):
+    """The catalog file's ``capabilities`` of one modality; validated, then turned into the proto."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def to_proto(self) -> catalog_pb2.Capabilities:
+        raise NotImplementedError
+
+
+# Raises a 400 ServiceError naming the parameter the model cannot serve.
+Checker = Callable[[Message, catalog_pb2.Capabilities], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Modality:
+    #: As written in the catalog (`modality: embeddings`) and in env/chart names.
+    name: str
+    #: catalog_pb2.Modality value.
+    proto: int
+    #: The backend's Python package, started as ``python -m <package>``.
+    package: str
+    #: Settings prefix of that backend (``MODELPLEX_EMBEDDINGS_``); catalog engine settings become its variables.
+    env_prefix: str
+    #: gRPC stub class of the backend's service.
+    stub: type
+    #: Validates the catalog entry's ``capabilities``.
+    capabilities: type[CapabilitySpec]
+    #: Checks a backend request against a model's capabilities (edge and backend run the same check).
+    check: Checker
+    #: Port of the backend's gRPC service in containers (the chart's default).
+    port: int
+
+    def capabilities_proto(self, raw: Any) -> catalog_pb2.Capabilities:
+        return self.capabilities.model_validate(raw if raw is not None else {}).to_proto()

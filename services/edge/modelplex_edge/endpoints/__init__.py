@@ -1,0 +1,16 @@
+"""One folder per OpenAI endpoint: its router, wire protocol (pydantic) and translator.
+
+A new endpoint adds its folder and one line here.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from modelplex_edge.endpoints.chat.router import router as chat
+from modelplex_edge.endpoints.completions.router import router as completions
+from modelplex_edge.endpoints.embeddings.router import router as embeddings
+from modelplex_edge.endpoints.models.router import router as models
+from modelplex_edge.endpoints.unsupported.router import router as unsupported
+
+ROUTERS: tuple[APIRouter, ...] = (chat, completions, embeddings, models, unsupported)

@@ -1,0 +1,24 @@
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from modelplex_edge import pipeline
+from modelplex_edge.endpoints.chat import translate
+from modelplex_edge.endpoints.chat.protocol import ChatCompletionRequest
+from modelplex_kit.modalities import text
+
+router = APIRouter()
+ENDPOINT = pipeline.Endpoint("chat.completions", text.MODALITY)
+
+
+@router.post("/v1/chat/completions")
+async def create_chat_completion(http: Request) -> Response:
+    body = await pipeline.parse(http, ENDPOINT, ChatCompletionRequest)
+    async with await pipeline.open_call(http, ENDPOINT, body.model, translate.cost(body)) as call:
+        request = translate.to_proto(body, call.model.id, call.meta(body.user))
+        call.check(request)
+        if body.stream:
+            stream = await call.stream("GenerateStream", request)
+            return call.respond_stream(translate.stream_chunks(stream, call.model.id, translate.include_usage(body)))
+        return call.respond(translate.from_proto(await call.unary("Generate", request), call.model.id))

@@ -1,0 +1,1 @@
+"""Endpoints Modelplex does not offer: a 404 that says what to use instead."""

@@ -1,0 +1,83 @@
+"""Awaiting backend calls on behalf of an HTTP client.
+
+Each helper cancels the gRPC call when the HTTP client goes away (so the
+backend aborts its engine's work) and turns gRPC failures into ServiceErrors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import grpc
+from starlette.requests import Request
+
+from modelplex_kit.errors import ServiceError
+
+T = TypeVar("T")
+
+
+async def _disconnected(request: Request) -> None:
+    # After the body is read, receive() only returns when the client leaves.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+    """Awaits backend work, cancelling it (and so its gRPC calls) if the HTTP client leaves first."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    work = asyncio.ensure_future(awaitable)
+    try:
+        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            raise ServiceError(grpc.StatusCode.CANCELLED, "The client closed the request.")
+        return work.result()
+    except grpc.aio.AioRpcError as exc:
+        raise ServiceError.from_rpc_error(exc) from None
+    finally:
+        watcher.cancel()
+        work.cancel()  # no-op once done; stops the backend calls if we were cancelled ourselves
+
+
+async def all_of(calls: list[Awaitable[T]]) -> list[T]:
+    """Like gather, but one failure cancels the other calls instead of leaving them running."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+async def open_stream(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Any]:
+    """Starts a server stream and waits for its first message.
+
+    Failures before any output (bad request, model down) thus still get their
+    own HTTP status instead of a 200 with an error event. The returned
+    iterator cancels the call when closed early, e.g. on client disconnect.
+    """
+    iterator = call.__aiter__()
+    try:
+        first = await iterator.__anext__()
+    except StopAsyncIteration:
+        first = None
+    except grpc.aio.AioRpcError as exc:
+        raise ServiceError.from_rpc_error(exc) from None
+    except BaseException:  # cancelled (the client left while queued): the backend must hear of it
+        call.cancel()
+        raise
+    return _rest(call, iterator, first)
+
+
+async def _rest(call: grpc.aio.UnaryStreamCall, iterator: AsyncIterator[Any], first: Any) -> AsyncIterator[Any]:
+    try:
+        if first is not None:
+            yield first
+            async for message in iterator:
+                yield message
+    except grpc.aio.AioRpcError as exc:
+        raise ServiceError.from_rpc_error(exc) from None
+    finally:
+        call.cancel()  # no-op once the stream completed

@@ -1,0 +1,211 @@
+"""The one call pipeline every endpoint goes through.
+
+    parse -> resolve the model (for the endpoint's modality) -> admit (key, model,
+    endpoint, cost) -> check the request against the model's capabilities ->
+    call the backend, unary or streaming, under the disconnect watcher ->
+    account what was consumed (exactly once, streams included) -> render.
+
+An endpoint's router only parses, translates and renders; everything a request
+must pass through, and every metric of it, lives here once.
+
+    body = await pipeline.parse(http, CHAT, ChatCompletionRequest)
+    async with await pipeline.open_call(http, CHAT, body.model, cost) as call:
+        request = translate.to_proto(body, call.model.id, call.meta(body.user))
+        call.check(request)
+        response = await call.unary("Generate", request)
+        return call.respond(translate.from_proto(response))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any, NoReturn, TypeVar
+
+from google.protobuf.message import Message
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from modelplex.v1 import catalog_pb2, common_pb2
+from modelplex_edge.admission import Admitted, Ask, Consumption
+from modelplex_edge.errors import parse_body
+from modelplex_edge.grpc_calls import all_of, open_stream, until_disconnect
+from modelplex_edge.responses import json_response
+from modelplex_edge.sse import sse_response
+from modelplex_edge.state import EdgeState
+from modelplex_kit.errors import ServiceError
+from modelplex_kit.logging import request_id_var
+from modelplex_kit.modalities import Modality
+from modelplex_kit.telemetry import (
+    E2E_REQUEST_LATENCY,
+    GENERATION_TOKENS,
+    INTER_TOKEN_LATENCY,
+    PROMPT_TOKENS,
+    REQUEST_UNITS,
+    REQUESTS_RUNNING,
+    TIME_TO_FIRST_TOKEN,
+)
+
+M = TypeVar("M", bound=BaseModel)
+Meter = Callable[[Message, Consumption], None]
+
+
+def meter_usage(message: Message, used: Consumption) -> None:
+    """The default meter: token usage, where a backend message carries it."""
+    if message.HasField("usage"):
+        used.add_usage(message.usage)
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    #: "chat.completions", "embeddings": names the endpoint to admission, metrics and logs.
+    name: str
+    modality: Modality
+    #: Reads what a backend message says was consumed.
+    meter: Meter = field(default=meter_usage)
+
+
+def _state(http: Request) -> EdgeState:
+    return http.app.state.edge
+
+
+def authorization(http: Request) -> tuple[str, ...]:
+    return tuple(value.decode("latin-1") for key, value in http.scope["headers"] if key == b"authorization")
+
+
+async def refuse(http: Request, endpoint: str, error: ServiceError) -> NoReturn:
+    """Refuses a request before it reaches a model, checking the key first: a caller
+    without a valid key is told that, and nothing about the request or the catalog."""
+    await _state(http).admission.admit(Ask(authorization(http), endpoint))
+    raise error
+
+
+async def parse(http: Request, endpoint: Endpoint, model: type[M]) -> M:
+    try:
+        return parse_body(model, await http.body())
+    except ServiceError as exc:
+        await refuse(http, endpoint.name, exc)
+
+
+async def open_call(http: Request, endpoint: Endpoint, model_name: str, cost: int = 0) -> Call:
+    state = _state(http)
+    try:
+        model = state.catalog.resolve(model_name, endpoint.modality.proto)
+    except ServiceError as exc:
+        await refuse(http, endpoint.name, exc)
+    admitted = await state.admission.admit(Ask(authorization(http), endpoint.name, model.id, cost))
+    return Call(http, state, endpoint, model, admitted)
+
+
+class Call:
+    """One admitted request on its way to a backend and back.
+
+    Used as ``async with``: a failure before a response is handed over is
+    accounted as failed. A streaming response accounts when its stream ends.
+    """
+
+    def __init__(
+        self, http: Request, state: EdgeState, endpoint: Endpoint, model: catalog_pb2.Model, admitted: Admitted
+    ) -> None:
+        self.http = http
+        self.model = model
+        self.endpoint = endpoint
+        self.admitted = admitted
+        self.used = Consumption()
+        self._state = state
+        self._started = http.scope.get("modelplex.start") or time.perf_counter()
+        self._labels = (model.id, endpoint.name)
+        self._stub = state.backends.stub(endpoint.modality, model.backend_target)
+        self._options = state.backends.call_options(request_id_var.get())
+        self._handed_off = False
+        self._finished = False
+        REQUESTS_RUNNING.labels(*self._labels).inc()
+
+    async def __aenter__(self) -> Call:
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None or not self._handed_off:
+            await self.finish(failed=exc is not None)
+
+    # -- request ----------------------------------------------------------------
+    def meta(self, end_user: str | None = None) -> common_pb2.RequestMeta:
+        return common_pb2.RequestMeta(
+            request_id=request_id_var.get(), principal_id=self.admitted.principal_id, end_user=end_user or ""
+        )
+
+    def check(self, request: Message) -> None:
+        self.endpoint.modality.check(request, self.model.capabilities)
+
+    # -- backend calls ------------------------------------------------------------
+    async def unary(self, method: str, request: Message) -> Any:
+        response = await until_disconnect(self.http, getattr(self._stub, method)(request, **self._options))
+        self.endpoint.meter(response, self.used)
+        return response
+
+    async def unary_each(self, method: str, requests: list[Message]) -> list[Any]:
+        """One call per request, concurrently; one failure cancels the rest."""
+        calls = [getattr(self._stub, method)(request, **self._options) for request in requests]
+        responses = await until_disconnect(self.http, all_of(calls))
+        for response in responses:
+            self.endpoint.meter(response, self.used)
+        return responses
+
+    async def stream(self, method: str, request: Message) -> AsyncIterator[Any]:
+        """Opens a server stream now (its errors still get an HTTP status) and returns its messages."""
+        opened = await until_disconnect(self.http, open_stream(getattr(self._stub, method)(request, **self._options)))
+        return self._observed(opened)
+
+    def lazy_stream(self, method: str, request: Message) -> AsyncIterator[Any]:
+        """A stream opened only when first read (later prompts of a multi-prompt request)."""
+
+        async def messages() -> AsyncIterator[Any]:
+            async for message in await self.stream(method, request):
+                yield message
+
+        return messages()
+
+    async def _observed(self, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        ttft, itl = TIME_TO_FIRST_TOKEN.labels(*self._labels), INTER_TOKEN_LATENCY.labels(*self._labels)
+        last = None
+        async for message in messages:
+            now = time.perf_counter()
+            if last is None:
+                ttft.observe(now - self._started)
+            else:
+                itl.observe(now - last)
+            last = now
+            self.endpoint.meter(message, self.used)
+            yield message
+
+    # -- responses ------------------------------------------------------------------
+    def respond(self, body: Any) -> Response:
+        return json_response(body, headers=self.admitted.headers or None)
+
+    def respond_stream(self, chunks: AsyncIterator[Any], **kwargs: Any) -> Response:
+        """An SSE response; the call is accounted when the stream ends, however it ends."""
+        self._handed_off = True
+        return sse_response(
+            chunks, headers=self.admitted.headers, on_close=self.finish, drain=self._state.drain, **kwargs
+        )
+
+    def hand_off(self) -> None:
+        """For custom streaming responses: the caller promises to await ``finish`` when done."""
+        self._handed_off = True
+
+    async def finish(self, failed: bool = False) -> None:
+        if self._finished:
+            return
+        self._finished = True
+        REQUESTS_RUNNING.labels(*self._labels).dec()
+        E2E_REQUEST_LATENCY.labels(*self._labels).observe(time.perf_counter() - self._started)
+        usage = self.used.usage
+        if usage.prompt_tokens:
+            PROMPT_TOKENS.labels(self.model.id).inc(usage.prompt_tokens)
+        if usage.completion_tokens:
+            GENERATION_TOKENS.labels(self.model.id).inc(usage.completion_tokens)
+        if self.used.units:
+            REQUEST_UNITS.labels(self.model.id, self.used.unit_kind).inc(self.used.units)
+        await self._state.admission.account(self.admitted, self.used, failed)

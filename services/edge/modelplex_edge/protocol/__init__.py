@@ -1,1 +1,0 @@
-"""OpenAI wire models (pydantic). They import no engine or gRPC code."""

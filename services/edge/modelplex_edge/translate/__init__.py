@@ -1,1 +1,0 @@
-"""OpenAI wire models <-> internal protobuf contracts (to_proto / from_proto)."""
