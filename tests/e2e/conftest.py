@@ -13,6 +13,8 @@ from tests.support.ports import free_port
 
 DEV_KEY = "sk-modelplex-e2e"
 MAX_BODY = 256 * 1024
+# Read timeouts for slow clients (headers, body), short so the tests that trip them stay fast.
+SLOW_CLIENT_SECONDS = 2
 
 
 def _catalog(tmp: Path) -> Path:
@@ -71,6 +73,8 @@ def stack(tmp_path_factory):
         "MODELPLEX_DEV_API_KEY": DEV_KEY,
         "MODELPLEX_EDGE_MAX_BODY_BYTES": str(MAX_BODY),
         "MODELPLEX_TEXT_MAX_QUEUE": "16",
+        "MODELPLEX_EDGE_BODY_TIMEOUT_SECONDS": str(SLOW_CLIENT_SECONDS),
+        "MODELPLEX_EDGE_HEADER_TIMEOUT_SECONDS": str(SLOW_CLIENT_SECONDS),
         "MODELPLEX_LOG_LEVEL": "info",
     }
     running = Stack(

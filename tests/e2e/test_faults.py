@@ -1,0 +1,96 @@
+"""Faults: a crashed backend comes back under the launcher's supervisor, and a SIGTERM'd edge
+ends every open stream well-formed within its grace period."""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from modelplex_kit.devstack import Stack, free_port
+
+pytestmark = pytest.mark.e2e
+
+KEY = "sk-modelplex-faults"
+GRACE = 5
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("faults")
+    catalog = tmp / "catalog.yaml"
+    backend = f"127.0.0.1:{free_port()}"
+    entry = {
+        "id": "smollm2",
+        "modality": "text",
+        "backend": backend,
+        "engine": {"kind": "llamacpp", "settings": {"context_length": 2048}},
+        "capabilities": ["chat"],
+    }
+    catalog.write_text(yaml.safe_dump({"models": [entry]}))
+    env = {"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_GRACE_SECONDS": str(GRACE)}
+    running = Stack(
+        catalog, catalog_listen=f"127.0.0.1:{free_port()}", edge_port=free_port(), env=env, log_dir=tmp
+    ).start()
+    running.start_supervising(interval=0.2)
+    running.backend = f"text@{backend}"  # type: ignore[attr-defined]
+    yield running
+    running.stop()
+
+
+def _client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.base_url, api_key=KEY, max_retries=0, timeout=60)
+
+
+def test_a_killed_backend_is_restarted_and_serves_again(stack):
+    client = _client(stack)
+    backend = stack.process(stack.backend)
+    old_pid = backend.popen.pid
+    backend.popen.send_signal(signal.SIGKILL)
+    deadline = time.monotonic() + 90
+    answer = None
+    while time.monotonic() < deadline:
+        try:
+            answer = client.chat.completions.create(
+                model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=3
+            )
+            break
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and exc.response.headers["retry-after"]  # meanwhile: retryable
+            time.sleep(0.5)
+    assert answer is not None and answer.choices[0].message.content is not None
+    assert stack.process(stack.backend).popen.pid != old_pid and stack.process(stack.backend).restarts >= 1
+
+
+def test_sigterm_on_the_edge_closes_open_streams_with_an_error_event_and_done(stack):
+    body = {
+        "model": "smollm2",
+        "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
+        "max_tokens": 2000,
+        "temperature": 1.0,
+        "stream": True,
+    }
+    edge = stack.process("edge")
+    lines = []
+    with httpx.stream(
+        "POST", f"{stack.base_url}/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    ) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 2:
+                edge.popen.send_signal(signal.SIGTERM)
+                signalled = time.monotonic()
+        closed = time.monotonic()
+    assert lines[-1] == "data: [DONE]"
+    assert '"error"' in lines[-2] and "restarting" in lines[-2]  # the stream would have run far longer
+    assert closed - signalled <= GRACE + 1
+    # uvicorn re-raises the signal once it has shut down gracefully, so its parent sees "killed by SIGTERM".
+    assert edge.popen.wait(timeout=GRACE + 10) in (0, -signal.SIGTERM)
+    assert "Traceback" not in (stack.log_dir / "edge.log").read_text()
