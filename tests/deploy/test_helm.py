@@ -428,3 +428,15 @@ def test_network_policies() -> None:
     assert peer["app.kubernetes.io/component"] == "edge"
     vllm = policies[f"{RELEASE}-vllm-ingress"]
     assert vllm["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "text"
+
+
+def test_termination_grace_covers_the_drain_and_the_prestop_delay():
+    deployments = [d for d in find(render(), "Deployment") if d["metadata"]["labels"].get("app.kubernetes.io/component") in ("edge", "text")]
+    assert len(deployments) >= 2
+    for deployment in deployments:
+        spec = deployment["spec"]["template"]["spec"]
+        main = spec["containers"][0]
+        grace = int(env(main)["MODELPLEX_GRACE_SECONDS"])
+        assert grace >= 600, "the drain must cover the longest backend call (the edge's 600 s deadline)"
+        assert "time.sleep(5)" in main["lifecycle"]["preStop"]["exec"]["command"][-1]
+        assert spec["terminationGracePeriodSeconds"] >= grace + 5 + 5

@@ -269,3 +269,21 @@ livenessProbe:
 {{- end }}
 {{- toYaml (dict "models" $entries) }}
 {{- end }}
+
+{{/*
+Shutdown, one rule for every pod: on termination the preStop delay lets endpoints and
+load balancers stop routing to the pod, then SIGTERM starts the drain (graceSeconds, also
+MODELPLEX_GRACE_SECONDS), and the kubelet waits for both plus a margin before SIGKILL.
+*/}}
+{{- define "modelplex.terminationGrace" -}}
+{{- add (int .graceSeconds) (int .preStopSeconds) 10 -}}
+{{- end -}}
+
+{{- define "modelplex.preStop" -}}
+{{- if .preStopSeconds }}
+lifecycle:
+  preStop:
+    exec:
+      command: ["python", "-c", "import time; time.sleep({{ int .preStopSeconds }})"]
+{{- end }}
+{{- end -}}
