@@ -431,7 +431,10 @@ def test_network_policies() -> None:
 
 
 def test_termination_grace_covers_the_drain_and_the_prestop_delay():
-    deployments = [d for d in find(render(), "Deployment") if d["metadata"]["labels"].get("app.kubernetes.io/component") in ("edge", "text")]
+    component = "app.kubernetes.io/component"
+    deployments = [
+        d for d in find(render(), "Deployment") if d["metadata"]["labels"].get(component) in {"edge", "text"}
+    ]
     assert len(deployments) >= 2
     for deployment in deployments:
         spec = deployment["spec"]["template"]["spec"]
