@@ -123,11 +123,19 @@ Registrar = Callable[[grpc.aio.Server], Iterable[str]]
 
 
 def server_options(settings: GrpcServiceSettings) -> list[tuple[str, Any]]:
-    return [
+    options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+    if settings.max_connection_age_seconds > 0:
+        age_ms = int(settings.max_connection_age_seconds * 1000)
+        # GOAWAY after the age; calls in flight then get as long as the drain grace to finish.
+        options += [
+            ("grpc.max_connection_age_ms", age_ms),
+            ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000)),
+        ]
+    return options
 
 
 async def serve(

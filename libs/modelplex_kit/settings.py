@@ -38,3 +38,6 @@ class GrpcServiceSettings(ServiceSettings):
     listen: str = "127.0.0.1:50051"
     # Server-side cap on one message; text prompts and images fit well inside.
     max_message_bytes: int = 32 * 1024 * 1024
+    # Clients are asked to reconnect after this long (0: never), so edges using round-robin over a
+    # headless Service discover backend pods that started after them.
+    max_connection_age_seconds: float = Field(300.0, validation_alias=_shared("MAX_CONNECTION_AGE_SECONDS"))

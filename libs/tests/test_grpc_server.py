@@ -108,3 +108,13 @@ def test_json_logs_carry_the_request_id():
     finally:
         request_id_var.reset(token)
     assert line["msg"] == "hello world" and line["request_id"] == "abc123" and line["service"] == "edge"
+
+
+def test_connections_are_aged_out_so_new_backend_pods_are_found():
+    from modelplex_kit.grpc_server import server_options
+    from modelplex_kit.settings import GrpcServiceSettings
+
+    options = dict(server_options(GrpcServiceSettings(max_connection_age_seconds=120, grace_seconds=30)))
+    assert options["grpc.max_connection_age_ms"] == 120_000
+    assert options["grpc.max_connection_age_grace_ms"] == 30_000
+    assert "grpc.max_connection_age_ms" not in dict(server_options(GrpcServiceSettings(max_connection_age_seconds=0)))
