@@ -1,0 +1,1 @@
+"""Modelplex embeddings backend: EmbeddingsService over a pluggable engine."""
