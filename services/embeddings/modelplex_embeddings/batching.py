@@ -139,7 +139,7 @@ class MicroBatcher:
                 else:
                     _fail(batch, exc)
                 return
-            except Exception as exc:  # noqa: BLE001 - handed to every caller, whose servicer reports it
+            except Exception as exc:  # handed to every caller; its servicer reports it
                 _fail(batch, exc)
                 return
             _deliver(batch, rows)
@@ -152,7 +152,7 @@ class MicroBatcher:
                 continue
             try:
                 _deliver([pending], await self._call(pending.items))
-            except Exception as exc:  # noqa: BLE001 - this request's own failure
+            except Exception as exc:  # this request's own failure
                 _fail([pending], exc)
 
 

@@ -56,7 +56,8 @@ class BertEncoder:
         self.heads = config["num_attention_heads"]
         self.max_positions = config["max_position_embeddings"]
         self._eps = np.float32(config.get("layer_norm_eps", 1e-12))
-        w = {name.removeprefix("bert."): value.astype(np.float32) for name, value in load_file(model_dir / "model.safetensors").items()}
+        tensors = load_file(model_dir / "model.safetensors")
+        w = {name.removeprefix("bert."): value.astype(np.float32) for name, value in tensors.items()}
         self._words = w["embeddings.word_embeddings.weight"]
         self._positions = w["embeddings.position_embeddings.weight"]
         self._token_type = w["embeddings.token_type_embeddings.weight"][0]
