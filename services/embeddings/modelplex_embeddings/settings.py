@@ -44,7 +44,9 @@ class LocalSettings(EmbeddingsSettings):
     # Longest input in tokens ([CLS] and [SEP] included); longer is a 400, never truncated.
     # 0: the model's own (sentence_bert_config.json's max_seq_length, 256 for MiniLM).
     max_input_tokens: int = Field(0, ge=0)
-    # numpy threads come from OPENBLAS_NUM_THREADS / OMP_NUM_THREADS; inputs per forward pass:
+    # BLAS threads (read in modelplex_embeddings/__init__.py, before numpy loads: OpenBLAS reads it once).
+    threads: int = Field(1, ge=1)
+    # Inputs per forward pass (sorted by length first, so padding stays small).
     forward_batch: int = Field(32, ge=1)
 
 
