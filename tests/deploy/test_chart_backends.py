@@ -54,8 +54,10 @@ def test_backend_rows_are_distinct() -> None:
 def test_schema_engine_kinds_follow_the_backends_rows() -> None:
     schema = json.loads((CHART / "values.schema.json").read_text())
     rules = schema["definitions"]["model"]["allOf"]
-    kinds = {r["if"]["properties"]["modality"]["const"]: r["then"]["properties"]["engine"]["properties"]["kind"]["enum"]
-             for r in rules}
+    kinds = {
+        r["if"]["properties"]["modality"]["const"]: r["then"]["properties"]["engine"]["properties"]["kind"]["enum"]
+        for r in rules
+    }
     assert kinds == {name: row["engines"] for name, row in VALUES["backends"].items()}
     assert schema["definitions"]["modality"]["enum"] == list(VALUES["backends"])
 
@@ -74,7 +76,9 @@ BAD_VALUES = {
     "text engine on speech": _model(modality="speech", engine={"kind": "openai"}),
     "old camelCase engine field": _model(engine={"kind": "llamacpp", "modelPath": "/m.gguf"}),
     "settings key not snake_case": _model(engine={"kind": "llamacpp", "settings": {"ModelPath": "/m"}}),
-    "secret setting without key": _model(engine={"kind": "openai", "secretSettings": {"upstream_api_key": {"name": "s"}}}),
+    "secret setting without key": _model(
+        engine={"kind": "openai", "secretSettings": {"upstream_api_key": {"name": "s"}}}
+    ),
     "text capabilities as a mapping": _model(capabilities={"chat": True}),
     "embeddings capabilities as a list": _model(modality="embeddings", engine={"kind": "local"}, capabilities=["x"]),
     "backend grace below 1": {"backends": {"text": {"shutdown": {"graceSeconds": 0, "preStopSeconds": 5}}}},
@@ -87,7 +91,9 @@ BAD_VALUES = {
     "port out of range": {"backends": {"speech": {"port": 70000}}},
     "unknown backends field": {"backends": {"text": {"thread": 2}}},
     "allowFrom an unknown modality": {"backends": {"text": {"allowFrom": ["audio"]}}},
-    "data volume with a relative path": {"backends": {"videos": {"dataVolume": {"enabled": True, "mountPath": "data"}}}},
+    "data volume with a relative path": {
+        "backends": {"videos": {"dataVolume": {"enabled": True, "mountPath": "data"}}}
+    },
     "data volume access mode": {
         "backends": {"videos": {"dataVolume": {"enabled": True, "persistence": {"accessModes": ["ReadWriteAll"]}}}}
     },
@@ -139,7 +145,8 @@ def test_catalog_and_env_come_from_one_dict(cpu_objects: list[dict[str, Any]]) -
         assert e[f"{prefix}ENGINE"] == entry["engine"]["kind"]
         settings = entry["engine"]["settings"]
         from_settings = {k.removeprefix(prefix).lower(): v for k, v in e.items() if k.startswith(prefix)}
-        from_settings.pop("listen"), from_settings.pop("engine"), from_settings.pop("data_dir", None)
+        for plumbing in ("listen", "engine", "data_dir"):  # deployment plumbing, not engine settings
+            from_settings.pop(plumbing, None)
         assert from_settings == {k: v if isinstance(v, str) else json.dumps(v) for k, v in settings.items()}
         checked += 1
     assert checked == len(VALUES["backends"])
@@ -159,7 +166,8 @@ def test_capabilities_pass_through(cpu_objects: list[dict[str, Any]]) -> None:
 
 
 def test_large_integer_settings_stay_integers() -> None:
-    model = {"id": "e", "modality": "embeddings", "engine": {"kind": "local", "settings": {"max_queued_inputs": 1000000}}}
+    settings = {"max_queued_inputs": 1000000}
+    model = {"id": "e", "modality": "embeddings", "engine": {"kind": "local", "settings": settings}}
     objects = render({"models": [model]})
     e = env(container(one(objects, "Deployment", f"{RELEASE}-embeddings-e")))
     assert e["MODELPLEX_EMBEDDINGS_MAX_QUEUED_INPUTS"] == "1000000"  # not 1e+06

@@ -397,7 +397,9 @@ def test_engine_kind_checked_against_the_backends_row() -> None:
     """The template validates against backends.<m>.engines (values a user may narrow), not only the schema."""
     values = {
         "backends": {"embeddings": {"engines": ["local"]}},
-        "models": [{"id": "e", "modality": "embeddings", "engine": {"kind": "openai", "settings": {"upstream_url": "u"}}}],
+        "models": [
+            {"id": "e", "modality": "embeddings", "engine": {"kind": "openai", "settings": {"upstream_url": "u"}}}
+        ],
     }
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match="must be one of local"):
         chart.render(values, name=RELEASE, namespace=NAMESPACE)
@@ -447,7 +449,9 @@ def test_network_policies() -> None:
     policies = {o["metadata"]["name"]: o for o in find(objects, "NetworkPolicy")}
     text = policies[f"{RELEASE}-text-ingress"]
     assert text["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "text"
-    callers = [p["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for p in text["spec"]["ingress"][0]["from"]]
+    callers = [
+        peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in text["spec"]["ingress"][0]["from"]
+    ]
     assert callers == ["edge", "transcription"]  # transcription backends translate through a text model
     assert text["spec"]["ingress"][0]["ports"] == [{"port": "grpc"}]
     vllm = policies[f"{RELEASE}-vllm-llama-3-1-8b-instruct-ingress"]
