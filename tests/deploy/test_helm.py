@@ -149,7 +149,9 @@ def test_catalog_configmap(default_objects: list[dict[str, Any]]) -> None:
     assert smol["backend"] == f"{svc_host(f'{RELEASE}-text-smollm2-135m-instruct')}:50061"
     assert smol["modality"] == "text"
     assert smol["aliases"] == ["smollm2"]
-    assert smol["engine"] == {"kind": "llamacpp", "settings": {}}
+    assert smol["engine"]["kind"] == "llamacpp"
+    # The chart's per-engine defaults and the model's own settings, merged into one dict.
+    assert smol["engine"]["settings"] == {"default_temperature": 0.2, "default_top_p": 0.9, "threads": 2}
     assert smol["context_length"] == 8192
     assert isinstance(smol["created"], int)
     assert "chat" in smol["capabilities"]
@@ -204,9 +206,11 @@ def test_text_backend_llamacpp(default_objects: list[dict[str, Any]]) -> None:
     e = env(c)
     assert e["MODELPLEX_TEXT_LISTEN"] == "0.0.0.0:50061"
     assert e["MODELPLEX_TEXT_ENGINE"] == "llamacpp"
-    assert e["MODELPLEX_TEXT_MODEL_PATH"] == ""
-    assert int(e["MODELPLEX_TEXT_THREADS"]) >= 1
+    assert "MODELPLEX_TEXT_MODEL_PATH" not in e  # unset: the GGUF packaged in the image
+    assert e["MODELPLEX_TEXT_THREADS"] == "2"
+    assert e["MODELPLEX_TEXT_DEFAULT_TEMPERATURE"] == "0.2"
     assert e["MODELPLEX_METRICS_PORT"] == "9090"
+    assert "MODELPLEX_TEXT_MODEL_ID" not in e  # read by nothing
 
 
 def test_pods_run_as_non_root(default_objects: list[dict[str, Any]]) -> None:
@@ -302,8 +306,7 @@ def test_triton_model() -> None:
         "modality": "text",
         "engine": {
             "kind": "triton",
-            "flavor": "trtllm",
-            "tokenizerPath": "/tok/model.gguf",
+            "settings": {"triton_flavor": "trtllm", "tokenizer_path": "/tok/model.gguf"},
             "triton": {"enabled": True, "modelName": "ensemble"},
         },
     }
@@ -329,12 +332,11 @@ def test_external_engines_need_no_engine_deployment() -> None:
             "id": "ext-openai",
             "engine": {
                 "kind": "openai",
-                "upstreamUrl": "http://vllm.other:8000/v1",
-                "upstreamModel": "m",
-                "apiKeySecret": {"name": "up-key", "key": "token"},
+                "settings": {"upstream_url": "http://vllm.other:8000/v1", "upstream_model": "m"},
+                "secretSettings": {"upstream_api_key": {"name": "up-key", "key": "token"}},
             },
         },
-        {"id": "ext-triton", "engine": {"kind": "triton", "upstreamUrl": "triton.other:8001"}},
+        {"id": "ext-triton", "engine": {"kind": "triton", "settings": {"upstream_url": "triton.other:8001"}}},
         {"id": "bge-small", "modality": "embeddings", "backend": "embeddings.other:50062"},
     ]
     objects = render({"models": models})
@@ -350,6 +352,7 @@ def test_external_engines_need_no_engine_deployment() -> None:
     assert e["MODELPLEX_TEXT_UPSTREAM_MODEL"] == "m"
     assert e["MODELPLEX_TEXT_UPSTREAM_API_KEY"]["secretKeyRef"] == {"name": "up-key", "key": "token"}
     cat = catalog(objects)
+    assert "upstream_api_key" not in cat["ext-openai"]["engine"]["settings"]  # secrets stay out of the ConfigMap
     assert cat["bge-small"]["backend"] == "embeddings.other:50062"
     assert cat["ext-triton"]["engine"]["settings"]["upstream_url"] == "triton.other:8001"
 
@@ -365,7 +368,7 @@ def test_disabled_model_is_skipped() -> None:
     [
         {"id": "no-upstream", "engine": {"kind": "openai"}},
         {"id": "no-hf-model", "engine": {"kind": "openai", "vllm": {"enabled": True}}},
-        {"id": "no-backend", "modality": "embeddings"},
+        {"id": "vllm-needs-openai", "engine": {"kind": "llamacpp", "vllm": {"enabled": True, "hfModel": "x/y"}}},
     ],
     ids=lambda m: m["id"],
 )
@@ -378,6 +381,28 @@ def test_colliding_model_names_fail() -> None:
     models = [{"id": "a.b", "engine": {"kind": "llamacpp"}}, {"id": "a-b", "engine": {"kind": "llamacpp"}}]
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError):
         chart.render({"models": models}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_same_id_in_two_modalities_is_fine() -> None:
+    models = [
+        {"id": "m", "engine": {"kind": "llamacpp"}},
+        {"id": "m-embed", "modality": "embeddings", "engine": {"kind": "local"}},
+        {"id": "m", "modality": "speech", "engine": {"kind": "espeak"}, "enabled": False},
+    ]
+    names = {o["metadata"]["name"] for o in find(render({"models": models}), "Deployment")}
+    assert {f"{RELEASE}-text-m", f"{RELEASE}-embeddings-m-embed"} <= names
+
+
+def test_engine_kind_checked_against_the_backends_row() -> None:
+    """The template validates against backends.<m>.engines (values a user may narrow), not only the schema."""
+    values = {
+        "backends": {"embeddings": {"engines": ["local"]}},
+        "models": [
+            {"id": "e", "modality": "embeddings", "engine": {"kind": "openai", "settings": {"upstream_url": "u"}}}
+        ],
+    }
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match="must be one of local"):
+        chart.render(values, name=RELEASE, namespace=NAMESPACE)
 
 
 # ------------------------------------------------------------------ edge extras
@@ -424,13 +449,22 @@ def test_network_policies() -> None:
     policies = {o["metadata"]["name"]: o for o in find(objects, "NetworkPolicy")}
     text = policies[f"{RELEASE}-text-ingress"]
     assert text["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "text"
-    peer = text["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]
-    assert peer["app.kubernetes.io/component"] == "edge"
-    vllm = policies[f"{RELEASE}-vllm-ingress"]
-    assert vllm["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "text"
+    callers = [
+        peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in text["spec"]["ingress"][0]["from"]
+    ]
+    assert callers == ["edge", "transcription"]  # transcription backends translate through a text model
+    assert text["spec"]["ingress"][0]["ports"] == [{"port": "grpc"}]
+    vllm = policies[f"{RELEASE}-vllm-llama-3-1-8b-instruct-ingress"]
+    assert vllm["spec"]["podSelector"]["matchLabels"]["modelplex.io/model"] == "llama-3-1-8b-instruct"
+    (peer,) = vllm["spec"]["ingress"][0]["from"]
+    # Only the model's own backend pods, not every text pod.
+    assert peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] == "text"
+    assert peer["podSelector"]["matchLabels"]["modelplex.io/model"] == "llama-3-1-8b-instruct"
+    edge = policies[f"{RELEASE}-edge-ingress"]
+    assert edge["spec"]["ingress"] == [{"ports": [{"port": "http"}]}]
 
 
-def test_termination_grace_covers_the_drain_and_the_prestop_delay():
+def test_termination_grace_covers_the_drain_and_the_prestop_delay() -> None:
     component = "app.kubernetes.io/component"
     deployments = [
         d for d in find(render(), "Deployment") if d["metadata"]["labels"].get(component) in {"edge", "text"}

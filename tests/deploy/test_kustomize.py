@@ -19,6 +19,14 @@ KUSTOMIZE = REPO / "deploy" / "kustomize"
 OVERLAYS = sorted(p.name for p in (KUSTOMIZE / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 COMPONENTS = sorted(p for p in (KUSTOMIZE / "components").iterdir() if p.is_dir())
 NAMESPACE = "modelplex"
+# Backend ports by modality (the chart's `backends` rows, which mirror the modality registry).
+BACKENDS = {
+    name: row["port"]
+    for name, row in yaml.safe_load((REPO / "deploy" / "helm" / "modelplex" / "values.yaml").read_text())[
+        "backends"
+    ].items()
+}
+COMPONENT = "app.kubernetes.io/component"
 
 
 @pytest.fixture(scope="session")
@@ -63,6 +71,10 @@ def one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     return found[0]
 
 
+def component(obj: dict[str, Any]) -> str:
+    return obj["metadata"]["labels"].get(COMPONENT, "")
+
+
 def env(deployment: dict[str, Any]) -> dict[str, Any]:
     c = deployment["spec"]["template"]["spec"]["containers"][0]
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in c.get("env", [])}
@@ -105,8 +117,7 @@ def test_each_manifest_lives_once() -> None:
 def test_overlay_renders(overlay, name: str) -> None:
     objects = overlay(name)
     for o in objects:
-        if o["kind"] != "Namespace":
-            assert o["metadata"].get("namespace") == NAMESPACE, o["metadata"]["name"]
+        assert o["metadata"].get("namespace") == NAMESPACE, o["metadata"]["name"]
     names = [(o["kind"], o["metadata"]["name"]) for o in objects]
     assert len(names) == len(set(names))
     for kind in ("Deployment", "Service"):
@@ -114,12 +125,50 @@ def test_overlay_renders(overlay, name: str) -> None:
         assert find(objects, kind, "modelplex-catalog")
         assert find(objects, kind, "modelplex-text-smollm2-135m-instruct")
     assert find(objects, "Secret", "modelplex-dev-api-key")
-    assert find(objects, "Namespace", NAMESPACE)
+    # `kubectl delete -k` on an overlay must not take the namespace (and the Secrets and volumes
+    # created in it by hand) along: the Namespace is a kustomization of its own.
+    assert not find(objects, "Namespace")
+
+
+def test_namespace_is_separate(kubectl: Path) -> None:
+    objects = build(kubectl, KUSTOMIZE / "namespace")
+    assert [(o["kind"], o["metadata"]["name"]) for o in objects] == [("Namespace", NAMESPACE)]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_every_image_is_tagged(overlay, name: str) -> None:
+    for dep in find(overlay(name), "Deployment"):
+        for c in dep["spec"]["template"]["spec"]["containers"]:
+            image = c["image"]
+            tag = image.rsplit("/", 1)[-1].partition(":")[2]
+            assert ("@sha256:" in image or tag) and tag != "latest", f"{dep['metadata']['name']}: {image}"
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_grpc_services_are_headless(overlay, name: str) -> None:
+    grpc = [s for s in find(overlay(name), "Service") if any(p["name"] == "grpc" for p in s["spec"]["ports"])]
+    assert grpc
+    for svc in grpc:
+        if component(svc) in {"catalog", *BACKENDS}:
+            assert svc["spec"].get("clusterIP") == "None", svc["metadata"]["name"]
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_backends_drain_and_age_connections(overlay, name: str) -> None:
+    for dep in find(overlay(name), "Deployment"):
+        if component(dep) not in BACKENDS:
+            continue
+        pod = dep["spec"]["template"]["spec"]
+        e = env(dep)
+        assert int(e["MODELPLEX_GRACE_SECONDS"]) >= 600
+        assert e["MODELPLEX_MAX_CONNECTION_AGE_SECONDS"] == "300"
+        assert pod["terminationGracePeriodSeconds"] >= int(e["MODELPLEX_GRACE_SECONDS"]) + 5
+        assert "preStop" in pod["containers"][0]["lifecycle"]
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
 def test_catalog_backends_resolve(overlay, name: str) -> None:
-    """Every catalog backend is host:port of a rendered Service whose pods run a text backend."""
+    """Every catalog backend is host:port of a rendered Service whose pods run that modality's backend."""
     objects = overlay(name)
     for model in catalog(objects).values():
         host, port = model["backend"].rsplit(":", 1)
@@ -127,7 +176,16 @@ def test_catalog_backends_resolve(overlay, name: str) -> None:
         assert int(port) in {p["port"] for p in svc["spec"]["ports"]}
         dep = one(objects, "Deployment", host)
         assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
-        assert env(dep)["MODELPLEX_TEXT_ENGINE"] == model["engine"]["kind"]
+        assert component(dep) == model["modality"]
+        prefix = f"MODELPLEX_{model['modality'].upper()}_"
+        e = env(dep)
+        assert e[f"{prefix}ENGINE"] == model["engine"]["kind"]
+        assert (
+            e[f"{prefix}LISTEN"] == f"0.0.0.0:{BACKENDS[model['modality']]}"
+            and int(port) == BACKENDS[model["modality"]]
+        )
+        for key, value in (model["engine"].get("settings") or {}).items():
+            assert e[f"{prefix}{key.upper()}"] == str(value), key
 
 
 @pytest.mark.parametrize("name", OVERLAYS)
@@ -136,8 +194,8 @@ def test_probes_and_wiring(overlay, name: str) -> None:
     for dep in find(objects, "Deployment"):
         n = dep["metadata"]["name"]
         c = dep["spec"]["template"]["spec"]["containers"][0]
-        if n.startswith(("modelplex-catalog", "modelplex-text-")):
-            port = 50051 if n == "modelplex-catalog" else 50061
+        if component(dep) in {"catalog", *BACKENDS}:
+            port = 50051 if n == "modelplex-catalog" else BACKENDS[component(dep)]
             assert c["readinessProbe"]["grpc"]["port"] == port
             assert c["livenessProbe"]["grpc"]["port"] == port
         if n == "modelplex-edge":
@@ -155,17 +213,22 @@ def test_probes_and_wiring(overlay, name: str) -> None:
 
 def test_local_cpu(overlay) -> None:
     objects = overlay("local-cpu")
-    assert {o["metadata"]["name"] for o in find(objects, "Deployment")} == {
-        "modelplex-edge",
-        "modelplex-catalog",
-        "modelplex-text-smollm2-135m-instruct",
+    deployments = find(objects, "Deployment")
+    assert {"modelplex-edge", "modelplex-catalog", "modelplex-text-smollm2-135m-instruct"} <= {
+        o["metadata"]["name"] for o in deployments
     }
+    # One CPU backend per modality.
+    assert {component(d) for d in deployments} == {"edge", "catalog", *BACKENDS}
     edge = one(objects, "Deployment", "modelplex-edge")
     assert edge["spec"]["replicas"] == 1
     assert env(edge)["MODELPLEX_EDGE_CORS_ORIGINS"]
     assert not find(objects, "PodDisruptionBudget")
     assert not find(objects, "Ingress")
-    assert set(catalog(objects)) == {"smollm2-135m-instruct"}
+    assert {m["modality"] for m in catalog(objects).values()} == set(BACKENDS)
+    videos = one(objects, "Deployment", "modelplex-videos-procedural-videos")
+    data = next(v for v in videos["spec"]["template"]["spec"]["volumes"] if v["name"] == "data")
+    assert data["emptyDir"]["sizeLimit"]
+    assert env(videos)["MODELPLEX_VIDEOS_DATA_DIR"] == "/var/lib/modelplex/videos"
     text = one(objects, "Deployment", "modelplex-text-smollm2-135m-instruct")
     assert env(text)["MODELPLEX_TEXT_ENGINE"] == "llamacpp"
     for dep in find(objects, "Deployment"):
@@ -199,5 +262,15 @@ def test_gpu(overlay) -> None:
     ing = one(objects, "Ingress", "modelplex-edge")
     assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "modelplex-edge"
-    assert len(find(objects, "NetworkPolicy")) == 3
+    policies = {p["metadata"]["name"]: p for p in find(objects, "NetworkPolicy")}
+    assert len(policies) == 5
+    for dep in find(objects, "Deployment"):
+        labels = dep["spec"]["template"]["metadata"]["labels"]
+        assert any(
+            p["spec"]["podSelector"].get("matchLabels", {}).items() <= labels.items()
+            and all(labels.get(x["key"]) in x["values"] for x in p["spec"]["podSelector"].get("matchExpressions", []))
+            for p in policies.values()
+        ), dep["metadata"]["name"]
+    engine = policies["modelplex-vllm-llama-3-1-8b-instruct-ingress"]["spec"]["ingress"][0]["from"][0]
+    assert engine["podSelector"]["matchLabels"] == {COMPONENT: "text", "modelplex.io/model": "llama-3-1-8b-instruct"}
     assert find(objects, "PodDisruptionBudget", "modelplex-edge")

@@ -32,9 +32,19 @@
 {{- regexReplaceAll "[^a-z0-9-]+" (lower .) "-" | trimAll "-" | trunc 40 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Names of a model's objects. Call with (dict "root" $ "model" $m). */}}
-{{- define "modelplex.textName" -}}
-{{- include "modelplex.componentName" (list .root (printf "text-%s" (include "modelplex.modelSlug" .model.id))) }}
+{{/* A model's modality (text when unset). */}}
+{{- define "modelplex.modality" -}}
+{{- .modality | default "text" }}
+{{- end }}
+
+{{/* The `backends` row of a model's modality (empty when the chart has none). Call with (dict "root" $ "model" $m). */}}
+{{- define "modelplex.backendRow" -}}
+{{- toYaml (get .root.Values.backends (include "modelplex.modality" .model) | default dict) }}
+{{- end }}
+
+{{/* Names of a model's objects: <release>-<modality>-<slug>. Call with (dict "root" $ "model" $m). */}}
+{{- define "modelplex.backendName" -}}
+{{- include "modelplex.componentName" (list .root (printf "%s-%s" (include "modelplex.modality" .model) (include "modelplex.modelSlug" .model.id))) }}
 {{- end }}
 {{- define "modelplex.vllmName" -}}
 {{- include "modelplex.componentName" (list .root (printf "vllm-%s" (include "modelplex.modelSlug" .model.id))) }}
@@ -144,19 +154,21 @@ livenessProbe:
 {{- if or (not (hasKey . "enabled")) .enabled }}true{{ end }}
 {{- end }}
 
-{{/* "true" when the chart runs a text backend for the model. */}}
-{{- define "modelplex.hasTextBackend" -}}
-{{- if and (include "modelplex.modelEnabled" .) (eq (.modality | default "text") "text") (not .backend) }}true{{ end }}
+{{/* "true" when the chart runs a backend for the model: enabled, no external `backend:`, and its
+modality has a `backends` row with an image. Call with (dict "root" $ "model" $m). */}}
+{{- define "modelplex.hasBackend" -}}
+{{- $row := include "modelplex.backendRow" . | fromYaml }}
+{{- if and (include "modelplex.modelEnabled" .model) (not .model.backend) (dig "image" "repository" "" $row) }}true{{ end }}
 {{- end }}
 
-{{/* "true" when the chart runs a vLLM / Triton engine for the model. */}}
+{{/* "true" when the chart runs a vLLM / Triton engine for the model. Call with (dict "root" $ "model" $m). */}}
 {{- define "modelplex.hasVllm" -}}
-{{- $e := .engine | default dict }}
-{{- if and (include "modelplex.hasTextBackend" .) (eq ($e.kind | default "") "openai") (dig "vllm" "enabled" false $e) }}true{{ end }}
+{{- $e := .model.engine | default dict }}
+{{- if and (include "modelplex.hasBackend" .) (eq ($e.kind | default "") "openai") (dig "vllm" "enabled" false $e) }}true{{ end }}
 {{- end }}
 {{- define "modelplex.hasTriton" -}}
-{{- $e := .engine | default dict }}
-{{- if and (include "modelplex.hasTextBackend" .) (eq ($e.kind | default "") "triton") (dig "triton" "enabled" false $e) }}true{{ end }}
+{{- $e := .model.engine | default dict }}
+{{- if and (include "modelplex.hasBackend" .) (eq ($e.kind | default "") "triton") (dig "triton" "enabled" false $e) }}true{{ end }}
 {{- end }}
 
 {{/* The gRPC target the catalog advertises for a model. Call with (dict "root" $ "model" $m). */}}
@@ -164,59 +176,79 @@ livenessProbe:
 {{- if .model.backend }}
 {{- .model.backend }}
 {{- else }}
-{{- printf "%s:%v" (include "modelplex.serviceHost" (list .root (include "modelplex.textName" .))) .root.Values.text.port }}
+{{- $row := include "modelplex.backendRow" . | fromYaml }}
+{{- printf "%s:%v" (include "modelplex.serviceHost" (list .root (include "modelplex.backendName" .))) $row.port }}
 {{- end }}
 {{- end }}
 
-{{/* The upstream URL a text backend talks to (openai/triton). Call with (dict "root" $ "model" $m). */}}
-{{- define "modelplex.upstreamUrl" -}}
-{{- $e := .model.engine }}
-{{- if include "modelplex.hasVllm" .model }}
-{{- printf "http://%s:%v/v1" (include "modelplex.serviceHost" (list .root (include "modelplex.vllmName" .))) .root.Values.engines.vllm.port }}
-{{- else if include "modelplex.hasTriton" .model }}
-{{- printf "%s:%v" (include "modelplex.serviceHost" (list .root (include "modelplex.tritonName" .))) .root.Values.engines.triton.grpcPort }}
-{{- else }}
-{{- $e.upstreamUrl | default "" }}
-{{- end }}
-{{- end }}
-
-{{/* The model name the upstream knows. Call with (dict "root" $ "model" $m). */}}
-{{- define "modelplex.upstreamModel" -}}
-{{- $e := .model.engine }}
-{{- if include "modelplex.hasVllm" .model }}
-{{- $e.upstreamModel | default .model.id }}
-{{- else if include "modelplex.hasTriton" .model }}
-{{- dig "triton" "modelName" "" $e | default $e.upstreamModel | default .model.id }}
-{{- else }}
-{{- $e.upstreamModel | default .model.id }}
-{{- end }}
-{{- end }}
-
-{{/* Fails the render on an inconsistent model entry. */}}
-{{- define "modelplex.validateModel" -}}
-{{- $m := . }}
-{{- if not $m.id }}{{ fail "models[]: every model needs an id" }}{{ end }}
-{{- $modality := $m.modality | default "text" }}
-{{- if not (has $modality (list "text" "embeddings" "images" "videos" "speech" "transcription")) }}
-{{- fail (printf "model %s: unknown modality %q" $m.id $modality) }}
-{{- end }}
-{{- if and (ne $modality "text") (not $m.backend) }}
-{{- fail (printf "model %s: the chart runs text backends only; set backend: <host:port> for modality %s" $m.id $modality) }}
-{{- end }}
-{{- if include "modelplex.hasTextBackend" $m }}
+{{/*
+A model's engine settings as YAML: the ONE dict both the catalog entry and the backend's
+environment come from (each key becomes <envPrefix><KEY>, as `make run`'s launcher does).
+The model's engine.settings over the modality's backends.<m>.engineDefaults.<kind>; the
+upstream of a chart-managed vLLM/Triton engine is always the chart's Service; openai/triton
+engines name the upstream model after the model id unless told otherwise.
+Call with (dict "root" $ "model" $m).
+*/}}
+{{- define "modelplex.engineSettings" -}}
+{{- $m := .model }}
 {{- $e := $m.engine | default dict }}
 {{- $kind := $e.kind | default "" }}
-{{- if not (has $kind (list "llamacpp" "openai" "triton")) }}
-{{- fail (printf "model %s: engine.kind must be llamacpp, openai or triton (got %q)" $m.id $kind) }}
+{{- $row := include "modelplex.backendRow" . | fromYaml }}
+{{- $s := merge (deepCopy ($e.settings | default dict)) (deepCopy (dig "engineDefaults" $kind dict $row)) }}
+{{- if include "modelplex.hasVllm" . }}
+{{- $_ := set $s "upstream_url" (printf "http://%s:%v/v1" (include "modelplex.serviceHost" (list .root (include "modelplex.vllmName" .))) .root.Values.engines.vllm.port) }}
+{{- else if include "modelplex.hasTriton" . }}
+{{- $_ := set $s "upstream_url" (printf "%s:%v" (include "modelplex.serviceHost" (list .root (include "modelplex.tritonName" .))) .root.Values.engines.triton.grpcPort) }}
 {{- end }}
-{{- if and (eq $kind "openai") (not (include "modelplex.hasVllm" $m)) (not $e.upstreamUrl) }}
-{{- fail (printf "model %s: engine.kind openai needs engine.vllm.enabled or engine.upstreamUrl" $m.id) }}
+{{- if and (has $kind (list "openai" "triton")) (not $s.upstream_model) }}
+{{- $_ := set $s "upstream_model" ((eq (include "modelplex.hasTriton" .) "true") | ternary (dig "triton" "modelName" "" $e) "" | default $m.id) }}
 {{- end }}
-{{- if and (eq $kind "openai") (include "modelplex.hasVllm" $m) (not (dig "vllm" "hfModel" "" $e)) }}
+{{- toYaml $s }}
+{{- end }}
+
+{{/* A settings value as an env var value: strings as they are, anything else as JSON (1000000, not 1e+06). */}}
+{{- define "modelplex.envValue" -}}
+{{- if kindIs "string" . }}{{ . }}{{ else }}{{ toJson . }}{{ end }}
+{{- end }}
+
+{{/* Fails the render on an inconsistent model entry. Call with (dict "root" $ "model" $m). */}}
+{{- define "modelplex.validateModel" -}}
+{{- $m := .model }}
+{{- if not $m.id }}{{ fail "models[]: every model needs an id" }}{{ end }}
+{{- $modality := include "modelplex.modality" $m }}
+{{- $row := include "modelplex.backendRow" . | fromYaml }}
+{{- if not (hasKey .root.Values.backends $modality) }}
+{{- fail (printf "model %s: unknown modality %q (the chart knows %s)" $m.id $modality (keys .root.Values.backends | sortAlpha | join ", ")) }}
+{{- end }}
+{{- if and (not $m.backend) (not (dig "image" "repository" "" $row)) }}
+{{- fail (printf "model %s: backends.%s has no image; set it or give the model backend: <host:port>" $m.id $modality) }}
+{{- end }}
+{{- if include "modelplex.hasBackend" . }}
+{{- $e := $m.engine | default dict }}
+{{- $kind := $e.kind | default "" }}
+{{- if not (has $kind ($row.engines | default list)) }}
+{{- fail (printf "model %s: engine.kind must be one of %s for modality %s (got %q)" $m.id (join ", " $row.engines) $modality $kind) }}
+{{- end }}
+{{- $settings := $e.settings | default dict }}
+{{- if and (dig "vllm" "enabled" false $e) (ne $kind "openai") }}
+{{- fail (printf "model %s: engine.vllm.enabled needs engine.kind openai" $m.id) }}
+{{- end }}
+{{- if and (dig "triton" "enabled" false $e) (ne $kind "triton") }}
+{{- fail (printf "model %s: engine.triton.enabled needs engine.kind triton" $m.id) }}
+{{- end }}
+{{- if and (eq $kind "openai") (not (include "modelplex.hasVllm" .)) (not $settings.upstream_url) }}
+{{- fail (printf "model %s: engine.kind openai needs engine.vllm.enabled or engine.settings.upstream_url" $m.id) }}
+{{- end }}
+{{- if and (include "modelplex.hasVllm" .) (not (dig "vllm" "hfModel" "" $e)) }}
 {{- fail (printf "model %s: engine.vllm.hfModel is required" $m.id) }}
 {{- end }}
-{{- if and (eq $kind "triton") (not (include "modelplex.hasTriton" $m)) (not $e.upstreamUrl) }}
-{{- fail (printf "model %s: engine.kind triton needs engine.triton.enabled or engine.upstreamUrl" $m.id) }}
+{{- if and (eq $kind "triton") (not (include "modelplex.hasTriton" .)) (not $settings.upstream_url) }}
+{{- fail (printf "model %s: engine.kind triton needs engine.triton.enabled or engine.settings.upstream_url" $m.id) }}
+{{- end }}
+{{- $dv := $row.dataVolume | default dict }}
+{{- $replicas := hasKey $m "replicaCount" | ternary $m.replicaCount $row.replicaCount | int }}
+{{- if and $dv.enabled (dig "persistence" "enabled" false $dv) (gt $replicas 1) (has "ReadWriteOnce" (dig "persistence" "accessModes" list $dv)) }}
+{{- fail (printf "model %s: %d replicas cannot share one ReadWriteOnce data volume; use ReadWriteMany or one replica" $m.id $replicas) }}
 {{- end }}
 {{- end }}
 {{- end }}
@@ -225,18 +257,9 @@ livenessProbe:
 {{- define "modelplex.catalogEntry" -}}
 {{- $m := .model }}
 {{- $e := $m.engine | default dict }}
-{{- $kind := $e.kind | default "" }}
-{{- $settings := dict }}
-{{- if eq $kind "llamacpp" }}
-{{- with $e.modelPath }}{{ $_ := set $settings "model_path" . }}{{ end }}
-{{- else if or (eq $kind "openai") (eq $kind "triton") }}
-{{- $_ := set $settings "upstream_url" (include "modelplex.upstreamUrl" .) }}
-{{- $_ := set $settings "upstream_model" (include "modelplex.upstreamModel" .) }}
-{{- if eq $kind "triton" }}{{ $_ := set $settings "triton_flavor" ($e.flavor | default "vllm") }}{{ end }}
-{{- end }}
-{{- $entry := dict "id" $m.id "modality" ($m.modality | default "text") "backend" (include "modelplex.modelBackend" .) }}
+{{- $entry := dict "id" $m.id "modality" (include "modelplex.modality" $m) "backend" (include "modelplex.modelBackend" .) }}
 {{- with $m.aliases }}{{ $_ := set $entry "aliases" . }}{{ end }}
-{{- if $kind }}{{ $_ := set $entry "engine" (dict "kind" $kind "settings" $settings) }}{{ end }}
+{{- with $e.kind }}{{ $_ := set $entry "engine" (dict "kind" . "settings" (include "modelplex.engineSettings" $ | fromYaml)) }}{{ end }}
 {{- with $m.capabilities }}{{ $_ := set $entry "capabilities" . }}{{ end }}
 {{- with $m.contextLength }}{{ $_ := set $entry "context_length" (int64 .) }}{{ end }}
 {{- $_ := set $entry "owned_by" ($m.ownedBy | default "modelplex") }}
@@ -248,20 +271,19 @@ livenessProbe:
 {{/* The catalog file (ConfigMap content). */}}
 {{- define "modelplex.catalogYaml" -}}
 {{- $entries := list }}
-{{- range $m := .Values.models }}
-{{- if include "modelplex.modelEnabled" $m }}
-{{- include "modelplex.validateModel" $m }}
-{{- $entries = append $entries (include "modelplex.catalogEntry" (dict "root" $ "model" $m) | fromYaml) }}
-{{- end }}
-{{- end }}
 {{- $seen := dict }}
 {{- range $m := .Values.models }}
-{{- if include "modelplex.hasTextBackend" $m }}
-{{- $slug := include "modelplex.modelSlug" $m.id }}
-{{- if hasKey $seen $slug }}
-{{- fail (printf "models %s and %s map to the same object name suffix %q; rename one" (get $seen $slug) $m.id $slug) }}
+{{- $ctx := dict "root" $ "model" $m }}
+{{- if include "modelplex.modelEnabled" $m }}
+{{- include "modelplex.validateModel" $ctx }}
+{{- $entries = append $entries (include "modelplex.catalogEntry" $ctx | fromYaml) }}
 {{- end }}
-{{- $_ := set $seen $slug $m.id }}
+{{- if include "modelplex.hasBackend" $ctx }}
+{{- $name := include "modelplex.backendName" $ctx }}
+{{- if hasKey $seen $name }}
+{{- fail (printf "models %s and %s map to the same object name %q; rename one" (get $seen $name) $m.id $name) }}
+{{- end }}
+{{- $_ := set $seen $name $m.id }}
 {{- end }}
 {{- end }}
 {{- range .Values.catalog.extraEntries }}

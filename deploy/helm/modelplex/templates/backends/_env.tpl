@@ -1,0 +1,45 @@
+{{/*
+Environment of a backend container, the same for every modality: <P>LISTEN, <P>ENGINE and
+<P><KEY> for each key of the model's engine settings (the dict the catalog entry carries),
+<P><KEY> from a Secret for each engine.secretSettings key (never written to the catalog),
+then the shared gRPC server settings. Call with (dict "root" $ "model" $m).
+*/}}
+{{- define "modelplex.backendEnv" -}}
+{{- $m := .model }}
+{{- $row := include "modelplex.backendRow" . | fromYaml }}
+{{- $p := $row.envPrefix }}
+{{- $e := $m.engine | default dict -}}
+- name: {{ $p }}LISTEN
+  value: {{ printf "0.0.0.0:%v" $row.port | quote }}
+- name: {{ $p }}ENGINE
+  value: {{ $e.kind | quote }}
+{{- range $key, $value := include "modelplex.engineSettings" . | fromYaml }}
+- name: {{ printf "%s%s" $p (upper $key) }}
+  value: {{ include "modelplex.envValue" $value | quote }}
+{{- end }}
+{{- range $key, $ref := $e.secretSettings }}
+- name: {{ printf "%s%s" $p (upper $key) }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $ref.name }}
+      key: {{ $ref.key }}
+{{- end }}
+{{- with $row.dataVolume }}
+{{- if .enabled }}
+- name: {{ printf "%s%s" $p (upper .setting) }}
+  value: {{ .mountPath | quote }}
+{{- end }}
+{{- end }}
+- name: MODELPLEX_METRICS_PORT
+  value: {{ $row.metricsPort | quote }}
+- name: MODELPLEX_GRACE_SECONDS
+  value: {{ $row.shutdown.graceSeconds | quote }}
+- name: MODELPLEX_MAX_CONNECTION_AGE_SECONDS
+  value: {{ $row.maxConnectionAgeSeconds | quote }}
+{{- with $row.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- with $m.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
