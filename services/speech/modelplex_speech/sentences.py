@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 # After . ! ? … (optionally closed by a quote or bracket) followed by space; and at blank lines.
-_BOUNDARY = re.compile(r"(?<=[.!?…])[\"'”’)\]]*\s+|\n\s*\n")  # noqa: RUF001  (closing quotes)
+_BOUNDARY = re.compile(r"(?<=[.!?…])\s+|(?<=[.!?…][\"'”’)\]])\s+|\n\s*\n")  # noqa: RUF001  (closing quotes)
 # Sentences longer than this are cut at the last space before it (a run-on text still streams).
 MAX_SENTENCE_CHARS = 400
 
