@@ -10,10 +10,12 @@ equal). Adding a modality adds one row here.
 
 from __future__ import annotations
 
-from modelplex_kit.modalities import embeddings, text
+from modelplex_kit.modalities import embeddings, speech, text, transcription
 from modelplex_kit.modalities.base import CapabilitySpec, Modality
 
-REGISTRY: dict[str, Modality] = {row.name: row for row in (text.MODALITY, embeddings.MODALITY)}
+REGISTRY: dict[str, Modality] = {
+    row.name: row for row in (text.MODALITY, embeddings.MODALITY, speech.MODALITY, transcription.MODALITY)
+}
 _BY_PROTO = {row.proto: row for row in REGISTRY.values()}
 
 

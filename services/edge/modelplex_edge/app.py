@@ -14,7 +14,7 @@ from modelplex_edge import ops
 from modelplex_edge.admission import Admission, DevKeyAdmission
 from modelplex_edge.backends import Backends, channel
 from modelplex_edge.catalog_client import CatalogWatcher
-from modelplex_edge.endpoints import ROUTERS
+from modelplex_edge.endpoints import ROUTERS, UPLOAD_PATHS
 from modelplex_edge.errors import install_error_handlers
 from modelplex_edge.middleware import EdgeMiddleware
 from modelplex_edge.settings import EdgeSettings
@@ -69,6 +69,10 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
             max_age=600,
         )
     app.add_middleware(
-        EdgeMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_seconds=settings.body_timeout_seconds
+        EdgeMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_seconds=settings.body_timeout_seconds,
+        upload_paths=UPLOAD_PATHS,
+        max_upload_bytes=settings.max_upload_bytes,
     )
     return app

@@ -36,8 +36,8 @@ class BodyTimeout(Exception):
 
 
 class BodyTooLarge(Exception):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"Request body too large: the limit is {limit} bytes.")
+    def __init__(self, limit: int, what: str = "Request body") -> None:
+        super().__init__(f"{what} too large: the limit is {limit} bytes.")
 
 
 def error_response(error: ServiceError) -> Response:

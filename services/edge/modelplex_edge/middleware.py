@@ -32,10 +32,23 @@ def _header(scope, name: bytes) -> bytes | None:
 
 
 class EdgeMiddleware:
-    def __init__(self, app, max_body_bytes: int, body_timeout_seconds: float = 30.0) -> None:
+    def __init__(
+        self,
+        app,
+        max_body_bytes: int,
+        body_timeout_seconds: float = 30.0,
+        upload_paths: frozenset[str] = frozenset(),
+        max_upload_bytes: int = 0,
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout_seconds
+        # File-upload endpoints get their own (larger) body limit.
+        self.upload_paths = upload_paths
+        self.max_upload_bytes = max(max_upload_bytes, max_body_bytes)
+
+    def _limit(self, scope) -> int:
+        return self.max_upload_bytes if scope.get("path") in self.upload_paths else self.max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -59,10 +72,10 @@ class EdgeMiddleware:
         try:
             with trace.use_span(span):
                 if self._declared_too_large(scope):  # refused before auth or parsing
-                    limit = BodyTooLarge(self.max_body_bytes)
+                    limit = BodyTooLarge(self._limit(scope))
                     await http_only_error(413, str(limit))(scope, receive, send_with_id)
                     return
-                await self.app(scope, self._limited(receive), send_with_id)
+                await self.app(scope, self._limited(receive, self._limit(scope)), send_with_id)
         except ClientDisconnect:  # the client left mid-upload: its problem, not a server error
             status = 499
             log.info("client disconnected before sending the whole body")
@@ -87,13 +100,13 @@ class EdgeMiddleware:
 
     def _declared_too_large(self, scope) -> bool:
         declared = _header(scope, b"content-length")
-        return declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes
+        return declared is not None and declared.isdigit() and int(declared) > self._limit(scope)
 
-    def _limited(self, receive):
+    def _limited(self, receive, limit: int):
         """receive() that bounds the body: its size (also when chunked) and the wait for each
         piece of it, so a client sending a byte a second cannot hold a connection for minutes.
         Once the body is complete, receive() is left alone: it then waits for a disconnect."""
-        limit, timeout = self.max_body_bytes, self.body_timeout
+        timeout = self.body_timeout
         seen = 0
         complete = False
 

@@ -153,6 +153,16 @@ class Call:
             self.endpoint.meter(response, self.used)
         return responses
 
+    async def delegate(self, modality: Modality, model_name: str, method: str, request: Message) -> Any:
+        """One unary call to another catalog model on this request's behalf (a text model translating a
+        transcript); its token usage is accounted to this call."""
+        model = self._state.catalog.resolve(model_name, modality.proto)
+        stub = self._state.backends.stub(modality, model.backend_target)
+        request.model = model.id  # type: ignore[attr-defined]
+        response = await until_disconnect(self.http, getattr(stub, method)(request, **self._options))
+        meter_usage(response, self.used)
+        return response
+
     async def stream(self, method: str, request: Message) -> AsyncIterator[Any]:
         """Opens a server stream now (its errors still get an HTTP status) and returns its messages."""
         opened = await until_disconnect(self.http, open_stream(getattr(self._stub, method)(request, **self._options)))

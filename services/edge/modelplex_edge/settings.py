@@ -25,6 +25,9 @@ class EdgeSettings(ServiceSettings):
     # Comma-separated in the environment, as the Helm chart writes it.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 16 * 1024 * 1024
+    # Body limit of the file-upload endpoints (/v1/audio/transcriptions, /translations): OpenAI's 25 MB
+    # file plus the form around it. The file itself is held to 25 MB (413) by the endpoint.
+    max_upload_bytes: int = 26 * 1024 * 1024
     # Longest wait for the next piece of a request body, and for a request's headers; a slower
     # client gets 408 and its connection is closed.
     body_timeout_seconds: float = 30.0

@@ -11,6 +11,22 @@ from modelplex_edge.endpoints.chat.router import router as chat
 from modelplex_edge.endpoints.completions.router import router as completions
 from modelplex_edge.endpoints.embeddings.router import router as embeddings
 from modelplex_edge.endpoints.models.router import router as models
+from modelplex_edge.endpoints.speech.router import router as speech
+from modelplex_edge.endpoints.transcriptions.router import PATH as TRANSCRIPTIONS
+from modelplex_edge.endpoints.transcriptions.router import router as transcriptions
+from modelplex_edge.endpoints.translations.router import PATH as TRANSLATIONS
+from modelplex_edge.endpoints.translations.router import router as translations
 from modelplex_edge.endpoints.unsupported.router import router as unsupported
 
-ROUTERS: tuple[APIRouter, ...] = (chat, completions, embeddings, models, unsupported)
+ROUTERS: tuple[APIRouter, ...] = (
+    chat,
+    completions,
+    embeddings,
+    models,
+    speech,
+    transcriptions,
+    translations,
+    unsupported,
+)
+# Endpoints taking file uploads: the edge's body limit for them is max_upload_bytes.
+UPLOAD_PATHS = frozenset({TRANSCRIPTIONS, TRANSLATIONS})

@@ -11,7 +11,6 @@ router = APIRouter()
 
 # path prefix -> what to use instead
 UNSUPPORTED = {
-    "/v1/audio/translations": "Use /v1/audio/transcriptions, then a /v1/chat/completions call to translate.",
     "/v1/fine_tuning": "Fine-tuning is not offered by Modelplex; fine-tune elsewhere and serve the result.",
     "/v1/fine-tuning": "Fine-tuning is not offered by Modelplex; fine-tune elsewhere and serve the result.",
     "/v1/assistants": "The Assistants API is not planned; use /v1/chat/completions with tools.",

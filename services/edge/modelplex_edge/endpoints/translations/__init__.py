@@ -1,0 +1,1 @@
+"""POST /v1/audio/translations (multipart): transcribe, then translate into English."""

@@ -1,0 +1,1 @@
+"""Modelplex speech backend: SpeechService (text to speech)."""

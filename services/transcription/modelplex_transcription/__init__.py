@@ -1,0 +1,1 @@
+"""Modelplex transcription backend: TranscriptionService (speech to text)."""
