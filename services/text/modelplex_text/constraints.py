@@ -22,6 +22,7 @@ Three layers, each usable on its own:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -157,7 +158,35 @@ def _schema_with_options(schema: Any, param: str) -> dict[str, Any]:
     if not isinstance(schema, dict):
         raise ConstraintError("The JSON schema must be an object.", param)
     # Our output options win over any the client sent.
-    return {**schema, "x-guidance": JSON_OPTIONS}
+    return {**_closed_objects(schema), "x-guidance": JSON_OPTIONS}
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_SLOTS = (
+    "additionalProperties", "items", "prefixItems", "anyOf", "oneOf", "allOf", "not", "if", "then", "else",
+    "contains", "propertyNames", "additionalItems", "unevaluatedProperties", "unevaluatedItems",
+)  # fmt: skip
+
+
+def _closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
+    """A copy where objects that list their properties allow no others, unless they say so.
+
+    What llama.cpp's GBNF did and OpenAI's strict mode requires: otherwise a small
+    model keeps inventing keys and never closes the object.
+    """
+    root = copy.deepcopy(schema)
+    stack: list[Any] = [root]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node.get("properties"), dict):
+            node.setdefault("additionalProperties", False)
+        stack += [sub for key in _SCHEMA_MAPS if isinstance(node.get(key), dict) for sub in node[key].values()]
+        for key in _SCHEMA_SLOTS:
+            value = node.get(key)
+            stack += value if isinstance(value, list) else [value]
+    return root
 
 
 def _grammar(schema: dict[str, Any]) -> str:

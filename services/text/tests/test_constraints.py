@@ -225,7 +225,7 @@ def test_pathological_but_valid_patterns_keep_every_mask_fast(compiler):
 
 
 def test_logits_mask_consumes_the_sampled_tokens_from_input_ids(compiler):
-    constraint = compiler.compile(OutputConstraint("json_schema", {"type": "object", "properties": {}}))
+    constraint = compiler.compile(OutputConstraint("json_object"))
     mask = LogitsMask(constraint.matcher())
     prompt = np.array([1, 2, 3], dtype=np.intc)
     scores = np.zeros(compiler.tokenizer.vocab_size, dtype=np.single)
@@ -242,3 +242,18 @@ def test_logits_mask_consumes_the_sampled_tokens_from_input_ids(compiler):
     with pytest.raises(ServiceError) as caught:
         mask.stop_on_error(prompt, scores)
     assert caught.value.param == SCHEMA_PARAM
+
+
+def test_objects_that_list_their_properties_get_no_others_unless_they_say_so(compiler):
+    def accepts(schema: dict, text: str) -> bool:
+        matcher = compiler.compile(OutputConstraint("json_schema", schema)).matcher()
+        for token in compiler.tokenizer.tokenize_str(text):
+            if not matcher.allowed()[token]:
+                return False
+            matcher.consume(token)
+        return matcher.is_accepting()
+
+    listed = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    assert accepts(listed, '{"a": 1}') and not accepts(listed, '{"a": 1, "b": 2}')
+    assert accepts({**listed, "additionalProperties": True}, '{"a": 1, "b": 2}')
+    assert accepts({"type": "object"}, '{"b": 2}')  # a free-form object stays free
