@@ -53,6 +53,7 @@ class ConstraintLimits:
     max_items: int = 1_024  # minItems / maxItems / minProperties / maxProperties / min-maxContains
     max_pattern_chars: int = 1_000  # one `pattern` (or `patternProperties` key)
     max_repeat: int = 256  # n and m in a pattern's {n}, {n,} or {n,m}
+    max_repeat_product: int = 1_024  # nested bounds multiply: ((a{200}){200}){200} is 8 million a's
     max_enum: int = 1_000  # values in one `enum`
     max_ref_chain: int = 16  # a $ref pointing to a $ref pointing to ...
     max_alternatives: int = 256  # anyOf / oneOf / allOf branches in the whole schema
@@ -130,13 +131,13 @@ def _tool_parameters(constraint: OutputConstraint) -> list[tuple[int, Any]]:
 @lru_cache(maxsize=256)
 def _check_schema(schema_json: str, limits: ConstraintLimits, param: str) -> None:
     _check_limits(json.loads(schema_json), schema_json, limits, param)
-    _validate(_grammar(_schema_with_options(json.loads(schema_json), param)), param)
+    _validate(_grammar(_schema_with_options(json.loads(schema_json), param), param), param)
 
 
 @lru_cache(maxsize=256)
 def _checked_grammar(kind: str, schema_json: str, limits: ConstraintLimits, param: str) -> str:
     if kind == "json_object":
-        grammar = _grammar({"type": "object", "x-guidance": JSON_OPTIONS})
+        grammar = _grammar({"type": "object", "x-guidance": JSON_OPTIONS}, param)
     else:
         schema = json.loads(schema_json or "{}")
         _check_limits(schema, schema_json, limits, param)
@@ -145,7 +146,7 @@ def _checked_grammar(kind: str, schema_json: str, limits: ConstraintLimits, para
             lark = _TOOL_CALL_OR_TEXT.format(open=TOOL_CALL_OPEN, close=TOOL_CALL_CLOSE, schema=json.dumps(schema))
             grammar = LLMatcher.grammar_from_lark(lark)
         elif kind in ("json_schema", "tool_call"):
-            grammar = _grammar(schema)
+            grammar = _grammar(schema, param)
         else:
             raise ValueError(f"unknown constraint kind {kind!r}")
     _validate(grammar, param)
@@ -189,8 +190,11 @@ def _closed_objects(schema: dict[str, Any]) -> dict[str, Any]:
     return root
 
 
-def _grammar(schema: dict[str, Any]) -> str:
-    return LLMatcher.grammar_from_json_schema(schema)
+def _grammar(schema: dict[str, Any], param: str) -> str:
+    try:
+        return LLMatcher.grammar_from_json_schema(schema)
+    except ValueError as exc:  # e.g. numbers beyond 64 bits
+        raise ConstraintError(f"This JSON schema cannot be enforced: {_first_line(str(exc))}", param) from exc
 
 
 def _validate(grammar: str, param: str) -> None:
@@ -261,30 +265,50 @@ def _node_violations(node: dict[str, Any], root: Any, limits: ConstraintLimits) 
 def _pattern_violations(pattern: str, limits: ConstraintLimits) -> list[str]:
     if len(pattern) > limits.max_pattern_chars:
         return [f"a `pattern` of {len(pattern)} characters, the limit is {limits.max_pattern_chars}"]
-    for bound in _repetition_bounds(pattern):
-        if bound > limits.max_repeat:
-            return [f"a repetition bound of {bound} in `pattern`, the limit is {limits.max_repeat}"]
+    bound, product = _repetition_bounds(pattern)
+    if bound > limits.max_repeat:
+        return [f"a repetition bound of {bound} in `pattern`, the limit is {limits.max_repeat}"]
+    if product > limits.max_repeat_product:
+        return [
+            f"nested repetition bounds in `pattern` multiply to {product}, the limit is {limits.max_repeat_product}"
+        ]
     return []
 
 
-def _repetition_bounds(pattern: str) -> list[int]:
-    """The numbers in {n}, {n,} and {n,m} quantifiers, skipping escapes and character classes."""
-    bounds, i, in_class = [], 0, False
+def _repetition_bounds(pattern: str) -> tuple[int, int]:
+    """The largest n or m of a {n}, {n,} or {n,m} quantifier, and the largest product of nested ones.
+
+    A light scan, not a parser: escapes and character classes are skipped, groups tracked
+    with a stack holding the largest weight inside each open group.
+    """
+    largest, stack, last = 0, [1], 1  # last: the weight of the atom or group a quantifier would apply to
+    i, in_class = 0, False
     while i < len(pattern):
         char = pattern[i]
         if char == "\\":
-            i += 2
+            i, last = i + 2, 1
             continue
         if in_class:
             in_class = char != "]"
         elif char == "[":
-            in_class = True
+            in_class, last = True, 1
             i += 2 if pattern[i + 1 : i + 2] == "]" else 1  # "[]...]": a leading "]" is literal
             continue
+        elif char == "(":
+            stack.append(1)
+        elif char == ")":
+            last = stack.pop() if len(stack) > 1 else 1
+            stack[-1] = max(stack[-1], last)
         elif char == "{" and (match := _REPEAT.match(pattern, i)):
-            bounds += [int(n) for n in match.groups() if n]
+            bound = max(int(n) for n in match.groups() if n)
+            largest, last = max(largest, bound), last * max(bound, 1)
+            stack[-1] = max(stack[-1], last)
+            i = match.end()
+            continue
+        else:
+            last = 1
         i += 1
-    return bounds
+    return largest, max(stack)
 
 
 def _ref_chain(root: Any, ref: str, limit: int) -> int | None:

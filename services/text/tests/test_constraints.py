@@ -58,6 +58,8 @@ HOSTILE = {
     "huge maxLength (crashed llama.cpp)": {"type": "string", "maxLength": 100000},
     "nested repetition (froze llama.cpp)": string_property(pattern="^(a|aa)*{1000}b$"),
     "repetition inside a group": string_property(pattern="(ab{3}){0,999}"),
+    "nested repetitions multiplying": string_property(pattern="^((a{200}){200}){200}$"),
+    "numbers beyond 64 bits": {"type": "integer", "minimum": -(10**30), "maximum": 10**30},
     "huge enum": {"enum": list(range(5_000))},
     "deep $ref chain": ref_chain(2_000),
     "$ref cycle": {"$ref": "#/$defs/a", "$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}},
@@ -140,6 +142,7 @@ def test_the_response_format_of_a_request_is_checked():
     [
         string_property(pattern="(a+)+$"),  # raised an AssertionError in llama.cpp's converter: fine here
         string_property(pattern="^[a-z]{1,256}$", maxLength=LIMITS.max_length),
+        string_property(pattern="^((a{8}){8}){16}$"),  # nested, multiplying to the limit (1024)
         {"enum": list(range(LIMITS.max_enum))},
         ref_chain(LIMITS.max_ref_chain),
         nested(20),
@@ -147,7 +150,17 @@ def test_the_response_format_of_a_request_is_checked():
         {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True}}},
         True,
     ],
-    ids=["nested-plus", "bounded", "enum-at-limit", "ref-chain-at-limit", "nested-20", "recursive", "unique", "true"],
+    ids=[
+        "nested-plus",
+        "bounded",
+        "nested-bounds",
+        "enum-at-limit",
+        "ref-chain-at-limit",
+        "nested-20",
+        "recursive",
+        "unique",
+        "true",
+    ],
 )
 def test_schemas_within_the_limits_compile(schema):
     started = time.perf_counter()
@@ -257,3 +270,21 @@ def test_objects_that_list_their_properties_get_no_others_unless_they_say_so(com
     assert accepts(listed, '{"a": 1}') and not accepts(listed, '{"a": 1, "b": 2}')
     assert accepts({**listed, "additionalProperties": True}, '{"a": 1, "b": 2}')
     assert accepts({"type": "object"}, '{"b": 2}')  # a free-form object stays free
+
+
+@pytest.mark.parametrize(
+    ("pattern", "largest", "product"),
+    [
+        ("^a{0,2000}$", 2000, 2000),
+        ("(ab{3}){10}", 10, 30),
+        ("((a{8}){8}){16}", 16, 1024),
+        ("(a{200})*b{5}", 200, 200),
+        ("\\{1000\\}[{]{7}", 7, 7),  # escaped braces are text; a class is one atom
+        ("[a{99}]x", 0, 1),  # braces inside a class are characters
+        ("(a|aa)*{1000}b", 1000, 1000),
+    ],
+)
+def test_repetition_bounds_are_read_from_patterns(pattern, largest, product):
+    from modelplex_text.constraints import _repetition_bounds
+
+    assert _repetition_bounds(pattern) == (largest, product)

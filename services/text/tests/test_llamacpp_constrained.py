@@ -134,3 +134,17 @@ async def test_a_pathological_pattern_within_the_limits_generates_in_bounded_tim
         jsonschema.validate(json.loads(choice.text), schema)
     else:  # ran out of tokens inside the string: still only a's
         assert choice.text.startswith('{"x": "') and set(choice.text[len('{"x": "') :]) <= {"a"}
+
+
+async def test_a_mask_over_its_budget_ends_the_request_with_a_400_not_a_hang(engine):
+    # Within the stated limits, but llguidance runs out of fuel building its lexer mid-generation.
+    schema = {"type": "string", "pattern": "^(a|aa){256}$"}
+    started = time.perf_counter()
+    with pytest.raises(ServiceError) as caught:
+        await generate(engine, chat("Write a's.", max_tokens=30, response_format=json_schema(schema)))
+    assert time.perf_counter() - started < 30
+    assert caught.value.status == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.param == "response_format.json_schema.schema"
+    assert "too complex" in caught.value.message
+    choice = await generate(engine, chat("Say hi.", max_tokens=8))
+    assert choice.text
