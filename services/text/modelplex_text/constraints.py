@@ -1,12 +1,13 @@
 """Structured output that hostile schemas cannot crash or hang.
 
 Tools and JSON schemas are compiled by llguidance, a Rust engine built for
-pathological regexes and grammars: every compile step and every token mask runs
-on a fixed budget ("fuel"), and running out is an error state, never a crash or
-a busy loop. On top of that, schemas are checked against stated limits before
-any compiling, so a schema beyond them is a 400 naming the parameter it came
-from, on every engine (the remote ones get the same check before a request
-leaves).
+pathological regexes and grammars: compiling and each token mask run on a fixed
+budget ("fuel"), and running out is an error state, never a crash or a busy
+loop. Fuel does not bound everything (nested repetition counts such as
+``((a{200}){200}){200}`` took 10 s for one mask before failing), so schemas are
+first checked against stated limits: a schema beyond them is a 400 naming the
+parameter it came from, on every engine (the servicer checks before any
+adapter, local or remote, sees the request).
 
 Three layers, each usable on its own:
 
