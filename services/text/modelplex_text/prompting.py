@@ -55,14 +55,19 @@ def tools_active(request: text_pb2.GenerateRequest) -> bool:
     return bool(request.tools) and request.tool_choice.mode != _Mode.MODE_NONE
 
 
-def forced_tools(request: text_pb2.GenerateRequest) -> list[text_pb2.Tool]:
-    """The tools the model must choose from, or [] when calling is optional."""
+def forced_tool_indexes(request: text_pb2.GenerateRequest) -> list[int]:
+    """Indexes (in ``request.tools``) of the tools the model must choose from, or [] when calling is optional."""
     mode = request.tool_choice.mode
     if mode == _Mode.MODE_NAMED:
-        return [t for t in request.tools if t.name == request.tool_choice.function_name]
+        return [i for i, t in enumerate(request.tools) if t.name == request.tool_choice.function_name]
     if mode == _Mode.MODE_REQUIRED:
-        return list(request.tools)
+        return list(range(len(request.tools)))
     return []
+
+
+def forced_tools(request: text_pb2.GenerateRequest) -> list[text_pb2.Tool]:
+    """The tools the model must choose from, or [] when calling is optional."""
+    return [request.tools[i] for i in forced_tool_indexes(request)]
 
 
 def tool_call_schema(tools: list[text_pb2.Tool]) -> dict[str, Any]:
@@ -151,6 +156,14 @@ class OutputConstraint:
     # "tool_call_or_text": prose, or that object inside <tool_call> tags.
     kind: str
     schema: dict[str, Any] | None = None
+    # For the tool kinds: the index in ``request.tools`` of each tool in ``schema`` (its anyOf
+    # variants, in order), so a schema that cannot be enforced is blamed on the right tool.
+    tool_indexes: tuple[int, ...] = ()
+
+    @property
+    def param(self) -> str:
+        """The request field the schema came from, as OpenAI names it in errors."""
+        return "tools" if self.tool_indexes else "response_format.json_schema.schema"
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,17 +174,22 @@ class PromptPlan:
     tool_call_forced: bool | None
 
 
-def plan_prompt(request: text_pb2.GenerateRequest, template: ChatTemplate) -> PromptPlan:
-    prompt = prompt_text(request, template)
+def output_constraint(request: text_pb2.GenerateRequest) -> OutputConstraint | None:
+    """What the output must follow, from the tools and the response format; None when it is free."""
     if request.WhichOneof("input") == "chat" and tools_active(request):
-        forced = forced_tools(request)
-        if forced:
-            return PromptPlan(prompt, OutputConstraint("tool_call", tool_call_schema(forced)), True)
-        schema = tool_call_schema(list(request.tools))
-        return PromptPlan(prompt, OutputConstraint("tool_call_or_text", schema), False)
+        indexes = forced_tool_indexes(request)
+        kind = "tool_call" if indexes else "tool_call_or_text"
+        indexes = indexes or list(range(len(request.tools)))
+        return OutputConstraint(kind, tool_call_schema([request.tools[i] for i in indexes]), tuple(indexes))
     fmt = request.response_format
     if fmt.type == text_pb2.ResponseFormat.TYPE_JSON_SCHEMA:
-        return PromptPlan(prompt, OutputConstraint("json_schema", json.loads(fmt.schema_json or "{}")), None)
+        return OutputConstraint("json_schema", json.loads(fmt.schema_json or "{}"))
     if fmt.type == text_pb2.ResponseFormat.TYPE_JSON_OBJECT:
-        return PromptPlan(prompt, OutputConstraint("json_object"), None)
-    return PromptPlan(prompt, None, None)
+        return OutputConstraint("json_object")
+    return None
+
+
+def plan_prompt(request: text_pb2.GenerateRequest, template: ChatTemplate) -> PromptPlan:
+    constraint = output_constraint(request)
+    forced = None if constraint is None or not constraint.tool_indexes else constraint.kind == "tool_call"
+    return PromptPlan(prompt_text(request, template), constraint, forced)

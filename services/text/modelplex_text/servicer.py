@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import grpc
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2, text_pb2_grpc
 from modelplex_kit.modalities.text import check_text_request
 from modelplex_text.batching import merge_deltas, ready_batches
+from modelplex_text.constraints import check_request
 from modelplex_text.engine import TextEngine
 
 
@@ -23,7 +25,7 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
     async def GenerateStream(
         self, request, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[text_pb2.GenerateStreamResponse]:
-        check_text_request(request, self._capabilities)
+        await check(request, self._capabilities)
         header = {"id": uuid.uuid4().hex, "model": request.model, "created": int(time.time())}
         usage = common_pb2.Usage()
         async with aclosing(self._engine.stream(request)) as events:
@@ -39,7 +41,7 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
         yield text_pb2.GenerateStreamResponse(**header, usage=usage)
 
     async def Generate(self, request, context: grpc.aio.ServicerContext) -> text_pb2.GenerateResponse:
-        check_text_request(request, self._capabilities)
+        await check(request, self._capabilities)
         choices = [text_pb2.Choice(index=i) for i in range(max(1, request.n))]
         usage = common_pb2.Usage()
         async with aclosing(self._engine.stream(request, incremental=False)) as events:
@@ -51,6 +53,17 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
         return text_pb2.GenerateResponse(
             id=uuid.uuid4().hex, model=request.model, created=int(time.time()), choices=choices, usage=usage
         )
+
+
+async def check(request: text_pb2.GenerateRequest, capabilities: catalog_pb2.Capabilities) -> None:
+    """Rejects what the engine cannot serve, and tools or schemas beyond the structured-output limits.
+
+    The same schema limits hold whichever engine enforces the schema (local or upstream).
+    """
+    check_text_request(request, capabilities)
+    if request.tools or request.response_format.type != text_pb2.ResponseFormat.TYPE_UNSPECIFIED:
+        # Off the event loop: a schema within the limits still takes milliseconds to compile.
+        await asyncio.to_thread(check_request, request)
 
 
 def merge_delta(choice: text_pb2.Choice, delta: text_pb2.ChoiceDelta) -> None:

@@ -1,7 +1,7 @@
 import json
 
 from modelplex.v1 import text_pb2
-from modelplex_text.adapters.llamacpp import grammar_for
+from modelplex_text.constraints import check_constraint
 from modelplex_text.prompting import CHATML_TEMPLATE, ChatTemplate, chat_messages, plan_prompt
 
 
@@ -66,14 +66,14 @@ def test_constraints_follow_tool_choice_and_response_format():
     assert list(plan.constraint.schema["properties"]) == ["b", "a"]  # key order survives the wire
 
 
-def test_every_constraint_compiles_to_a_llama_grammar():
+def test_every_constraint_compiles_to_a_grammar():
     template = ChatTemplate(CHATML_TEMPLATE)
     for request in (
         chat(("user", "x"), tools=[TOOL]),
         chat(("user", "x"), tools=[TOOL], tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_REQUIRED)),
         chat(("user", "x"), response_format=text_pb2.ResponseFormat(type=text_pb2.ResponseFormat.TYPE_JSON_OBJECT)),
     ):
-        assert grammar_for(plan_prompt(request, template).constraint) is not None
+        assert check_constraint(plan_prompt(request, template).constraint)
 
 
 def test_chatml_rendering():

@@ -3,8 +3,9 @@
 One llama.cpp context serves one sequence at a time, so generations take a
 lock inside the worker thread; requests queue for it. The thread checks a stop
 flag between tokens, which is how a disconnected client aborts generation.
-Tools and JSON output are enforced with GBNF grammars, so even a 135M model
-returns parseable tool calls and schema-valid JSON.
+Tools and JSON output are enforced token by token with llguidance (see
+``modelplex_text.constraints``), so even a 135M model returns parseable tool
+calls and schema-valid JSON, and a hostile schema is a 400, not a crash.
 """
 
 from __future__ import annotations
@@ -12,57 +13,26 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from typing import Any
 
 import grpc
-from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList, llama_grammar
+from llama_cpp import Llama, LogitsProcessorList, StoppingCriteriaList
 
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
-from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
+from modelplex_kit.errors import ServiceError, unavailable, unsupported
 from modelplex_text import gguf
 from modelplex_text.assembler import ChoiceAssembler
+from modelplex_text.constraints import CompiledConstraint, ConstraintCompiler, LogitsMask
 from modelplex_text.engine import EngineEvent
-from modelplex_text.prompting import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OutputConstraint, PromptPlan, plan_prompt
+from modelplex_text.prompting import PromptPlan, plan_prompt
 from modelplex_text.sampling import sampling_kwargs
 from modelplex_text.settings import TextSettings
 
 log = logging.getLogger(__name__)
-
-
-@lru_cache(maxsize=64)
-def _grammar_text(kind: str, schema_json: str) -> str:
-    if kind == "json_object":
-        return llama_grammar.JSON_GBNF
-    gbnf = llama_grammar.json_schema_to_gbnf(schema_json)
-    if kind != "tool_call_or_text":
-        return gbnf
-    # Prose (which may not open with "<"), or one call wrapped in tags.
-    call = gbnf.replace("root ::=", "tool-call ::=", 1)
-    return (
-        f'root ::= "{TOOL_CALL_OPEN}" tool-call "{TOOL_CALL_CLOSE}" | free-text\nfree-text ::= [^<] [^\\x00]*\n' + call
-    )
-
-
-@lru_cache(maxsize=64)
-def _grammar(kind: str, schema_json: str) -> LlamaGrammar:
-    return LlamaGrammar.from_string(_grammar_text(kind, schema_json), verbose=False)
-
-
-def grammar_for(constraint: OutputConstraint | None) -> LlamaGrammar | None:
-    if constraint is None:
-        return None
-    schema_json = json.dumps(constraint.schema) if constraint.schema is not None else ""
-    try:
-        return _grammar(constraint.kind, schema_json)
-    except (ValueError, RuntimeError) as exc:  # a schema llama.cpp cannot compile
-        param = "response_format" if constraint.kind == "json_schema" else "tools"
-        raise invalid(f"Cannot enforce this JSON schema: {exc}", param) from exc
 
 
 class _SampleCounter:
@@ -87,6 +57,12 @@ class _SampleCounter:
         return max(0, self.count - 1 - (finish_reason == "stop"))
 
 
+def _constrained(constraint: CompiledConstraint) -> dict[str, Any]:
+    """create_completion arguments enforcing ``constraint`` on one choice (a matcher of its own)."""
+    mask = LogitsMask(constraint.matcher())
+    return {"logits_processor": LogitsProcessorList([mask]), "stopping_criteria": [mask.stop_on_error]}
+
+
 class LlamaCppEngine:
     capabilities = catalog_pb2.TextCapabilities(
         chat=True, completions=True, tool_use=True, json_schema=True, prompt_caching=True, multiple_choices=True
@@ -98,6 +74,7 @@ class LlamaCppEngine:
             model_path=path, n_ctx=settings.context_length, n_threads=settings.threads or None, verbose=False
         )
         self._template = gguf.chat_template(self._llm)
+        self._constraints = ConstraintCompiler.for_llama(self._llm)
         self._context_length = settings.context_length
         self._defaults = (settings.default_temperature, settings.default_top_p)
         self._lock = threading.Lock()
@@ -112,9 +89,9 @@ class LlamaCppEngine:
     async def stream(
         self, request: text_pb2.GenerateRequest, *, incremental: bool = True
     ) -> AsyncIterator[EngineEvent]:
-        # Templating, tokenizing and compiling a grammar take milliseconds for long prompts:
+        # Templating, tokenizing and compiling a constraint take milliseconds for long prompts:
         # off the event loop, so other streams' tokens keep flowing meanwhile.
-        plan, tokens, grammar = await asyncio.to_thread(self._prepare, request)
+        plan, tokens, constraint = await asyncio.to_thread(self._prepare, request)
         # repeat_penalty 1.0: OpenAI has no such knob, so llama.cpp must not apply one either.
         kwargs = {**sampling_kwargs(request, *self._defaults), "repeat_penalty": 1.0}
         seed = request.sampling.seed if request.sampling.HasField("seed") else None
@@ -124,7 +101,8 @@ class LlamaCppEngine:
             if request.completion.echo:
                 yield text_pb2.ChoiceDelta(index=index, text=request.completion.prompt)
             choice_seed = None if seed is None else seed + index
-            async for kind, *payload in self._generate(tokens, {**kwargs, "seed": choice_seed, "grammar": grammar}):
+            constrained = _constrained(constraint) if constraint else {}
+            async for kind, *payload in self._generate(tokens, {**kwargs, "seed": choice_seed, **constrained}):
                 if kind == "cached":
                     if index == 0:
                         usage.cached_prompt_tokens = payload[0]
@@ -140,7 +118,7 @@ class LlamaCppEngine:
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         yield usage
 
-    def _prepare(self, request: text_pb2.GenerateRequest) -> tuple[PromptPlan, list[int], LlamaGrammar | None]:
+    def _prepare(self, request: text_pb2.GenerateRequest) -> tuple[PromptPlan, list[int], CompiledConstraint | None]:
         if request.completion.suffix:
             raise unsupported("suffix", "`suffix`")
         plan = plan_prompt(request, self._template)
@@ -153,7 +131,7 @@ class LlamaCppEngine:
                 param="messages" if request.WhichOneof("input") == "chat" else "prompt",
                 code="context_length_exceeded",
             )
-        return plan, tokens, grammar_for(plan.constraint)
+        return plan, tokens, self._constraints.compile(plan.constraint) if plan.constraint else None
 
     def _tokens(self, request: text_pb2.GenerateRequest, prompt: str) -> list[int]:
         if request.WhichOneof("input") == "chat":  # the template wrote the special tokens itself
@@ -208,9 +186,9 @@ class LlamaCppEngine:
                 emit(("cached", self._cached_prefix(tokens)))
                 sampled = _SampleCounter(stop)
                 reason = None
-                for chunk in self._llm.create_completion(
-                    tokens, stream=True, stopping_criteria=StoppingCriteriaList([sampled]), **kwargs
-                ):
+                kwargs = dict(kwargs)
+                criteria = StoppingCriteriaList([sampled, *kwargs.pop("stopping_criteria", ())])
+                for chunk in self._llm.create_completion(tokens, stream=True, stopping_criteria=criteria, **kwargs):
                     choice = chunk["choices"][0]
                     reason = choice["finish_reason"] or reason
                     emit(("text", choice["text"]))
