@@ -10,7 +10,7 @@ import grpc
 import jsonschema
 import pytest
 
-from modelplex.v1 import common_pb2, text_pb2
+from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_kit.errors import ServiceError
 from modelplex_text.adapters.llamacpp import LlamaCppEngine
 from modelplex_text.servicer import check, merge_delta
@@ -58,7 +58,7 @@ def tool(name: str, parameters: dict) -> text_pb2.Tool:
 
 async def generate(engine: LlamaCppEngine, request: text_pb2.GenerateRequest) -> text_pb2.Choice:
     """What the servicer does for one choice: the checks, then the engine's events merged."""
-    await check(request, engine)
+    await check(request, catalog_pb2.Capabilities(text=engine.capabilities))
     choice = text_pb2.Choice(index=0)
     async for event in engine.stream(request, incremental=False):
         if not isinstance(event, common_pb2.Usage):
