@@ -8,10 +8,11 @@ from __future__ import annotations
 import importlib
 
 from modelplex_speech.engine import SpeechEngine
-from modelplex_speech.settings import EspeakSettings, SpeechSettings
+from modelplex_speech.settings import EspeakSettings, SpeechSettings, TritonSettings
 
 ENGINES: dict[str, tuple[str, type[SpeechSettings]]] = {
     "espeak": ("modelplex_speech.adapters.espeak:EspeakEngine", EspeakSettings),
+    "triton": ("modelplex_speech.adapters.triton:TritonEngine", TritonSettings),
 }
 
 

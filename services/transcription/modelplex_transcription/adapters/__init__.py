@@ -16,6 +16,7 @@ ENGINES: dict[str, tuple[str, type[TranscriptionSettings]]] = {
     # The deploy manifests name the CPU default `local`, as for embeddings.
     "local": _POCKETSPHINX,
     "openai": ("modelplex_transcription.adapters.openai_http:OpenAIHttpEngine", UpstreamSettings),
+    "triton": ("modelplex_transcription.adapters.triton:TritonEngine", UpstreamSettings),
 }
 
 
