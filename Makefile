@@ -64,6 +64,7 @@ test-e2e: $(GEN_STAMP)
 
 bench: $(GEN_STAMP)
 	$(PY) -m bench.platform_overhead --write docs/benchmarks.md
+	$(PY) -m bench.audio >> docs/benchmarks.md
 
 clean:
 	rm -rf gen $(VENV) .pytest_cache

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modelplex.v1 import speech_pb2, speech_pb2_grpc
 from modelplex_kit.grpc_server import run, serve
-from modelplex_speech.adapters import load_engine
+from modelplex_speech.adapters import engine_settings, load_engine
 from modelplex_speech.servicer import SpeechServicer
 from modelplex_speech.settings import SpeechSettings
 
@@ -20,5 +20,5 @@ async def main(settings: SpeechSettings) -> None:
 
 
 if __name__ == "__main__":
-    settings = SpeechSettings()
+    settings = engine_settings(SpeechSettings())
     run("speech", settings, lambda: main(settings))

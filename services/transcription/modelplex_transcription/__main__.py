@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modelplex.v1 import transcription_pb2, transcription_pb2_grpc
 from modelplex_kit.grpc_server import run, serve
-from modelplex_transcription.adapters import load_engine
+from modelplex_transcription.adapters import engine_settings, load_engine
 from modelplex_transcription.decode import Limits
 from modelplex_transcription.servicer import TranscriptionServicer
 from modelplex_transcription.settings import TranscriptionSettings
@@ -23,5 +23,5 @@ async def main(settings: TranscriptionSettings) -> None:
 
 
 if __name__ == "__main__":
-    settings = TranscriptionSettings()
+    settings = engine_settings(TranscriptionSettings())
     run("transcription", settings, lambda: main(settings))

@@ -71,6 +71,15 @@ class AudioSource:
         parts = list(self.chunks())
         return np.concatenate(parts) if parts else np.zeros(0, np.int16)
 
+    def measure(self) -> float:
+        """Decodes the file only to check it (a 400 if corrupt or too long) and returns its length in seconds.
+
+        Remote engines call it before the upload: the bounds and the seconds metered must not depend on
+        what the upstream server happens to check or report."""
+        for _ in self.chunks():
+            pass
+        return self.seconds
+
     def _refuse_if_declared_too_long(self, container) -> None:
         if container.duration is not None and container.duration / av.time_base > self.limits.max_audio_seconds:
             raise self._too_long()

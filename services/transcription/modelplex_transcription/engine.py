@@ -31,9 +31,13 @@ class TranscriptionEngine(Protocol):
     capabilities: catalog_pb2.TranscriptionCapabilities
 
     def transcribe(
-        self, request: transcription_pb2.TranscribeRequest, audio: AudioSource
+        self, request: transcription_pb2.TranscribeRequest, audio: AudioSource, *, incremental: bool = False
     ) -> AsyncIterator[EngineEvent]:
         """Transcribes (or, with ``request.translate``, translates into English) ``audio``.
+
+        ``incremental``: the caller streams text to the client (TranscribeStream), which
+        renders no segments; an engine may then yield text-only segments (start = end = 0)
+        as soon as it has them, rather than timed ones at the end.
 
         Streaming contract:
         - ``TranscriptSegment`` events in time order, each as soon as it is recognised

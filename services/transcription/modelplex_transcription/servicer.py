@@ -26,7 +26,7 @@ class TranscriptionServicer(transcription_pb2_grpc.TranscriptionServiceServicer)
 
     async def Transcribe(self, request, context: grpc.aio.ServicerContext) -> transcription_pb2.TranscribeResponse:
         response = transcription_pb2.TranscribeResponse()
-        async for _ in self._events(request, response):
+        async for _ in self._events(request, response, incremental=False):
             pass
         return response
 
@@ -34,12 +34,16 @@ class TranscriptionServicer(transcription_pb2_grpc.TranscriptionServiceServicer)
         self, request, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[transcription_pb2.TranscribeStreamResponse]:
         response = transcription_pb2.TranscribeResponse()
-        async for segment in self._events(request, response):
+        async for segment in self._events(request, response, incremental=True):
             yield transcription_pb2.TranscribeStreamResponse(delta=segment.text)
         yield transcription_pb2.TranscribeStreamResponse(done=response)
 
     async def _events(
-        self, request: transcription_pb2.TranscribeRequest, response: transcription_pb2.TranscribeResponse
+        self,
+        request: transcription_pb2.TranscribeRequest,
+        response: transcription_pb2.TranscribeResponse,
+        *,
+        incremental: bool,
     ) -> AsyncIterator[transcription_pb2.TranscriptSegment]:
         """Runs the engine, filling ``response`` as it goes and yielding each segment as it is recognised."""
         check_transcribe_request(request, self._capabilities)
@@ -47,7 +51,7 @@ class TranscriptionServicer(transcription_pb2_grpc.TranscriptionServiceServicer)
             raise unavailable(f"The transcription engine has {self._max_queue} files in flight; retry shortly.")
         async with self._slots:
             audio = AudioSource(request.audio, request.filename, self._limits)
-            async with aclosing(self._engine.transcribe(request, audio)) as events:
+            async with aclosing(self._engine.transcribe(request, audio, incremental=incremental)) as events:
                 async for event in events:
                     if isinstance(event, transcription_pb2.TranscriptSegment):
                         response.segments.append(event)

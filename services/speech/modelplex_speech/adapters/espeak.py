@@ -21,7 +21,7 @@ import numpy as np
 from modelplex.v1 import catalog_pb2
 from modelplex_kit.errors import unavailable
 from modelplex_speech.audio import Tempo
-from modelplex_speech.settings import SpeechSettings
+from modelplex_speech.settings import EspeakSettings
 
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _BUFFER_MS = 100
@@ -39,7 +39,7 @@ def split_speed(speed: float) -> tuple[int, float]:
 
 
 class EspeakEngine:
-    def __init__(self, settings: SpeechSettings) -> None:
+    def __init__(self, settings: EspeakSettings) -> None:
         self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
         self._lib.espeak_Initialize.restype = ctypes.c_int
         rate = self._lib.espeak_Initialize(

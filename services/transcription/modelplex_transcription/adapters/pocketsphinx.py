@@ -23,7 +23,7 @@ from pocketsphinx import Decoder, Endpointer
 from modelplex.v1 import catalog_pb2, transcription_pb2
 from modelplex_transcription.decode import SAMPLE_RATE, AudioSource
 from modelplex_transcription.engine import EngineEvent, Finished
-from modelplex_transcription.settings import TranscriptionSettings
+from modelplex_transcription.settings import PocketsphinxSettings
 
 _FRAMES_PER_SECOND = 100  # pocketsphinx's default frame rate (-frate)
 _FILLERS = re.compile(r"^(<s>|</s>|<sil>|\[\w+\]|\+\w+\+)$")
@@ -31,7 +31,7 @@ _ALTERNATE = re.compile(r"\(\d+\)$")  # "read(2)": the dictionary's second pronu
 
 
 class PocketsphinxEngine:
-    def __init__(self, settings: TranscriptionSettings) -> None:
+    def __init__(self, settings: PocketsphinxSettings) -> None:
         self.capabilities = catalog_pb2.TranscriptionCapabilities(
             languages=["en"], word_timestamps=True, max_audio_seconds=settings.max_audio_seconds
         )
@@ -42,8 +42,9 @@ class PocketsphinxEngine:
             self._decoders.put(Decoder(samprate=SAMPLE_RATE, loglevel="FATAL"))
 
     async def transcribe(
-        self, request: transcription_pb2.TranscribeRequest, audio: AudioSource
+        self, request: transcription_pb2.TranscribeRequest, audio: AudioSource, *, incremental: bool = False
     ) -> AsyncIterator[EngineEvent]:
+        # Segments are timed and yielded as recognised either way: `incremental` changes nothing here.
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         stop = threading.Event()

@@ -1,0 +1,135 @@
+"""engine=triton: a TTS model on Triton (or any KServe v2 / Open Inference Protocol server) over gRPC with
+``tritonclient.grpc.aio``.
+
+Layout (tensor names are settings): BYTES ``text`` [1], BYTES ``voice`` [1] (unless the model has
+one voice) and FP32 ``speed`` [1] (when named) in; mono PCM ``audio`` [samples] out, INT16 or FP32,
+at ``upstream_sample_rate``. A decoupled model (``model_transaction_policy.decoupled``) streams
+several responses per request over ModelStreamInfer, each yielded as it arrives, until the one
+flagged ``triton_final_response``; any other model answers once over ModelInfer (the servicer
+already calls once per sentence, so audio still leaves sentence by sentence). A model without a
+speed input gets FFmpeg's atempo here.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from modelplex.v1 import catalog_pb2
+from modelplex_kit.errors import ServiceError, invalid, unavailable
+from modelplex_speech.audio import Tempo
+from modelplex_speech.settings import TritonSettings
+
+
+class TritonEngine:
+    def __init__(self, settings: TritonSettings) -> None:
+        if not settings.upstream_url or not settings.upstream_model:
+            raise ValueError("engine=triton needs MODELPLEX_SPEECH_UPSTREAM_URL (host:port) and _UPSTREAM_MODEL")
+        self._client = triton.InferenceServerClient(settings.upstream_url)
+        self._settings = settings
+        self._decoupled = settings.triton_decoupled
+        self.sample_rate = settings.upstream_sample_rate
+        self.capabilities = catalog_pb2.SpeechCapabilities(
+            voices=settings.voice_list(), voice_aliases=settings.alias_map(), max_input_chars=settings.max_input_chars
+        )
+
+    async def synthesize(self, text: str, *, voice: str, speed: float, instructions: str) -> AsyncIterator[np.ndarray]:
+        s = self._settings
+        tempo = Tempo(speed, self.sample_rate) if not s.triton_speed_input and abs(speed - 1.0) > 0.01 else None
+        request = {
+            "model_name": s.upstream_model,
+            "inputs": self._inputs(text, voice, speed),
+            "outputs": [triton.InferRequestedOutput(s.triton_audio_output)],
+            "request_id": uuid.uuid4().hex,
+        }
+        chunks = self._stream(request) if await self._is_decoupled() else self._infer(request)
+        async for pcm in chunks:
+            if len(out := tempo.process(pcm) if tempo is not None else pcm):
+                yield out
+        if tempo is not None and len(tail := tempo.process(None)):
+            yield tail
+
+    def _inputs(self, text: str, voice: str, speed: float) -> list[triton.InferInput]:
+        s = self._settings
+        inputs = [_tensor(s.triton_text_input, np.array([text.encode()], dtype=np.object_), "BYTES")]
+        if s.triton_voice_input:
+            inputs.append(_tensor(s.triton_voice_input, np.array([voice.encode()], dtype=np.object_), "BYTES"))
+        if s.triton_speed_input:
+            inputs.append(_tensor(s.triton_speed_input, np.array([speed], dtype=np.float32), "FP32"))
+        return inputs
+
+    async def _is_decoupled(self) -> bool:
+        """Asked once: Triton reports it in the model config; servers without ModelConfig (KServe) are not."""
+        if self._decoupled is None:
+            try:
+                config = await self._client.get_model_config(
+                    self._settings.upstream_model, client_timeout=self._settings.upstream_timeout_seconds
+                )
+                self._decoupled = config.config.model_transaction_policy.decoupled
+            except InferenceServerException as exc:
+                if "UNIMPLEMENTED" not in (exc.status() or ""):
+                    raise _triton_error(exc) from exc
+                self._decoupled = False
+        return self._decoupled
+
+    async def _infer(self, request: dict[str, Any]) -> AsyncIterator[np.ndarray]:
+        try:
+            result = await self._client.infer(**request, client_timeout=self._settings.upstream_timeout_seconds)
+        except InferenceServerException as exc:
+            raise _triton_error(exc) from exc
+        yield self._pcm(result)
+
+    async def _stream(self, request: dict[str, Any]) -> AsyncIterator[np.ndarray]:
+        async def one_request() -> AsyncIterator[dict[str, Any]]:
+            yield request  # then half-close: Triton ends the stream after the last response
+
+        responses = self._client.stream_infer(
+            inputs_iterator=one_request(), stream_timeout=self._settings.upstream_timeout_seconds
+        )
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise _triton_error(error)
+                if result.as_numpy(self._settings.triton_audio_output) is not None:
+                    yield self._pcm(result)
+                parameters = result.get_response().parameters
+                if "triton_final_response" in parameters and parameters["triton_final_response"].bool_param:
+                    break
+        except grpc.aio.AioRpcError as exc:
+            raise unavailable("The speech model server is unreachable or failed; retry shortly.") from exc
+        finally:
+            responses.cancel()  # ends the call; when the consumer left early, Triton aborts the request
+
+    def _pcm(self, result) -> np.ndarray:
+        audio = result.as_numpy(self._settings.triton_audio_output)
+        if audio is None:
+            raise unavailable("The model server's answer holds no audio.")
+        audio = audio.reshape(-1)
+        if audio.dtype.kind == "f":  # FP32 in [-1, 1]
+            return (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
+        return audio.astype(np.int16, copy=False)
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+def _tensor(name: str, data: np.ndarray, datatype: str) -> triton.InferInput:
+    tensor = triton.InferInput(name, list(data.shape), datatype)
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def _triton_error(exc: Exception) -> ServiceError:
+    status = exc.status() if isinstance(exc, InferenceServerException) else ""
+    message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+    if "INVALID_ARGUMENT" in (status or ""):
+        return invalid(f"The model server refused the input: {message}", "input")
+    if "NOT_FOUND" in (status or ""):
+        return unavailable("The speech model is not loaded on the model server; an operator must fix it.")
+    return unavailable("The speech model server is unreachable or failed; retry shortly.")
