@@ -85,6 +85,8 @@ class Stack:
     #: Set: a gatekeeper sidecar decides every request from this keys file (created holding the dev
     #: key if missing). None: the edge accepts only the dev key, without limits.
     keys_file: Path | None = None
+    #: "sidecar": its own process on a unix socket; "embedded": decided inside the edge process.
+    gatekeeper: str = "sidecar"
     start_timeout: float = 180.0
     processes: list[Process] = field(default_factory=list)
     _supervisor: threading.Thread | None = field(default=None, repr=False)
@@ -110,7 +112,9 @@ class Stack:
                 "MODELPLEX_EDGE_PORT": str(self.edge_port),
                 "MODELPLEX_EDGE_CATALOG_TARGET": self.catalog_listen,
             }
-            if self.keys_file is not None:
+            if self.keys_file is not None and self.gatekeeper == "embedded":
+                edge_env |= self._gatekeeper_env(self.keys_file) | {"MODELPLEX_EDGE_GATEKEEPER_TARGET": "embedded"}
+            elif self.keys_file is not None:
                 edge_env["MODELPLEX_EDGE_GATEKEEPER_TARGET"] = self._start_gatekeeper(self.keys_file)
             self._spawn("edge", "modelplex_edge", edge_env)
             self._wait_http("edge", f"http://127.0.0.1:{self.edge_port}/readyz")
@@ -122,17 +126,20 @@ class Stack:
     def _start_gatekeeper(self, keys_file: Path) -> str:
         """Starts the gatekeeper on a unix socket (as beside the edge in a pod); returns its target."""
         target = f"unix://{tempfile.mkdtemp(prefix='modelplex-gk-')}/gatekeeper.sock"
-        env = {
+        env = self._gatekeeper_env(keys_file) | {"MODELPLEX_GATEKEEPER_LISTEN": target}
+        self._spawn("gatekeeper", "modelplex_gatekeeper", env)
+        self._wait_grpc("gatekeeper", target)
+        return target
+
+    def _gatekeeper_env(self, keys_file: Path) -> dict[str, str]:
+        return {
             "MODELPLEX_GATEKEEPER_USAGE_FILE": self.env.get(
                 "MODELPLEX_GATEKEEPER_USAGE_FILE", str(keys_file.parent / "usage.jsonl")
             ),
             "MODELPLEX_KEYS_FILE": str(keys_file),
-            "MODELPLEX_GATEKEEPER_LISTEN": target,
-            "MODELPLEX_GATEKEEPER_DEV_KEY_IF_MISSING": os.environ.get("MODELPLEX_DEV_API_KEY", "sk-modelplex-dev"),
+            "MODELPLEX_GATEKEEPER_DEV_KEY_IF_MISSING": self.env.get("MODELPLEX_DEV_API_KEY")
+            or os.environ.get("MODELPLEX_DEV_API_KEY", "sk-modelplex-dev"),
         }
-        self._spawn("gatekeeper", "modelplex_gatekeeper", env)
-        self._wait_grpc("gatekeeper", target)
-        return target
 
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)

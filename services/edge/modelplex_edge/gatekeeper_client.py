@@ -1,4 +1,4 @@
-"""The gatekeeper sidecar as the pipeline's Admission.
+"""The gatekeeper as the pipeline's Admission: a sidecar, or embedded in the edge.
 
 One long-lived bidirectional stream carries every admission of this process:
 a unary call per request would cost a whole gRPC round trip each time. Admits
@@ -7,6 +7,10 @@ queued as one message (so under load many decisions share a write), and one
 reader task hands each reply to the request waiting on its id. Accounts are
 fire-and-forget. If the stream breaks, waiting requests get 503 + Retry-After,
 unsent accounts are kept for the next stream, and the next request reconnects.
+
+Even so a Python gRPC hop costs more than the gatekeeper's budget (docs/benchmarks.md),
+so the same decisions can also run embedded in the edge (target ``embedded``): with the
+in-memory store for one replica, or Redis shared by many.
 """
 
 from __future__ import annotations
@@ -82,36 +86,45 @@ def denial_error(reply: pb.AdmitReply, ask: Ask, key: str) -> ServiceError:
     )
 
 
-class GatekeeperAdmission:
-    def __init__(self, target: str, timeout_seconds: float = 2.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
-        self._stub = gatekeeper_pb2_grpc.GatekeeperServiceStub(self._channel)
-        self._timeout = timeout_seconds
-        self._call: grpc.aio.StreamStreamCall | None = None
-        self._reader: asyncio.Task | None = None
-        self._pending: dict[int, asyncio.Future] = {}
-        self._ids = itertools.count(1)
-        self._queue = pb.GateBatch()
-        self._writing = False
+class EmbeddedTransport:
+    """The gatekeeper's decisions inside this process: no hop at all (one Redis round trip with Redis).
 
-    # -- Admission ------------------------------------------------------------
+    Configured by the gatekeeper's own settings (MODELPLEX_KEYS_FILE, MODELPLEX_GATEKEEPER_*).
+    Accounts run in the background so that a Redis round trip never delays a response.
+    """
+
+    def __init__(self) -> None:
+        from modelplex_gatekeeper.embedded import embedded_gate
+
+        self._gate, self._following = embedded_gate()
+        self._accounts: set[asyncio.Task] = set()
+
+    async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
+        return await self._gate.admit(request)
+
+    async def account(self, request: pb.AccountRequest) -> None:
+        task = asyncio.create_task(self._gate.account(request))
+        self._accounts.add(task)
+        task.add_done_callback(self._accounts.discard)
+
+    async def close(self) -> None:
+        await asyncio.gather(*self._accounts, return_exceptions=True)
+        self._following.cancel()
+        await self._gate.store.close()
+
+
+class GatekeeperAdmission:
+    """Admission decided by the gatekeeper, in a sidecar (``unix:///...``, ``host:port``) or ``embedded``."""
+
+    def __init__(self, target: str, timeout_seconds: float = 2.0) -> None:
+        self._transport = EmbeddedTransport() if target == "embedded" else StreamTransport(target, timeout_seconds)
+
     async def admit(self, ask: Ask) -> Admitted:
         key = bearer_key(ask.authorization)
-        request_id = next(self._ids)
-        waiter = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = waiter
-        self._queue.admits.append(
-            pb.AdmitRequest(
-                id=request_id, api_key=key, model=ask.model, endpoint=ask.endpoint, estimated_tokens=max(0, ask.cost)
-            )
+        request = pb.AdmitRequest(
+            api_key=key, model=ask.model, endpoint=ask.endpoint, estimated_tokens=max(0, ask.cost)
         )
-        try:
-            await self._write()
-            reply: pb.AdmitReply = await asyncio.wait_for(waiter, self._timeout)
-        except (TimeoutError, ConnectionError):
-            raise unavailable(_UNREACHABLE) from None
-        finally:
-            self._pending.pop(request_id, None)
+        reply = await self._transport.admit(request)
         if not reply.allowed:
             raise denial_error(reply, ask, key)
         return Admitted(
@@ -126,7 +139,7 @@ class GatekeeperAdmission:
     async def account(self, admitted: Admitted, used: Consumption, failed: bool) -> None:
         if not admitted.ticket:
             return
-        self._queue.accounts.append(
+        await self._transport.account(
             pb.AccountRequest(
                 ticket=admitted.ticket,
                 model=admitted.model,
@@ -138,6 +151,40 @@ class GatekeeperAdmission:
                 meta=common_pb2.RequestMeta(request_id=request_id_var.get(), principal_id=admitted.principal_id),
             )
         )
+
+    async def close(self) -> None:
+        await self._transport.close()
+
+
+class StreamTransport:
+    """The sidecar over one multiplexed bidirectional stream."""
+
+    def __init__(self, target: str, timeout_seconds: float = 2.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = gatekeeper_pb2_grpc.GatekeeperServiceStub(self._channel)
+        self._timeout = timeout_seconds
+        self._call: grpc.aio.StreamStreamCall | None = None
+        self._reader: asyncio.Task | None = None
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._queue = pb.GateBatch()
+        self._writing = False
+
+    async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
+        request.id = next(self._ids)
+        waiter = asyncio.get_running_loop().create_future()
+        self._pending[request.id] = waiter
+        self._queue.admits.append(request)
+        try:
+            await self._write()
+            return await asyncio.wait_for(waiter, self._timeout)
+        except (TimeoutError, ConnectionError):
+            raise unavailable(_UNREACHABLE) from None
+        finally:
+            self._pending.pop(request.id, None)
+
+    async def account(self, request: pb.AccountRequest) -> None:
+        self._queue.accounts.append(request)
         try:
             await self._write()
         except ConnectionError:

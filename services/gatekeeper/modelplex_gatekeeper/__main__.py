@@ -7,21 +7,10 @@ import asyncio
 from modelplex.v1 import gatekeeper_pb2, gatekeeper_pb2_grpc
 from modelplex_gatekeeper.gate import Gate
 from modelplex_gatekeeper.keys import KeyRing, ensure_dev_file
-from modelplex_gatekeeper.redis_store import FailoverStore, RedisStore
 from modelplex_gatekeeper.servicer import GatekeeperServicer
 from modelplex_gatekeeper.settings import GatekeeperSettings
-from modelplex_gatekeeper.store import MemoryStore, Store, UsageLog
+from modelplex_gatekeeper.store import build_store
 from modelplex_kit.grpc_server import run, serve
-
-
-def build_store(settings: GatekeeperSettings) -> Store:
-    local = MemoryStore(settings.slot_ttl_seconds, UsageLog(settings.usage_file))
-    if not settings.redis_url:
-        return local
-    remote = RedisStore(
-        settings.redis_url, settings.slot_ttl_seconds, settings.usage_stream, settings.redis_timeout_seconds
-    )
-    return FailoverStore(remote, local, settings.redis_failure, settings.redis_retry_seconds)
 
 
 async def main(settings: GatekeeperSettings) -> None:

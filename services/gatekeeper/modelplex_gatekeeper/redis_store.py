@@ -7,11 +7,13 @@ shard of a Redis Cluster too.
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import logging
 import time
 
 import redis.asyncio as aioredis
-from redis.exceptions import BusyLoadingError, ConnectionError, TimeoutError
+from redis.exceptions import BusyLoadingError, ConnectionError, NoScriptError, ResponseError, TimeoutError
 
 from modelplex_gatekeeper.keys import KeyRecord
 from modelplex_gatekeeper.metrics import REDIS_FAILURES, REDIS_UP
@@ -109,6 +111,104 @@ return 1
 )
 
 
+def _command(*parts: object) -> bytes:
+    out = [b"*%d\r\n" % len(parts)]
+    for part in parts:
+        raw = part if isinstance(part, bytes) else str(part).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(raw), raw))
+    return b"".join(out)
+
+
+class DecisionPipe:
+    """One connection on which decisions are pipelined: write, then await the reply in order.
+
+    redis-py's general path (pool, retries, Script) costs more than Redis's own round trip here
+    (about 440 µs against 190 µs per decision on this machine), and decisions are on every request;
+    this path only sends EVALSHA and parses its reply (an integer or an array of them).
+    Everything else (connection settings, loading scripts) goes through redis-py.
+    """
+
+    def __init__(self, client: aioredis.Redis, timeout: float) -> None:
+        self._client = client
+        self._kwargs = client.connection_pool.connection_kwargs
+        self._timeout = timeout
+        self._writer: asyncio.StreamWriter | None = None
+        self._waiting: collections.deque[asyncio.Future] = collections.deque()
+        self._connecting: asyncio.Lock = asyncio.Lock()
+
+    async def _connect(self) -> asyncio.StreamWriter:
+        async with self._connecting:
+            if self._writer is not None:
+                return self._writer
+            kw = self._kwargs
+            if kw.get("path"):
+                opening = asyncio.open_unix_connection(kw["path"])
+            else:
+                opening = asyncio.open_connection(kw.get("host", "localhost"), kw.get("port", 6379))
+            reader, writer = await asyncio.wait_for(opening, self._timeout)
+            hello = []
+            if kw.get("password"):
+                hello.append(_command("AUTH", *([kw["username"]] if kw.get("username") else []), kw["password"]))
+            if kw.get("db"):
+                hello.append(_command("SELECT", kw["db"]))
+            for line in hello:
+                writer.write(line)
+                if not (await asyncio.wait_for(reader.readline(), self._timeout)).startswith(b"+"):
+                    writer.close()
+                    raise ConnectionError("redis refused AUTH/SELECT")
+            self._writer = writer
+            asyncio.get_running_loop().create_task(self._read(reader, writer))
+            return writer
+
+    async def call(self, *parts: object) -> list[int] | int:
+        writer = self._writer or await self._connect()
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        writer.write(_command(*parts))
+        try:
+            return await asyncio.wait_for(waiter, self._timeout)
+        except TimeoutError:
+            self._drop(writer)
+            raise
+
+    async def _read(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readline()
+                if not head:
+                    raise ConnectionError("redis closed the connection")
+                if head.startswith(b"*"):
+                    reply: object = [int((await reader.readline())[1:]) for _ in range(int(head[1:]))]
+                elif head.startswith(b":"):
+                    reply = int(head[1:])
+                elif head.startswith(b"-NOSCRIPT"):
+                    reply = NoScriptError(head[1:].decode().strip())
+                else:
+                    reply = ResponseError(head[1:].decode(errors="replace").strip())
+                waiter = self._waiting.popleft()
+                if waiter.done():
+                    continue
+                if isinstance(reply, Exception):
+                    waiter.set_exception(reply)
+                else:
+                    waiter.set_result(reply)
+        except (OSError, ConnectionError, ValueError, IndexError):
+            self._drop(writer)
+
+    def _drop(self, writer: asyncio.StreamWriter) -> None:
+        if self._writer is writer:
+            self._writer = None
+        writer.close()
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            if not waiter.done():
+                waiter.set_exception(ConnectionError("redis connection lost"))
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._drop(self._writer)
+
+
 def _keys(key: KeyRecord) -> list[str]:
     tag = f"mpx:{{{key.name}}}"
     return [f"{tag}:rpm", f"{tag}:tpm", f"{tag}:slots", f"{tag}:daily"]
@@ -120,13 +220,18 @@ class RedisStore:
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry_on_timeout=False
         )
         self._admit = self._client.register_script(ADMIT)
+        self._pipe = DecisionPipe(self._client, timeout)  # decisions and accounts
         self._account = self._client.register_script(ACCOUNT)
         self._slot_ttl_ms = int(slot_ttl_seconds * 1000)
         self._stream = stream
 
     async def _run_admit(self, key: KeyRecord, cost: int, slot: str, peek: bool) -> Decision:
         args = [key.rpm, key.tpm, key.max_concurrent, key.daily_tokens, cost, self._slot_ttl_ms, slot, int(peek)]
-        allowed, why, wait, used, rr, resr, rt, rest = await self._admit(keys=_keys(key), args=args)
+        try:
+            reply = await self._pipe.call("EVALSHA", self._admit.sha, 4, *_keys(key), *args)
+        except NoScriptError:  # a restarted Redis: load the script again
+            reply = await self._admit(keys=_keys(key), args=args)
+        allowed, why, wait, used, rr, resr, rt, rest = reply
         return Decision(bool(allowed), DENIED_BY[why], wait, used, rr, resr, rt, rest, slot=slot)
 
     async def admit(self, key: KeyRecord, cost: int, slot: str) -> Decision:
@@ -138,14 +243,18 @@ class RedisStore:
     async def account(self, key: KeyRecord, slot: str, reserved: int, used: int, record: dict) -> None:
         _, tpm_key, slots_key, daily_key = _keys(key)
         fields = [str(part) for pair in record.items() for part in pair]
-        await self._account(
-            keys=[tpm_key, slots_key, daily_key, self._stream], args=[key.tpm, reserved, used, slot, *fields]
-        )
+        keys = [tpm_key, slots_key, daily_key, self._stream]
+        args = [key.tpm, reserved, used, slot, *fields]
+        try:
+            await self._pipe.call("EVALSHA", self._account.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a restarted Redis: load the script again
+            await self._account(keys=keys, args=args)
 
     async def release(self, key: KeyRecord, slot: str) -> None:
         await self._client.zrem(_keys(key)[2], slot)
 
     async def close(self) -> None:
+        self._pipe.close()
         await self._client.aclose()
 
 

@@ -191,3 +191,16 @@ class MemoryStore:
     async def close(self) -> None:
         if self._usage is not None:
             self._usage.close()
+
+
+def build_store(settings) -> Store:
+    """The store the settings ask for: memory, or Redis with this process's memory as the outage fallback."""
+    local = MemoryStore(settings.slot_ttl_seconds, UsageLog(settings.usage_file))
+    if not settings.redis_url:
+        return local
+    from modelplex_gatekeeper.redis_store import FailoverStore, RedisStore
+
+    remote = RedisStore(
+        settings.redis_url, settings.slot_ttl_seconds, settings.usage_stream, settings.redis_timeout_seconds
+    )
+    return FailoverStore(remote, local, settings.redis_failure, settings.redis_retry_seconds)
