@@ -81,7 +81,8 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
         "without a gatekeeper, with the gatekeeper embedded in the edge process, and with the gatekeeper as a "
         "sidecar on a unix socket (one multiplexed gRPC stream per edge); limits in memory or in Redis on loopback. "
         f" {count} sequential requests per row, interleaved; throughput with "
-        f"{concurrency} connections for {seconds:.0f} s in {ROUNDS} interleaved rounds (median). The key has RPM, TPM and concurrency limits.",
+        f"{concurrency} connections for {seconds:.0f} s in {ROUNDS} interleaved rounds (median). "
+        "The key has RPM, TPM and concurrency limits.",
         "",
         f"| path | p50 ms | p99 ms | added p50 ms | req/s at c={concurrency} | req/s vs none |",
         "|---|---|---|---|---|---|",

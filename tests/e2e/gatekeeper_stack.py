@@ -90,13 +90,16 @@ def write_keys(path: Path, keys: dict[str, dict]) -> None:
     keys_file.save(path)
 
 
-def start_stack(catalog: Path, keys_file: Path, log_dir: Path, env: dict | None = None) -> Stack:
+def start_stack(
+    catalog: Path, keys_file: Path, log_dir: Path, env: dict | None = None, mode: str = "sidecar"
+) -> Stack:
     log_dir.mkdir(parents=True, exist_ok=True)
     return Stack(
         catalog,
         catalog_listen=f"127.0.0.1:{free_port()}",
         edge_port=free_port(),
         keys_file=keys_file,
+        gatekeeper=mode,
         log_dir=log_dir,
         env={"MODELPLEX_LOG_LEVEL": "info", **(env or {})},
     ).start()

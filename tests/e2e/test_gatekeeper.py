@@ -49,15 +49,16 @@ def auth(name: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {KEYS[name]['key']}"}
 
 
-@pytest.fixture(scope="module")
-async def gk(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("gatekeeper")
+@pytest.fixture(scope="module", params=["sidecar", "embedded"])
+async def gk(request, tmp_path_factory):
+    """The gatekeeper as a sidecar process (unix socket) and embedded in the edge: the same behaviour."""
+    tmp = tmp_path_factory.mktemp(f"gatekeeper-{request.param}")
     engine, engine_port = start_engine()
     hanging, hanging_target = await start_hanging()
     keys_file = tmp / "keys.yaml"
     write_keys(keys_file, KEYS)
     stack = await asyncio.to_thread(
-        start_stack, write_catalog(tmp, engine_port, hanging_target), keys_file, tmp / "logs"
+        start_stack, write_catalog(tmp, engine_port, hanging_target), keys_file, tmp / "logs", None, request.param
     )
     stack.keys_path = keys_file  # type: ignore[attr-defined]
     stack.tmp = tmp  # type: ignore[attr-defined]

@@ -90,7 +90,8 @@ class EmbeddedTransport:
     """The gatekeeper's decisions inside this process: no hop at all (one Redis round trip with Redis).
 
     Configured by the gatekeeper's own settings (MODELPLEX_KEYS_FILE, MODELPLEX_GATEKEEPER_*).
-    Accounts run in the background so that a Redis round trip never delays a response.
+    Accounts to Redis run in the background so that its round trip never delays a response;
+    in memory they are immediate.
     """
 
     def __init__(self) -> None:
@@ -98,11 +99,15 @@ class EmbeddedTransport:
 
         self._gate, self._following = embedded_gate()
         self._accounts: set[asyncio.Task] = set()
+        self._remote = self._gate.remote
 
     async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
         return await self._gate.admit(request)
 
     async def account(self, request: pb.AccountRequest) -> None:
+        if not self._remote:
+            await self._gate.account(request)
+            return
         task = asyncio.create_task(self._gate.account(request))
         self._accounts.add(task)
         task.add_done_callback(self._accounts.discard)

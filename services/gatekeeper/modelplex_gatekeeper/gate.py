@@ -19,7 +19,7 @@ from modelplex.v1 import gatekeeper_pb2 as pb
 from modelplex_gatekeeper.keys import KeyRecord, KeyRing
 from modelplex_gatekeeper.metrics import REQUESTS, TOKENS, UNITS
 from modelplex_gatekeeper.redis_store import StoreUnavailable
-from modelplex_gatekeeper.store import CONCURRENCY, DAILY, Decision, Store
+from modelplex_gatekeeper.store import CONCURRENCY, DAILY, Decision, MemoryStore, Store
 from modelplex_gatekeeper.store import REQUESTS as BY_REQUESTS
 from modelplex_gatekeeper.store import TOKENS as BY_TOKENS
 
@@ -104,9 +104,12 @@ class Gate:
     def __init__(self, keys: KeyRing, store: Store) -> None:
         self.keys = keys
         self.store = store
+        #: Whether decisions leave this process (Redis): callers may then overlap accounts.
+        self.remote = not isinstance(store, MemoryStore)
         # Slot names are unique across replicas sharing Redis: a random prefix per process.
         self._slot_prefix = secrets.token_hex(4)
         self._slots = itertools.count(1)
+        self._children: dict[tuple, object] = {}
 
     async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
         key = self.keys.find(request.api_key)
@@ -146,10 +149,17 @@ class Gate:
             REQUESTS.labels(key.name, key.project, request.model, decision.denied_by).inc()
             reply.denial.CopyFrom(limit_denial(key, request.model, cost, decision))
             return reply
-        REQUESTS.labels(key.name, key.project, request.model, "admitted").inc()
+        self._counter(REQUESTS, key.name, key.project, request.model, "admitted").inc()
         reply.allowed = True
         reply.ticket = f"{decision.slot}|{cost}|{key.name}"
         return reply
+
+    def _counter(self, metric, *labels: str):
+        """A labelled child, cached: prometheus_client's labels() is the costliest part of a decision."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return child
 
     async def _peek(self, key: KeyRecord) -> Decision:
         try:
@@ -181,7 +191,7 @@ class Gate:
             ("cached_prompt", usage.cached_prompt_tokens),
         ):
             if count:
-                TOKENS.labels(*labels, kind).inc(count)
+                self._counter(TOKENS, *labels, kind).inc(count)
         if request.units:
             UNITS.labels(*labels, request.unit_kind).inc(request.units)
         record = {

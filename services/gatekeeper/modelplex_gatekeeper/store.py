@@ -11,12 +11,13 @@ Concurrency slots carry an expiry, so a slot whose edge died frees itself.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import orjson
 
 from modelplex_gatekeeper.keys import KeyRecord
 
@@ -92,10 +93,10 @@ class UsageLog:
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(path, "a", encoding="utf-8")  # noqa: SIM115 - open for the process's life
+        self._handle = open(path, "ab")  # noqa: SIM115 - open for the process's life
 
     def write(self, record: dict) -> None:
-        self._handle.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._handle.write(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         self._handle.flush()
 
     def close(self) -> None:
