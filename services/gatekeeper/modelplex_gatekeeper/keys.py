@@ -1,7 +1,8 @@
 """API keys: the YAML file, its hashes, and a ring that follows the file's changes.
 
-The file never holds a key in clear. It has one random ``salt`` and, per key, the
-hex SHA-256 of ``salt + key``: finding a presented key is one hash and one dict
+The file never holds a key in clear. It has one random ``salt`` (a string) and, per
+key, the hex SHA-256 of the UTF-8 of ``salt + key`` (the Helm chart computes the same
+with sprig's sha256sum for the key it generates): finding a presented key is one hash and one dict
 lookup, and a leaked file does not give anyone a key (keys are 192 random bits,
 so a fast hash is as good as a slow one against guessing).
 
@@ -76,7 +77,7 @@ class KeysFile:
     keys: list[KeyRecord] = field(default_factory=list)
 
     def digest(self, key: str) -> str:
-        return hashlib.sha256(bytes.fromhex(self.salt) + key.encode("utf-8", "surrogateescape")).hexdigest()
+        return hashlib.sha256((self.salt + key).encode("utf-8", "surrogateescape")).hexdigest()
 
     def named(self, name: str) -> KeyRecord | None:
         return next((k for k in self.keys if k.name == name), None)
@@ -84,9 +85,8 @@ class KeysFile:
     @classmethod
     def parse(cls, text: str) -> KeysFile:
         raw = yaml.safe_load(text) or {}
-        if not isinstance(raw, dict) or not isinstance(raw.get("salt"), str):
+        if not isinstance(raw, dict) or not isinstance(raw.get("salt"), str) or not raw["salt"]:
             raise ValueError("a keys file needs a `salt` and a `keys` list")
-        bytes.fromhex(raw["salt"])
         keys = [KeyRecord.from_mapping(entry) for entry in raw.get("keys") or []]
         names = [k.name for k in keys]
         if len(names) != len(set(names)):
