@@ -247,7 +247,7 @@ def test_existing_dev_api_key_secret() -> None:
     # With the gatekeeper, a key the chart does not know needs a keys file of your own.
     from helm_python.errors import HelmRenderError
 
-    with pytest.raises(HelmRenderError, match="gatekeeper.keys.existingSecret is required"):
+    with pytest.raises(HelmRenderError, match=r"gatekeeper\.keys\.existingSecret is required"):
         render({"edge": {"devApiKey": {"existingSecret": "mine", "secretKey": "k"}}})
     objects = render(
         {
