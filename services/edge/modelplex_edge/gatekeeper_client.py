@@ -86,6 +86,12 @@ def denial_error(reply: pb.AdmitReply, ask: Ask, key: str) -> ServiceError:
     )
 
 
+def _fail(waiter: asyncio.Future | None) -> None:
+    if waiter is not None and not waiter.done():
+        waiter.set_exception(ConnectionError())
+        waiter.exception()  # retrieved: its admit may already have given up (and raised) on its own
+
+
 class EmbeddedTransport:
     """The gatekeeper's decisions inside this process: no hop at all (one Redis round trip with Redis).
 
@@ -235,9 +241,7 @@ class StreamTransport:
         log.warning("gatekeeper stream failed", extra={"error": type(exc).__name__})
         self._drop_stream()
         for admit in batch.admits:
-            waiter = self._pending.pop(admit.id, None)
-            if waiter is not None and not waiter.done():
-                waiter.set_exception(ConnectionError())
+            _fail(self._pending.pop(admit.id, None))
         kept = list(batch.accounts)[-_MAX_UNSENT_ACCOUNTS:]
         self._queue.accounts.extend(kept)
 
@@ -264,5 +268,4 @@ class StreamTransport:
                 self._call = None
             # Every admission still waiting went out on this stream: it will not be answered.
             for waiter in self._pending.values():
-                if not waiter.done():
-                    waiter.set_exception(ConnectionError())
+                _fail(waiter)
