@@ -141,7 +141,8 @@ class MemoryStore:
         if key.daily_tokens and state.day_used >= key.daily_tokens:
             return self._denied(key, state, now, DAILY, state.day_used, int((day + 1) * DAY_SECONDS * 1000 - now))
         if key.max_concurrent:
-            state.slots = {s: exp for s, exp in state.slots.items() if exp > now}
+            if len(state.slots) >= key.max_concurrent:  # expired slots are only looked for when full
+                state.slots = {s: exp for s, exp in state.slots.items() if exp > now}
             if len(state.slots) >= key.max_concurrent:
                 return self._denied(key, state, now, CONCURRENCY, len(state.slots), 1000)
         tat_requests, tat_tokens = state.tat_requests, state.tat_tokens
