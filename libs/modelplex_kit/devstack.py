@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -81,6 +82,11 @@ class Stack:
     edge_port: int = 8080
     env: Mapping[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
+    #: Set: a gatekeeper sidecar decides every request from this keys file (created holding the dev
+    #: key if missing). None: the edge accepts only the dev key, without limits.
+    keys_file: Path | None = None
+    #: "sidecar": its own process on a unix socket; "embedded": decided inside the edge process.
+    gatekeeper: str = "sidecar"
     start_timeout: float = 180.0
     processes: list[Process] = field(default_factory=list)
     _supervisor: threading.Thread | None = field(default=None, repr=False)
@@ -102,16 +108,38 @@ class Stack:
                 name = f"{module.removeprefix('modelplex_')}@{target}"
                 self._spawn(name, module, env)
                 self._wait_grpc(name, target)
-            self._spawn(
-                "edge",
-                "modelplex_edge",
-                {"MODELPLEX_EDGE_PORT": str(self.edge_port), "MODELPLEX_EDGE_CATALOG_TARGET": self.catalog_listen},
-            )
+            edge_env = {
+                "MODELPLEX_EDGE_PORT": str(self.edge_port),
+                "MODELPLEX_EDGE_CATALOG_TARGET": self.catalog_listen,
+            }
+            if self.keys_file is not None and self.gatekeeper == "embedded":
+                edge_env |= self._gatekeeper_env(self.keys_file) | {"MODELPLEX_EDGE_GATEKEEPER_TARGET": "embedded"}
+            elif self.keys_file is not None:
+                edge_env["MODELPLEX_EDGE_GATEKEEPER_TARGET"] = self._start_gatekeeper(self.keys_file)
+            self._spawn("edge", "modelplex_edge", edge_env)
             self._wait_http("edge", f"http://127.0.0.1:{self.edge_port}/readyz")
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _start_gatekeeper(self, keys_file: Path) -> str:
+        """Starts the gatekeeper on a unix socket (as beside the edge in a pod); returns its target."""
+        target = f"unix://{tempfile.mkdtemp(prefix='modelplex-gk-')}/gatekeeper.sock"
+        env = self._gatekeeper_env(keys_file) | {"MODELPLEX_GATEKEEPER_LISTEN": target}
+        self._spawn("gatekeeper", "modelplex_gatekeeper", env)
+        self._wait_grpc("gatekeeper", target)
+        return target
+
+    def _gatekeeper_env(self, keys_file: Path) -> dict[str, str]:
+        return {
+            "MODELPLEX_GATEKEEPER_USAGE_FILE": self.env.get(
+                "MODELPLEX_GATEKEEPER_USAGE_FILE", str(keys_file.parent / "usage.jsonl")
+            ),
+            "MODELPLEX_KEYS_FILE": str(keys_file),
+            "MODELPLEX_GATEKEEPER_DEV_KEY_IF_MISSING": self.env.get("MODELPLEX_DEV_API_KEY")
+            or os.environ.get("MODELPLEX_DEV_API_KEY", "sk-modelplex-dev"),
+        }
 
     def process(self, name: str) -> Process:
         return next(p for p in self.processes if p.name == name)
@@ -231,6 +259,7 @@ def main() -> None:
         args.catalog,
         edge_port=args.port,
         env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text")},
+        keys_file=Path(os.environ.get("MODELPLEX_KEYS_FILE", ".modelplex/keys.yaml")),
     )
     stopping = False
 
@@ -247,7 +276,8 @@ def main() -> None:
     # A key of your own stays out of the terminal's scrollback; the public default is shown.
     key = "$MODELPLEX_DEV_API_KEY" if os.environ.get("MODELPLEX_DEV_API_KEY") else "sk-modelplex-dev"
     print(
-        f"\n  Modelplex is serving at {stack.base_url}\n  API key: {key}\n"
+        f"\n  Modelplex is serving at {stack.base_url}\n  API key: {key}  (keys: {stack.keys_file}; "
+        "`modelplex keys create --name NAME` adds one)\n"
         f'  Try: curl {stack.base_url}/models -H "Authorization: Bearer {key}"\n  Ctrl-C stops everything.\n',
         flush=True,
     )

@@ -78,8 +78,11 @@ class ServiceError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        type: str | None = None,
     ) -> None:
         super().__init__(message)
+        #: OpenAI's error type where it differs from the status's ("tokens", "insufficient_quota").
+        self.type = type
         self.status = status
         self.message = message
         self.param = param
@@ -92,7 +95,7 @@ class ServiceError(Exception):
 
     def envelope(self) -> dict[str, Any]:
         http = self.http
-        return envelope(self.message, http.type, self.param, self.code or http.code)
+        return envelope(self.message, self.type or http.type, self.param, self.code or http.code)
 
     # -- gRPC wire form -------------------------------------------------
     def trailing_metadata(self) -> tuple[tuple[str, bytes], ...]:

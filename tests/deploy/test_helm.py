@@ -177,7 +177,7 @@ def test_catalog_deployment(default_objects: list[dict[str, Any]]) -> None:
 
 def test_edge_deployment(default_objects: list[dict[str, Any]]) -> None:
     dep = one(default_objects, "Deployment", f"{RELEASE}-edge")
-    c = container(dep)  # the gatekeeper sidecar is not rendered yet
+    c = container(dep, "edge")
     assert c["command"] == ["python", "-m", "modelplex_edge"]
     assert c["ports"][0]["containerPort"] == 8080
     e = env(c)
@@ -237,7 +237,7 @@ def test_selectors_match_pods(default_objects: list[dict[str, Any]]) -> None:
 
 def test_image_tag_overrides() -> None:
     objects = render({"edge": {"image": {"repository": "registry.local/modelplex/edge", "tag": "abc123"}}})
-    c = container(one(objects, "Deployment", f"{RELEASE}-edge"))
+    c = container(one(objects, "Deployment", f"{RELEASE}-edge"), "edge")
     assert c["image"] == "registry.local/modelplex/edge:abc123"
 
 
@@ -248,9 +248,19 @@ def test_explicit_dev_api_key() -> None:
 
 
 def test_existing_dev_api_key_secret() -> None:
-    objects = render({"edge": {"devApiKey": {"existingSecret": "mine", "secretKey": "k"}}})
+    # With the gatekeeper, a key the chart does not know needs a keys file of your own.
+    from helm_python.errors import HelmRenderError
+
+    with pytest.raises(HelmRenderError, match=r"gatekeeper\.keys\.existingSecret is required"):
+        render({"edge": {"devApiKey": {"existingSecret": "mine", "secretKey": "k"}}})
+    objects = render(
+        {
+            "edge": {"devApiKey": {"existingSecret": "mine", "secretKey": "k"}},
+            "gatekeeper": {"keys": {"existingSecret": "team-keys"}},
+        }
+    )
     assert not find(objects, "Secret")
-    e = env(container(one(objects, "Deployment", f"{RELEASE}-edge")))
+    e = env(container(one(objects, "Deployment", f"{RELEASE}-edge"), "edge"))
     assert e["MODELPLEX_DEV_API_KEY"]["secretKeyRef"] == {"name": "mine", "key": "k"}
 
 
@@ -430,18 +440,13 @@ def test_cors_and_autoscaling() -> None:
     )
     dep = one(objects, "Deployment", f"{RELEASE}-edge")
     assert "replicas" not in dep["spec"]
-    assert env(container(dep))["MODELPLEX_EDGE_CORS_ORIGINS"] == "https://a.example,https://b.example"
+    assert env(container(dep, "edge"))["MODELPLEX_EDGE_CORS_ORIGINS"] == "https://a.example,https://b.example"
     assert one(objects, "HorizontalPodAutoscaler", f"{RELEASE}-edge")
     assert one(objects, "PodDisruptionBudget", f"{RELEASE}-edge")
 
 
 def test_single_edge_replica_has_no_pdb() -> None:
     assert not find(render({"edge": {"replicaCount": 1}}), "PodDisruptionBudget")
-
-
-def test_gatekeeper_placeholder_renders_nothing_yet() -> None:
-    objects = render({"gatekeeper": {"enabled": True}})
-    assert len(one(objects, "Deployment", f"{RELEASE}-edge")["spec"]["template"]["spec"]["containers"]) == 1
 
 
 def test_network_policies() -> None:
@@ -477,3 +482,65 @@ def test_termination_grace_covers_the_drain_and_the_prestop_delay() -> None:
         assert grace >= 600, "the drain must cover the longest backend call (the edge's 600 s deadline)"
         assert "time.sleep(5)" in main["lifecycle"]["preStop"]["exec"]["command"][-1]
         assert spec["terminationGracePeriodSeconds"] >= grace + 5 + 5
+
+
+def _volumes(dep: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+
+
+def test_gatekeeper_sidecar(default_objects: list[dict[str, Any]]) -> None:
+    from modelplex_gatekeeper.keys import KeysFile
+
+    dep = one(default_objects, "Deployment", f"{RELEASE}-edge")
+    edge, gk = container(dep, "edge"), container(dep, "gatekeeper")
+    assert gk["command"] == ["python", "-m", "modelplex_gatekeeper"]
+    assert gk["image"] == edge["image"]  # the edge image carries the gatekeeper
+    socket = "unix:///run/modelplex/gatekeeper.sock"
+    assert env(edge)["MODELPLEX_EDGE_GATEKEEPER_TARGET"] == socket
+    e = env(gk)
+    assert e["MODELPLEX_GATEKEEPER_LISTEN"] == socket
+    assert e["MODELPLEX_KEYS_FILE"] == "/etc/modelplex/keys/keys.yaml"
+    assert "MODELPLEX_GATEKEEPER_REDIS_URL" not in e
+    assert "modelplex_gatekeeper" not in str(edge.get("command"))
+    assert socket.removeprefix("unix://") in " ".join(gk["livenessProbe"]["exec"]["command"])
+    mounts = {m["name"]: m for m in gk["volumeMounts"]}
+    keys_mount = mounts["gatekeeper-keys"]
+    assert keys_mount["mountPath"] == "/etc/modelplex/keys" and "subPath" not in keys_mount
+    assert {m["name"] for m in edge["volumeMounts"]} >= {"gatekeeper-socket"}
+    volumes = _volumes(dep)
+    assert volumes["gatekeeper-keys"]["secret"]["secretName"] == f"{RELEASE}-dev-api-key"
+    # The keys file the chart writes holds the generated dev key, hashed as the gatekeeper hashes it.
+    secret = one(default_objects, "Secret", f"{RELEASE}-dev-api-key")
+    dev_key = base64.b64decode(secret["data"]["api-key"]).decode()
+    keys_yaml = base64.b64decode(secret["data"]["keys.yaml"]).decode()
+    assert dev_key not in keys_yaml
+    record = KeysFile.parse(keys_yaml)
+    found = record.keys[0]
+    assert record.digest(dev_key) == found.hash and found.rpm == 600 and found.max_concurrent == 64
+
+
+def test_gatekeeper_with_redis_and_own_keys_secret() -> None:
+    objects = render(
+        {
+            "gatekeeper": {
+                "keys": {"existingSecret": "team-keys"},
+                "redis": {"url": "redis://redis.cache:6379/0", "failure": "closed"},
+            }
+        }
+    )
+    dep = one(objects, "Deployment", f"{RELEASE}-edge")
+    e = env(container(dep, "gatekeeper"))
+    assert e["MODELPLEX_GATEKEEPER_REDIS_URL"] == "redis://redis.cache:6379/0"
+    assert e["MODELPLEX_GATEKEEPER_REDIS_FAILURE"] == "closed"
+    assert _volumes(dep)["gatekeeper-keys"]["secret"]["secretName"] == "team-keys"
+    secret = one(objects, "Secret", f"{RELEASE}-dev-api-key")
+    assert "keys.yaml" not in secret["data"]
+
+
+def test_gatekeeper_embedded_and_disabled() -> None:
+    dep = one(render({"gatekeeper": {"mode": "embedded"}}), "Deployment", f"{RELEASE}-edge")
+    edge = container(dep)  # no sidecar
+    assert env(edge)["MODELPLEX_EDGE_GATEKEEPER_TARGET"] == "embedded"
+    assert env(edge)["MODELPLEX_KEYS_FILE"] == "/etc/modelplex/keys/keys.yaml"
+    dep = one(render({"gatekeeper": {"enabled": False}}), "Deployment", f"{RELEASE}-edge")
+    assert "MODELPLEX_EDGE_GATEKEEPER_TARGET" not in env(container(dep))

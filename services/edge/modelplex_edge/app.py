@@ -16,6 +16,7 @@ from modelplex_edge.backends import Backends, channel
 from modelplex_edge.catalog_client import CatalogWatcher
 from modelplex_edge.endpoints import ROUTERS, UPLOAD_PATHS
 from modelplex_edge.errors import install_error_handlers
+from modelplex_edge.gatekeeper_client import GatekeeperAdmission
 from modelplex_edge.middleware import EdgeMiddleware
 from modelplex_edge.settings import EdgeSettings
 from modelplex_edge.state import EdgeState
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 
 def default_admission(settings: EdgeSettings) -> Admission:
+    if settings.gatekeeper_target:
+        return GatekeeperAdmission(settings.gatekeeper_target, settings.gatekeeper_timeout_seconds)
     return DevKeyAdmission(settings.dev_api_key.get_secret_value())
 
 

@@ -21,6 +21,11 @@ class EdgeSettings(ServiceSettings):
         SecretStr("sk-modelplex-dev"),
         validation_alias=AliasChoices("MODELPLEX_DEV_API_KEY", "MODELPLEX_EDGE_DEV_API_KEY"),
     )
+    # The gatekeeper sidecar (unix:///run/modelplex/gatekeeper.sock, or host:port). Empty: only the
+    # dev key above is accepted, without limits.
+    gatekeeper_target: str = ""
+    # Longest wait for the gatekeeper's decision; past it the request gets 503 + Retry-After.
+    gatekeeper_timeout_seconds: float = 2.0
     # Browser origins allowed by CORS; empty keeps CORS closed (a server-to-server API).
     # Comma-separated in the environment, as the Helm chart writes it.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

@@ -1,0 +1,1 @@
+"""The gatekeeper: who may call, how much, and what they used."""

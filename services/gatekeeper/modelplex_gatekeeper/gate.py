@@ -1,0 +1,217 @@
+"""The decisions: who a key is, whether it may use a model, whether its limits allow a request.
+
+Messages never contain a key, only its name; the edge writes the 401 itself
+(it has the key to mask).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import itertools
+import logging
+import math
+import secrets
+import time
+
+import grpc
+
+from modelplex.v1 import gatekeeper_pb2 as pb
+from modelplex_gatekeeper.keys import KeyRecord, KeyRing
+from modelplex_gatekeeper.metrics import REQUESTS, TOKENS, UNITS
+from modelplex_gatekeeper.redis_store import StoreUnavailable
+from modelplex_gatekeeper.store import CONCURRENCY, DAILY, Decision, MemoryStore, Store
+from modelplex_gatekeeper.store import REQUESTS as BY_REQUESTS
+from modelplex_gatekeeper.store import TOKENS as BY_TOKENS
+
+log = logging.getLogger(__name__)
+
+_UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED.value[0]
+_NOT_FOUND = grpc.StatusCode.NOT_FOUND.value[0]
+_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+_UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
+
+
+def wait_text(ms: int) -> str:
+    return f"{ms}ms" if ms < 1000 else f"{math.ceil(ms / 1000)}s"
+
+
+def limit_denial(key: KeyRecord, model: str, cost: int, decision: Decision) -> pb.Denial:
+    where = f"Rate limit reached for {model} in project {key.project} (key {key.name})"
+    retry = f"Please try again in {wait_text(decision.retry_after_ms)}."
+    why = decision.denied_by
+    if why == BY_REQUESTS:
+        message = f"{where} on requests per min (RPM): Limit {key.rpm}, Used {decision.used}, Requested 1. {retry}"
+        return pb.Denial(
+            status=_EXHAUSTED,
+            code="rate_limit_exceeded",
+            type="requests",
+            message=message,
+            retry_after_ms=decision.retry_after_ms,
+        )
+    if why == BY_TOKENS:
+        numbers = f"Limit {key.tpm}, Used {decision.used}, Requested {cost}."
+        if cost > key.tpm:
+            message = (
+                f"Request too large for {model} in project {key.project} (key {key.name}) on tokens per min "
+                f"(TPM): {numbers} Reduce the prompt or max_tokens."
+            )
+        else:
+            message = f"{where} on tokens per min (TPM): {numbers} {retry}"
+        return pb.Denial(
+            status=_EXHAUSTED,
+            code="rate_limit_exceeded",
+            type="tokens",
+            message=message,
+            retry_after_ms=decision.retry_after_ms,
+        )
+    if why == CONCURRENCY:
+        message = (
+            f"{where} on concurrent requests: Limit {key.max_concurrent}, Used {decision.used}, Requested 1. {retry}"
+        )
+        return pb.Denial(
+            status=_EXHAUSTED,
+            code="rate_limit_exceeded",
+            type="requests",
+            message=message,
+            retry_after_ms=decision.retry_after_ms,
+        )
+    assert why == DAILY
+    message = (
+        f"You exceeded your daily token budget (key {key.name}, project {key.project}): Limit "
+        f"{key.daily_tokens}, Used {decision.used}. It renews at 00:00 UTC."
+    )
+    return pb.Denial(
+        status=_EXHAUSTED,
+        code="insufficient_quota",
+        type="insufficient_quota",
+        message=message,
+        retry_after_ms=decision.retry_after_ms,
+    )
+
+
+def _rate_state(key: KeyRecord, decision: Decision) -> pb.RateLimitState:
+    return pb.RateLimitState(
+        limit_requests=key.rpm,
+        remaining_requests=decision.remaining_requests,
+        reset_requests_ms=decision.reset_requests_ms,
+        limit_tokens=key.tpm,
+        remaining_tokens=decision.remaining_tokens,
+        reset_tokens_ms=decision.reset_tokens_ms,
+    )
+
+
+class Gate:
+    def __init__(self, keys: KeyRing, store: Store) -> None:
+        self.keys = keys
+        self.store = store
+        #: Whether decisions leave this process (Redis): callers may then overlap accounts.
+        self.remote = not isinstance(store, MemoryStore)
+        # Slot names are unique across replicas sharing Redis: a random prefix per process.
+        self._slot_prefix = secrets.token_hex(4)
+        self._slots = itertools.count(1)
+        self._children: dict[tuple, object] = {}
+
+    async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
+        key = self.keys.find(request.api_key)
+        if key is None:
+            REQUESTS.labels("", "", request.model, "invalid_key").inc()
+            return pb.AdmitReply(id=request.id, denial=pb.Denial(status=_UNAUTHENTICATED, code="invalid_api_key"))
+        reply = pb.AdmitReply(
+            id=request.id,
+            principal_id=key.name,
+            models=key.models,
+            limits_requests=key.rpm > 0,
+            limits_tokens=key.tpm > 0,
+        )
+        if not request.model:  # identity only: report the limits, consume nothing
+            reply.allowed = True
+            reply.rate_limit.CopyFrom(_rate_state(key, await self._peek(key)))
+            return reply
+        if not any(fnmatch.fnmatchcase(request.model, glob) for glob in key.models):
+            REQUESTS.labels(key.name, key.project, request.model, "model_not_allowed").inc()
+            reply.denial.CopyFrom(pb.Denial(status=_NOT_FOUND, code="model_not_found", param="model"))
+            return reply
+        cost = request.estimated_tokens
+        try:
+            decision = await self.store.admit(key, cost, f"{self._slot_prefix}.{next(self._slots):x}")
+        except StoreUnavailable:
+            REQUESTS.labels(key.name, key.project, request.model, "store_unavailable").inc()
+            reply.denial.CopyFrom(
+                pb.Denial(
+                    status=_UNAVAILABLE,
+                    retry_after_ms=1000,
+                    message="Rate limits cannot be checked right now; please retry shortly.",
+                )
+            )
+            return reply
+        reply.rate_limit.CopyFrom(_rate_state(key, decision))
+        if not decision.allowed:
+            REQUESTS.labels(key.name, key.project, request.model, decision.denied_by).inc()
+            reply.denial.CopyFrom(limit_denial(key, request.model, cost, decision))
+            return reply
+        self._counter(REQUESTS, key.name, key.project, request.model, "admitted").inc()
+        reply.allowed = True
+        reply.ticket = f"{decision.slot}|{cost}|{key.name}"
+        return reply
+
+    def _counter(self, metric, *labels: str):
+        """A labelled child, cached: prometheus_client's labels() is the costliest part of a decision."""
+        child = self._children.get((metric, labels))
+        if child is None:
+            child = self._children[(metric, labels)] = metric.labels(*labels)
+        return child
+
+    async def _peek(self, key: KeyRecord) -> Decision:
+        try:
+            return await self.store.peek(key)
+        except StoreUnavailable:
+            return Decision(True)
+
+    def _ticket_key(self, ticket: str) -> tuple[str, int, KeyRecord] | None:
+        try:
+            slot, reserved, name = ticket.split("|", 2)
+            reserved_tokens = int(reserved)
+        except ValueError:
+            log.warning("malformed ticket in an account; ignored")
+            return None
+        # A key revoked or deleted meanwhile is still accounted (its slot and usage are real).
+        return slot, reserved_tokens, self.keys.named(name) or KeyRecord(name=name, hash="")
+
+    async def account(self, request: pb.AccountRequest) -> None:
+        parsed = self._ticket_key(request.ticket)
+        if parsed is None:
+            return
+        slot, reserved, key = parsed
+        usage = request.usage
+        used = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+        labels = (key.name, key.project, request.model)
+        for kind, count in (
+            ("prompt", usage.prompt_tokens),
+            ("completion", usage.completion_tokens),
+            ("cached_prompt", usage.cached_prompt_tokens),
+        ):
+            if count:
+                self._counter(TOKENS, *labels, kind).inc(count)
+        if request.units:
+            UNITS.labels(*labels, request.unit_kind).inc(request.units)
+        record = {
+            "ts": round(time.time(), 3),
+            "key": key.name,
+            "project": key.project,
+            "model": request.model,
+            "endpoint": request.endpoint,
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "cached_prompt_tokens": usage.cached_prompt_tokens,
+            "total_tokens": used,
+            "units": request.units,
+            "unit_kind": request.unit_kind,
+            "failed": int(request.failed),
+            "request_id": request.meta.request_id,
+        }
+        await self.store.account(key, slot, reserved, used, record)
+
+    async def release(self, ticket: str) -> None:
+        parsed = self._ticket_key(ticket)
+        if parsed is not None:
+            await self.store.release(parsed[2], parsed[0])
