@@ -10,10 +10,10 @@ equal). Adding a modality adds one row here.
 
 from __future__ import annotations
 
-from modelplex_kit.modalities import embeddings, text
+from modelplex_kit.modalities import embeddings, images, text, videos
 from modelplex_kit.modalities.base import CapabilitySpec, Modality
 
-REGISTRY: dict[str, Modality] = {row.name: row for row in (text.MODALITY, embeddings.MODALITY)}
+REGISTRY: dict[str, Modality] = {row.name: row for row in (text.MODALITY, embeddings.MODALITY, images.MODALITY, videos.MODALITY)}
 _BY_PROTO = {row.proto: row for row in REGISTRY.values()}
 
 
