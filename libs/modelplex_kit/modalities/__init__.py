@@ -13,7 +13,8 @@ from __future__ import annotations
 from modelplex_kit.modalities import embeddings, images, text, videos
 from modelplex_kit.modalities.base import CapabilitySpec, Modality
 
-REGISTRY: dict[str, Modality] = {row.name: row for row in (text.MODALITY, embeddings.MODALITY, images.MODALITY, videos.MODALITY)}
+_ROWS = (text.MODALITY, embeddings.MODALITY, images.MODALITY, videos.MODALITY)
+REGISTRY: dict[str, Modality] = {row.name: row for row in _ROWS}
 _BY_PROTO = {row.proto: row for row in REGISTRY.values()}
 
 

@@ -53,7 +53,7 @@ def _shapes(spec: ImageSpec) -> list[tuple[str, tuple[float, ...], tuple[int, ..
         rng = _rng(spec, f"shape{i}\x00{words[i % len(words)]}")
         x, y = rng.uniform(-0.1, 1.0, size=2)
         w, h = rng.uniform(0.05, 0.45, size=2)
-        colour = tuple(int(c) for c in palette[2 + i % (len(palette) - 2)]) + (int(rng.integers(140, 256)),)
+        colour = (*tuple(int(c) for c in palette[2 + i % (len(palette) - 2)]), int(rng.integers(140, 256)))
         kind = ("ellipse", "rectangle", "triangle")[int(rng.integers(0, 3))]
         shapes.append((kind, (x, y, x + w, y + h), colour))
     return shapes

@@ -116,7 +116,9 @@ class ImagesServicer(images_pb2_grpc.ImagesServiceServicer):
         usage = common_pb2.Usage(prompt_tokens=tokens, total_tokens=tokens)
         return images_pb2.GenerateImagesResponse(created=int(time.time()), images=images, usage=usage)
 
-    async def StreamImages(self, request, context: grpc.aio.ServicerContext) -> AsyncIterator[images_pb2.ImageStreamEvent]:
+    async def StreamImages(
+        self, request, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[images_pb2.ImageStreamEvent]:
         self._check(request)
         tokens = prompt_tokens(request.prompt)
         for index, spec in enumerate(image_specs(request)):

@@ -73,8 +73,14 @@ async def test_stream_partials_then_final(servicer):
 
 @pytest.mark.parametrize(
     ("fields", "param"),
-    [({"width": 300}, "size"), ({"n": 11}, "n"), ({"prompt": ""}, "prompt"), ({"output_format": "gif"}, "output_format"),
-     ({"partial_images": 4}, "partial_images"), ({"background": "transparent", "output_format": "jpeg"}, "background")],
+    [
+        ({"width": 300}, "size"),
+        ({"n": 11}, "n"),
+        ({"prompt": ""}, "prompt"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"partial_images": 4}, "partial_images"),
+        ({"background": "transparent", "output_format": "jpeg"}, "background"),
+    ],
 )
 async def test_bad_requests_name_the_param(servicer, fields, param):
     with pytest.raises(ServiceError) as caught:

@@ -10,7 +10,9 @@ from fastapi import APIRouter
 from modelplex_edge.endpoints.chat.router import router as chat
 from modelplex_edge.endpoints.completions.router import router as completions
 from modelplex_edge.endpoints.embeddings.router import router as embeddings
+from modelplex_edge.endpoints.images.router import router as images
 from modelplex_edge.endpoints.models.router import router as models
 from modelplex_edge.endpoints.unsupported.router import router as unsupported
+from modelplex_edge.endpoints.videos.router import router as videos
 
-ROUTERS: tuple[APIRouter, ...] = (chat, completions, embeddings, models, unsupported)
+ROUTERS: tuple[APIRouter, ...] = (chat, completions, embeddings, images, videos, models, unsupported)
