@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -19,6 +22,7 @@ from PIL import Image
 from modelplex.v1 import common_pb2, videos_pb2, videos_pb2_grpc
 from tests.e2e.visual_stack import VISUAL_KEY, start_visual_stack
 from tests.support.openapi import validate
+from tests.support.ports import free_port
 
 # The SDK warns that OpenAI is retiring its own Sora API; the API shape is what Modelplex serves.
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
@@ -31,6 +35,7 @@ def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("videos")
     settings = {"data_dir": str(tmp / "data"), "fps": FPS, "workers": 2, "lease_seconds": 5}
     running = start_visual_stack(tmp, videos_settings=settings)
+    running.start_supervising(interval=0.2)  # as `make run` does: a crashed process comes back
     yield running
     running.stop()
 
@@ -254,8 +259,54 @@ def test_video_seconds_are_metered(stack, client):
     assert counted() - before == 8
 
 
+@pytest.fixture(scope="module")
+def stranger(stack, tmp_path_factory):
+    """A second edge on the same catalog and videos backend, admitting another key: another principal.
+
+    (The dev admission accepts one key per edge; the gatekeeper will serve many from one edge.)
+    """
+    port = free_port()
+    env = {**os.environ, "MODELPLEX_DEV_API_KEY": "sk-someone-else", "MODELPLEX_EDGE_PORT": str(port),
+           "MODELPLEX_EDGE_CATALOG_TARGET": stack.catalog_listen}
+    log = open(tmp_path_factory.mktemp("stranger") / "edge.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen([sys.executable, "-m", "modelplex_edge"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline and process.poll() is None, "the second edge did not start"
+            time.sleep(0.2)
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-someone-else", max_retries=0)
+    finally:
+        process.terminate()
+        process.wait(15)
+        log.close()
+
+
+def test_another_key_gets_404(client, stranger, finished):
+    with pytest.raises(openai.NotFoundError):
+        stranger.videos.retrieve(finished.id)
+    with pytest.raises(openai.NotFoundError):
+        stranger.videos.download_content(finished.id)
+    with pytest.raises(openai.NotFoundError):
+        stranger.videos.remix(finished.id, prompt="mine now")
+    with pytest.raises(openai.NotFoundError):
+        stranger.videos.delete(finished.id)
+    assert finished.id not in [v.id for v in stranger.videos.list(limit=100)]
+    # Idempotency keys are per key too: the same key from another principal makes its own job.
+    key = {"Idempotency-Key": "shared-key"}
+    mine = client.videos.create(model=MODEL, prompt="same key", seconds="4", extra_headers=key)
+    theirs = stranger.videos.create(model=MODEL, prompt="same key", seconds="4", extra_headers=key)
+    assert mine.id != theirs.id
+    assert client.videos.retrieve(finished.id).status == "completed"  # untouched for its owner
+
+
 def test_another_principal_sees_nothing(stack, client, finished):
-    """The dev edge admits one key, so a second principal is tested on the videos service's own gRPC API."""
+    """The same, on the videos service's own gRPC API (what the edge relies on)."""
     target = next(m for m in yaml.safe_load(stack.catalog.read_text())["models"] if m["id"] == MODEL)["backend"]
     with grpc.insecure_channel(target) as channel:
         stub = videos_pb2_grpc.VideosServiceStub(channel)
@@ -282,7 +333,6 @@ def test_job_survives_a_crash_of_the_videos_service(stack, client):
         assert seen.status in ("queued", "in_progress") and time.monotonic() < deadline, seen
         time.sleep(0.05)
     process = next(p for p in stack.processes if p.name.startswith("videos@"))
-    stack.start_supervising(interval=0.2)
     process.popen.send_signal(signal.SIGKILL)
     process.popen.wait()
     deadline = time.monotonic() + 60
@@ -301,3 +351,24 @@ def test_job_survives_a_crash_of_the_videos_service(stack, client):
         time.sleep(0.25)
     assert done is not None and done.status == "completed", done
     assert len(_frames(client.videos.download_content(video.id).read())) == 12 * FPS
+
+
+def test_job_survives_a_restart_of_the_edge(stack, client):
+    """Jobs live in the videos service: an edge that dies mid-generation loses nothing."""
+    video = client.videos.create(model=MODEL, prompt="through an edge restart", seconds="8")
+    edge = stack.process("edge")
+    edge.popen.send_signal(signal.SIGKILL)
+    edge.popen.wait()
+    deadline = time.monotonic() + 120
+    done = None
+    while time.monotonic() < deadline:
+        try:
+            done = client.videos.retrieve(video.id)
+        except (openai.APIConnectionError, openai.APIStatusError):
+            time.sleep(0.2)
+            continue
+        if done.status in ("completed", "failed"):
+            break
+        time.sleep(0.25)
+    assert edge.restarts >= 1
+    assert done is not None and done.status == "completed", done
