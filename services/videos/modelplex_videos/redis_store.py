@@ -152,6 +152,8 @@ class RedisJobStore:
 
     # -- jobs ------------------------------------------------------------------------
     async def create(self, job: Job, limits: Limits, key: str = "") -> Job:
+        # The limits are read, then the job added: racing creates on several replicas may overshoot
+        # the limit by a few jobs, which a queue bound tolerates.
         total, mine = await self._redis.mget(_key("queued"), _key("queued", job.principal))
         if int(total or 0) >= limits.max_queue:
             raise queue_full("on this server")

@@ -38,6 +38,7 @@ _MAX_FORM_FIELDS = 16
 
 def _default_model(http: Request) -> str:
     models = [m for m in http.app.state.edge.catalog.view.models if m.modality == catalog_pb2.MODALITY_VIDEOS]
+    # No video model: "" resolves to the catalog's own 404 (or 503 while the catalog is not loaded yet).
     return min(models, key=lambda m: m.id).id if models else ""
 
 
