@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-SERVICES := services/catalog services/text services/embeddings services/speech services/transcription services/gatekeeper services/edge
+SERVICES := services/catalog services/text services/embeddings services/speech services/transcription services/images services/videos services/gatekeeper services/edge
 # llama.cpp is compiled once for this CPU; the wheel lands in pip's cache.
 export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
 export PIP_DISABLE_PIP_VERSION_CHECK := 1

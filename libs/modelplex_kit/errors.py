@@ -54,6 +54,12 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, HttpError] = {
     grpc.StatusCode.DATA_LOSS: HttpError(500, _SERVER, None),
 }
 
+# Error codes whose HTTP status no gRPC status expresses; they override the table above.
+CODE_TO_HTTP: dict[str, HttpError] = {
+    # Idempotency-Key reused with a different body (as OpenAI and Stripe answer it).
+    "idempotency_key_reused": HttpError(422, _INVALID, "idempotency_key_reused"),
+}
+
 # HTTP-only failures the edge detects before any gRPC call is made.
 HTTP_ONLY: dict[int, HttpError] = {
     405: HttpError(405, _INVALID, "method_not_allowed"),
@@ -91,6 +97,8 @@ class ServiceError(Exception):
 
     @property
     def http(self) -> HttpError:
+        if self.code in CODE_TO_HTTP:
+            return CODE_TO_HTTP[self.code]
         return GRPC_TO_HTTP.get(self.status, GRPC_TO_HTTP[grpc.StatusCode.UNKNOWN])
 
     def envelope(self) -> dict[str, Any]:
@@ -113,7 +121,9 @@ class ServiceError(Exception):
             return _transport_failure(status, error)
         message = error.details() or status.name.lower()
         param, code = detail.param or None, detail.code or None
-        headers = {"retry-after": "1"} if status == grpc.StatusCode.UNAVAILABLE else {}
+        # Worth retrying soon: a restarting backend, a full queue (the SDKs honour Retry-After).
+        retry = status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        headers = {"retry-after": "1"} if retry else {}
         return cls(status, message, param=param, code=code, headers=headers)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,10 +29,10 @@ def ensure_installed() -> str:
 
 
 class RedisServer:
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path | None = None, port: int | None = None) -> None:
         self.binary = ensure_installed()
         self.port = port or free_port()
-        self.workdir = workdir
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="redis-"))
         self.process: subprocess.Popen | None = None
 
     @property
@@ -55,6 +56,11 @@ class RedisServer:
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError("redis-server did not start")
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

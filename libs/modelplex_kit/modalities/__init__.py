@@ -10,12 +10,11 @@ equal). Adding a modality adds one row here.
 
 from __future__ import annotations
 
-from modelplex_kit.modalities import embeddings, speech, text, transcription
+from modelplex_kit.modalities import embeddings, images, speech, text, transcription, videos
 from modelplex_kit.modalities.base import CapabilitySpec, Modality
 
-REGISTRY: dict[str, Modality] = {
-    row.name: row for row in (text.MODALITY, embeddings.MODALITY, speech.MODALITY, transcription.MODALITY)
-}
+_ROWS = (text.MODALITY, embeddings.MODALITY, speech.MODALITY, transcription.MODALITY, images.MODALITY, videos.MODALITY)
+REGISTRY: dict[str, Modality] = {row.name: row for row in _ROWS}
 _BY_PROTO = {row.proto: row for row in REGISTRY.values()}
 
 

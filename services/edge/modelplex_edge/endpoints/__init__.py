@@ -10,6 +10,7 @@ from fastapi import APIRouter
 from modelplex_edge.endpoints.chat.router import router as chat
 from modelplex_edge.endpoints.completions.router import router as completions
 from modelplex_edge.endpoints.embeddings.router import router as embeddings
+from modelplex_edge.endpoints.images.router import router as images
 from modelplex_edge.endpoints.models.router import router as models
 from modelplex_edge.endpoints.speech.router import router as speech
 from modelplex_edge.endpoints.transcriptions.router import PATH as TRANSCRIPTIONS
@@ -17,11 +18,14 @@ from modelplex_edge.endpoints.transcriptions.router import router as transcripti
 from modelplex_edge.endpoints.translations.router import PATH as TRANSLATIONS
 from modelplex_edge.endpoints.translations.router import router as translations
 from modelplex_edge.endpoints.unsupported.router import router as unsupported
+from modelplex_edge.endpoints.videos.router import router as videos
 
 ROUTERS: tuple[APIRouter, ...] = (
     chat,
     completions,
     embeddings,
+    images,
+    videos,
     models,
     speech,
     transcriptions,

@@ -1,0 +1,1 @@
+"""Modelplex images backend."""

@@ -1,0 +1,1 @@
+"""Modelplex videos backend."""
