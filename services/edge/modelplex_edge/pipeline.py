@@ -89,13 +89,18 @@ async def parse(http: Request, endpoint: Endpoint, model: type[M]) -> M:
         await refuse(http, endpoint.name, exc)
 
 
-async def open_call(http: Request, endpoint: Endpoint, model_name: str, cost: int = 0) -> Call:
+async def open_call(
+    http: Request, endpoint: Endpoint, model_name: str, cost: int | Callable[[catalog_pb2.Model], int] = 0
+) -> Call:
+    """Resolves and admits. ``cost`` is what admission reserves (tokens, or the modality's units); a
+    callable gets the resolved model, for bounds that depend on it (a context length)."""
     state = _state(http)
     try:
         model = state.catalog.resolve(model_name, endpoint.modality.proto)
     except ServiceError as exc:
         await refuse(http, endpoint.name, exc)
-    admitted = await state.admission.admit(Ask(authorization(http), endpoint.name, model.id, cost))
+    reserve = cost(model) if callable(cost) else cost
+    admitted = await state.admission.admit(Ask(authorization(http), endpoint.name, model.id, reserve))
     return Call(http, state, endpoint, model, admitted)
 
 

@@ -122,3 +122,13 @@ def test_from_proto_builds_openais_shape():
     assert out["choices"][0]["finish_reason"] == "tool_calls"
     assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 3
     assert out["usage"]["cache_creation_input_tokens"] == 2
+
+
+def test_admission_reserves_the_output_bound_or_the_rest_of_the_context():
+    body = parse_body(
+        ChatCompletionRequest, json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    )
+    unbounded = chat_tr.cost(body, context_length=8192)
+    assert 8000 < unbounded <= 8192 + 10  # prompt estimate + what the engine may still generate
+    bounded = body.model_copy(update={"max_tokens": 100, "n": 2})
+    assert chat_tr.cost(bounded, context_length=8192) < 250

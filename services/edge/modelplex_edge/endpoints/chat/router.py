@@ -15,7 +15,9 @@ ENDPOINT = pipeline.Endpoint("chat.completions", text.MODALITY)
 @router.post("/v1/chat/completions")
 async def create_chat_completion(http: Request) -> Response:
     body = await pipeline.parse(http, ENDPOINT, ChatCompletionRequest)
-    async with await pipeline.open_call(http, ENDPOINT, body.model, translate.cost(body)) as call:
+    async with await pipeline.open_call(
+        http, ENDPOINT, body.model, lambda model: translate.cost(body, model.context_length)
+    ) as call:
         request = translate.to_proto(body, call.model.id, call.meta(body.user))
         call.check(request)
         if body.stream:

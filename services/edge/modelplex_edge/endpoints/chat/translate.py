@@ -76,12 +76,14 @@ def include_usage(body: ChatCompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def cost(body: ChatCompletionRequest) -> int:
-    """Tokens to reserve at admission: a prompt estimate plus the output bound (0: the model's rest)."""
+def cost(body: ChatCompletionRequest, context_length: int) -> int:
+    """Tokens to reserve at admission: a prompt estimate plus the output bound; without one, the
+    rest of the model's context (what the engine may generate), so long requests cannot overrun TPM."""
     prompt = estimate_tokens(m.model_dump_json(exclude_none=True) for m in body.messages)
     if body.tools:
         prompt += estimate_tokens(t.model_dump_json() for t in body.tools)
-    return prompt + (body.max_completion_tokens or body.max_tokens or 0) * (body.n or 1)
+    bound = body.max_completion_tokens or body.max_tokens or max(0, context_length - prompt)
+    return prompt + bound * (body.n or 1)
 
 
 def to_proto(body: ChatCompletionRequest, model_id: str, meta: common_pb2.RequestMeta) -> text_pb2.GenerateRequest:
