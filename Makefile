@@ -62,9 +62,11 @@ test-fast: $(GEN_STAMP)
 test-e2e: $(GEN_STAMP)
 	$(BIN)/pytest -m e2e
 
+# Each script prints (or writes) one markdown section; together they are docs/benchmarks.md.
+BENCH_SECTIONS := bench.gatekeeper bench.constrained_decoding bench.embeddings bench.audio bench.visual
 bench: $(GEN_STAMP)
 	$(PY) -m bench.platform_overhead --write docs/benchmarks.md
-	$(PY) -m bench.audio >> docs/benchmarks.md
+	for section in $(BENCH_SECTIONS); do echo >> docs/benchmarks.md; $(PY) -m $$section >> docs/benchmarks.md || exit 1; done
 
 clean:
 	rm -rf gen $(VENV) .pytest_cache
