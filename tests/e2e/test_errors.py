@@ -182,7 +182,6 @@ def test_context_length_exceeded_is_400(client):
 @pytest.mark.parametrize(
     ("method", "path", "advice"),
     [
-        ("POST", "/audio/translations", "transcriptions"),
         ("GET", "/files", "inline"),
         ("POST", "/batches", "individually"),
         ("POST", "/images/edits", "generations"),
