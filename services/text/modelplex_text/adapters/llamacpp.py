@@ -1,38 +1,47 @@
-"""The embedded engine: llama.cpp in-process via llama-cpp-python.
+"""The embedded engine: llama.cpp in-process via llama-cpp-python, with continuous batching.
 
-One llama.cpp context serves one sequence at a time, so generations take a
-lock inside the worker thread; requests queue for it. The thread checks a stop
-flag between tokens, which is how a disconnected client aborts generation.
-Tools and JSON output are enforced with GBNF grammars, so even a 135M model
-returns parseable tool calls and schema-valid JSON.
+Requests are planned and tokenized here, then each choice becomes a
+:class:`Sequence` for the :class:`BatchScheduler` (``llamacpp_batch.py``), which
+decodes up to ``parallel`` sequences together in one llama.cpp context and
+streams each one's text back. Waiting for a free sequence slot is bounded
+(``max_queue`` requests, ``max_queue_wait_seconds`` each): beyond that, 503.
+Tools and JSON output are enforced with GBNF grammars, applied per sequence as a
+:class:`TokenMatcher`, so even a 135M model returns parseable tool calls and
+schema-valid JSON.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
+import ctypes
 import json
 import logging
-import threading
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
+from contextlib import aclosing
 from functools import lru_cache
-from typing import Any
 
 import grpc
-from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList, llama_grammar
+import llama_cpp
+import numpy as np
+from llama_cpp import Llama, llama_grammar
 
-from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
-from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
+from modelplex.v1 import catalog_pb2, text_pb2
+from modelplex_kit.errors import ServiceError, invalid, unavailable
 from modelplex_text import gguf
-from modelplex_text.assembler import ChoiceAssembler
+from modelplex_text.adapters.llamacpp_batch import BatchScheduler, EngineClosed, Sequence
+from modelplex_text.choices import ChoiceEnd, ChoicePiece, completion_budget, refuse_suffix, stream_choices
+from modelplex_text.decoding import SamplingParams, StopText, TokenMatcher, TokenSampler
 from modelplex_text.engine import EngineEvent
 from modelplex_text.prompting import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, OutputConstraint, PromptPlan, plan_prompt
 from modelplex_text.sampling import sampling_kwargs
-from modelplex_text.settings import TextSettings
+from modelplex_text.settings import LlamaCppSettings
 
 log = logging.getLogger(__name__)
+
+# The Llama object only holds weights, tokenizer and metadata: generation runs in the
+# scheduler's own context, so this one stays at a token size.
+_IDLE_CONTEXT = 256
 
 
 @lru_cache(maxsize=64)
@@ -49,42 +58,52 @@ def _grammar_text(kind: str, schema_json: str) -> str:
     )
 
 
-@lru_cache(maxsize=64)
-def _grammar(kind: str, schema_json: str) -> LlamaGrammar:
-    return LlamaGrammar.from_string(_grammar_text(kind, schema_json), verbose=False)
-
-
-def grammar_for(constraint: OutputConstraint | None) -> LlamaGrammar | None:
+def grammar_for(constraint: OutputConstraint | None) -> str | None:
+    """The GBNF grammar enforcing ``constraint`` (None: unconstrained)."""
     if constraint is None:
         return None
     schema_json = json.dumps(constraint.schema) if constraint.schema is not None else ""
     try:
-        return _grammar(constraint.kind, schema_json)
-    except (ValueError, RuntimeError) as exc:  # a schema llama.cpp cannot compile
-        param = "response_format" if constraint.kind == "json_schema" else "tools"
-        raise invalid(f"Cannot enforce this JSON schema: {exc}", param) from exc
+        return _grammar_text(constraint.kind, schema_json)
+    except (ValueError, RuntimeError) as exc:  # a schema the GBNF converter cannot express
+        raise invalid(f"Cannot enforce this JSON schema: {exc}", _constraint_param(constraint)) from exc
 
 
-class _SampleCounter:
-    """A llama.cpp stopping criterion, called once per sampled token.
+def _constraint_param(constraint: OutputConstraint) -> str:
+    return "response_format" if constraint.kind in ("json_schema", "json_object") else "tools"
 
-    It counts completion tokens exactly and is how an abort takes effect
-    between two tokens, even while llama.cpp holds text back (stop strings).
-    """
 
-    def __init__(self, stop: threading.Event) -> None:
-        self.count = 0
-        self._stop = stop
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])  # llama_token_data
 
-    def __call__(self, input_ids, logits) -> bool:
-        self.count += 1
-        return self._stop.is_set()
 
-    def completion_tokens(self, finish_reason: str | None) -> int:
-        # create_completion asks the criteria once more after its loop, and the
-        # end-of-generation token is sampled but not part of the completion (a
-        # stop string ends on a real token, so there the count is one short).
-        return max(0, self.count - 1 - (finish_reason == "stop"))
+class GbnfMatcher:
+    """llama.cpp's grammar sampler as a :class:`TokenMatcher` (it masks; sampling stays ours)."""
+
+    def __init__(self, vocab, grammar: str, n_vocab: int) -> None:
+        self._sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode(), b"root")
+        if not self._sampler:
+            raise ValueError("llama.cpp could not parse the grammar")
+        self._data = np.zeros(n_vocab, dtype=_TOKEN_DATA)
+        self._data["id"] = np.arange(n_vocab, dtype=np.int32)
+        pointer = self._data.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+        self._array = llama_cpp.llama_token_data_array(data=pointer, size=n_vocab, selected=-1, sorted=False)
+
+    def apply(self, logits: np.ndarray) -> None:
+        self._data["logit"] = logits
+        self._array.size, self._array.selected, self._array.sorted = len(logits), -1, False
+        llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(self._array))
+        logits[:] = self._data["logit"]
+
+    def consume(self, token_id: int) -> None:
+        llama_cpp.llama_sampler_accept(self._sampler, token_id)
+
+    def is_stopped(self) -> bool:
+        return False  # a grammar allows the end token only where it accepts; that token ends the choice
+
+    def close(self) -> None:
+        if self._sampler:
+            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
 
 
 class LlamaCppEngine:
@@ -92,57 +111,84 @@ class LlamaCppEngine:
         chat=True, completions=True, tool_use=True, json_schema=True, prompt_caching=True, multiple_choices=True
     )
 
-    def __init__(self, settings: TextSettings) -> None:
+    def __init__(self, settings: LlamaCppSettings) -> None:
         path = gguf.model_path(settings.model_path)
-        self._llm = Llama(
-            model_path=path, n_ctx=settings.context_length, n_threads=settings.threads or None, verbose=False
-        )
+        self._llm = Llama(model_path=path, n_ctx=_IDLE_CONTEXT, n_threads=settings.threads or None, verbose=False)
         self._template = gguf.chat_template(self._llm)
         self._context_length = settings.context_length
         self._defaults = (settings.default_temperature, settings.default_top_p)
-        self._lock = threading.Lock()
+        self._max_seconds = settings.max_request_seconds
         self._max_queue = settings.max_queue
-        self._queued = 0
-        self._executor = ThreadPoolExecutor(max_workers=settings.max_queue, thread_name_prefix="llamacpp")
-        log.info("llama.cpp engine ready", extra={"model_path": path, "n_ctx": settings.context_length})
+        self._max_wait = settings.max_queue_wait_seconds
+        self._vocab = self._llm._model.vocab
+        self._n_vocab = self._llm.n_vocab()
+        self._scheduler = BatchScheduler(
+            self._llm.model,
+            parallel=settings.parallel,
+            kv_tokens=max(settings.kv_cache_tokens, settings.context_length),
+            context_length=settings.context_length,
+            threads=self._llm.n_threads,
+            threads_batch=self._llm.n_threads_batch,
+        )
+        log.info(
+            "llama.cpp engine ready",
+            extra={"model_path": path, "n_ctx": settings.context_length, "parallel": settings.parallel},
+        )
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        await asyncio.to_thread(self._scheduler.close)
 
     async def stream(
         self, request: text_pb2.GenerateRequest, *, incremental: bool = True
     ) -> AsyncIterator[EngineEvent]:
+        refuse_suffix(request)
         # Templating, tokenizing and compiling a grammar take milliseconds for long prompts:
         # off the event loop, so other streams' tokens keep flowing meanwhile.
         plan, tokens, grammar = await asyncio.to_thread(self._prepare, request)
-        # repeat_penalty 1.0: OpenAI has no such knob, so llama.cpp must not apply one either.
-        kwargs = {**sampling_kwargs(request, *self._defaults), "repeat_penalty": 1.0}
-        seed = request.sampling.seed if request.sampling.HasField("seed") else None
-        usage = common_pb2.Usage(prompt_tokens=len(tokens))
-        for index in range(max(1, request.n)):
-            assembler = ChoiceAssembler(index, plan.tool_call_forced)
-            if request.completion.echo:
-                yield text_pb2.ChoiceDelta(index=index, text=request.completion.prompt)
-            choice_seed = None if seed is None else seed + index
-            async for kind, *payload in self._generate(tokens, {**kwargs, "seed": choice_seed, "grammar": grammar}):
-                if kind == "cached":
-                    if index == 0:
-                        usage.cached_prompt_tokens = payload[0]
-                        usage.cache_creation_prompt_tokens = len(tokens) - payload[0]
-                elif kind == "text":
-                    delta = assembler.feed(payload[0])
-                    if delta is not None:
-                        yield delta
-                else:  # "end"
-                    usage.completion_tokens += payload[1]
-                    for delta in assembler.finish(payload[0]):
-                        yield delta
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        yield usage
+        budget = completion_budget(request, len(tokens), self._context_length)
+        # Compiled now, so a grammar llama.cpp rejects is a 400 before any event.
+        first = await asyncio.to_thread(self._matcher, grammar, plan.constraint) if grammar else None
+        kwargs = sampling_kwargs(request, *self._defaults)
 
-    def _prepare(self, request: text_pb2.GenerateRequest) -> tuple[PromptPlan, list[int], LlamaGrammar | None]:
-        if request.completion.suffix:
-            raise unsupported("suffix", "`suffix`")
+        async def generate(index: int, seed: int | None, deadline: float | None) -> AsyncIterator[ChoicePiece]:
+            nonlocal first
+            matcher, first = first, None
+            if matcher is None and grammar:
+                matcher = await asyncio.to_thread(self._matcher, grammar, plan.constraint)
+            params = SamplingParams(
+                kwargs["temperature"], kwargs["top_p"], kwargs["presence_penalty"], kwargs["frequency_penalty"], seed
+            )
+            queue: asyncio.Queue = asyncio.Queue()
+            seq = Sequence(
+                tokens=list(tokens),
+                max_new=budget,
+                sampler=TokenSampler(params),
+                stop_text=StopText(kwargs["stop"]),
+                matcher=matcher,
+                deadline=deadline,
+                emit=_emitter(queue),
+                context=contextvars.copy_context().run,  # the thread's log lines carry the request id
+            )
+            async with aclosing(self._run(seq, queue)) as pieces:
+                async for piece in pieces:
+                    yield piece
+
+        choices = stream_choices(
+            request,
+            generate,
+            prompt_tokens=len(tokens),
+            tool_call_forced=plan.tool_call_forced,
+            max_seconds=self._max_seconds,
+        )
+        try:
+            async with aclosing(choices) as events:
+                async for event in events:
+                    yield event
+        finally:
+            if first is not None:  # never handed to a sequence
+                first.close()
+
+    def _prepare(self, request: text_pb2.GenerateRequest) -> tuple[PromptPlan, list[int], str | None]:
         plan = plan_prompt(request, self._template)
         tokens = self._tokens(request, plan.prompt)
         if len(tokens) >= self._context_length:
@@ -162,74 +208,59 @@ class LlamaCppEngine:
         # token; BOS is added when the model wants one.
         return self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
 
-    async def _generate(self, tokens: list[int], kwargs: dict[str, Any]) -> AsyncIterator[tuple]:
-        """Runs one generation in a worker thread, relaying its events."""
-        if self._queued >= self._max_queue:
+    def _matcher(self, grammar: str, constraint: OutputConstraint) -> TokenMatcher:
+        try:
+            return GbnfMatcher(self._vocab, grammar, self._n_vocab)
+        except ValueError as exc:
+            raise invalid(f"Cannot enforce this JSON schema: {exc}", _constraint_param(constraint)) from exc
+
+    async def _run(self, seq: Sequence, queue: asyncio.Queue) -> AsyncIterator[ChoicePiece]:
+        """Queues one sequence for the scheduler and relays its events until it ends."""
+        if self._scheduler.waiting() >= self._max_queue:
+            if seq.matcher is not None:
+                seq.matcher.close()
             raise unavailable("The model is at capacity; retry shortly.")
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple] = asyncio.Queue()
-        stop = threading.Event()
-
-        def emit(item: tuple) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        self._queued += 1
+        self._scheduler.submit(seq)
         try:
-            # In the caller's context, so the worker's log lines carry the request id.
-            work = functools.partial(contextvars.copy_context().run, self._work, tokens, kwargs, emit, stop)
-            worker = loop.run_in_executor(self._executor, work)
-        except RuntimeError as exc:  # the executor is shut down: the server is stopping
-            self._queued -= 1
-            raise unavailable("The model is shutting down; retry shortly.") from exc
-        # Counted until the worker thread is done, not until the consumer leaves: an aborted
-        # generation still holds the context until its next token.
-        worker.add_done_callback(self._release)
-        try:
+            try:
+                started = await asyncio.wait_for(queue.get(), self._max_wait)
+            except TimeoutError:
+                log.warning("request waited too long for a sequence slot", extra={"waited_s": self._max_wait})
+                raise unavailable("The model is busy; retry shortly.") from None
+            cached = _check(started)[1]
             while True:
-                item = await queue.get()
-                if item[0] == "error":
-                    raise item[1]
-                yield item
-                if item[0] == "end":
+                event = _check(await queue.get())
+                if event[0] == "text":
+                    yield event[1]
+                else:  # "end"
+                    _, reason, completion_tokens, timed_out = event
+                    yield ChoiceEnd(reason, completion_tokens, cached, timed_out)
                     return
         finally:
-            stop.set()  # no-op when finished; aborts generation when the consumer left
+            # No-op when finished; otherwise (the consumer left, the wait timed out) the scheduler
+            # drops the sequence before its next step, leaving the others running.
+            seq.abort.set()
 
-    def _release(self, worker: asyncio.Future) -> None:
-        self._queued -= 1
 
-    def _work(
-        self, tokens: list[int], kwargs: dict[str, Any], emit: Callable[[tuple], None], stop: threading.Event
-    ) -> None:
+def _emitter(queue: asyncio.Queue):
+    loop = asyncio.get_running_loop()
+
+    def emit(event: tuple) -> None:
         try:
-            with self._lock:
-                if stop.is_set():
-                    return
-                emit(("cached", self._cached_prefix(tokens)))
-                sampled = _SampleCounter(stop)
-                reason = None
-                for chunk in self._llm.create_completion(
-                    tokens, stream=True, stopping_criteria=StoppingCriteriaList([sampled]), **kwargs
-                ):
-                    choice = chunk["choices"][0]
-                    reason = choice["finish_reason"] or reason
-                    emit(("text", choice["text"]))
-                if stop.is_set():
-                    log.info("generation aborted: the client went away")
-                    return
-                emit(("end", reason, sampled.completion_tokens(reason)))
-        except Exception as exc:  # relayed to the event loop, mapped to a gRPC status there
-            log.exception("llama.cpp generation failed")
-            emit(
-                (
-                    "error",
-                    exc
-                    if isinstance(exc, ServiceError)
-                    else ServiceError(grpc.StatusCode.INTERNAL, "llama.cpp failed"),
-                )
-            )
+            loop.call_soon_threadsafe(queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the server has stopped, no one is listening
+            pass
 
-    def _cached_prefix(self, tokens: list[int]) -> int:
-        """Prompt tokens llama.cpp will reuse from its KV cache (see Llama.generate)."""
-        prefix = Llama.longest_token_prefix(self._llm._input_ids.tolist(), tokens)
-        return min(prefix, len(tokens) - 1) if prefix else 0
+    return emit
+
+
+def _check(event: tuple) -> tuple:
+    """The event, unless it reports a failure: then the ServiceError the client should see."""
+    if event[0] != "error":
+        return event
+    error = event[1]
+    if isinstance(error, ServiceError):
+        raise error
+    if isinstance(error, EngineClosed):
+        raise unavailable("The model is shutting down; retry shortly.")
+    raise ServiceError(grpc.StatusCode.INTERNAL, "llama.cpp failed")

@@ -7,8 +7,6 @@
   value: {{ printf "0.0.0.0:%v" $root.Values.text.port | quote }}
 - name: MODELPLEX_METRICS_PORT
   value: {{ $root.Values.text.metricsPort | quote }}
-- name: MODELPLEX_TEXT_MODEL_ID
-  value: {{ $m.id | quote }}
 - name: MODELPLEX_TEXT_ENGINE
   value: {{ $e.kind | quote }}
 {{- if eq $e.kind "llamacpp" }}
