@@ -47,7 +47,9 @@ async def one(engine: LlamaCppEngine, req: text_pb2.GenerateRequest) -> tuple[fl
 
 
 async def measure(parallel: int, concurrency: int, max_tokens: int) -> dict[str, float]:
-    engine = LlamaCppEngine(LlamaCppSettings(parallel=parallel, max_queue=max(64, concurrency)))
+    # No shedding here: every request is measured, however long it waits.
+    settings = LlamaCppSettings(parallel=parallel, max_queue=max(64, concurrency), max_queue_wait_seconds=3600)
+    engine = LlamaCppEngine(settings)
     try:
         await one(engine, request(999, 4))  # warm-up: first decode allocates llama.cpp's buffers
         start = time.perf_counter()

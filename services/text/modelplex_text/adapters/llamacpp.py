@@ -124,11 +124,10 @@ class LlamaCppEngine:
         self._n_vocab = self._llm.n_vocab()
         self._scheduler = BatchScheduler(
             self._llm.model,
+            self._llm.context_params,
             parallel=settings.parallel,
             kv_tokens=max(settings.kv_cache_tokens, settings.context_length),
             context_length=settings.context_length,
-            threads=self._llm.n_threads,
-            threads_batch=self._llm.n_threads_batch,
         )
         log.info(
             "llama.cpp engine ready",

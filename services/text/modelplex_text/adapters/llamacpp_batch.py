@@ -80,14 +80,19 @@ class _Slot:
 
 class BatchScheduler:
     def __init__(
-        self, model, *, parallel: int, kv_tokens: int, context_length: int, threads: int, threads_batch: int
+        self, model, base: llama_cpp.llama_context_params, *, parallel: int, kv_tokens: int, context_length: int
     ) -> None:
-        params = llama_cpp.llama_context_default_params()
+        # llama-cpp-python's own choices (threads, flash attention off, ...), so a lone sequence runs
+        # exactly as it did through Llama; only what batching needs differs.
+        params = llama_cpp.llama_context_params.from_buffer_copy(base)
         params.n_ctx = kv_tokens
         params.n_batch = params.n_ubatch = max(_STEP_TOKENS, parallel)
         params.n_seq_max = parallel
         params.kv_unified = True  # one pool of cells for all sequences, not n_ctx / parallel each
-        params.n_threads, params.n_threads_batch = threads, threads_batch
+        # Generation runs on n_threads, prompts on n_threads_batch, as in llama-cpp-python. llama.cpp
+        # itself would use n_threads_batch for any batch over one token, so every batched decode step.
+        self._threads = (params.n_threads, params.n_threads_batch)
+        self._threads_now = self._threads
         self._ctx = llama_cpp.llama_init_from_model(model, params)
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a context")
@@ -184,6 +189,7 @@ class BatchScheduler:
         if not plan:
             return
         self._fill(plan)
+        self._use_threads(reading_prompt=any(count > 1 for _, count in plan))
         status = llama_cpp.llama_decode(self._ctx, self._batch)
         if status == 1 and self._preempt_newest():  # no room for the batch: retry smaller next step
             return
@@ -195,6 +201,13 @@ class BatchScheduler:
             row += count
             if len(slot.kv) == len(slot.seq.tokens):  # all evaluated: this row's logits are the next token's
                 self._advance(slot, row - 1)
+
+    def _use_threads(self, *, reading_prompt: bool) -> None:
+        generation, prompts = self._threads
+        wanted = (generation, prompts if reading_prompt else generation)
+        if wanted != self._threads_now:
+            llama_cpp.llama_set_n_threads(self._ctx, *wanted)
+            self._threads_now = wanted
 
     def _ended_outside(self, seq: Sequence) -> bool:
         """Aborted by the consumer, or past the wall-clock deadline (then finished as "length")."""
