@@ -119,11 +119,6 @@ class BatchScheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
-    def wake(self) -> None:
-        """Lets the thread notice an abort while it sleeps."""
-        with self._cv:
-            self._cv.notify()
-
     def close(self) -> None:
         with self._cv:
             self._closing = True
