@@ -25,7 +25,7 @@ from modelplex_kit.errors import ServiceError
 from modelplex_kit.grpc_server import ObservingInterceptor
 from modelplex_text.adapters.openai_http import OpenAIHttpEngine
 from modelplex_text.servicer import TextGenerationServicer, merge_delta
-from modelplex_text.settings import TextSettings
+from modelplex_text.settings import OpenAISettings
 from tests.support.llama_server import llama_server
 from tests.support.ports import free_port
 
@@ -45,7 +45,7 @@ def llama(tmp_path_factory):
         yield server
 
 
-def settings_for(llama, **overrides) -> TextSettings:
+def settings_for(llama, **overrides) -> OpenAISettings:
     values = {
         "engine": "openai",
         "upstream_url": llama.base_url,
@@ -53,7 +53,7 @@ def settings_for(llama, **overrides) -> TextSettings:
         "upstream_api_key": API_KEY,
         "upstream_timeout_seconds": 60.0,
     }
-    return TextSettings(**(values | overrides))
+    return OpenAISettings(**(values | overrides))
 
 
 @pytest.fixture(scope="session")
@@ -307,7 +307,7 @@ async def upstream():
 def canned(upstream: Canned, status: int, body: bytes, **settings) -> OpenAIHttpEngine:
     upstream.status, upstream.body = status, body
     values = {"engine": "openai", "upstream_url": upstream.url, "upstream_api_key": "sk-op"}
-    return OpenAIHttpEngine(TextSettings(**(values | settings)))
+    return OpenAIHttpEngine(OpenAISettings(**(values | settings)))
 
 
 async def test_request_translation_and_tool_call_fragments(upstream):
@@ -422,6 +422,21 @@ async def test_request_translation_and_tool_call_fragments(upstream):
             {"object": "error", "message": "bad", "type": "BadRequestError", "param": None, "code": 400},
             grpc.StatusCode.INVALID_ARGUMENT,
             None,
+            None,
+        ),
+        (  # vLLM's answer to max_tokens beyond what the context leaves: a 400 naming max_tokens, not a 503
+            400,
+            {
+                "error": {
+                    "message": "'max_tokens' or 'max_completion_tokens' is too large: 9000. This model's maximum "
+                    "context length is 8192 tokens and your request has 20 input tokens (9000 > 8192 - 20).",
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": 400,
+                }
+            },
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "max_tokens",
             None,
         ),
         (

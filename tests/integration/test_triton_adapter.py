@@ -21,7 +21,7 @@ from modelplex_kit.grpc_server import ObservingInterceptor
 from modelplex_text.adapters.triton import TritonEngine, trtllm_inputs, vllm_inputs
 from modelplex_text.prompting import OutputConstraint
 from modelplex_text.servicer import TextGenerationServicer
-from modelplex_text.settings import TextSettings
+from modelplex_text.settings import TritonSettings
 from tests.support.ports import free_port
 from tests.support.triton_server import TritonStandIn, read_inputs
 
@@ -48,8 +48,8 @@ def chat(text: str, max_tokens: int = 16, **fields) -> text_pb2.GenerateRequest:
     )
 
 
-def settings(address: str, model: str = "smollm2", flavor: str = "vllm") -> TextSettings:
-    return TextSettings(engine="triton", upstream_url=address, upstream_model=model, triton_flavor=flavor)
+def settings(address: str, model: str = "smollm2", flavor: str = "vllm") -> TritonSettings:
+    return TritonSettings(engine="triton", upstream_url=address, upstream_model=model, triton_flavor=flavor)
 
 
 @pytest.fixture(scope="session")

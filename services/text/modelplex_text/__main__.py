@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from modelplex.v1 import text_pb2, text_pb2_grpc
 from modelplex_kit.grpc_server import run, serve
-from modelplex_text.adapters import load_engine
+from modelplex_text.adapters import engine_entry, load_engine
 from modelplex_text.servicer import TextGenerationServicer
 from modelplex_text.settings import TextSettings
 
@@ -20,5 +20,6 @@ async def main(settings: TextSettings) -> None:
 
 
 if __name__ == "__main__":
-    settings = TextSettings()
+    # The chosen engine's own model: it reads the common settings and that engine's knobs.
+    settings = engine_entry(TextSettings().engine).settings()
     run("text", settings, lambda: main(settings))

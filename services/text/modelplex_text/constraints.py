@@ -438,6 +438,9 @@ class TokenMatcher:
     def is_stopped(self) -> bool:
         return self._matcher.is_stopped()
 
+    def close(self) -> None:
+        """Nothing native to free early: the matcher goes with its last reference."""
+
     def _raise_if_error(self) -> None:
         if self._matcher.is_error():
             reason = _first_line(self._matcher.get_error())

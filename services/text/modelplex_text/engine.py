@@ -1,8 +1,16 @@
 """The engine protocol every text adapter implements.
 
-Adapters translate a :class:`GenerateRequest` into their runtime's calls and
-stream back what it produces. The servicer owns ids, aggregation and the gRPC
-surface; adapters own nothing but the engine.
+An engine is three members: ``capabilities`` (what it can really do),
+``stream(request, incremental=...)`` (generate, as events, under the contract
+below) and ``close()`` (release it at shutdown). Adapters translate a
+:class:`GenerateRequest` into their runtime's calls and stream back what it
+produces. The servicer owns ids, aggregation and the gRPC surface; adapters own
+nothing but the engine. Adapters whose runtime emits text per choice (llamacpp,
+triton) implement ``stream`` with ``choices.stream_choices`` and supply only
+"generate one choice's text"; it keeps the contract for them.
+
+Adapters are registered in ``adapters.ENGINES`` (name -> adapter class and its
+settings model); ``MODELPLEX_TEXT_ENGINE`` picks one at startup.
 """
 
 from __future__ import annotations

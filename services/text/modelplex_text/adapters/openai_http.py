@@ -26,11 +26,11 @@ from modelplex_text.adapters.openai_wire import (
     choice_delta,
     json_or_empty,
     to_usage,
-    upstream_error,
     upstream_request,
 )
 from modelplex_text.engine import EngineEvent
-from modelplex_text.settings import TextSettings
+from modelplex_text.settings import OpenAISettings
+from modelplex_text.upstream_errors import from_http
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class OpenAIHttpEngine:
         multiple_choices=True,
     )
 
-    def __init__(self, settings: TextSettings) -> None:
+    def __init__(self, settings: OpenAISettings) -> None:
         if not settings.upstream_url:
             raise ValueError("engine=openai needs MODELPLEX_TEXT_UPSTREAM_URL (e.g. http://vllm:8000/v1)")
         key = settings.upstream_api_key.get_secret_value()
@@ -91,7 +91,7 @@ class OpenAIHttpEngine:
         usage, streamed = None, 0
         async with self._post(path, body) as response:
             if response.status >= 400:
-                raise upstream_error(response.status, json_or_empty(await response.read()))
+                raise from_http(response.status, json_or_empty(await response.read()))
             async with aclosing(_sse_events(response)) as events:
                 async for event in events:
                     usage = event.get("usage") or usage
@@ -108,7 +108,7 @@ class OpenAIHttpEngine:
         async with self._post(path, body) as response:
             answer = json_or_empty(await response.read())
         if response.status >= 400:
-            raise upstream_error(response.status, answer)
+            raise from_http(response.status, answer)
         if not isinstance(answer.get("choices"), list):
             raise unavailable("The model server sent a malformed answer; retry shortly.")
         for choice in answer["choices"]:
@@ -199,5 +199,5 @@ def _parse_event(payload: bytes) -> dict[str, Any]:
         err = event.get("error", event)
         code = err.get("code") if isinstance(err, dict) else None
         # vLLM's code is the HTTP status it would have answered; anything else is a server failure.
-        raise upstream_error(code if isinstance(code, int) and 400 <= code < 600 else 500, event)
+        raise from_http(code if isinstance(code, int) and 400 <= code < 600 else 500, event)
     return event

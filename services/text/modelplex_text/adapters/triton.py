@@ -17,9 +17,11 @@ ones, before vLLM 0.11, called the key ``guided_decoding``).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
@@ -30,25 +32,19 @@ import numpy as np
 from llama_cpp import Llama
 from tritonclient.grpc import InferInput, InferRequestedOutput
 from tritonclient.grpc.aio import InferenceServerClient
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import np_to_triton_dtype
 
-from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
-from modelplex_kit.errors import ServiceError, invalid, unavailable, unsupported
+from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_text import gguf
-from modelplex_text.assembler import ChoiceAssembler
+from modelplex_text.choices import ChoiceEnd, ChoicePiece, completion_budget, refuse_suffix, stream_choices
 from modelplex_text.engine import EngineEvent
 from modelplex_text.prompting import OutputConstraint, plan_prompt
 from modelplex_text.sampling import sampling_kwargs
-from modelplex_text.settings import TextSettings
+from modelplex_text.settings import TritonSettings
+from modelplex_text.upstream_errors import from_triton
 
 log = logging.getLogger(__name__)
 
-# Per-request failures arrive in-band as text only, so they are told apart by
-# Triton's wording. Not served: missing from the repository, loading, unloaded.
-_NOT_SERVED = ("unknown model", "not ready", "no available version", "not at ready state", "unavailable")
-# The model's inputs are not the flavor's: a deployment mistake, never the client's.
-_WRONG_LAYOUT = ("inference input", "inputs but got", "unexpected shape", "inference output")
-_MAX_MESSAGE = 2000  # upstream messages are echoed to clients; bound them
 
 InputBuilder = Callable[[str, dict[str, Any], OutputConstraint | None], list[InferInput]]
 
@@ -110,32 +106,17 @@ def trtllm_inputs(prompt: str, params: dict[str, Any], constraint: OutputConstra
 _INPUTS: dict[str, InputBuilder] = {"vllm": vllm_inputs, "trtllm": trtllm_inputs}
 
 
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _is_final(result) -> bool:
     parameters = result.get_response().parameters
     return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
 
 
-def upstream_error(error: Exception, model: str) -> ServiceError:
-    """A Triton failure as the ServiceError our clients should see."""
-    if isinstance(error, grpc.aio.AioRpcError):  # the stream itself failed: connection, deadline, server
-        details = (error.details() or error.code().name)[:_MAX_MESSAGE]
-        if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
-            return invalid(f"Triton rejected the request: {details}")
-        if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "Triton did not finish in time.")
-        return unavailable(f"Triton is unavailable: {details}")
-    message = str(error.message() if isinstance(error, InferenceServerException) else error)[:_MAX_MESSAGE]
-    if any(hint in message.lower() for hint in _NOT_SERVED):
-        # The catalog routed here, so a model Triton does not serve is a deployment problem (or
-        # a model still loading): 503, retryable, not a 404 that blames the client.
-        return unavailable(f"Triton is not serving model `{model}`: {message}")
-    if any(hint in message for hint in _WRONG_LAYOUT):
-        return ServiceError(grpc.StatusCode.INTERNAL, f"Triton model `{model}` does not fit triton_flavor: {message}")
-    return invalid(f"Triton rejected the request: {message}")
-
-
 class TritonEngine:
-    def __init__(self, settings: TextSettings) -> None:
+    def __init__(self, settings: TritonSettings) -> None:
         if not settings.upstream_url or not settings.upstream_model:
             raise ValueError(
                 "engine=triton needs MODELPLEX_TEXT_UPSTREAM_URL (host:port) and MODELPLEX_TEXT_UPSTREAM_MODEL"
@@ -149,7 +130,8 @@ class TritonEngine:
         self._bos = self._template.bos_token if adds_bos else ""
         self._url, self._model = settings.upstream_url, settings.upstream_model
         self._build_inputs = _INPUTS[settings.triton_flavor]
-        self._timeout = settings.upstream_timeout_seconds
+        self._timeout = settings.upstream_timeout_seconds  # a deadline per choice's stream, not a silence limit
+        self._max_seconds = settings.max_request_seconds
         # Triton has no max_tokens "until the context is full"; this is the model's context length.
         self._context_length = settings.context_length
         self._defaults = (settings.default_temperature, settings.default_top_p)
@@ -178,39 +160,54 @@ class TritonEngine:
 
     def _params(self, request: text_pb2.GenerateRequest, prompt_tokens: int) -> dict[str, Any]:
         params = sampling_kwargs(request, *self._defaults)
-        if params["max_tokens"] is None:  # both backends need a number (vLLM's default is 16)
-            params["max_tokens"] = max(1, self._context_length - prompt_tokens)
+        # Both backends need a number (vLLM's default is 16): what the context leaves, or a 400 beyond it.
+        params["max_tokens"] = completion_budget(request, prompt_tokens, self._context_length)
         return params
 
     async def stream(
         self, request: text_pb2.GenerateRequest, *, incremental: bool = True
     ) -> AsyncIterator[EngineEvent]:
-        if request.completion.suffix:
-            raise unsupported("suffix", "`suffix`")
+        refuse_suffix(request)
         plan = plan_prompt(request, self._template)
         prompt = plan.prompt.removeprefix(self._bos)
-        usage = common_pb2.Usage(prompt_tokens=self._count(prompt) + bool(self._bos))
-        params = self._params(request, usage.prompt_tokens)
-        seed = request.sampling.seed if request.sampling.HasField("seed") else None
-        for index in range(max(1, request.n)):
-            if request.completion.echo:
-                yield text_pb2.ChoiceDelta(index=index, text=request.completion.prompt)
-            assembler = ChoiceAssembler(index, plan.tool_call_forced)
-            generated = []
-            choice_params = {**params, "seed": None if seed is None else seed + index}
-            # aclosing: if our consumer leaves, the Triton stream is cancelled now, not at garbage collection.
-            async with aclosing(self._generate(prompt, plan.constraint, choice_params)) as texts:
-                async for text in texts:
-                    generated.append(text)
-                    delta = assembler.feed(text)
-                    if delta is not None:
-                        yield delta
-            completion_tokens = self._count("".join(generated))
-            usage.completion_tokens += completion_tokens
-            for delta in assembler.finish("length" if completion_tokens >= params["max_tokens"] else "stop"):
-                yield delta
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        yield usage
+        prompt_tokens = self._count(prompt) + bool(self._bos)
+        params = self._params(request, prompt_tokens)
+
+        def generate(index: int, seed: int | None, deadline: float | None) -> AsyncIterator[ChoicePiece]:
+            return self._choice(prompt, plan.constraint, {**params, "seed": seed}, deadline)
+
+        choices = stream_choices(
+            request,
+            generate,
+            prompt_tokens=prompt_tokens,
+            tool_call_forced=plan.tool_call_forced,
+            max_seconds=self._max_seconds,
+        )
+        async with aclosing(choices) as events:
+            async for event in events:
+                yield event
+
+    async def _choice(
+        self, prompt: str, constraint: OutputConstraint | None, params: dict[str, Any], deadline: float | None
+    ) -> AsyncIterator[ChoicePiece]:
+        """One choice: Triton's text deltas, then how it ended (tokens counted with the model's tokenizer)."""
+        generated: list[str] = []
+        timed_out = False
+        async with aclosing(self._generate(prompt, constraint, params)) as texts:
+            while True:
+                try:
+                    # Bounded per wait, not by a timeout around the yields: that would cancel our consumer.
+                    text = await asyncio.wait_for(anext(texts), _remaining(deadline))
+                except StopAsyncIteration:
+                    break
+                except TimeoutError:
+                    timed_out = True  # the stream was cancelled, which aborts the request in Triton
+                    break
+                generated.append(text)
+                yield text
+        completion_tokens = self._count("".join(generated))
+        ran_out = timed_out or completion_tokens >= params["max_tokens"]
+        yield ChoiceEnd("length" if ran_out else "stop", completion_tokens, timed_out=timed_out)
 
     async def _generate(
         self, prompt: str, constraint: OutputConstraint | None, params: dict[str, Any]
@@ -232,7 +229,7 @@ class TritonEngine:
         try:
             async for result, error in responses:
                 if error is not None:
-                    raise upstream_error(error, self._model)
+                    raise from_triton(error, self._model)
                 output = result.as_numpy("text_output")
                 text = decoder.decode(b"".join(output.ravel())) if output is not None else ""
                 if text:
@@ -240,7 +237,7 @@ class TritonEngine:
                 if _is_final(result):  # may come with the last delta (vLLM) or empty (TRT-LLM)
                     break
         except grpc.aio.AioRpcError as exc:
-            raise upstream_error(exc, self._model) from exc
+            raise from_triton(exc, self._model) from exc
         finally:
             # Ends the call even when the final response came before the stream closed; when the
             # consumer left early, this is what makes Triton abort the request.

@@ -1,0 +1,340 @@
+"""Continuous batching over one llama.cpp context: many sequences, one ``llama_decode`` per step.
+
+One scheduler thread owns the context. Each step it takes, for every active
+sequence, the tokens it still has to evaluate (a prompt chunk, or the one token
+sampled last step), decodes them together in one ``llama_batch`` with one
+``seq_id`` per sequence, and samples each sequence from its own logits
+(``llama_get_logits_ith``). So a new request's prompt is evaluated alongside the
+others' decoding instead of after them, and every active sequence gains one
+token per step: fair by construction.
+
+Slots and the KV cache: ``parallel`` sequence ids share one unified cache of
+``kv_cache_tokens`` cells. A finished sequence's cells stay in its slot, so a
+later prompt sharing a prefix with it (the next turn of a chat, the next choice
+of ``n``) reuses them: that is what ``cached_tokens`` reports. When the cache
+is full, idle slots are emptied first; then the newest active sequence is
+preempted, as vLLM does: its cells are dropped and it waits to be recomputed
+from its tokens, its sampling state kept, so its output is unchanged.
+
+Aborts (a client gone) and the wall-clock deadline are checked between steps,
+so one sequence ends without stalling the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import llama_cpp
+import numpy as np
+
+from modelplex_kit.errors import ServiceError
+from modelplex_text.decoding import StopText, TokenMatcher, TokenSampler
+
+log = logging.getLogger(__name__)
+
+# Prompt tokens evaluated per step across all sequences: bounds a step's time, so the
+# sequences already decoding keep getting tokens while a long prompt is read.
+_STEP_TOKENS = 256
+
+Emit = Callable[[tuple], None]
+
+
+class EngineClosed(RuntimeError):
+    """The scheduler stopped (server shutdown) with this sequence unfinished."""
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice being generated."""
+
+    tokens: list[int]  # the prompt, then each sampled token; the tail not yet in the KV cache is evaluated next
+    max_new: int
+    sampler: TokenSampler
+    stop_text: StopText
+    matcher: TokenMatcher | None
+    deadline: float | None
+    emit: Emit  # thread-safe: hands an event to the request's event loop
+    context: Callable  # runs a callable in the request's contextvars (its log lines carry the request id)
+    abort: threading.Event = field(default_factory=threading.Event)
+    generated: int = 0
+    started: bool = False  # "start" was emitted (once, even if preempted later)
+
+    def release(self) -> None:
+        """Frees the matcher's native state; called by the scheduler thread, the matcher's only user."""
+        if self.matcher is not None:
+            self.matcher.close()
+            self.matcher = None
+
+
+@dataclass(eq=False)
+class _Slot:
+    seq_id: int
+    kv: list[int] = field(default_factory=list)  # the tokens whose cells this sequence id holds
+    seq: Sequence | None = None
+
+
+class BatchScheduler:
+    def __init__(
+        self, model, base: llama_cpp.llama_context_params, *, parallel: int, kv_tokens: int, context_length: int
+    ) -> None:
+        # llama-cpp-python's own choices (threads, flash attention off, ...), so a lone sequence runs
+        # exactly as it did through Llama; only what batching needs differs.
+        params = llama_cpp.llama_context_params.from_buffer_copy(base)
+        params.n_ctx = kv_tokens
+        params.n_batch = params.n_ubatch = max(_STEP_TOKENS, parallel)
+        params.n_seq_max = parallel
+        params.kv_unified = True  # one pool of cells for all sequences, not n_ctx / parallel each
+        # Generation runs on n_threads, prompts on n_threads_batch, as in llama-cpp-python. llama.cpp
+        # itself would use n_threads_batch for any batch over one token, so every batched decode step.
+        self._threads = (params.n_threads, params.n_threads_batch)
+        self._threads_now = self._threads
+        self._ctx = llama_cpp.llama_init_from_model(model, params)
+        if not self._ctx:
+            raise RuntimeError("llama.cpp could not create a context")
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = llama_cpp.llama_model_get_vocab(model)
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._capacity = llama_cpp.llama_n_ctx(self._ctx)
+        self._context_length = context_length
+        self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+        self._slots = [_Slot(i) for i in range(parallel)]
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._cv = threading.Condition()
+        self._closing = False
+        self._pieces: dict[int, bytes] = {}
+        self._thread = threading.Thread(target=self._run, name="llamacpp-batch", daemon=True)
+        self._thread.start()
+
+    # -- called from the event loop ----------------------------------------
+    def submit(self, seq: Sequence) -> None:
+        with self._cv:
+            self._waiting.append(seq)
+            self._cv.notify()
+
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+        if not self._thread.is_alive():
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+
+    # -- the scheduler thread ----------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closing and not self._waiting and not self._active():
+                    self._cv.wait()
+                if self._closing:
+                    for seq in [*self._waiting, *self._active()]:
+                        seq.emit(("error", EngineClosed()))
+                        seq.release()
+                    return
+                self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # a failed decode ends the sequences in it, never the thread
+                log.exception("llama.cpp batch step failed")
+                for slot in self._slots:
+                    if slot.seq is not None:
+                        slot.seq.emit(("error", exc))
+                        slot.seq.release()
+                        self._clear(slot)
+                        slot.seq = None
+
+    def _active(self) -> list[Sequence]:
+        return [slot.seq for slot in self._slots if slot.seq is not None]
+
+    def _admit(self) -> None:
+        """Moves waiting sequences (oldest first) into free slots, each where its prompt's cached prefix is longest."""
+        for seq in [seq for seq in self._waiting if seq.abort.is_set()]:  # left while waiting
+            self._waiting.remove(seq)
+            seq.release()
+        while self._waiting:
+            free = [slot for slot in self._slots if slot.seq is None]
+            if not free:
+                return
+            seq = self._waiting[0]
+            self._waiting.popleft()
+            slot = max(free, key=lambda s: _common_prefix(s.kv, seq.tokens))
+            reuse = min(_common_prefix(slot.kv, seq.tokens), len(seq.tokens) - 1)  # one token must be evaluated
+            if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
+                self._clear(slot)  # this model cannot drop part of a sequence
+                reuse = 0
+            del slot.kv[reuse:]
+            slot.seq = seq
+            if not seq.started:
+                seq.started = True
+                seq.emit(("start", reuse))
+
+    def _step(self) -> None:
+        for slot in self._slots:
+            if slot.seq is not None and self._ended_outside(slot.seq):
+                slot.seq = None
+        plan = self._plan()
+        if not plan:
+            return
+        self._fill(plan)
+        self._use_threads(reading_prompt=any(count > 1 for _, count in plan))
+        status = llama_cpp.llama_decode(self._ctx, self._batch)
+        if status == 1 and self._preempt_newest():  # no room for the batch: retry smaller next step
+            return
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed ({status})")
+        row = 0
+        for slot, count in plan:
+            slot.kv.extend(slot.seq.tokens[len(slot.kv) : len(slot.kv) + count])
+            row += count
+            if len(slot.kv) == len(slot.seq.tokens):  # all evaluated: this row's logits are the next token's
+                self._advance_or_fail(slot, row - 1)
+
+    def _advance_or_fail(self, slot: _Slot, row: int) -> None:
+        """Advances one sequence; its own failure (its constraint gave up: a 400) ends it alone."""
+        try:
+            self._advance(slot, row)
+        except ServiceError as exc:
+            if slot.seq is not None:
+                slot.seq.emit(("error", exc))
+                slot.seq.release()
+                self._clear(slot)
+                slot.seq = None
+
+    def _use_threads(self, *, reading_prompt: bool) -> None:
+        generation, prompts = self._threads
+        wanted = (generation, prompts if reading_prompt else generation)
+        if wanted != self._threads_now:
+            llama_cpp.llama_set_n_threads(self._ctx, *wanted)
+            self._threads_now = wanted
+
+    def _ended_outside(self, seq: Sequence) -> bool:
+        """Aborted by the consumer, or past the wall-clock deadline (then finished as "length")."""
+        if seq.abort.is_set():
+            seq.context(log.info, "generation aborted: the client went away")
+            seq.release()
+            return True
+        if seq.deadline is not None and time.monotonic() >= seq.deadline:
+            self._finish(seq, "length", timed_out=True)
+            return True
+        return False
+
+    def _plan(self) -> list[tuple[_Slot, int]]:
+        """(slot, tokens to evaluate) for this step: one per decoding sequence, then prompt chunks."""
+        while True:
+            busy = [slot for slot in self._slots if slot.seq is not None]
+            decoding = [s for s in busy if len(s.seq.tokens) - len(s.kv) == 1]
+            plan = [(slot, 1) for slot in decoding]
+            budget = max(0, self._batch_size() - len(plan))
+            for slot in busy:
+                if slot in decoding or budget == 0:
+                    continue
+                count = min(len(slot.seq.tokens) - len(slot.kv), budget)
+                plan.append((slot, count))
+                budget -= count
+            used = sum(len(slot.kv) for slot in self._slots)
+            if used + sum(count for _, count in plan) <= self._capacity:
+                return plan
+            if not self._evict_idle() and not self._preempt_newest():
+                return plan  # one sequence left: it fits by construction (max_new is checked against the context)
+
+    def _batch_size(self) -> int:
+        return max(_STEP_TOKENS, len(self._slots))
+
+    def _fill(self, plan: list[tuple[_Slot, int]]) -> None:
+        batch, row = self._batch, 0
+        for slot, count in plan:
+            start = len(slot.kv)
+            for offset in range(count):
+                batch.token[row] = slot.seq.tokens[start + offset]
+                batch.pos[row] = start + offset
+                batch.n_seq_id[row] = 1
+                batch.seq_id[row][0] = slot.seq_id
+                batch.logits[row] = start + offset == len(slot.seq.tokens) - 1
+                row += 1
+        batch.n_tokens = row
+
+    def _advance(self, slot: _Slot, row: int) -> None:
+        """Samples the sequence's next token from its logits row, and emits or finishes it."""
+        seq = slot.seq
+        pointer = llama_cpp.llama_get_logits_ith(self._ctx, row)
+        logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
+        if seq.matcher is not None:
+            seq.matcher.apply(logits)
+        token = seq.sampler.sample(logits)
+        if llama_cpp.llama_vocab_is_eog(self._vocab, token):  # the end token is not part of the completion
+            self._finish(seq, "stop")
+            slot.seq = None
+            return
+        seq.generated += 1
+        seq.sampler.accept(token)
+        if seq.matcher is not None:
+            seq.matcher.consume(token)
+        text, hit_stop = seq.stop_text.feed(self._piece(token))
+        if text:
+            seq.emit(("text", text))
+        if hit_stop or (seq.matcher is not None and seq.matcher.is_stopped()):
+            self._finish(seq, "stop", flush=not hit_stop)
+        elif seq.generated >= seq.max_new or len(seq.tokens) + 1 >= self._context_length:
+            self._finish(seq, "length")
+        else:
+            seq.tokens.append(token)
+            return
+        slot.seq = None
+
+    def _finish(self, seq: Sequence, reason: str, *, flush: bool = True, timed_out: bool = False) -> None:
+        if flush and (rest := seq.stop_text.flush()):
+            seq.emit(("text", rest))
+        seq.emit(("end", reason, seq.generated, timed_out))
+        seq.release()
+
+    def _piece(self, token: int) -> bytes:
+        piece = self._pieces.get(token)
+        if piece is None:
+            buffer = ctypes.create_string_buffer(64)
+            size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, 64, 0, False)
+            if size < 0:  # longer than the buffer: -size is what it needs
+                buffer = ctypes.create_string_buffer(-size)
+                size = llama_cpp.llama_token_to_piece(self._vocab, token, buffer, -size, 0, False)
+            piece = self._pieces[token] = buffer.raw[:size]
+        return piece
+
+    # -- making room in the KV cache ----------------------------------------
+    def _evict_idle(self) -> bool:
+        idle = [slot for slot in self._slots if slot.seq is None and slot.kv]
+        if not idle:
+            return False
+        self._clear(max(idle, key=lambda slot: len(slot.kv)))
+        return True
+
+    def _preempt_newest(self) -> bool:
+        """Drops the cells of the active sequence with the least work done and requeues it first in line."""
+        busy = [slot for slot in self._slots if slot.seq is not None]
+        if len(busy) < 2:
+            return self._evict_idle()
+        slot = min(busy, key=lambda s: len(s.kv))  # least work lost
+        self._waiting.appendleft(slot.seq)
+        slot.seq.context(log.info, "sequence preempted: the KV cache is full; it will be recomputed")
+        slot.seq = None
+        self._clear(slot)
+        return True
+
+    def _clear(self, slot: _Slot) -> None:
+        llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+        slot.kv.clear()
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    size = min(len(a), len(b))
+    for i in range(size):
+        if a[i] != b[i]:
+            return i
+    return size

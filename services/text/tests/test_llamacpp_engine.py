@@ -1,0 +1,194 @@
+"""The llama.cpp engine (SmolLM2, continuous batching) through the real servicer over gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+import grpc
+import pytest
+
+from modelplex.v1 import text_pb2, text_pb2_grpc
+from modelplex_kit.errors import ServiceError
+from modelplex_kit.grpc_server import ObservingInterceptor
+from modelplex_text.adapters.llamacpp import LlamaCppEngine
+from modelplex_text.servicer import TextGenerationServicer
+from modelplex_text.settings import LlamaCppSettings
+
+CONTEXT = 512
+STORY = "Write a long story about a dragon who learns to cook."
+
+
+def chat(text: str, max_tokens: int | None = 16, temperature: float = 0.0, **fields) -> text_pb2.GenerateRequest:
+    sampling = text_pb2.SamplingParams(temperature=temperature, **fields.pop("sampling", {}))
+    if max_tokens is not None:
+        sampling.max_tokens = max_tokens
+    message = text_pb2.ChatMessage(role="user", content=[text_pb2.ContentPart(text=text)])
+    return text_pb2.GenerateRequest(
+        model="smollm2", chat=text_pb2.ChatInput(messages=[message]), sampling=sampling, **fields
+    )
+
+
+@asynccontextmanager
+async def serving(**settings):
+    """A real TextGenerationService over a llama.cpp engine, on a free loopback port."""
+    engine = LlamaCppEngine(LlamaCppSettings(context_length=CONTEXT, **settings))
+    server = grpc.aio.server(interceptors=[ObservingInterceptor()])
+    text_pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationServicer(engine), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield text_pb2_grpc.TextGenerationServiceStub(channel), engine
+    finally:
+        await channel.close()
+        await server.stop(0)
+        await engine.close()
+
+
+@pytest.fixture(scope="module")
+async def backend():
+    async with serving(parallel=4, default_temperature=0.0) as pair:
+        yield pair
+
+
+@pytest.fixture(scope="module")
+async def tight():
+    """One slot, a short wait for it, and a one-second wall-clock limit per request."""
+    async with serving(parallel=1, max_queue_wait_seconds=0.3, max_request_seconds=1.0) as pair:
+        yield pair
+
+
+async def timed_stream(stub, request) -> dict:
+    """Streams ``request``, noting when each token arrived."""
+    start, arrivals, text, usage, reasons = time.monotonic(), [], "", None, {}
+    async for response in stub.GenerateStream(request):
+        for delta in response.deltas:
+            if delta.text:
+                arrivals.append(time.monotonic() - start)
+                text += delta.text
+            if delta.finish_reason:
+                reasons[delta.index] = delta.finish_reason
+        if response.HasField("usage"):
+            usage = response.usage
+    return {"arrivals": arrivals, "text": text, "usage": usage, "reasons": reasons, "end": time.monotonic() - start}
+
+
+async def rpc_error(call) -> ServiceError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return ServiceError.from_rpc_error(caught.value)
+
+
+async def test_max_tokens_beyond_the_context_is_a_400_naming_it(backend):
+    stub, _ = backend
+    for call in (stub.Generate(chat("hi", max_tokens=CONTEXT)), _drain(stub.GenerateStream(chat("hi", CONTEXT)))):
+        error = await rpc_error(call)
+        assert error.status == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.param == "max_tokens"
+        assert f"maximum context length is {CONTEXT} tokens" in error.message
+    # What the context leaves is accepted.
+    answer = await stub.Generate(chat("hi", max_tokens=CONTEXT - 40))
+    assert answer.usage.prompt_tokens + answer.usage.completion_tokens <= CONTEXT
+
+
+async def _drain(stream):
+    async for _ in stream:
+        pass
+
+
+async def test_completion_tokens_are_exact_and_choices_seeded(backend):
+    stub, _ = backend
+    answer = await stub.Generate(chat(STORY, max_tokens=7))
+    assert answer.choices[0].finish_reason == text_pb2.FINISH_REASON_LENGTH
+    assert answer.usage.completion_tokens == 7
+    seeded = chat(STORY, max_tokens=12, temperature=1.0, n=2, sampling={"seed": 5})
+    first, again = await stub.Generate(seeded), await stub.Generate(seeded)
+    assert [c.index for c in first.choices] == [0, 1]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]  # seed + index, per choice
+    alone = await stub.Generate(chat(STORY, max_tokens=12, temperature=1.0, sampling={"seed": 6}))
+    assert alone.choices[0].text == first.choices[1].text  # choice 1 of seed 5 is seed 6
+
+
+async def test_a_repeated_prompt_reports_its_cached_prefix(backend):
+    stub, _ = backend
+    await stub.Generate(chat("Name a colour.", max_tokens=2))
+    again = await stub.Generate(chat("Name a colour.", max_tokens=2))
+    assert again.usage.cached_prompt_tokens == again.usage.prompt_tokens - 1
+    assert again.usage.cache_creation_prompt_tokens == 1
+
+
+async def test_concurrent_requests_all_progress_together(backend):
+    stub, _ = backend
+    runs = await asyncio.gather(*(timed_stream(stub, chat(f"{STORY} Part {i}.", max_tokens=24)) for i in range(4)))
+    for run in runs:
+        assert run["usage"].completion_tokens == 24
+        assert run["reasons"] == {0: text_pb2.FINISH_REASON_LENGTH}
+    # Batched, not one after another: every stream had its first token before any stream ended,
+    # and their token streams overlap for most of their length (FIFO would give disjoint spans).
+    assert max(run["arrivals"][0] for run in runs) < min(run["end"] for run in runs)
+    halfway = [run["arrivals"][len(run["arrivals"]) // 2] for run in runs]
+    assert max(halfway) < min(run["end"] for run in runs)
+
+
+async def test_a_constrained_sequence_batched_with_free_ones_stays_valid(backend):
+    stub, _ = backend
+    json_request = chat(
+        "Describe a cat as JSON.",
+        max_tokens=60,
+        response_format=text_pb2.ResponseFormat(type=text_pb2.ResponseFormat.TYPE_JSON_OBJECT),
+    )
+    free = [timed_stream(stub, chat(f"{STORY} ({i})", max_tokens=30)) for i in range(2)]
+    constrained, *_ = await asyncio.gather(stub.Generate(json_request), *free)
+    choice = constrained.choices[0]
+    if choice.finish_reason == text_pb2.FINISH_REASON_STOP:
+        assert isinstance(json.loads(choice.text), dict)
+    else:  # cut by max_tokens: still JSON-shaped so far
+        assert choice.text.lstrip().startswith("{")
+
+
+async def test_aborting_one_stream_leaves_the_others_running(backend):
+    stub, engine = backend
+    others = [asyncio.create_task(timed_stream(stub, chat(f"{STORY} #{i}", max_tokens=40))) for i in range(2)]
+    doomed = stub.GenerateStream(chat(STORY, max_tokens=300))
+    received = 0
+    async for response in doomed:
+        received += sum(bool(d.text) for d in response.deltas)
+        if received >= 2:
+            break
+    doomed.cancel()
+    for run in await asyncio.gather(*others):
+        assert run["usage"].completion_tokens == 40
+        assert run["reasons"] == {0: text_pb2.FINISH_REASON_LENGTH}
+    for _ in range(50):  # the aborted sequence left its slot between two steps
+        if not engine._scheduler._active():
+            break
+        await asyncio.sleep(0.05)
+    assert engine._scheduler._active() == []
+
+
+async def test_the_wall_clock_limit_ends_generation_with_length(tight, caplog):
+    stub, _ = tight
+    caplog.set_level(logging.INFO, logger="modelplex_text.choices")
+    start = time.monotonic()
+    answer = await stub.Generate(chat(STORY, max_tokens=400, temperature=1.0))
+    assert time.monotonic() - start < 5.0
+    assert answer.choices[0].finish_reason == text_pb2.FINISH_REASON_LENGTH
+    assert answer.usage.completion_tokens < 400
+    assert any("wall-clock limit" in record.getMessage() for record in caplog.records)
+
+
+async def test_waiting_for_a_slot_is_bounded(tight):
+    stub, _ = tight
+    long_one = asyncio.ensure_future(stub.Generate(chat(STORY, max_tokens=400, temperature=1.0)))
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    error = await rpc_error(stub.Generate(chat("hi", max_tokens=4)))
+    assert error.status == grpc.StatusCode.UNAVAILABLE
+    assert error.headers.get("retry-after") == "1"
+    assert time.monotonic() - started < 3.0
+    await long_one  # ended by the wall-clock limit; the slot is free again
+    assert (await stub.Generate(chat("hi", max_tokens=4))).usage.completion_tokens >= 1
