@@ -27,6 +27,7 @@ import yaml
 
 from bench.fast_engine import STREAM_CHUNKS
 from modelplex.v1 import text_pb2, text_pb2_grpc
+from modelplex_kit.children import tied_to_parent
 from modelplex_kit.devstack import Stack
 from tests.support.ports import free_port
 
@@ -146,7 +147,7 @@ async def throughput(make_client, path: str, body: bytes, concurrency: int, seco
 
 
 def start_engine(port: int) -> subprocess.Popen:
-    engine = subprocess.Popen([sys.executable, "-m", "bench.fast_engine", "--port", str(port)])
+    engine = subprocess.Popen([sys.executable, "-m", "bench.fast_engine", "--port", str(port)], **tied_to_parent())
     for _ in range(100):
         try:
             import urllib.request
@@ -272,7 +273,7 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
 async def run(args) -> str:
     engine_port, floor_port = free_port(), free_port()
     engine = start_engine(engine_port)
-    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(floor_port)])
+    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(floor_port)], **tied_to_parent())
     tmp = Path(tempfile.mkdtemp(prefix="modelplex-bench-"))
     backend_target = f"127.0.0.1:{free_port()}"
     catalog = tmp / "catalog.yaml"

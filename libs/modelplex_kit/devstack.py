@@ -23,6 +23,8 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelplex_kit.children import tied_to_parent
+
 # modality -> the backend module that serves it (each later service adds itself here)
 BACKEND_MODULES = {"text": "modelplex_text"}
 _ENV_PREFIX = {"modelplex_text": "MODELPLEX_TEXT_"}
@@ -125,6 +127,7 @@ class Stack:
             env={**os.environ, **self.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT if log else None,
+            **tied_to_parent(),  # nothing outlives a crashed or killed devstack or test run
         )
         self.processes.append(Process(name, popen, log))
 

@@ -290,9 +290,9 @@ async def test_async_client_streams_concurrently(aclient):
 
 
 def test_json_schema_falls_back_to_json_object_on_a_model_without_schema_support(client):
-    # "doomed" lists only `chat`: the schema cannot be enforced, a JSON object still is.
+    # "chat-only" lists only `chat`: the schema cannot be enforced, a JSON object still is.
     completion = client.chat.completions.create(
-        model="doomed",
+        model="chat-only",
         max_tokens=300,
         temperature=0,
         messages=[{"role": "user", "content": "Return a JSON object with the keys name and color of a cat."}],
