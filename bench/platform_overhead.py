@@ -333,6 +333,9 @@ async def run(args) -> str:
     return report(results, args.requests, args.seconds, args.concurrency)
 
 
+KEEP_MARKER = "<!-- make bench rewrites everything above this line -->"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=1000)
@@ -343,7 +346,9 @@ def main() -> None:
     markdown = asyncio.run(run(args))
     print(markdown)
     if args.write:
-        args.write.write_text(markdown)
+        # Sections after the marker come from elsewhere (bench/llama_tokens.py): kept as they are.
+        kept = args.write.read_text().partition(KEEP_MARKER) if args.write.exists() else ("", "", "")
+        args.write.write_text(markdown + ("\n" + kept[1] + kept[2] if kept[1] else ""))
 
 
 if __name__ == "__main__":
