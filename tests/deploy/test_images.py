@@ -4,8 +4,9 @@ For each services/<name>/Dockerfile (found on disk, so a new service is tested w
 here): the files its build stage COPYs, with .dockerignore applied, go to a directory outside the source
 tree; the build stage's `scripts/install-service.sh` runs there into a fresh venv (non-editable, as in the
 image); then the image's ENTRYPOINT starts from that venv and its HEALTHCHECK command runs until it passes.
-The one difference from a Docker build: the text image compiles llama.cpp itself, while here the
-portable wheel that `make venv` built with the same script and flags is offered to pip.
+Two differences from a Docker build, both for speed: the text image compiles llama.cpp itself, while here
+the portable wheel that `make venv` built with the same script and flags is offered to pip; and pip may use
+its cache here (the build stage sets PIP_NO_CACHE_DIR). Services listen on free ports on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -126,11 +127,17 @@ class Running:
         return _run_in(self.venv, command, timeout=30)
 
 
-def _run_in(venv: Path, command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    # `python` is the venv's, as PATH=/opt/venv/bin:$PATH makes it in the image.
-    env = _clean_env(PATH=f"{venv}/bin:{os.environ['PATH']}", PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1")
+def _in_image(venv: Path, **extra: str) -> tuple[Path, dict[str, str]]:
+    """The working directory and environment of the image's runtime stage, for a venv here."""
     home = venv.parent / "home"  # the image's WORKDIR: no source tree around
     home.mkdir(exist_ok=True)
+    # `python` is the venv's, as PATH=/opt/venv/bin:$PATH makes it in the image.
+    path = f"{venv}/bin:{os.environ['PATH']}"
+    return home, _clean_env(PATH=path, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", **extra)
+
+
+def _run_in(venv: Path, command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    home, env = _in_image(venv)
     return subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, **kwargs)
 
 
@@ -140,9 +147,7 @@ def _start(image: Image, venv: Path, catalog: str, port: int) -> Running:
     address = f"127.0.0.1:{port}"
     wiring = {f"{prefix}LISTEN": address, f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": str(port)}
     wiring[f"{prefix}CATALOG_TARGET"] = catalog
-    env = _clean_env(PATH=f"{venv}/bin:{os.environ['PATH']}", PYTHONUNBUFFERED="1", **wiring)
-    home = venv.parent / "home"
-    home.mkdir(exist_ok=True)
+    home, env = _in_image(venv, **wiring)
     log = venv.parent / "service.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
