@@ -12,7 +12,8 @@ STAMP := $(VENV)/.installed
 SERVICES := services/catalog services/text services/edge
 # llama.cpp is compiled once, portably (no -march=native, no AVX-512/AMX), into a wheel directory of
 # this checkout named after its version and flags; scripts/llama-wheel.sh holds the flags.
-LLAMA_WHEELS := build/wheels/$(shell scripts/llama-wheel.sh id)
+# `make venv LLAMA_WHEELS=dir` uses (or fills) another directory; tests/deploy/test_images.py reads it too.
+export LLAMA_WHEELS := build/wheels/$(shell scripts/llama-wheel.sh id)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help venv protos lint run test test-fast test-e2e bench clean
