@@ -29,7 +29,7 @@ def stack(tmp_path_factory):
         "modality": "text",
         "backend": backend,
         "engine": {"kind": "llamacpp", "settings": {"context_length": 2048}},
-        "capabilities": ["chat"],
+        "capabilities": ["chat", "json_schema"],
     }
     catalog.write_text(yaml.safe_dump({"models": [entry]}))
     env = {"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_GRACE_SECONDS": str(GRACE)}
@@ -67,11 +67,22 @@ def test_a_killed_backend_is_restarted_and_serves_again(stack):
 
 
 def test_sigterm_on_the_edge_closes_open_streams_with_an_error_event_and_done(stack):
+    # A schema no output shorter than some thousands of tokens satisfies: the stream surely outlives the grace.
+    person = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "city": {"type": "string"}, "street": {"type": "string"}},
+        "required": ["name", "city", "street"],
+    }
+    long_list = {
+        "type": "object",
+        "properties": {"people": {"type": "array", "items": person, "minItems": 200}},
+        "required": ["people"],
+    }
     body = {
         "model": "smollm2",
-        "messages": [{"role": "user", "content": "Write a very long story about the sea."}],
-        "max_tokens": 2000,
-        "temperature": 1.0,
+        "messages": [{"role": "user", "content": "List people."}],
+        "max_tokens": 1500,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "long", "schema": long_list}},
         "stream": True,
     }
     edge = stack.process("edge")
