@@ -36,6 +36,8 @@ EXTERNAL = "external"
 _BACKOFF_FIRST_SECONDS = 1.0
 _BACKOFF_MAX_SECONDS = 30.0
 _STABLE_SECONDS = 60.0
+# Attempts to start a process before the launcher gives up on it.
+_START_ATTEMPTS = 3
 
 
 @dataclass
@@ -220,12 +222,26 @@ class Stack:
         proc.restarts += 1
         proc.started_at, proc.restart_at = time.monotonic(), None
 
+    def _alive_or_restarted(self, name: str) -> None:
+        """A process that dies while starting is started again (a kubelet would), a few times at most:
+        one crash at startup must not take the stack down. A process that keeps dying (a port in use,
+        a bad setting) fails the start with its exit status."""
+        proc = self.process(name)
+        if proc.popen.poll() is None:
+            return
+        if proc.restarts >= _START_ATTEMPTS - 1:
+            proc.check_alive()
+        status = proc.popen.returncode
+        print(f"modelplex: {name} exited with status {status} while starting; restarting", file=sys.stderr)
+        time.sleep(_BACKOFF_FIRST_SECONDS * 2**proc.restarts)
+        self._respawn(proc)
+
     def _wait_grpc(self, name: str, target: str) -> None:
         deadline = time.monotonic() + self.start_timeout
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while time.monotonic() < deadline:
-                self.process(name).check_alive()
+                self._alive_or_restarted(name)
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
                     if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -238,7 +254,7 @@ class Stack:
     def _wait_http(self, name: str, url: str) -> None:
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
-            self.process(name).check_alive()
+            self._alive_or_restarted(name)
             try:
                 with urllib.request.urlopen(url, timeout=1.0) as reply:
                     if reply.status == 200:
