@@ -22,3 +22,8 @@ class CatalogSettings(GrpcServiceSettings):
     # How often the file is checked for changes. Polling (not inotify) because
     # Kubernetes updates a mounted ConfigMap by swapping a symlink.
     poll_seconds: float = 1.0
+    # Follow each backend's grpc.health and mark models ready/not ready (the edge answers 503 for those
+    # that are not). Off: every model is routed, as before.
+    follow_readiness: bool = True
+    # Longest pause between attempts to reach a backend that does not answer.
+    readiness_retry_seconds: float = Field(1.0, gt=0)
