@@ -72,8 +72,8 @@ def test_profiles(config: dict[str, Any]) -> None:
     assert {"op": "remove", "path": "/deploy/helm"} in kustomize["patches"]
     assert "kubectl" in kustomize["deploy"]
     for patch in profiles["gpu"]["patches"]:
-        for values_file in patch.get("value", []):
-            assert (REPO / values_file).is_file()
+        if patch["path"].endswith("/valuesFiles"):
+            assert all((REPO / values_file).is_file() for values_file in patch["value"])
 
 
 def test_kustomize_images_match_artifacts(config: dict[str, Any]) -> None:
@@ -172,3 +172,45 @@ def test_dockerignore() -> None:
     assert any("__pycache__" in e for e in entries)
     for needed in ("protos", "libs", "services", "constraints.txt"):
         assert needed not in entries, f"{needed} is part of the build context"
+
+
+def _profile(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(p for p in config["profiles"] if p["name"] == name)
+
+
+def _patched(config: dict[str, Any], profile: dict[str, Any]) -> dict[str, Any]:
+    """The config as skaffold applies a profile: its JSON patches, then its top-level overrides."""
+    doc = json.loads(json.dumps(config))
+    for op in profile.get("patches", []):
+        *parents, last = [part.replace("~1", "/").replace("~0", "~") for part in op["path"].split("/")[1:]]
+        target = doc
+        for part in parents:
+            target = target[int(part)] if isinstance(target, list) else target[part]
+        if op["op"] == "remove":
+            del target[last]
+        else:  # add, replace (on mappings, as these profiles use them)
+            target[last] = op["value"]
+    for key in ("build", "deploy", "manifests"):
+        if key in profile:
+            doc[key] = doc.get(key, {}) | profile[key]
+    return doc
+
+
+def test_dev_cpu_is_the_default_and_deploys_cpu_engines(config: dict[str, Any]) -> None:
+    profile = _profile(config, "dev-cpu")
+    assert {"command": "dev"} in profile["activation"]
+    release = _patched(config, profile)["deploy"]["helm"]["releases"][0]
+    assert release["valuesFiles"] == ["deploy/helm/modelplex/ci/cpu-values.yaml"]
+    assert not config["build"]["local"]["push"]
+
+
+def test_gpu_profile_pushes_waits_and_ships_no_dev_key(config: dict[str, Any]) -> None:
+    gpu = _patched(config, _profile(config, "gpu"))
+    release = gpu["deploy"]["helm"]["releases"][0]
+    assert release["valuesFiles"] == ["deploy/helm/modelplex/ci/gpu-values.yaml"]
+    assert "setValues" not in release  # no dev key, no localhost CORS
+    assert "sk-" not in yaml.safe_dump(gpu)
+    assert gpu["build"]["local"]["push"] is True and "gitCommit" in gpu["build"]["tagPolicy"]
+    assert gpu["deploy"]["statusCheckDeadlineSeconds"] >= 1800  # first weight downloads take long
+    gpu_values = yaml.safe_load((REPO / "deploy/helm/modelplex/ci/gpu-values.yaml").read_text())
+    assert gpu_values["edge"]["devApiKey"]["existingSecret"] and gpu_values["gatekeeper"]["keys"]["existingSecret"]
