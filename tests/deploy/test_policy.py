@@ -25,6 +25,8 @@ WRITABLE_ROOT = {"vllm", "triton"}
 # Only a laptop's configuration may carry a well-known key.
 LOCAL = {"overlay:local-cpu"}
 WORKLOADS = ("Deployment", "StatefulSet", "DaemonSet")
+# Objects of operators the chart can target (opt-in): their CRDs are not Kubernetes' own.
+OPERATOR_KINDS = {"PodMonitor": "monitoring.coreos.com/v1", "ScaledObject": "keda.sh/v1alpha1"}
 
 
 def _chart_sets() -> dict[str, list[dict[str, Any]]]:
@@ -45,7 +47,7 @@ RENDERED = _chart_sets() | _overlay_sets()
 
 def test_every_value_set_and_overlay_is_covered() -> None:
     names = {Path(n.split(":", 1)[1]).stem for n in RENDERED}
-    assert {"cpu-values", "gpu-values", "external-values", "redis-values", "defaults"} <= names
+    assert {"cpu-values", "gpu-values", "gpu-ops-values", "external-values", "redis-values", "defaults"} <= names
     assert {"local-cpu", "gpu"} <= names
 
 
@@ -68,6 +70,9 @@ def _component(obj: dict[str, Any]) -> str:
 @pytest.mark.parametrize("name", sorted(RENDERED))
 def test_objects_validate_against_kubernetes_schemas(name: str) -> None:
     for obj in RENDERED[name]:
+        if obj["kind"] in OPERATOR_KINDS:  # no upstream schema: the operator's CRD validates it
+            assert obj["apiVersion"] == OPERATOR_KINDS[obj["kind"]], obj["kind"]
+            continue
         if obj["kind"] == "Model":  # ours: validated against the CRD's schema
             jsonschema.validate(obj, MODEL_CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"])
             continue
@@ -224,3 +229,73 @@ def test_engine_pods_run_as_non_root_with_documented_exceptions() -> None:
         assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
         assert pod["spec"]["securityContext"]["runAsUser"] > 0
         assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is False  # the exception
+
+
+# ------------------------------------------------------------------ observability, autoscaling, GPU knobs
+
+def _ops() -> list[dict[str, Any]]:
+    return RENDERED["chart:gpu-ops-values.yaml"]
+
+
+def test_edge_scales_on_requests_in_flight() -> None:
+    (hpa,) = [o for o in _ops() if o["kind"] == "HorizontalPodAutoscaler"]
+    (metric,) = hpa["spec"]["metrics"]
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == "modelplex_num_requests_running"
+    assert metric["pods"]["target"] == {"type": "AverageValue", "averageValue": "48"}
+    cpu = render({"edge": {"autoscaling": {"enabled": True, "metric": "cpu"}}})
+    (hpa,) = [o for o in cpu if o["kind"] == "HorizontalPodAutoscaler"]
+    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+
+
+def test_keda_scales_each_vllm_engine_on_its_queue() -> None:
+    (scaled,) = [o for o in _ops() if o["kind"] == "ScaledObject"]
+    vllm = _vllm(_ops())
+    assert scaled["spec"]["scaleTargetRef"]["name"] == vllm["metadata"]["name"]
+    trigger = scaled["spec"]["triggers"][0]
+    assert trigger["type"] == "prometheus" and "vllm:num_requests_waiting" in trigger["metadata"]["query"]
+    assert 'model_name="llama-3.1-8b-instruct"' in trigger["metadata"]["query"]
+    # KEDA may add replicas: a shared ReadWriteOnce cache is refused.
+    values = helm.values_from_yaml((CHART / "ci" / "gpu-ops-values.yaml").read_text())
+    values["engines"]["vllm"] = {"cache": {"persistence": True}}
+    with pytest.raises(helm.HelmRenderError, match="Multi-Attach"):
+        render(values)
+
+
+def test_pod_monitor_comes_with_a_network_policy_rule_for_prometheus() -> None:
+    (monitor,) = [o for o in _ops() if o["kind"] == "PodMonitor"]
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "http"}
+    policies = [o for o in _ops() if o["kind"] == "NetworkPolicy"]
+    prometheus = {"kubernetes.io/metadata.name": "monitoring"}
+    assert any(
+        peer.get("namespaceSelector", {}).get("matchLabels") == prometheus
+        for p in policies
+        for rule in p["spec"].get("ingress", [])
+        for peer in rule.get("from", [])
+    )
+    with pytest.raises(helm.HelmRenderError, match="metricsFrom"):
+        render({"networkPolicy": {"enabled": True}, "monitoring": {"podMonitor": {"enabled": True}}})
+
+
+def test_gpu_scheduling_knobs() -> None:
+    pod = _vllm(_ops())["spec"]["template"]["spec"]
+    assert pod["runtimeClassName"] == "nvidia" and pod["priorityClassName"] == "modelplex-gpu"
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/mig-3g.40gb"] == 1
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert pod["nodeSelector"] and pod["tolerations"]
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"edge": {"autoscaling": {"metric": "memory"}}},
+        {"autoscaling": {"keda": {"prometheusAddress": "prometheus:9090"}}},
+        {"autoscaling": {"keda": {"waitingRequestsThreshold": 0}}},
+        {"monitoring": {"podMonitor": {"interval": "often"}}},
+        {"monitoring": {"serviceMonitor": {"enabled": True}}},
+        {"models": [{**VLLM, "engine": {**VLLM["engine"], "vllm": {"enabled": True, "gpuResourceName": "a100"}}}]},
+    ],
+)
+def test_schema_rejects_bad_ops_values(values: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        render(values)
