@@ -276,3 +276,18 @@ def test_gpu(overlay) -> None:
     engine = policies["modelplex-vllm-llama-3-1-8b-instruct-ingress"]["spec"]["ingress"][0]["from"][0]
     assert engine["podSelector"]["matchLabels"] == {COMPONENT: "text", "modelplex.io/model": "llama-3-1-8b-instruct"}
     assert find(objects, "PodDisruptionBudget", "modelplex-edge")
+
+
+def test_weights_cache_outlives_the_gpu_overlay(kubectl: Path, overlay) -> None:
+    """`kubectl delete -k overlays/gpu` must not delete the downloaded weights: the claim is in volumes/."""
+    volumes = build(kubectl, KUSTOMIZE / "volumes")
+    assert [(o["kind"], o["metadata"].get("namespace")) for o in volumes] == [("PersistentVolumeClaim", NAMESPACE)]
+    gpu = overlay("gpu")
+    assert not find(gpu, "PersistentVolumeClaim")
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for d in find(gpu, "Deployment")
+        for v in d["spec"]["template"]["spec"].get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {volumes[0]["metadata"]["name"]}
