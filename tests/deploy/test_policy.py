@@ -299,3 +299,22 @@ def test_gpu_scheduling_knobs() -> None:
 def test_schema_rejects_bad_ops_values(values: dict[str, Any]) -> None:
     with pytest.raises(helm.HelmValuesError):
         render(values)
+
+
+def test_vllm_cache_per_replica_is_a_statefulset_with_claim_templates() -> None:
+    objects = render(_with_vllm(replicaCount=3, cachePersistence=True, cachePerReplica=True))
+    assert not [o for o in objects if o["kind"] == "PersistentVolumeClaim"]
+    (sts,) = [o for o in objects if o["kind"] == "StatefulSet"]
+    assert sts["spec"]["replicas"] == 3 and sts["spec"]["serviceName"] == sts["metadata"]["name"]
+    (template,) = sts["spec"]["volumeClaimTemplates"]
+    assert template["metadata"]["name"] == "cache" and template["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert all(v["name"] != "cache" for v in sts["spec"]["template"]["spec"]["volumes"])
+    assert "cache" in {m["name"] for m in sts["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+    for obj in objects:
+        if obj["kind"] == "StatefulSet":
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+    keda = render(
+        _with_vllm(cachePersistence=True, cachePerReplica=True) | {"autoscaling": {"keda": {"enabled": True}}}
+    )
+    (scaled,) = [o for o in keda if o["kind"] == "ScaledObject"]
+    assert scaled["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"
