@@ -112,6 +112,8 @@ class Replay:
         return response
 
     async def _patch(self, request: web.Request) -> web.Response:
+        # A merge patch: our one condition replaces the list; a JSON patch would need operations.
+        assert request.content_type == "application/merge-patch+json", request.content_type
         body = await request.json()
         self.patches.append((request.match_info["name"], body))
         return web.json_response(body)
