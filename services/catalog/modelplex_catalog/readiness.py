@@ -46,7 +46,7 @@ class ReadinessFollower:
 
     async def _follow(self, target: str) -> None:
         backoff = 0.1
-        async with grpc.aio.insecure_channel(target) as channel:
+        async with grpc.aio.insecure_channel(target, options=self._channel_options()) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 answered = False
@@ -60,11 +60,25 @@ class ReadinessFollower:
                     # ask again before calling the backend unreachable, or readiness would flap.
                     if answered:
                         continue
-                    self._mark(target, False, f"backend unreachable ({exc.code().name})")
+                    if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
+                        # A backend without grpc.health (not a Modelplex one): unknown, so routed.
+                        self._mark(target, None, "")
+                        backoff = self._retry
+                    else:
+                        self._mark(target, False, f"backend unreachable ({exc.code().name})")
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, self._retry)
 
-    def _mark(self, target: str, ready: bool, reason: str) -> None:
+    def _channel_options(self) -> list[tuple[str, int]]:
+        # gRPC's own reconnect backoff grows to minutes; a backend that starts must be seen at once.
+        retry_ms = int(self._retry * 1000)
+        return [
+            ("grpc.initial_reconnect_backoff_ms", min(100, retry_ms)),
+            ("grpc.min_reconnect_backoff_ms", min(100, retry_ms)),
+            ("grpc.max_reconnect_backoff_ms", retry_ms),
+        ]
+
+    def _mark(self, target: str, ready: bool | None, reason: str) -> None:
         if self._store.set_readiness(target, ready, reason):
             log.info("backend readiness changed", extra={"target": target, "ready": ready, "reason": reason})
 

@@ -66,11 +66,15 @@ class CatalogStore:
         log.info("catalog loaded", extra={"revision": self.view.revision, "models": [m.id for m in models]})
         return True
 
-    def set_readiness(self, target: str, ready: bool, reason: str) -> bool:
-        """Records a backend's readiness; True when that changed what the catalog says."""
-        if self._readiness.get(target) == (ready, reason):
+    def set_readiness(self, target: str, ready: bool | None, reason: str = "") -> bool:
+        """Records a backend's readiness (None: unknown, routed); True when that changed what the catalog says."""
+        state = None if ready is None else (ready, reason)
+        if self._readiness.get(target) == state:
             return False
-        self._readiness[target] = (ready, reason)
+        if state is None:
+            del self._readiness[target]
+        else:
+            self._readiness[target] = state
         if any(model.backend_target == target for model in self._models):
             self._publish(self._models)
             return True

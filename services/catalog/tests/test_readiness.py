@@ -60,3 +60,23 @@ async def test_models_follow_their_backends_health(tmp_path: Path):
         follower.cancel()
         backend.cancel()
         await asyncio.gather(follower, backend, return_exceptions=True)
+
+
+async def test_a_backend_without_grpc_health_stays_routed(tmp_path: Path):
+    import grpc
+
+    bare = grpc.aio.server()  # answers gRPC, but has no grpc.health service
+    target = f"127.0.0.1:{free_port()}"
+    bare.add_insecure_port(target)
+    await bare.start()
+    path = tmp_path / "catalog.yaml"
+    path.write_text("models:" + ENTRY.format(id="external", backend=target))
+    store = CatalogStore(path)
+    follower = asyncio.create_task(ReadinessFollower(store, retry_seconds=0.1).run())
+    try:
+        await asyncio.sleep(0.5)
+        assert not store.view.resolve("external").HasField("ready")  # unknown: the edge routes it
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
+        await bare.stop(0)
