@@ -91,6 +91,9 @@ class Stack:
     #: "sidecar": its own process on a unix socket; "embedded": decided inside the edge process.
     gatekeeper: str = "sidecar"
     start_timeout: float = 180.0
+    #: True: start() returns once every backend is SERVING (its engine ready). False: once each
+    #: answers grpc.health at all, so a test can watch a backend whose engine is not up yet.
+    wait_for_engines: bool = True
     processes: list[Process] = field(default_factory=list)
     _supervisor: threading.Thread | None = field(default=None, repr=False)
     _supervisor_stop: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -104,13 +107,18 @@ class Stack:
             self._spawn(
                 "catalog",
                 "modelplex_catalog",
-                {"MODELPLEX_CATALOG": str(self.catalog), "MODELPLEX_CATALOG_LISTEN": self.catalog_listen},
+                {
+                    "MODELPLEX_CATALOG": str(self.catalog),
+                    "MODELPLEX_CATALOG_LISTEN": self.catalog_listen,
+                    # Backends start after the catalog: see each one within 0.2 s of it serving.
+                    "MODELPLEX_CATALOG_READINESS_RETRY_SECONDS": "0.2",
+                },
             )
             self._wait_grpc("catalog", self.catalog_listen)
             for target, (module, env) in backend_plan(self.catalog).items():
                 name = f"{module.removeprefix('modelplex_')}@{target}"
                 self._spawn(name, module, env)
-                self._wait_grpc(name, target)
+                self._wait_grpc(name, target, serving=self.wait_for_engines)
             edge_env = {
                 "MODELPLEX_EDGE_PORT": str(self.edge_port),
                 "MODELPLEX_EDGE_CATALOG_TARGET": self.catalog_listen,
@@ -236,7 +244,7 @@ class Stack:
         time.sleep(_BACKOFF_FIRST_SECONDS * 2**proc.restarts)
         self._respawn(proc)
 
-    def _wait_grpc(self, name: str, target: str) -> None:
+    def _wait_grpc(self, name: str, target: str, serving: bool = True) -> None:
         deadline = time.monotonic() + self.start_timeout
         with grpc.insecure_channel(target) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
@@ -244,7 +252,7 @@ class Stack:
                 self._alive_or_restarted(name)
                 try:
                     reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING or not serving:
                         return
                 except grpc.RpcError:
                     pass

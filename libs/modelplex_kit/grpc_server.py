@@ -3,7 +3,8 @@
 ``serve`` starts a server with grpc.health.v1 and reflection, one interceptor
 that gives every call its request id, trace span, metrics and error mapping,
 and a SIGTERM handler that stops accepting calls, drains in-flight ones for
-``grace_seconds`` and exits.
+``grace_seconds`` and exits. With a ``ready`` probe (a remote engine's), health
+follows the engine: NOT_SERVING until it answers, and whenever it stops.
 """
 
 from __future__ import annotations
@@ -120,6 +121,29 @@ def _observe_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]):
 
 
 Registrar = Callable[[grpc.aio.Server], Iterable[str]]
+ReadyProbe = Callable[[], Awaitable[bool]]
+
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def _set_health(servicer: health.aio.HealthServicer, services: list[str], ready: bool) -> None:
+    for service in ["", *services]:
+        await servicer.set(service, _SERVING if ready else _NOT_SERVING)
+
+
+async def follow_readiness(
+    servicer: health.aio.HealthServicer, services: list[str], ready: ReadyProbe, interval: float
+) -> None:
+    """Polls ``ready`` forever and mirrors each change into grpc.health (probes and the catalog read it)."""
+    current: bool | None = None
+    while True:
+        now = await ready()
+        if now != current:
+            log.info("engine readiness changed", extra={"ready": now})
+            await _set_health(servicer, services, now)
+            current = now
+        await asyncio.sleep(interval)
 
 
 def server_options(settings: GrpcServiceSettings) -> list[tuple[str, Any]]:
@@ -143,11 +167,14 @@ async def serve(
     settings: GrpcServiceSettings,
     register: Registrar,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    ready: ReadyProbe | None = None,
 ) -> None:
     """Runs a gRPC service until SIGTERM/SIGINT, then drains and returns.
 
     ``register`` adds the service's servicers to the server and returns their
-    full service names (for health and reflection).
+    full service names (for health and reflection). ``ready``, when given, is
+    polled every ``settings.ready_poll_seconds``; health reports SERVING only
+    while it returns True. Without it the service is SERVING once started.
     """
     server = grpc.aio.server(interceptors=[ObservingInterceptor()], options=server_options(settings))
     service_names = list(register(server))
@@ -160,8 +187,12 @@ async def serve(
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     await server.start()
-    for service in ["", *service_names]:
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, service_names, ready is None)
+    follower = None
+    if ready is not None:
+        follower = asyncio.create_task(
+            follow_readiness(health_servicer, service_names, ready, settings.ready_poll_seconds)
+        )
     log.info("serving", extra={"listen": settings.listen, "services": service_names})
 
     stop = asyncio.Event()
@@ -174,6 +205,8 @@ async def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         log.info("shutting down: draining in-flight calls", extra={"grace_seconds": settings.grace_seconds})
+        if follower is not None:
+            follower.cancel()  # it must not flip health back to SERVING while we drain
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.grace_seconds)
         if on_shutdown is not None:

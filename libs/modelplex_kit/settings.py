@@ -41,3 +41,5 @@ class GrpcServiceSettings(ServiceSettings):
     # Clients are asked to reconnect after this long (0: never), so edges using round-robin over a
     # headless Service discover backend pods that started after them.
     max_connection_age_seconds: float = Field(300.0, validation_alias=_shared("MAX_CONNECTION_AGE_SECONDS"))
+    # How often a remote engine's readiness is checked (see grpc_server.serve's ``ready``).
+    ready_poll_seconds: float = Field(2.0, gt=0, validation_alias=_shared("READY_POLL_SECONDS"))

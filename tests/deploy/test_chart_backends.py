@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from modelplex_kit.modalities import REGISTRY
-from tests.deploy.test_helm import CHART, NAMESPACE, RELEASE, catalog, container, env, find, one, render
+from tests.deploy.test_helm import CHART, NAMESPACE, RELEASE, catalog, container, env, find, one, render, with_test_key
 
 VALUES = yaml.safe_load((CHART / "values.yaml").read_text())
 CPU_VALUES = helm.values_from_yaml((CHART / "ci" / "cpu-values.yaml").read_text())
@@ -177,7 +177,7 @@ def test_large_integer_settings_stay_integers() -> None:
 def test_model_without_backend_image_needs_a_backend() -> None:
     values = {"backends": {"videos": {"image": {"repository": ""}}}, "models": [{"id": "v", "modality": "videos"}]}
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match="no image"):
-        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        chart.render(with_test_key(values), name=RELEASE, namespace=NAMESPACE)
 
 
 # ------------------------------------------------------------------ load balancing and shutdown
@@ -248,7 +248,7 @@ def test_one_readwriteonce_volume_is_not_shared_by_replicas() -> None:
         "models": [{"id": "vid", "modality": "videos", "engine": {"kind": "procedural"}, "replicaCount": 2}],
     }
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match="ReadWriteOnce"):
-        chart.render(values, name=RELEASE, namespace=NAMESPACE)
+        chart.render(with_test_key(values), name=RELEASE, namespace=NAMESPACE)
 
 
 def test_speech_and_transcription_have_no_data_volume(cpu_objects: list[dict[str, Any]]) -> None:

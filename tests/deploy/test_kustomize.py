@@ -124,7 +124,8 @@ def test_overlay_renders(overlay, name: str) -> None:
         assert find(objects, kind, "modelplex-edge")
         assert find(objects, kind, "modelplex-catalog")
         assert find(objects, kind, "modelplex-text-smollm2-135m-instruct")
-    assert find(objects, "Secret", "modelplex-dev-api-key")
+    # A key Secret only where a laptop runs it; on a shared cluster the user brings one.
+    assert bool(find(objects, "Secret", "modelplex-api-key")) == (name == "local-cpu")
     # `kubectl delete -k` on an overlay must not take the namespace (and the Secrets and volumes
     # created in it by hand) along: the Namespace is a kustomization of its own.
     assert not find(objects, "Namespace")
@@ -203,7 +204,8 @@ def test_probes_and_wiring(overlay, name: str) -> None:
             assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
             e = env(dep)
             assert e["MODELPLEX_EDGE_CATALOG_TARGET"] == "modelplex-catalog:50051"
-            assert e["MODELPLEX_DEV_API_KEY"]["secretKeyRef"]["name"] == "modelplex-dev-api-key"
+            assert e["MODELPLEX_DEV_API_KEY"]["secretKeyRef"]["name"] == "modelplex-api-key"
+            assert not e["MODELPLEX_DEV_API_KEY"]["secretKeyRef"].get("optional")
     cat = one(objects, "Deployment", "modelplex-catalog")
     volume = next(v for v in cat["spec"]["template"]["spec"]["volumes"] if v["name"] == "catalog")
     # Stable name (no hash suffix): the catalog hot-reloads the file in place.
@@ -274,3 +276,18 @@ def test_gpu(overlay) -> None:
     engine = policies["modelplex-vllm-llama-3-1-8b-instruct-ingress"]["spec"]["ingress"][0]["from"][0]
     assert engine["podSelector"]["matchLabels"] == {COMPONENT: "text", "modelplex.io/model": "llama-3-1-8b-instruct"}
     assert find(objects, "PodDisruptionBudget", "modelplex-edge")
+
+
+def test_weights_cache_outlives_the_gpu_overlay(kubectl: Path, overlay) -> None:
+    """`kubectl delete -k overlays/gpu` must not delete the downloaded weights: the claim is in volumes/."""
+    volumes = build(kubectl, KUSTOMIZE / "volumes")
+    assert [(o["kind"], o["metadata"].get("namespace")) for o in volumes] == [("PersistentVolumeClaim", NAMESPACE)]
+    gpu = overlay("gpu")
+    assert not find(gpu, "PersistentVolumeClaim")
+    claims = {
+        v["persistentVolumeClaim"]["claimName"]
+        for d in find(gpu, "Deployment")
+        for v in d["spec"]["template"]["spec"].get("volumes", [])
+        if "persistentVolumeClaim" in v
+    }
+    assert claims == {volumes[0]["metadata"]["name"]}

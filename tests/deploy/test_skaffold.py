@@ -74,8 +74,8 @@ def test_profiles(config: dict[str, Any]) -> None:
     assert {"op": "remove", "path": "/deploy/helm"} in kustomize["patches"]
     assert "kubectl" in kustomize["deploy"]
     for patch in profiles["gpu"]["patches"]:
-        for values_file in patch.get("value", []):
-            assert (REPO / values_file).is_file()
+        if patch["path"].endswith("/valuesFiles"):
+            assert all((REPO / values_file).is_file() for values_file in patch["value"])
 
 
 def test_kustomize_images_match_artifacts(config: dict[str, Any]) -> None:
@@ -151,3 +151,63 @@ def test_dockerignore() -> None:
     assert any("__pycache__" in e for e in entries)
     for needed in ("protos", "libs", "services", "constraints.txt"):
         assert needed not in entries, f"{needed} is part of the build context"
+
+
+def _profile(config: dict[str, Any], name: str) -> dict[str, Any]:
+    return next(p for p in config["profiles"] if p["name"] == name)
+
+
+def _patched(config: dict[str, Any], *names: str) -> dict[str, Any]:
+    """The config as skaffold applies profiles: in the order the file lists them, each one's JSON
+    patches (add, replace, remove on mappings), then its top-level overrides."""
+    doc = json.loads(json.dumps(config))
+    for profile in config["profiles"]:
+        if profile["name"] not in names:
+            continue
+        for op in profile.get("patches", []):
+            *parents, last = [part.replace("~1", "/").replace("~0", "~") for part in op["path"].split("/")[1:]]
+            target = doc
+            for part in parents:
+                target = target[int(part)] if isinstance(target, list) else target[part]
+            if op["op"] == "remove":
+                del target[last]
+            else:
+                assert op["op"] == "add" or last in target, f"{profile['name']}: replace of a missing {op['path']}"
+                target[last] = op["value"]
+        for key in ("build", "deploy", "manifests"):
+            if key in profile:
+                doc[key] = doc.get(key, {}) | profile[key]
+    return doc
+
+
+def _dev_activated(config: dict[str, Any]) -> set[str]:
+    return {p["name"] for p in config["profiles"] if {"command": "dev"} in p.get("activation", [])}
+
+
+def test_without_a_profile_no_key_is_shipped(config: dict[str, Any]) -> None:
+    release = config["deploy"]["helm"]["releases"][0]
+    assert "setValues" not in release and "sk-" not in yaml.safe_dump(config["deploy"])
+
+
+def test_dev_cpu_is_the_default_and_deploys_cpu_engines(config: dict[str, Any]) -> None:
+    assert _dev_activated(config) == {"dev-cpu"}
+    release = _patched(config, "dev-cpu")["deploy"]["helm"]["releases"][0]
+    assert release["valuesFiles"] == ["deploy/helm/modelplex/ci/cpu-values.yaml"]
+    assert release["setValues"]["edge.devApiKey.value"] == "sk-modelplex-dev-local"
+    assert not config["build"]["local"]["push"]
+    # `skaffold dev -p kustomize` activates dev-cpu too: the chart is gone, the overlay deployed.
+    both = _patched(config, "dev-cpu", "kustomize")
+    assert "helm" not in both["deploy"] and "kubectl" in both["deploy"]
+
+
+@pytest.mark.parametrize("with_dev", [False, True], ids=["run", "dev"])
+def test_gpu_profile_pushes_waits_and_ships_no_dev_key(config: dict[str, Any], with_dev: bool) -> None:
+    gpu = _patched(config, *(["dev-cpu"] if with_dev else []), "gpu")
+    release = gpu["deploy"]["helm"]["releases"][0]
+    assert release["valuesFiles"] == ["deploy/helm/modelplex/ci/gpu-values.yaml"]
+    assert not release["setValues"]  # no dev key, no localhost CORS
+    assert "sk-" not in yaml.safe_dump({k: v for k, v in gpu.items() if k != "profiles"})
+    assert gpu["build"]["local"]["push"] is True and "gitCommit" in gpu["build"]["tagPolicy"]
+    assert gpu["deploy"]["statusCheckDeadlineSeconds"] >= 1800  # first weight downloads take long
+    gpu_values = yaml.safe_load((REPO / "deploy/helm/modelplex/ci/gpu-values.yaml").read_text())
+    assert gpu_values["edge"]["devApiKey"]["existingSecret"] and gpu_values["gatekeeper"]["keys"]["existingSecret"]

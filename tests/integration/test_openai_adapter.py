@@ -574,3 +574,17 @@ async def test_timeout_bounds_silence_not_the_whole_stream(upstream):
     await engine.close()
     assert caught.value.status == grpc.StatusCode.UNAVAILABLE
     assert "timed out" in caught.value.message
+
+
+async def test_ready_follows_the_upstream(llama):
+    """The backend's readiness probe: ready against the live server, not against a closed port or a wrong key."""
+    live = OpenAIHttpEngine(settings_for(llama))
+    closed = OpenAIHttpEngine(settings_for(llama, upstream_url=f"http://127.0.0.1:{free_port()}/v1"))
+    wrong_key = OpenAIHttpEngine(settings_for(llama, upstream_api_key="sk-wrong"))
+    try:
+        assert await live.ready() is True
+        assert await closed.ready() is False
+        assert await wrong_key.ready() is False  # a 401 cannot serve anything either
+    finally:
+        for engine in (live, closed, wrong_key):
+            await engine.close()

@@ -335,3 +335,15 @@ async def test_trtllm_flavor_end_to_end(triton):
         assert inputs["max_tokens"].tolist() == [[12]] and inputs["random_seed"].tolist() == [[3]]
     finally:
         await engine.close()
+
+
+async def test_ready_checks_the_server_and_the_model(triton, engine):
+    assert await engine.ready() is True
+    missing = TritonEngine(settings(triton.address, model="not-loaded"))
+    gone = TritonEngine(settings(f"127.0.0.1:{free_port()}"))
+    try:
+        assert await missing.ready() is False  # the server answers, the model is not loaded
+        assert await gone.ready() is False
+    finally:
+        await missing.close()
+        await gone.close()

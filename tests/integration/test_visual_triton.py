@@ -147,3 +147,13 @@ async def test_video_unknown_model_requeues_the_job(kserve, tmp_path):
         await engine.generate(VideoSpec("x", 1280, 720, 4, seed=1), lambda f: asyncio.sleep(0))
     await engine.close()
     assert caught.value.status.name == "UNAVAILABLE"
+
+
+@pytest.mark.parametrize(("model", "ready"), [("procedural-image", True), ("no-such-model", False)])
+async def test_images_engine_readiness_through_kserve(kserve, model, ready):
+    """The backend's readiness probe asks KServe (Open Inference Protocol) for the server and the model."""
+    _servicer, engine = images_servicer(kserve, model)
+    try:
+        assert await engine.ready() is ready
+    finally:
+        await engine.close()

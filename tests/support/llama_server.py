@@ -42,9 +42,14 @@ class LlamaServer:
 
 @contextmanager
 def llama_server(
-    log: Path, api_key: str = "", n_ctx: int = 2048, extra_args: list[str] | None = None, startup_s: float = 120.0
+    log: Path,
+    api_key: str = "",
+    n_ctx: int = 2048,
+    extra_args: list[str] | None = None,
+    startup_s: float = 120.0,
+    port: int | None = None,
 ) -> Iterator[LlamaServer]:
-    port = free_port()
+    port = port or free_port()
     args = [
         sys.executable,
         "-m",

@@ -17,6 +17,10 @@ from modelplex_kit.errors import invalid, model_not_found, unavailable
 
 log = logging.getLogger(__name__)
 
+# What a client is told to wait for a model that is not ready: engines load for minutes,
+# but the catalog sees readiness at once, so a short wait keeps the first answer close.
+NOT_READY_RETRY_AFTER_S = 5
+
 _MODALITY_NAMES = {value: name.removeprefix("MODALITY_").lower() for name, value in catalog_pb2.Modality.items()}
 
 
@@ -58,5 +62,12 @@ class CatalogWatcher:
                 f"and cannot serve this endpoint.",
                 "model",
                 code="model_not_supported",
+            )
+        if model.HasField("ready") and not model.ready:
+            # Listed by /v1/models, but its engine is still loading (or down): retryable, not a 404.
+            raise unavailable(
+                f"The model `{name}` is loading and cannot serve requests yet ({model.ready_reason}); "
+                "retry shortly.",
+                retry_after=NOT_READY_RETRY_AFTER_S,
             )
         return model

@@ -10,13 +10,14 @@ from modelplex_kit.grpc_server import run, serve
 
 
 async def main(settings: EmbeddingsSettings) -> None:
-    servicer = EmbeddingsServicer(load_engine(settings), settings.batching)
+    engine = load_engine(settings)
+    servicer = EmbeddingsServicer(engine, settings.batching)
 
     def register(server):
         embeddings_pb2_grpc.add_EmbeddingsServiceServicer_to_server(servicer, server)
         return [embeddings_pb2.DESCRIPTOR.services_by_name["EmbeddingsService"].full_name]
 
-    await serve("embeddings", settings, register, on_shutdown=servicer.close)
+    await serve("embeddings", settings, register, on_shutdown=servicer.close, ready=getattr(engine, "ready", None))
 
 
 if __name__ == "__main__":

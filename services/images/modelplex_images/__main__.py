@@ -29,7 +29,7 @@ async def main(settings: ImagesSettings) -> None:
         images_pb2_grpc.add_ImagesServiceServicer_to_server(servicer, server)
         return [images_pb2.DESCRIPTOR.services_by_name["ImagesService"].full_name]
 
-    await serve("images", settings, register, on_shutdown=engine.close)
+    await serve("images", settings, register, on_shutdown=engine.close, ready=getattr(engine, "ready", None))
 
 
 if __name__ == "__main__":

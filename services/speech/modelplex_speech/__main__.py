@@ -16,7 +16,7 @@ async def main(settings: SpeechSettings) -> None:
         speech_pb2_grpc.add_SpeechServiceServicer_to_server(SpeechServicer(engine, settings.max_queue), server)
         return [speech_pb2.DESCRIPTOR.services_by_name["SpeechService"].full_name]
 
-    await serve("speech", settings, register, on_shutdown=engine.close)
+    await serve("speech", settings, register, on_shutdown=engine.close, ready=getattr(engine, "ready", None))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ async def main(settings: TextSettings) -> None:
         text_pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationServicer(engine), server)
         return [text_pb2.DESCRIPTOR.services_by_name["TextGenerationService"].full_name]
 
-    await serve("text", settings, register, on_shutdown=engine.close)
+    await serve("text", settings, register, on_shutdown=engine.close, ready=getattr(engine, "ready", None))
 
 
 if __name__ == "__main__":

@@ -48,3 +48,16 @@ class TextEngine(Protocol):
     async def close(self) -> None:
         """Releases the engine's connections, threads and memory."""
         ...
+
+
+class RemoteEngine(Protocol):
+    """What a remote engine (vLLM, Triton) adds: whether it can serve now.
+
+    Optional: ``__main__`` passes ``engine.ready`` to ``grpc_server.serve`` when the
+    adapter has one, so the backend is NOT_SERVING while its upstream loads or is
+    down. In-process engines (llama.cpp) are ready once constructed.
+    """
+
+    async def ready(self) -> bool:
+        """True when the upstream answers and has the model loaded; never raises."""
+        ...

@@ -19,7 +19,7 @@ async def main(settings: TranscriptionSettings) -> None:
         transcription_pb2_grpc.add_TranscriptionServiceServicer_to_server(servicer, server)
         return [transcription_pb2.DESCRIPTOR.services_by_name["TranscriptionService"].full_name]
 
-    await serve("transcription", settings, register, on_shutdown=engine.close)
+    await serve("transcription", settings, register, on_shutdown=engine.close, ready=getattr(engine, "ready", None))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ async def main(settings: VideosSettings) -> None:
         await store.close()
 
     pool.start()
-    await serve("videos", settings, register, on_shutdown=shutdown)
+    await serve("videos", settings, register, on_shutdown=shutdown, ready=getattr(engine, "ready", None))
 
 
 if __name__ == "__main__":

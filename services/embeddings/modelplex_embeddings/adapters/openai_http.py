@@ -20,6 +20,7 @@ from modelplex.v1 import catalog_pb2, embeddings_pb2
 from modelplex_embeddings.engine import Item
 from modelplex_embeddings.settings import RemoteSettings
 from modelplex_embeddings.tokenization import InputTokenizer, packaged_minilm
+from modelplex_kit.engine_health import openai_ready
 from modelplex_kit.errors import ServiceError, invalid, unavailable
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,11 @@ class OpenAIHttpEngine:
         if len(data) != len(items):
             raise unavailable(f"The model server answered {len(data)} vectors for {len(items)} inputs.")
         return np.asarray([d["embedding"] for d in data], dtype=np.float32)
+
+    async def ready(self) -> bool:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        return await openai_ready(self._session, self._url.removesuffix("/embeddings"))
 
     async def close(self) -> None:
         if self._session is not None:

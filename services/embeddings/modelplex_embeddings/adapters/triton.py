@@ -20,6 +20,7 @@ from modelplex.v1 import embeddings_pb2
 from modelplex_embeddings.adapters.openai_http import remote_capabilities, remote_tokenizer
 from modelplex_embeddings.engine import Item
 from modelplex_embeddings.settings import RemoteSettings
+from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import ServiceError, invalid, unavailable
 
 
@@ -56,6 +57,9 @@ class TritonEngine:
         if vectors is None or vectors.shape[0] != len(items):
             raise unavailable("The model server's answer does not hold one vector per input.")
         return vectors.astype(np.float32, copy=False)
+
+    async def ready(self) -> bool:
+        return await triton_ready(self._client, self._settings.upstream_model)
 
     async def close(self) -> None:
         await self._client.close()

@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from modelplex_images.engine import ImageSpec, Rendered
 from modelplex_images.settings import ImagesSettings
+from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.kserve_v2 import tensor, upstream_error
 
@@ -75,6 +76,9 @@ class TritonImagesEngine:
         except InferenceServerException as exc:
             raise upstream_error(exc, self._model) from None
         yield Rendered(to_image(result.as_numpy(OUTPUT), spec, self._model), final=True)
+
+    async def ready(self) -> bool:
+        return await triton_ready(self._client, self._model)
 
     async def close(self) -> None:
         await self._client.close()

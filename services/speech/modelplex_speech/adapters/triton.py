@@ -22,6 +22,7 @@ import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
 from modelplex.v1 import catalog_pb2
+from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import ServiceError, invalid, unavailable
 from modelplex_speech.audio import Tempo
 from modelplex_speech.settings import TritonSettings
@@ -114,6 +115,9 @@ class TritonEngine:
         if audio.dtype.kind == "f":  # FP32 in [-1, 1]
             return (np.clip(audio, -1.0, 1.0) * 32767).astype(np.int16)
         return audio.astype(np.int16, copy=False)
+
+    async def ready(self) -> bool:
+        return await triton_ready(self._client, self._settings.upstream_model)
 
     async def close(self) -> None:
         await self._client.close()

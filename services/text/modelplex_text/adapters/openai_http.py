@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 
 from modelplex.v1 import catalog_pb2, text_pb2
+from modelplex_kit.engine_health import openai_ready
 from modelplex_kit.errors import unavailable
 from modelplex_text.adapters.openai_wire import (
     as_chunk_choice,
@@ -74,6 +75,9 @@ class OpenAIHttpEngine:
             connector = aiohttp.TCPConnector(limit=self._connections, keepalive_timeout=_KEEPALIVE_S)
             self._client = aiohttp.ClientSession(headers=self._headers, connector=connector, timeout=self._timeout)
         return self._client
+
+    async def ready(self) -> bool:
+        return await openai_ready(self._session(), self._base_url)
 
     async def close(self) -> None:
         if self._client is not None:

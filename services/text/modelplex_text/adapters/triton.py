@@ -35,6 +35,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import np_to_triton_dtype
 
 from modelplex.v1 import catalog_pb2, text_pb2
+from modelplex_kit.engine_health import triton_ready
 from modelplex_text import gguf
 from modelplex_text.choices import ChoiceEnd, ChoicePiece, completion_budget, refuse_suffix, stream_choices
 from modelplex_text.engine import EngineEvent
@@ -150,6 +151,9 @@ class TritonEngine:
         if self._client is None:
             self._client = InferenceServerClient(self._url)
         return self._client
+
+    async def ready(self) -> bool:
+        return await triton_ready(self._connection(), self._model)
 
     async def close(self) -> None:
         if self._client is not None:

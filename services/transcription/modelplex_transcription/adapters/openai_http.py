@@ -21,6 +21,7 @@ import grpc
 import orjson
 
 from modelplex.v1 import transcription_pb2 as pb
+from modelplex_kit.engine_health import openai_ready
 from modelplex_kit.errors import ServiceError, invalid, unavailable
 from modelplex_transcription.adapters.upstream import Decoding, upstream_capabilities
 from modelplex_transcription.decode import AudioSource
@@ -97,6 +98,11 @@ class OpenAIHttpEngine:
             for granularity in ("segment", "word") if request.word_timestamps else ("segment",):
                 form.add_field("timestamp_granularities[]", granularity)
         return form
+
+    async def ready(self) -> bool:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        return await openai_ready(self._session, self._base)
 
     async def close(self) -> None:
         if self._session is not None:

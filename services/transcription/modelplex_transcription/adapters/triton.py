@@ -18,6 +18,7 @@ import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
 from modelplex.v1 import transcription_pb2 as pb
+from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import ServiceError, invalid, unavailable
 from modelplex_transcription.adapters.upstream import Decoding, upstream_capabilities
 from modelplex_transcription.decode import SAMPLE_RATE, AudioSource
@@ -87,6 +88,9 @@ class TritonEngine:
             raise unavailable("The model server's answer holds no transcript.")
         value = texts.reshape(-1)[0]
         return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def ready(self) -> bool:
+        return await triton_ready(self._client, self._settings.upstream_model)
 
     async def close(self) -> None:
         await self._client.close()

@@ -20,6 +20,7 @@ import numpy as np
 from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
+from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.kserve_v2 import tensor, upstream_error
 from modelplex_videos import media
@@ -70,6 +71,9 @@ class TritonVideosEngine:
         artifacts = await asyncio.to_thread(artifacts_of, output.reshape(-1)[0], self._model)
         await progress(1.0)
         return artifacts
+
+    async def ready(self) -> bool:
+        return await triton_ready(self._client, self._model)
 
     async def close(self) -> None:
         await self._client.close()
