@@ -154,6 +154,7 @@ def test_forced_tool_call_has_parseable_arguments(client, tool_choice):
         tools=[WEATHER_TOOL, TIME_TOOL] if tool_choice == "required" else [WEATHER_TOOL],
         tool_choice=tool_choice,
         max_tokens=60,
+        temperature=0,  # greedy: sampled, a 135M model may ramble past the bound mid-string
     )
     validate(completion.model_dump(exclude_unset=True), "CreateChatCompletionResponse")
     choice = completion.choices[0]
@@ -241,7 +242,8 @@ def test_json_schema_output_validates(client):
     completion = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Invent a person."}],
-        max_tokens=120,
+        max_tokens=200,
+        temperature=0,  # greedy: sampled, a 135M model may ramble past the bound mid-string
         response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}},
     )
     data = json.loads(completion.choices[0].message.content)
@@ -273,6 +275,7 @@ def test_sdk_structured_output_parse_helper(client):
         messages=[{"role": "user", "content": "Name a city."}],
         response_format=City,
         max_tokens=60,
+        temperature=0,  # greedy: sampled, a 135M model may ramble past the bound mid-string
     )
     assert isinstance(completion.choices[0].message.parsed, City)
 
