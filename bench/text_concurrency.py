@@ -77,7 +77,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for parallel in args.parallel:
         row = asyncio.run(measure(parallel, args.concurrency, args.max_tokens))
-        label = "one slot, FIFO (before)" if parallel == 1 else f"batched, parallel={parallel}"
+        label = "one sequence at a time (parallel=1)" if parallel == 1 else f"batched, parallel={parallel}"
         print(
             f"| {label} | {row['p50']:.2f} | {row['p95']:.2f} | {row['tokens_per_s']:.1f} | {row['wall']:.1f} |",
             flush=True,
