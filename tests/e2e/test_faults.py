@@ -3,6 +3,7 @@ ends every open stream well-formed within its grace period."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
@@ -32,7 +33,13 @@ def stack(tmp_path_factory):
         "capabilities": ["chat", "json_schema"],
     }
     catalog.write_text(yaml.safe_dump({"models": [entry]}))
-    env = {"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_GRACE_SECONDS": str(GRACE)}
+    # One sequence at a time and one waiting: a third request finds the queue full.
+    env = {
+        "MODELPLEX_DEV_API_KEY": KEY,
+        "MODELPLEX_GRACE_SECONDS": str(GRACE),
+        "MODELPLEX_TEXT_PARALLEL": "1",
+        "MODELPLEX_TEXT_MAX_QUEUE": "1",
+    }
     running = Stack(
         catalog, catalog_listen=f"127.0.0.1:{free_port()}", edge_port=free_port(), env=env, log_dir=tmp
     ).start()
@@ -66,8 +73,8 @@ def test_a_killed_backend_is_restarted_and_serves_again(stack):
     assert stack.process(stack.backend).popen.pid != old_pid and stack.process(stack.backend).restarts >= 1
 
 
-def test_sigterm_on_the_edge_closes_open_streams_with_an_error_event_and_done(stack):
-    # A schema no output shorter than some thousands of tokens satisfies: the stream surely outlives the grace.
+def _long_stream_body() -> dict:
+    """A streamed request no output shorter than some thousands of tokens satisfies: it holds its slot."""
     person = {
         "type": "object",
         "properties": {"name": {"type": "string"}, "city": {"type": "string"}, "street": {"type": "string"}},
@@ -78,13 +85,32 @@ def test_sigterm_on_the_edge_closes_open_streams_with_an_error_event_and_done(st
         "properties": {"people": {"type": "array", "items": person, "minItems": 200}},
         "required": ["people"],
     }
-    body = {
+    return {
         "model": "smollm2",
         "messages": [{"role": "user", "content": "List people."}],
         "max_tokens": 1500,
         "response_format": {"type": "json_schema", "json_schema": {"name": "long", "schema": long_list}},
         "stream": True,
     }
+
+
+async def test_a_full_queue_is_a_503_with_retry_after_through_http(stack):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with httpx.AsyncClient(base_url=stack.base_url, headers=headers, timeout=60) as http:
+        async with http.stream("POST", "/chat/completions", json=_long_stream_body()) as running:
+            assert running.status_code == 200  # its first chunk came: it holds the only slot
+            waiting = asyncio.ensure_future(http.post("/chat/completions", json=_long_stream_body()))
+            await asyncio.sleep(1.0)  # queued behind it
+            refused = await http.post(
+                "/chat/completions", json={"model": "smollm2", "messages": [{"role": "user", "content": "Hi"}]}
+            )
+            waiting.cancel()
+        assert refused.status_code == 503 and int(refused.headers["retry-after"]) >= 1
+        assert "retry" in refused.json()["error"]["message"].lower()
+
+
+def test_sigterm_on_the_edge_closes_open_streams_with_an_error_event_and_done(stack):
+    body = _long_stream_body()
     edge = stack.process("edge")
     lines = []
     with httpx.stream(
