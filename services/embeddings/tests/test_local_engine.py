@@ -87,7 +87,7 @@ def test_resize_truncates_and_renormalises():
 
 
 def test_unknown_engine_is_a_clear_startup_error():
-    with pytest.raises(ValueError, match="choose one of local, openai, triton"):
+    with pytest.raises(SystemExit, match="choose one of: local, openai, triton"):
         engine_settings(EmbeddingsSettings(engine="torch"))
     assert set(ENGINES) == {"local", "openai", "triton"}
 

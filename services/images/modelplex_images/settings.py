@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
@@ -25,7 +23,8 @@ class ImagesSettings(GrpcServiceSettings):
 
     listen: str = "127.0.0.1:50063"
     # Which adapter renders: one setting, one adapter file.
-    engine: Literal["procedural", "triton"] = "procedural"
+    # A row of adapters.ENGINES (an unknown name stops startup with the known ones).
+    engine: str = "procedural"
     # Sizes this backend renders ("WIDTHxHEIGHT"), comma-separated in the environment.
     sizes: str = ",".join(OPENAI_SIZES)
     max_n: int = Field(10, ge=1)

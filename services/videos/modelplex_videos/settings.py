@@ -20,7 +20,8 @@ class VideosSettings(GrpcServiceSettings):
 
     listen: str = "127.0.0.1:50064"
     # Which adapter renders: one setting, one adapter file.
-    engine: Literal["procedural", "triton"] = "procedural"
+    # A row of adapters.ENGINES (an unknown name stops startup with the known ones).
+    engine: str = "procedural"
     sizes: str = ",".join(OPENAI_SIZES)
     seconds: str = ",".join(str(s) for s in OPENAI_SECONDS)
 
