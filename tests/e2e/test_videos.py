@@ -283,7 +283,11 @@ def stranger(stack, tmp_path_factory):
         yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-someone-else", max_retries=0)
     finally:
         process.terminate()
-        process.wait(15)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
         log.close()
 
 

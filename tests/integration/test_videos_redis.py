@@ -90,7 +90,7 @@ class Replica:
             **os.environ, "MODELPLEX_VIDEOS_LISTEN": self.target, "MODELPLEX_VIDEOS_STORE": "redis",
             "MODELPLEX_VIDEOS_REDIS_URL": redis_url, "MODELPLEX_VIDEOS_DATA_DIR": data_dir,
             "MODELPLEX_VIDEOS_WORKERS": "1", "MODELPLEX_VIDEOS_LEASE_SECONDS": "2", "MODELPLEX_VIDEOS_FPS": "6",
-            "MODELPLEX_LOG_FORMAT": "text",
+            "MODELPLEX_LOG_FORMAT": "text", "MODELPLEX_GRACE_SECONDS": "5",
         }
         self.process = subprocess.Popen([sys.executable, "-m", "modelplex_videos"], env=env, stdout=log,
                                         stderr=subprocess.STDOUT)
@@ -100,8 +100,12 @@ class Replica:
 
     def stop(self) -> None:
         if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(20)
+            self.process.terminate()  # drains: a render in flight may take a while on a loaded machine
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
         self.channel.close()
 
 
