@@ -71,21 +71,28 @@ def _str_or_none(value: Any) -> str | None:
 
 
 def from_triton(error: Exception, model: str) -> ServiceError:
-    """A Triton failure as the ServiceError our clients should see."""
+    """A Triton failure as the ServiceError our clients should see.
+
+    Only a refusal of the request itself shows Triton's text; anything else is a deployment or
+    server problem, whose text (addresses, stack details) goes to the log with the request id.
+    """
     if isinstance(error, grpc.aio.AioRpcError):  # the stream itself failed: connection, deadline, server
         details = (error.details() or error.code().name)[:MAX_MESSAGE]
         if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
             return invalid(f"Triton rejected the request: {details}")
+        log.warning("triton call failed", extra={"grpc_code": error.code().name, "error": details})
         if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
             return ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "Triton did not finish in time.")
-        return unavailable(f"Triton is unavailable: {details}")
+        return unavailable("Triton is unavailable; retry shortly.")
     # tritonclient's InferenceServerException keeps its text behind a message() method.
     text = error.message() if callable(getattr(error, "message", None)) else error
     message = str(text)[:MAX_MESSAGE]
     if any(hint in message.lower() for hint in _NOT_SERVED):
         # The catalog routed here, so a model Triton does not serve is a deployment problem (or
         # a model still loading): 503, retryable, not a 404 that blames the client.
-        return unavailable(f"Triton is not serving model `{model}`: {message}")
+        log.warning("triton is not serving the model", extra={"model": model, "error": message})
+        return unavailable(f"Triton is not serving model `{model}` yet; retry shortly.")
     if any(hint in message for hint in _WRONG_LAYOUT):
+        # Names the input Triton refused (no address or trace): what the operator needs to fix the flavor.
         return ServiceError(grpc.StatusCode.INTERNAL, f"Triton model `{model}` does not fit triton_flavor: {message}")
     return invalid(f"Triton rejected the request: {message}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
@@ -21,7 +20,8 @@ from modelplex_embeddings.adapters.openai_http import remote_capabilities, remot
 from modelplex_embeddings.engine import Item
 from modelplex_embeddings.settings import RemoteSettings
 from modelplex_kit.engine_health import triton_ready
-from modelplex_kit.errors import ServiceError, invalid, unavailable
+from modelplex_kit.errors import invalid, unavailable
+from modelplex_kit.kserve_v2 import upstream_error
 
 
 class TritonEngine:
@@ -52,7 +52,7 @@ class TritonEngine:
                 client_timeout=s.upstream_timeout_seconds,
             )
         except InferenceServerException as exc:
-            raise _triton_error(exc) from exc
+            raise upstream_error(exc, self._settings.upstream_model) from exc
         vectors = result.as_numpy(s.triton_output)
         if vectors is None or vectors.shape[0] != len(items):
             raise unavailable("The model server's answer does not hold one vector per input.")
@@ -64,11 +64,3 @@ class TritonEngine:
     async def close(self) -> None:
         await self._client.close()
 
-
-def _triton_error(exc: InferenceServerException) -> ServiceError:
-    status = exc.status() or ""
-    if "INVALID_ARGUMENT" in status:
-        return invalid(f"The model server refused the input: {exc.message()}")
-    if "NOT_FOUND" in status:
-        return unavailable("The embedding model is not loaded on the model server; an operator must fix it.")
-    return ServiceError(grpc.StatusCode.UNAVAILABLE, "The model server is unreachable or failed; retry shortly.")

@@ -23,7 +23,8 @@ from tritonclient.utils import InferenceServerException
 
 from modelplex.v1 import catalog_pb2
 from modelplex_kit.engine_health import triton_ready
-from modelplex_kit.errors import ServiceError, invalid, unavailable
+from modelplex_kit.errors import unavailable
+from modelplex_kit.kserve_v2 import upstream_error
 from modelplex_speech.audio import Tempo
 from modelplex_speech.settings import TritonSettings
 
@@ -75,7 +76,7 @@ class TritonEngine:
                 self._decoupled = config.config.model_transaction_policy.decoupled
             except InferenceServerException as exc:
                 if "UNIMPLEMENTED" not in (exc.status() or ""):
-                    raise _triton_error(exc) from exc
+                    raise upstream_error(exc, self._settings.upstream_model, "input") from exc
                 self._decoupled = False
         return self._decoupled
 
@@ -83,7 +84,7 @@ class TritonEngine:
         try:
             result = await self._client.infer(**request, client_timeout=self._settings.upstream_timeout_seconds)
         except InferenceServerException as exc:
-            raise _triton_error(exc) from exc
+            raise upstream_error(exc, self._settings.upstream_model, "input") from exc
         yield self._pcm(result)
 
     async def _stream(self, request: dict[str, Any]) -> AsyncIterator[np.ndarray]:
@@ -96,7 +97,7 @@ class TritonEngine:
         try:
             async for result, error in responses:
                 if error is not None:
-                    raise _triton_error(error)
+                    raise upstream_error(error, self._settings.upstream_model, "input")
                 if result.as_numpy(self._settings.triton_audio_output) is not None:
                     yield self._pcm(result)
                 parameters = result.get_response().parameters
@@ -128,12 +129,3 @@ def _tensor(name: str, data: np.ndarray, datatype: str) -> triton.InferInput:
     tensor.set_data_from_numpy(data)
     return tensor
 
-
-def _triton_error(exc: Exception) -> ServiceError:
-    status = exc.status() if isinstance(exc, InferenceServerException) else ""
-    message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
-    if "INVALID_ARGUMENT" in (status or ""):
-        return invalid(f"The model server refused the input: {message}", "input")
-    if "NOT_FOUND" in (status or ""):
-        return unavailable("The speech model is not loaded on the model server; an operator must fix it.")
-    return unavailable("The speech model server is unreachable or failed; retry shortly.")

@@ -19,7 +19,8 @@ from tritonclient.utils import InferenceServerException
 
 from modelplex.v1 import transcription_pb2 as pb
 from modelplex_kit.engine_health import triton_ready
-from modelplex_kit.errors import ServiceError, invalid, unavailable
+from modelplex_kit.errors import unavailable
+from modelplex_kit.kserve_v2 import upstream_error
 from modelplex_transcription.adapters.upstream import Decoding, upstream_capabilities
 from modelplex_transcription.decode import SAMPLE_RATE, AudioSource
 from modelplex_transcription.engine import EngineEvent, Finished
@@ -82,7 +83,7 @@ class TritonEngine:
                 client_timeout=s.upstream_timeout_seconds,
             )
         except InferenceServerException as exc:
-            raise _triton_error(exc) from exc
+            raise upstream_error(exc, self._settings.upstream_model, "file") from exc
         texts = result.as_numpy(s.triton_text_output)
         if texts is None or texts.size != 1:
             raise unavailable("The model server's answer holds no transcript.")
@@ -102,11 +103,3 @@ def _tensor(name: str, data: np.ndarray, datatype: str) -> triton.InferInput:
     tensor.set_data_from_numpy(data)
     return tensor
 
-
-def _triton_error(exc: InferenceServerException) -> ServiceError:
-    status = exc.status() or ""
-    if "INVALID_ARGUMENT" in status:
-        return invalid(f"The model server refused the audio: {exc.message()}", "file")
-    if "NOT_FOUND" in status:
-        return unavailable("The Whisper model is not loaded on the model server; an operator must fix it.")
-    return unavailable("The model server is unreachable or failed; retry shortly.")
