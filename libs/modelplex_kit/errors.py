@@ -174,3 +174,20 @@ def model_not_found(model: str) -> ServiceError:
 
 def unavailable(message: str, retry_after: int = 1) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message, headers={"retry-after": str(retry_after)})
+
+
+def upstream_http_error(status: int, body: dict[str, Any], param: str | None = None) -> ServiceError:
+    """An OpenAI-compatible upstream's (vLLM's) failure as clients should see it.
+
+    Its refusal of the request stays a 400 (naming ``param`` when the upstream names none); an
+    overloaded upstream is a 429; the rest (this backend's credentials or model name, 5xx bodies
+    that can hold tracebacks) is a retryable 503 whose upstream text goes to the log only.
+    """
+    error = body.get("error") if isinstance(body.get("error"), dict) else body
+    message = str(error.get("message") or "")
+    if status in (400, 413, 422):
+        return invalid(message or f"The model server refused the request (HTTP {status}).", error.get("param") or param)
+    if status == 429:
+        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "The model server is overloaded; retry shortly.")
+    log.warning("upstream failed: HTTP %s %s", status, message[:200])
+    return unavailable(f"The model server failed (HTTP {status}); retry shortly.")

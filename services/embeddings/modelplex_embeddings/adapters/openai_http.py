@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
-import grpc
 import numpy as np
 
 from modelplex.v1 import catalog_pb2, embeddings_pb2
@@ -21,7 +20,7 @@ from modelplex_embeddings.engine import Item
 from modelplex_embeddings.settings import RemoteSettings
 from modelplex_embeddings.tokenization import InputTokenizer, packaged_minilm
 from modelplex_kit.engine_health import openai_ready
-from modelplex_kit.errors import ServiceError, invalid, unavailable
+from modelplex_kit.errors import unavailable, upstream_http_error
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +71,7 @@ class OpenAIHttpEngine:
             log.warning("embeddings upstream unreachable: %s", type(exc).__name__)
             raise unavailable("The embeddings model server is unreachable; retry shortly.") from exc
         if status != 200:
-            raise _upstream_error(status, body if isinstance(body, dict) else {})
+            raise upstream_http_error(status, body if isinstance(body, dict) else {})
         data = sorted(body["data"], key=lambda d: d["index"])
         if len(data) != len(items):
             raise unavailable(f"The model server answered {len(data)} vectors for {len(items)} inputs.")
@@ -87,15 +86,3 @@ class OpenAIHttpEngine:
         if self._session is not None:
             await self._session.close()
 
-
-def _upstream_error(status: int, body: dict) -> ServiceError:
-    """vLLM's refusal of an input stays a 400 (the batcher then isolates the request); the rest is a 503."""
-    error = body.get("error") if isinstance(body.get("error"), dict) else body
-    message = str(error.get("message") or "")
-    if status in (400, 413, 422):
-        return invalid(message or f"The model server refused the input (HTTP {status}).", error.get("param"))
-    if status == 429:
-        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "The model server is overloaded; retry shortly.")
-    # 401/403 is this backend's credential, 5xx bodies can hold tracebacks: operators read the log.
-    log.warning("embeddings upstream failed: HTTP %s %s", status, message[:200])
-    return unavailable(f"The model server failed (HTTP {status}); retry shortly.")

@@ -17,12 +17,11 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
-import grpc
 import orjson
 
 from modelplex.v1 import transcription_pb2 as pb
 from modelplex_kit.engine_health import openai_ready
-from modelplex_kit.errors import ServiceError, invalid, unavailable
+from modelplex_kit.errors import unavailable, upstream_http_error
 from modelplex_transcription.adapters.upstream import Decoding, upstream_capabilities
 from modelplex_transcription.decode import AudioSource
 from modelplex_transcription.engine import EngineEvent, Finished
@@ -60,7 +59,7 @@ class OpenAIHttpEngine:
         try:
             async with self._session.post(self._base + path, data=form) as response:
                 if response.status != 200:
-                    raise _upstream_error(response.status, await _json_or_empty(response))
+                    raise upstream_http_error(response.status, await _json_or_empty(response), "file")
                 if streamed:
                     async for segment in _stream_segments(response):
                         yield segment
@@ -159,7 +158,7 @@ async def _stream_segments(response: aiohttp.ClientResponse) -> AsyncIterator[pb
             return
         chunk = orjson.loads(data)
         if "error" in chunk:
-            raise _upstream_error(500, chunk)
+            raise upstream_http_error(500, chunk, "file")
         for choice in chunk.get("choices") or []:
             if text := (choice.get("delta") or {}).get("content"):
                 yield pb.TranscriptSegment(id=index, text=text)
@@ -173,18 +172,3 @@ async def _json_or_empty(response: aiohttp.ClientResponse) -> dict[str, Any]:
         return {}
     return body if isinstance(body, dict) else {}
 
-
-def _upstream_error(status: int, body: dict[str, Any]) -> ServiceError:
-    """vLLM refusing the request stays a 400 for the client; its own failures are a 503 to retry.
-
-    vLLM's error body is ``{"error": {"message", "type", "param", "code"}}`` (older releases:
-    the same fields at the top level, with ``object: "error"``)."""
-    error = body.get("error") if isinstance(body.get("error"), dict) else body
-    message = str(error.get("message") or "")
-    if status in (400, 413, 422):
-        return invalid(message or f"The model server refused the file (HTTP {status}).", error.get("param") or "file")
-    if status == 429:
-        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "The model server is overloaded; retry shortly.")
-    # 401/403/404 are this backend's credentials or model name; 5xx bodies can hold tracebacks: the log has them.
-    log.warning("transcription upstream failed: HTTP %s %s", status, message[:200])
-    return unavailable(f"The model server failed (HTTP {status}); retry shortly.")
