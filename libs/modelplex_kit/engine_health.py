@@ -19,19 +19,27 @@ PROBE_TIMEOUT_S = 3.0
 
 
 async def openai_ready(session: aiohttp.ClientSession, base_url: str) -> bool:
-    """An OpenAI-compatible server (vLLM, llama.cpp) is ready once it lists its models.
+    """An OpenAI-compatible server (vLLM, llama.cpp) is ready when its ``/health`` says so and it
+    lists its models with this backend's key.
 
-    vLLM only opens its port after loading weights, but `/v1/models` (not `/health`) is what
-    every OpenAI-compatible server has, and a 401 (wrong key) must read as not ready either.
+    ``/health`` (at the server's root, beside ``/v1``) is vLLM's own readiness: it answers 503 once
+    its engine has died, while the API process may still list models. A server without one (404)
+    is judged by ``/v1/models`` alone, which every OpenAI-compatible server has; a 401 (wrong key)
+    reads as not ready either.
     """
+    base = base_url.rstrip("/")
+    root = base.removesuffix("/v1")
     try:
-        async with session.get(
-            f"{base_url.rstrip('/')}/models", timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)
-        ) as response:
-            return response.status == 200
+        health = await _status(session, f"{root}/health")
+        return health in (200, 404) and await _status(session, f"{base}/models") == 200
     except (aiohttp.ClientError, TimeoutError) as exc:
         log.debug("upstream not ready", extra={"url": base_url, "error": type(exc).__name__})
         return False
+
+
+async def _status(session: aiohttp.ClientSession, url: str) -> int:
+    async with session.get(url, timeout=aiohttp.ClientTimeout(total=PROBE_TIMEOUT_S)) as response:
+        return response.status
 
 
 async def triton_ready(client: Any, model: str) -> bool:

@@ -176,18 +176,59 @@ def unavailable(message: str, retry_after: int = 1) -> ServiceError:
     return ServiceError(grpc.StatusCode.UNAVAILABLE, message, headers={"retry-after": str(retry_after)})
 
 
-def upstream_http_error(status: int, body: dict[str, Any], param: str | None = None) -> ServiceError:
-    """An OpenAI-compatible upstream's (vLLM's) failure as clients should see it.
+# Upstream messages are echoed to clients: bound them.
+UPSTREAM_MESSAGE_MAX = 2000
+# Upstream HTTP client errors that are the API client's fault (the rest are ours).
+_UPSTREAM_INVALID = {400, 413, 422}
+# How vLLM starts its 400 for a max_tokens beyond what the context leaves (it names no param).
+_VLLM_MAX_TOKENS = "'max_tokens' or 'max_completion_tokens' is too large"
 
-    Its refusal of the request stays a 400 (naming ``param`` when the upstream names none); an
-    overloaded upstream is a 429; the rest (this backend's credentials or model name, 5xx bodies
-    that can hold tracebacks) is a retryable 503 whose upstream text goes to the log only.
+
+def upstream_http_error(status: int, body: dict[str, Any], param: str | None = None) -> ServiceError:
+    """An OpenAI-compatible upstream's (vLLM's) failure as clients should see it: the one mapping
+    for every backend's ``openai`` adapter.
+
+    Its refusal of the request stays a 400 with its (bounded) message, naming the upstream's
+    ``param``, else ``param``; a 404 is the upstream's model; an overloaded upstream is a 429;
+    the rest (this backend's credentials, 5xx bodies that can hold tracebacks) is a retryable
+    503 whose upstream text goes to the log only.
     """
-    error = body.get("error") if isinstance(body.get("error"), dict) else body
-    message = str(error.get("message") or "")
-    if status in (400, 413, 422):
-        return invalid(message or f"The model server refused the request (HTTP {status}).", error.get("param") or param)
+    message, named, code = _upstream_envelope(body)
+    if status in (401, 403):
+        # The backend's key, not the client's: an operator must fix it, so the client sees a 503.
+        return unavailable("The model server rejected this backend's upstream credentials; an operator must fix them.")
+    if status == 404:
+        if code == "model_not_found" or "model" in message.lower():
+            named, code = "model", "model_not_found"
+        return ServiceError(
+            grpc.StatusCode.NOT_FOUND, message or "Not found on the model server.", param=named, code=code
+        )
+    if status in _UPSTREAM_INVALID:
+        if named is None and message.startswith(_VLLM_MAX_TOKENS):
+            named = "max_tokens"
+        return invalid(message or f"The model server refused the request (HTTP {status}).", named or param, code)
     if status == 429:
-        return ServiceError(grpc.StatusCode.RESOURCE_EXHAUSTED, "The model server is overloaded; retry shortly.")
-    log.warning("upstream failed: HTTP %s %s", status, message[:200])
+        return ServiceError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED, message or "The model server is overloaded; retry shortly."
+        )
+    log.warning("upstream failed: HTTP %s %s", status, message)
     return unavailable(f"The model server failed (HTTP {status}); retry shortly.")
+
+
+def _upstream_envelope(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
+    """Message, param and code from OpenAI's envelope, vLLM's flat one or FastAPI's ``detail``."""
+    err = body.get("error") if isinstance(body.get("error"), dict) else body
+    message = err.get("message") or err.get("error") or ""
+    param = err.get("param")
+    detail = body.get("detail")
+    if isinstance(detail, str):
+        message = message or detail
+    elif isinstance(detail, list) and detail and isinstance(detail[0], dict):  # FastAPI validation (422)
+        message = message or str(detail[0].get("msg", ""))
+        param = param or ".".join(str(p) for p in detail[0].get("loc", ()) if p != "body") or None
+    code = err.get("code")  # vLLM puts the HTTP status here; only OpenAI's string codes mean anything
+    return str(message)[:UPSTREAM_MESSAGE_MAX], _str_or_none(param), _str_or_none(code)
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None

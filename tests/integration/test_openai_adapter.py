@@ -362,10 +362,7 @@ async def test_request_translation_and_tool_call_fragments(upstream):
             ]
         ),
         tools=[text_pb2.Tool(name="get_weather", parameters_json='{"type":"object","properties":{"city":{}}}')],
-        tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NAMED, function_name="get_weather"),
-        response_format=text_pb2.ResponseFormat(
-            type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA, schema_name="w", schema_json='{"type":"object"}'
-        ),
+        tool_choice=text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_AUTO),
         sampling=text_pb2.SamplingParams(max_tokens=20, stop=["\n"]),
         n=2,
     )
@@ -387,8 +384,7 @@ async def test_request_translation_and_tool_call_fragments(upstream):
     assert assistant["tool_calls"] == [{"id": "c0", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
     assert tool == {"role": "tool", "content": "42", "tool_call_id": "c0"}
     assert body["tools"][0]["function"]["parameters"]["properties"] == {"city": {}}
-    assert body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
-    assert body["response_format"]["json_schema"]["schema"] == {"type": "object"}
+    assert body["tool_choice"] == "auto"  # an optional call is left to vLLM's tool parser
 
     *deltas, usage = events
     choice = text_pb2.Choice()
@@ -398,6 +394,70 @@ async def test_request_translation_and_tool_call_fragments(upstream):
     assert json.loads(choice.tool_calls[0].arguments) == {"city": "Paris"}
     assert choice.finish_reason == text_pb2.FINISH_REASON_TOOL_CALLS
     assert usage == common_pb2.Usage(prompt_tokens=40, completion_tokens=9, total_tokens=49, cached_prompt_tokens=32)
+
+
+def plain_chat(**fields) -> text_pb2.GenerateRequest:
+    """A chat request with nothing set but what ``fields`` set."""
+    message = text_pb2.ChatMessage(role="user", content=[text_pb2.ContentPart(text="hi")])
+    return text_pb2.GenerateRequest(model="m", chat=text_pb2.ChatInput(messages=[message]), **fields)
+
+
+WEATHER = text_pb2.Tool(
+    name="get_weather",
+    parameters_json='{"type":"object","properties":{"city":{"type":"string"}},"required":["city"]}',
+)
+
+
+async def test_only_fields_the_client_set_are_sent(upstream):
+    # vLLM refuses a tool_choice without tools (400 "When using `tool_choice`, `tools` must be set."):
+    # the adapter used to send tool_choice "auto" on every chat request.
+    answer = {"choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]}
+    engine = canned(upstream, 200, sse(answer, "[DONE]"))
+    await collect(engine, plain_chat())
+    await collect(engine, text_pb2.GenerateRequest(model="m", completion=text_pb2.CompletionInput(prompt="Once")))
+    await engine.close()
+    chat, completion = (json.loads(seen.content) for seen in upstream.seen)
+    assert set(chat) == {"model", "stream", "stream_options", "messages"}
+    assert set(completion) == {"model", "stream", "stream_options", "prompt"}
+
+
+@pytest.mark.parametrize(
+    "choice",
+    [
+        text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_REQUIRED),
+        text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NAMED, function_name="get_weather"),
+    ],
+)
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_forced_tool_call_is_structured_output_turned_into_tool_calls(upstream, choice, stream):
+    """vLLM's tool parsers guarantee no schema-valid call for a forced choice; the call's JSON is asked
+    for as structured output and turned into tool_calls here, as the local engine does."""
+    content = ['{"name": "get_weather", ', '"arguments": {"city": ', '"Paris"}}']
+    if stream:
+        chunks = [{"choices": [{"index": 0, "delta": {"content": c}}]} for c in content]
+        chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        engine = canned(upstream, 200, sse(*chunks, "[DONE]"))
+    else:
+        message = {"role": "assistant", "content": "".join(content)}
+        answer = {"choices": [{"index": 0, "message": message, "finish_reason": "stop"}], "usage": {}}
+        engine = canned(upstream, 200, json.dumps(answer).encode())
+    request = plain_chat(tools=[WEATHER], tool_choice=choice)
+    events = await collect(engine, request) if stream else [e async for e in engine.stream(request, incremental=False)]
+    await engine.close()
+
+    body = json.loads(upstream.seen[0].content)
+    assert body["tool_choice"] == "none" and body["tools"][0]["function"]["name"] == "get_weather"
+    schema = body["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["name"] == {"const": "get_weather"}
+    assert schema["properties"]["arguments"]["required"] == ["city"]
+    result = text_pb2.Choice()
+    for delta in events[:-1]:
+        merge_delta(result, delta)
+    assert not result.text
+    (call,) = result.tool_calls
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert call.id.startswith("call_")
+    assert result.finish_reason == text_pb2.FINISH_REASON_TOOL_CALLS
 
 
 @pytest.mark.parametrize(
@@ -588,3 +648,28 @@ async def test_ready_follows_the_upstream(llama):
     finally:
         for engine in (live, closed, wrong_key):
             await engine.close()
+
+
+@pytest.mark.parametrize(("health", "ready"), [(200, True), (503, False), (404, True)])
+async def test_ready_follows_vllms_health(health, ready):
+    """vLLM's /health answers 503 once its engine died, while /v1/models still answers: not ready.
+    A server without /health (404) is judged by /v1/models alone."""
+    async def health_check(_: web.Request) -> web.Response:
+        return web.Response(status=health)
+
+    async def models(_: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m"}]})
+
+    app = web.Application()
+    app.router.add_get("/health", health_check)
+    app.router.add_get("/v1/models", models)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    engine = OpenAIHttpEngine(OpenAISettings(engine="openai", upstream_url=f"http://127.0.0.1:{port}/v1"))
+    try:
+        assert await engine.ready() is ready
+    finally:
+        await engine.close()
+        await runner.cleanup()

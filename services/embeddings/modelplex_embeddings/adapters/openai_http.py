@@ -1,4 +1,7 @@
-"""engine=openai: a vLLM pooling model's OpenAI-compatible ``/v1/embeddings`` over aiohttp.
+"""engine=openai: a vLLM pooling model's OpenAI-compatible ``/v1/embeddings``.
+
+The transport and the mapping of failures are the shared upstream client's
+(``modelplex_kit.openai_upstream``), the same as the text adapter's.
 
 Inputs are tokenized here with the upstream model's tokenizer.json first: usage
 is exact per request even when the batcher merges requests (vLLM reports only
@@ -8,21 +11,17 @@ Text goes upstream as text, token arrays as token arrays.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import aiohttp
 import numpy as np
 
 from modelplex.v1 import catalog_pb2, embeddings_pb2
 from modelplex_embeddings.engine import Item
 from modelplex_embeddings.settings import RemoteSettings
 from modelplex_embeddings.tokenization import InputTokenizer, packaged_minilm
-from modelplex_kit.engine_health import openai_ready
-from modelplex_kit.errors import unavailable, upstream_http_error
-
-log = logging.getLogger(__name__)
+from modelplex_kit.errors import unavailable
+from modelplex_kit.openai_upstream import OpenAIUpstream
 
 
 def remote_tokenizer(settings: RemoteSettings) -> InputTokenizer:
@@ -43,12 +42,13 @@ class OpenAIHttpEngine:
     def __init__(self, settings: RemoteSettings) -> None:
         if not settings.upstream_url:
             raise ValueError("engine=openai needs MODELPLEX_EMBEDDINGS_UPSTREAM_URL (e.g. http://vllm:8000/v1)")
-        self._url = settings.upstream_url.rstrip("/") + "/embeddings"
         self._model = settings.upstream_model
-        key = settings.upstream_api_key.get_secret_value()
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_seconds)
-        self._session: aiohttp.ClientSession | None = None
+        self._upstream = OpenAIUpstream(
+            settings.upstream_url,
+            settings.upstream_api_key.get_secret_value(),
+            timeout_seconds=settings.upstream_timeout_seconds,
+            what="embeddings model server",
+        )
         self._tokenizer = remote_tokenizer(settings)
         self.capabilities = remote_capabilities(settings)
 
@@ -56,33 +56,20 @@ class OpenAIHttpEngine:
         return self._tokenizer.prepare(inputs)
 
     async def embed(self, items: Sequence[Item]) -> np.ndarray:
+        # Always floats upstream: the edge encodes what the client asked for (base64, dimensions).
         payload = {
             "model": self._model,
             "input": [item.text if item.text is not None else item.ids for item in items],
             "encoding_format": "float",
         }
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
-        try:
-            async with self._session.post(self._url, json=payload) as response:
-                body = await response.json(content_type=None)
-                status = response.status
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            log.warning("embeddings upstream unreachable: %s", type(exc).__name__)
-            raise unavailable("The embeddings model server is unreachable; retry shortly.") from exc
-        if status != 200:
-            raise upstream_http_error(status, body if isinstance(body, dict) else {})
-        data = sorted(body["data"], key=lambda d: d["index"])
+        answer = await self._upstream.call("embeddings", payload, param="input")
+        data = sorted(answer.get("data") or (), key=lambda d: d["index"])
         if len(data) != len(items):
             raise unavailable(f"The model server answered {len(data)} vectors for {len(items)} inputs.")
         return np.asarray([d["embedding"] for d in data], dtype=np.float32)
 
     async def ready(self) -> bool:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
-        return await openai_ready(self._session, self._url.removesuffix("/embeddings"))
+        return await self._upstream.ready()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-
+        await self._upstream.close()

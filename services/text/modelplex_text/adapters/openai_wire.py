@@ -1,7 +1,18 @@
 """OpenAI JSON <-> text protos for the openai adapter: pure translation, no I/O.
 
-Requests become OpenAI chat/completions bodies; streamed or whole upstream
-choices become ChoiceDelta events (upstream failures: ``upstream_errors``).
+Requests become OpenAI chat/completions bodies carrying only what the client set
+(or vLLM needs), so the upstream's own defaults (generation_config) apply; streamed
+or whole upstream choices become ChoiceDelta events. The transport, SSE and the
+mapping of failures are ``modelplex_kit.openai_upstream``'s.
+
+A forced tool choice (``required`` or a named function) is not left to the
+upstream's tool parser: vLLM's parsers are per model family and guarantee neither
+a call nor arguments valid against the schema (with ``required`` a small model's
+raw ``<tool_call>`` text came back as content; with a named function the arguments
+came back double-encoded). So, as the local engine does, the call itself is asked
+for as structured output (``response_format`` json_schema of {"name", "arguments"},
+which vLLM enforces by guided decoding) and ``ChoiceTranslator`` turns that JSON
+into ``tool_calls``.
 """
 
 from __future__ import annotations
@@ -9,11 +20,10 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import orjson
-
-from modelplex.v1 import common_pb2, text_pb2
+from modelplex.v1 import text_pb2
 from modelplex_kit.errors import invalid
-from modelplex_text.assembler import finish_reason
+from modelplex_text.assembler import ChoiceAssembler, finish_reason
+from modelplex_text.prompting import forced_tools, tool_call_schema
 
 _TOOL_CHOICE = {
     text_pb2.ToolChoice.MODE_AUTO: "auto",
@@ -51,7 +61,9 @@ def _sampling(request: text_pb2.GenerateRequest) -> dict[str, Any]:
 
 def _completion_fields(request: text_pb2.GenerateRequest) -> dict[str, Any]:
     c = request.completion
-    out: dict[str, Any] = {"prompt": c.prompt, "echo": c.echo}
+    out: dict[str, Any] = {"prompt": c.prompt}
+    if c.echo:
+        out["echo"] = True
     if c.suffix:
         out["suffix"] = c.suffix
     if request.logprobs:
@@ -61,24 +73,36 @@ def _completion_fields(request: text_pb2.GenerateRequest) -> dict[str, Any]:
 
 def _chat_fields(request: text_pb2.GenerateRequest) -> dict[str, Any]:
     out: dict[str, Any] = {"messages": [_message(m) for m in request.chat.messages]}
-    if request.tools:
-        out["tools"] = [_tool(i, t) for i, t in enumerate(request.tools)]
-    mode = request.tool_choice.mode
-    if mode == text_pb2.ToolChoice.MODE_NAMED:
-        out["tool_choice"] = {"type": "function", "function": {"name": request.tool_choice.function_name}}
-    elif mode in _TOOL_CHOICE:
-        out["tool_choice"] = _TOOL_CHOICE[mode]
-    fmt = request.response_format
-    if fmt.type == text_pb2.ResponseFormat.TYPE_JSON_OBJECT:
-        out["response_format"] = {"type": "json_object"}
-    elif fmt.type == text_pb2.ResponseFormat.TYPE_JSON_SCHEMA:
-        schema = _parse(fmt.schema_json, "response_format")
-        spec = {"name": fmt.schema_name or "response", "schema": schema, "strict": fmt.strict}
-        out["response_format"] = {"type": "json_schema", "json_schema": spec}
+    out |= _tool_fields(request) if request.tools else _format_fields(request.response_format)
     if request.logprobs:
         out["logprobs"] = True
         out["top_logprobs"] = request.top_logprobs
     return out
+
+
+def _tool_fields(request: text_pb2.GenerateRequest) -> dict[str, Any]:
+    out: dict[str, Any] = {"tools": [_tool(i, t) for i, t in enumerate(request.tools)]}
+    forced = forced_tools(request)
+    if forced:
+        # The tools stay in the prompt (chat templates render them); the call is structured output.
+        schema = {"name": "tool_call", "schema": tool_call_schema(forced), "strict": True}
+        return out | {"tool_choice": "none", "response_format": {"type": "json_schema", "json_schema": schema}}
+    mode = request.tool_choice.mode
+    if mode in _TOOL_CHOICE:  # unset (MODE_UNSPECIFIED): the upstream's default for a request with tools
+        out["tool_choice"] = _TOOL_CHOICE[mode]
+    if mode == text_pb2.ToolChoice.MODE_NONE:
+        out |= _format_fields(request.response_format)
+    return out
+
+
+def _format_fields(fmt: text_pb2.ResponseFormat) -> dict[str, Any]:
+    if fmt.type == text_pb2.ResponseFormat.TYPE_JSON_OBJECT:
+        return {"response_format": {"type": "json_object"}}
+    if fmt.type == text_pb2.ResponseFormat.TYPE_JSON_SCHEMA:
+        schema = _parse(fmt.schema_json, "response_format")
+        spec = {"name": fmt.schema_name or "response", "schema": schema, "strict": fmt.strict}
+        return {"response_format": {"type": "json_schema", "json_schema": spec}}
+    return {}
 
 
 def _message(m: text_pb2.ChatMessage) -> dict[str, Any]:
@@ -124,6 +148,29 @@ def _parse(text: str, param: str) -> Any:
 
 
 # -- response: upstream choices -> engine events --------------------------
+class ChoiceTranslator:
+    """Upstream choices (streamed chunks, or whole answers via ``as_chunk_choice``) -> ChoiceDeltas.
+
+    With a forced tool choice the upstream's content is the call's JSON (see the module's
+    docstring): it goes through the same assembler as the local engine's text, which streams
+    the name and then the arguments as OpenAI does and ends the choice with ``tool_calls``.
+    """
+
+    def __init__(self, request: text_pb2.GenerateRequest) -> None:
+        self._forced = bool(request.tools) and bool(forced_tools(request))
+        self._assemblers: dict[int, ChoiceAssembler] = {}
+
+    def __call__(self, choice: dict[str, Any]) -> list[text_pb2.ChoiceDelta]:
+        delta = choice_delta(choice)
+        if not self._forced:
+            return [delta] if delta.text or delta.tool_calls or delta.logprobs or delta.finish_reason else []
+        assembler = self._assemblers.setdefault(delta.index, ChoiceAssembler(delta.index, tool_call_forced=True))
+        out = [d for d in (assembler.feed(delta.text),) if d is not None]
+        if choice.get("finish_reason"):
+            out += assembler.finish(choice["finish_reason"])
+        return out
+
+
 def as_chunk_choice(choice: dict[str, Any]) -> dict[str, Any]:
     """A non-streamed choice (``message``) in the shape of a streamed one (``delta``)."""
     message = dict(choice.get("message") or {})
@@ -174,35 +221,3 @@ def _scored(entry: dict[str, Any]) -> dict[str, Any]:
         "logprob": entry.get("logprob") or 0.0,  # null for an echoed first prompt token
         "token_bytes": bytes(raw) if raw is not None else entry["token"].encode(),
     }
-
-
-def to_usage(usage: dict[str, Any] | None, streamed_chunks: int) -> common_pb2.Usage:
-    if not usage:
-        # Servers without stream_options (llama.cpp's) send none. Token-streaming servers send
-        # about one token per chunk, so the chunk count is a lower bound worth metering.
-        return common_pb2.Usage(completion_tokens=streamed_chunks, total_tokens=streamed_chunks)
-    details = usage.get("prompt_tokens_details") or {}
-    return common_pb2.Usage(
-        prompt_tokens=usage.get("prompt_tokens") or 0,
-        completion_tokens=usage.get("completion_tokens") or 0,
-        total_tokens=usage.get("total_tokens") or 0,
-        cached_prompt_tokens=details.get("cached_tokens") or 0,
-    )
-
-
-def json_or_empty(raw: bytes) -> dict[str, Any]:
-    value = _loads(raw)
-    return value if isinstance(value, dict) else {}
-
-
-def _loads(raw: bytes) -> Any:
-    """orjson (a tenth of json's cost per streamed chunk), falling back to json where orjson is
-    stricter (NaN and Infinity, which some servers put in logprobs; lone surrogates)."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        pass
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None

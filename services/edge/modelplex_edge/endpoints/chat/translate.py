@@ -57,7 +57,11 @@ def _tool_choice(body: ChatCompletionRequest) -> text_pb2.ToolChoice:
     choice = body.tool_choice
     if isinstance(choice, NamedToolChoice):
         return text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NAMED, function_name=choice.function.name)
-    return text_pb2.ToolChoice(mode=_MODES.get(choice or "auto", text_pb2.ToolChoice.MODE_AUTO))
+    if not choice:
+        # Unset stays MODE_UNSPECIFIED (engines treat it as auto when tools are given), so a
+        # remote engine is sent no tool_choice: vLLM refuses one on a request without tools.
+        return text_pb2.ToolChoice()
+    return text_pb2.ToolChoice(mode=_MODES[choice])
 
 
 def _response_format(body: ChatCompletionRequest) -> text_pb2.ResponseFormat:
