@@ -15,13 +15,18 @@ SERVICES := services/catalog services/text services/embeddings services/speech s
 # `make venv LLAMA_WHEELS=dir` uses (or fills) another directory; tests/deploy/test_images.py reads it too.
 export LLAMA_WHEELS := build/wheels/$(shell scripts/llama-wheel.sh id)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# The real vLLM (CPU build) that the engine suite (tests/vllm/) runs behind the openai adapters: its own
+# venv and the converted SmolLM2, in a directory of this checkout named after its pins (scripts/vllm-env.sh).
+export MODELPLEX_VLLM_ENV := $(CURDIR)/build/$(shell scripts/vllm-env.sh id)
+VLLM_STAMP := $(MODELPLEX_VLLM_ENV)/.ready
 
-.PHONY: help venv protos lint run test test-fast test-e2e bench clean
+.PHONY: help venv vllm protos lint run test test-fast test-e2e test-engines bench clean
 
 help:
 	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines)"
 	@echo "make test       everything: unit, gRPC integration, end-to-end, deployment"
 	@echo "make test-fast  unit tests only (libs/ and services/)"
+	@echo "make test-engines  the real-vLLM suite alone (tests/vllm/)"
 	@echo "make bench      measure what the platform adds (writes docs/benchmarks.md)"
 	@echo "make protos     regenerate gRPC stubs;  make lint: ruff + buf lint"
 
@@ -43,6 +48,12 @@ $(STAMP): constraints.txt requirements-dev.txt libs/pyproject.toml $(addsuffix /
 	$(PIP) install -q --no-deps -c constraints.txt $(addprefix -r ,$(wildcard services/*/requirements-no-deps.txt))
 	touch $@
 
+vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): scripts/vllm-env.sh scripts/vllm-requirements.txt scripts/gguf-to-hf.py $(STAMP)
+	scripts/vllm-env.sh build $(PYTHON) $(MODELPLEX_VLLM_ENV) \
+		"$$($(PY) -c 'from modelplex_text.gguf import packaged_smollm2; print(packaged_smollm2())')"
+
 GEN_STAMP := gen/.stamp
 PROTOS := $(wildcard protos/modelplex/v1/*.proto)
 
@@ -62,7 +73,7 @@ lint: $(GEN_STAMP)
 run: $(GEN_STAMP)
 	$(PY) -m modelplex_kit.devstack --catalog $${MODELPLEX_CATALOG:-services/catalog/modelplex_catalog/catalog.yaml}
 
-test: $(GEN_STAMP)
+test: $(GEN_STAMP) $(VLLM_STAMP)
 	$(BIN)/buf lint
 	$(BIN)/ruff check libs services tests bench
 	$(BIN)/pytest
@@ -72,6 +83,9 @@ test-fast: $(GEN_STAMP)
 
 test-e2e: $(GEN_STAMP)
 	$(BIN)/pytest -m e2e
+
+test-engines: $(GEN_STAMP) $(VLLM_STAMP)
+	$(BIN)/pytest tests/vllm
 
 # Every section (bench/report.py lists them) into docs/benchmarks.md: a benchmark, not a test.
 bench: $(GEN_STAMP)

