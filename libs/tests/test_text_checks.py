@@ -2,7 +2,7 @@ import pytest
 
 from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_kit.errors import ServiceError
-from modelplex_kit.modalities.text import check_text_request
+from modelplex_kit.modalities.text import check_and_fit_text_request
 
 ALL = catalog_pb2.Capabilities(
     text=catalog_pb2.TextCapabilities(
@@ -27,9 +27,9 @@ def chat(**fields) -> text_pb2.GenerateRequest:
     ],
 )
 def test_refusals_name_the_parameter(request_, param):
-    check_text_request(request_, ALL)
+    check_and_fit_text_request(request_, ALL)
     with pytest.raises(ServiceError) as err:
-        check_text_request(request_, CHAT_ONLY)
+        check_and_fit_text_request(request_, CHAT_ONLY)
     assert err.value.param == param and err.value.http.status == 400
 
 
@@ -37,7 +37,7 @@ def test_images_need_vision():
     request = chat()
     request.chat.messages[0].content.add(image=text_pb2.ImageInput(url="data:image/png;base64,AA=="))
     with pytest.raises(ServiceError) as err:
-        check_text_request(request, CHAT_ONLY)
+        check_and_fit_text_request(request, CHAT_ONLY)
     assert err.value.param == "messages[0].content[1]"
 
 
@@ -47,6 +47,13 @@ def test_json_schema_falls_back_to_json_object():
             type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA, schema_json='{"type": "object"}'
         )
     )
-    check_text_request(request, CHAT_ONLY)
+    check_and_fit_text_request(request, CHAT_ONLY)
     assert request.response_format.type == text_pb2.ResponseFormat.TYPE_JSON_OBJECT
     assert request.response_format.schema_json == ""
+
+
+def test_more_than_twenty_alternatives_per_token_is_a_400_naming_top_logprobs():
+    check_and_fit_text_request(chat(logprobs=True, top_logprobs=20), ALL)
+    with pytest.raises(ServiceError) as err:
+        check_and_fit_text_request(chat(logprobs=True, top_logprobs=21), ALL)
+    assert err.value.param == "top_logprobs" and err.value.http.status == 400

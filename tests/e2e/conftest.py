@@ -19,7 +19,7 @@ SLOW_CLIENT_SECONDS = 2
 
 def _catalog(tmp: Path) -> Path:
     llamacpp = {"kind": "llamacpp", "settings": {"context_length": 2048}}
-    text_caps = ["chat", "completions", "tool_use", "json_schema", "prompt_caching", "multiple_choices"]
+    text_caps = ["chat", "completions", "tool_use", "json_schema", "prompt_caching", "logprobs", "multiple_choices"]
     smollm2_backend = f"127.0.0.1:{free_port()}"
     models = [
         {

@@ -81,9 +81,9 @@ def test_schema_violations_are_400_with_param(http, payload, param):
     assert envelope(response)["param"] == param
 
 
-def test_logprobs_unsupported_by_engine_is_400_naming_it(client):
+def test_logprobs_on_a_model_without_them_is_400_naming_it(client):
     with pytest.raises(openai.BadRequestError) as err:
-        client.chat.completions.create(model=MODEL, messages=HELLO, logprobs=True, max_tokens=2)
+        client.chat.completions.create(model="chat-only", messages=HELLO, logprobs=True, max_tokens=2)
     assert err.value.param == "logprobs"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 from contextlib import asynccontextmanager
 
 import grpc
@@ -18,8 +19,9 @@ from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 from modelplex.v1 import common_pb2, text_pb2, text_pb2_grpc
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.grpc_server import ObservingInterceptor
-from modelplex_text.adapters.triton import TritonEngine, trtllm_inputs, vllm_inputs
+from modelplex_text.adapters.triton import TritonEngine, trtllm_inputs, vllm_inputs, vllm_logprobs
 from modelplex_text.prompting import OutputConstraint
+from modelplex_text.sampling import SamplingParams
 from modelplex_text.servicer import TextGenerationServicer
 from modelplex_text.settings import TritonSettings
 from tests.support.ports import free_port
@@ -120,6 +122,45 @@ async def test_max_tokens_reached_is_length(engine):
     events = [e async for e in engine.stream(chat("Count from one to one hundred.", max_tokens=5))]
     assert events[-2].finish_reason == text_pb2.FINISH_REASON_LENGTH
     assert events[-1].completion_tokens == 5
+
+
+async def test_logprobs_come_from_the_vllm_backend_with_each_delta(stub, triton):
+    stream = stub.GenerateStream(chat("Name a fruit.", max_tokens=8, logprobs=True, top_logprobs=3))
+    deltas = [delta async for message in stream for delta in message.deltas]
+    scored = [lp for delta in deltas for lp in delta.logprobs]
+    assert scored and "".join(lp.token for lp in scored) == "".join(delta.text for delta in deltas)
+    for lp in scored:
+        assert len(lp.top_logprobs) == 3 and lp.token_bytes == lp.token.encode()
+        assert (lp.top_logprobs[0].token, lp.top_logprobs[0].logprob) == (lp.token, lp.logprob)  # greedy
+        assert sum(math.exp(t.logprob) for t in lp.top_logprobs) <= 1.0 + 1e-6
+    inputs = sent_inputs(triton)
+    assert inputs["return_logprobs"][0] and json.loads(inputs["sampling_parameters"][0])["logprobs"] == 3
+
+
+def test_vllm_logprobs_keep_the_sampled_token_and_rank_the_alternatives():
+    # The backend's JSON for two tokens: the sampled one first, whether or not it is among the top 2.
+    raw = json.dumps(
+        [
+            {
+                "7": {"logprob": -0.1, "rank": 1, "decoded_token": " a"},
+                "9": {"logprob": -2.5, "rank": 2, "decoded_token": "é"},
+            },
+            {
+                "3": {"logprob": -4.0, "rank": 5, "decoded_token": "x"},
+                "1": {"logprob": -0.5, "rank": 1, "decoded_token": "y"},
+                "2": {"logprob": -1.5, "rank": 2, "decoded_token": "z"},
+            },
+        ]
+    ).encode()
+    first, second = vllm_logprobs(raw, top=2)
+    assert (first.token, first.logprob, [t.token for t in first.top_logprobs]) == (
+        " a",
+        pytest.approx(-0.1),
+        [" a", "é"],
+    )
+    assert first.top_logprobs[1].token_bytes == "é".encode()
+    assert (second.token, [t.token for t in second.top_logprobs]) == ("x", ["y", "z"])
+    assert vllm_logprobs(b"null", top=2) == []
 
 
 async def test_legacy_completion_with_echo(engine):
@@ -272,15 +313,9 @@ async def test_flavor_mismatch_is_a_server_error(triton):
 
 # -- the TRT-LLM flavor --------------------------------------------------------------------
 def test_trtllm_inputs():
-    params = {
-        "temperature": 0.5,
-        "top_p": 0.9,
-        "max_tokens": 32,
-        "stop": ["\n\n", "END"],
-        "seed": -1,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.25,
-    }
+    params = SamplingParams(
+        temperature=0.5, top_p=0.9, max_tokens=32, stop=("\n\n", "END"), seed=-1, frequency_penalty=0.25
+    )
     tensors = {t.name(): t for t in trtllm_inputs("Hello", params, OutputConstraint("json_object"))}
     assert {name: (t.datatype(), t.shape()) for name, t in tensors.items()} == {
         "text_input": ("BYTES", [1, 1]),
@@ -300,15 +335,7 @@ def test_trtllm_inputs():
 
 
 def test_vllm_inputs():
-    params = {
-        "temperature": 1.0,
-        "top_p": 1.0,
-        "max_tokens": 8,
-        "stop": [],
-        "seed": None,
-        "presence_penalty": 0.0,
-        "frequency_penalty": 0.0,
-    }
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_tokens=8)
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     tensors = {t.name(): t for t in vllm_inputs("Hi", params, OutputConstraint("json_schema", schema))}
     assert {name: (t.datatype(), t.shape()) for name, t in tensors.items()} == {
@@ -325,7 +352,7 @@ def test_vllm_inputs():
 async def test_trtllm_flavor_end_to_end(triton):
     engine = TritonEngine(settings(triton.address, model="ensemble", flavor="trtllm"))
     try:
-        assert not engine.capabilities.json_schema
+        assert not engine.capabilities.json_schema and not engine.capabilities.logprobs
         request = chat("What is the capital of France?", max_tokens=12)
         request.sampling.seed = 3
         async with serving(engine) as stub:

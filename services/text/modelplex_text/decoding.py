@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import codecs
 from collections import Counter
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+
+from modelplex_text.sampling import SamplingParams
 
 
 class TokenMatcher(Protocol):
@@ -34,15 +35,6 @@ class TokenMatcher(Protocol):
         ...
 
 
-@dataclass(frozen=True, slots=True)
-class SamplingParams:
-    temperature: float
-    top_p: float
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    seed: int | None = None
-
-
 class TokenSampler:
     """OpenAI's sampling for one sequence: penalties on its own output, temperature, nucleus, seeded."""
 
@@ -53,11 +45,22 @@ class TokenSampler:
         self._counts: Counter[int] = Counter()
 
     def sample(self, logits: np.ndarray) -> int:
+        """Penalizes ``logits`` in place, then draws from them: what is left in ``logits`` is what the
+        token was chosen from (the distribution its logprobs are reported over)."""
+        self.penalize(logits)
+        return self.choose(logits)
+
+    def penalize(self, logits: np.ndarray) -> None:
+        """OpenAI's presence and frequency penalties on this sequence's own output, in place."""
         p = self._params
         if self._counts and (p.presence_penalty or p.frequency_penalty):
             ids = np.fromiter(self._counts.keys(), dtype=np.int64, count=len(self._counts))
             counts = np.fromiter(self._counts.values(), dtype=np.float32, count=len(self._counts))
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+
+    def choose(self, logits: np.ndarray) -> int:
+        """A token from already penalized logits: greedy at temperature 0, else temperature and nucleus."""
+        p = self._params
         if p.temperature <= 0:
             return int(np.argmax(logits))
         scaled = logits / np.float32(p.temperature)

@@ -11,7 +11,7 @@ from contextlib import aclosing
 import grpc
 
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2, text_pb2_grpc
-from modelplex_kit.modalities.text import check_text_request
+from modelplex_kit.modalities.text import check_and_fit_text_request
 from modelplex_text.batching import merge_deltas, ready_batches
 from modelplex_text.constraints import check_request
 from modelplex_text.engine import TextEngine
@@ -60,7 +60,7 @@ async def check(request: text_pb2.GenerateRequest, capabilities: catalog_pb2.Cap
 
     The same schema limits hold whichever engine enforces the schema (local or upstream).
     """
-    check_text_request(request, capabilities)
+    check_and_fit_text_request(request, capabilities)
     if request.tools or request.response_format.type != text_pb2.ResponseFormat.TYPE_UNSPECIFIED:
         # Off the event loop: a schema within the limits still takes milliseconds to compile.
         await asyncio.to_thread(check_request, request)

@@ -77,3 +77,14 @@ def test_merge_joins_text_and_call_fragments_of_one_choice():
     call = merged[1].tool_calls
     assert len(call) == 1 and (call[0].id, call[0].name, call[0].arguments) == ("c", "f", '{"a": 1}')
     assert merged[1].finish_reason == text_pb2.FINISH_REASON_TOOL_CALLS
+
+
+def test_merged_deltas_keep_every_logprob_in_order():
+    first = text_pb2.ChoiceDelta(index=0, text="Hel", logprobs=[text_pb2.TokenLogprob(token="Hel", logprob=-0.1)])
+    second = text_pb2.ChoiceDelta(index=0, text="lo", logprobs=[text_pb2.TokenLogprob(token="lo", logprob=-0.2)])
+    other = text_pb2.ChoiceDelta(index=1, text="x", logprobs=[text_pb2.TokenLogprob(token="x", logprob=-0.3)])
+    merged = merge_deltas([first, second, other])
+    assert [(d.index, d.text, [lp.token for lp in d.logprobs]) for d in merged] == [
+        (0, "Hello", ["Hel", "lo"]),
+        (1, "x", ["x"]),
+    ]

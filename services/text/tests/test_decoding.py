@@ -4,7 +4,8 @@ import pytest
 from modelplex.v1 import text_pb2
 from modelplex_kit.errors import ServiceError
 from modelplex_text.choices import completion_budget
-from modelplex_text.decoding import SamplingParams, StopText, TokenSampler
+from modelplex_text.decoding import StopText, TokenSampler
+from modelplex_text.sampling import SamplingParams
 
 
 def test_stop_text_holds_back_a_possible_stop_and_cuts_at_a_real_one():

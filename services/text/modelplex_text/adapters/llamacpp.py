@@ -8,13 +8,15 @@ streams each one's text back. Waiting for a free sequence slot is bounded
 Tools and JSON output are enforced token by token with llguidance (see
 ``modelplex_text.constraints``), one matcher per sequence, so even a 135M model
 returns parseable tool calls and schema-valid JSON, and a hostile schema is a
-400, not a crash or a hang.
+400, not a crash or a hang. Logprobs are scored from the very logits each token
+was drawn from, after that constraint's mask (``modelplex_text.logprobs``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -25,13 +27,20 @@ from llama_cpp import Llama
 from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_kit.errors import ServiceError, unavailable
 from modelplex_text import gguf
-from modelplex_text.adapters.llamacpp_batch import BatchScheduler, EngineClosed, Sequence
-from modelplex_text.choices import ChoiceEnd, ChoicePiece, completion_budget, refuse_suffix, stream_choices
+from modelplex_text.adapters.llamacpp_batch import (
+    BatchScheduler,
+    EngineClosed,
+    Failed,
+    Sequence,
+    SequenceEvent,
+    Started,
+)
+from modelplex_text.choices import ChoiceEnd, ChoicePiece, ChoiceText, completion_budget, refuse_suffix, stream_choices
 from modelplex_text.constraints import CompiledConstraint, ConstraintCompiler
-from modelplex_text.decoding import SamplingParams, StopText, TokenSampler
+from modelplex_text.decoding import StopText, TokenSampler
 from modelplex_text.engine import EngineEvent
 from modelplex_text.prompting import PromptPlan, plan_prompt
-from modelplex_text.sampling import sampling_kwargs
+from modelplex_text.sampling import SamplingParams
 from modelplex_text.settings import LlamaCppSettings
 
 log = logging.getLogger(__name__)
@@ -43,7 +52,13 @@ _IDLE_CONTEXT = 256
 
 class LlamaCppEngine:
     capabilities = catalog_pb2.TextCapabilities(
-        chat=True, completions=True, tool_use=True, json_schema=True, prompt_caching=True, multiple_choices=True
+        chat=True,
+        completions=True,
+        tool_use=True,
+        json_schema=True,
+        prompt_caching=True,
+        logprobs=True,
+        multiple_choices=True,
     )
 
     def __init__(self, settings: LlamaCppSettings) -> None:
@@ -81,26 +96,24 @@ class LlamaCppEngine:
         plan, tokens, compiled = await asyncio.to_thread(self._prepare, request)
         budget = completion_budget(request, len(tokens), self._context_length)
         first = compiled.matcher() if compiled else None
-        kwargs = sampling_kwargs(request, *self._defaults)
+        sampling = SamplingParams.from_request(request, *self._defaults)
 
         async def generate(index: int, seed: int | None, deadline: float | None) -> AsyncIterator[ChoicePiece]:
             nonlocal first
             matcher, first = first, None
             if matcher is None and compiled:
                 matcher = compiled.matcher()
-            params = SamplingParams(
-                kwargs["temperature"], kwargs["top_p"], kwargs["presence_penalty"], kwargs["frequency_penalty"], seed
-            )
-            queue: asyncio.Queue = asyncio.Queue()
+            queue: asyncio.Queue[SequenceEvent] = asyncio.Queue()
             seq = Sequence(
                 tokens=list(tokens),
                 max_new=budget,
-                sampler=TokenSampler(params),
-                stop_text=StopText(kwargs["stop"]),
+                sampler=TokenSampler(dataclasses.replace(sampling, seed=seed)),
+                stop_text=StopText(list(sampling.stop)),
                 matcher=matcher,
                 deadline=deadline,
                 emit=_emitter(queue),
                 context=contextvars.copy_context().run,  # the thread's log lines carry the request id
+                top_logprobs=sampling.logprobs,
             )
             async with aclosing(self._run(seq, queue)) as pieces:
                 async for piece in pieces:
@@ -143,7 +156,7 @@ class LlamaCppEngine:
         # token; BOS is added when the model wants one.
         return self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
 
-    async def _run(self, seq: Sequence, queue: asyncio.Queue) -> AsyncIterator[ChoicePiece]:
+    async def _run(self, seq: Sequence, queue: asyncio.Queue[SequenceEvent]) -> AsyncIterator[ChoicePiece]:
         """Queues one sequence for the scheduler and relays its events until it ends."""
         if self._scheduler.waiting() >= self._max_queue:
             if seq.matcher is not None:
@@ -156,14 +169,12 @@ class LlamaCppEngine:
             except TimeoutError:
                 log.warning("request waited too long for a sequence slot", extra={"waited_s": self._max_wait})
                 raise unavailable("The model is busy; retry shortly.") from None
-            cached = _check(started)[1]
+            _raise_if_failed(started)  # otherwise a Started: the sequence has a slot
             while True:
-                event = _check(await queue.get())
-                if event[0] == "text":
-                    yield event[1]
-                else:  # "end"
-                    _, reason, completion_tokens, timed_out = event
-                    yield ChoiceEnd(reason, completion_tokens, cached, timed_out)
+                event = _raise_if_failed(await queue.get())
+                if isinstance(event, ChoiceText | ChoiceEnd):  # (Started comes once, even if preempted)
+                    yield event
+                if isinstance(event, ChoiceEnd):
                     return
         finally:
             # No-op when finished; otherwise (the consumer left, the wait timed out) the scheduler
@@ -174,7 +185,7 @@ class LlamaCppEngine:
 def _emitter(queue: asyncio.Queue):
     loop = asyncio.get_running_loop()
 
-    def emit(event: tuple) -> None:
+    def emit(event: SequenceEvent) -> None:
         try:
             loop.call_soon_threadsafe(queue.put_nowait, event)
         except RuntimeError:  # the loop is closed: the server has stopped, no one is listening
@@ -183,11 +194,11 @@ def _emitter(queue: asyncio.Queue):
     return emit
 
 
-def _check(event: tuple) -> tuple:
-    """The event, unless it reports a failure: then the ServiceError the client should see."""
-    if event[0] != "error":
+def _raise_if_failed(event: SequenceEvent) -> Started | ChoicePiece:
+    """The event, unless it reports a failure: then raises the ServiceError the client should see."""
+    if not isinstance(event, Failed):
         return event
-    error = event[1]
+    error = event.error
     if isinstance(error, ServiceError):
         raise error
     if isinstance(error, EngineClosed):

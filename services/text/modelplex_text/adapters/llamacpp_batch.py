@@ -12,12 +12,19 @@ Slots and the KV cache: ``parallel`` sequence ids share one unified cache of
 ``kv_cache_tokens`` cells. A finished sequence's cells stay in its slot, so a
 later prompt sharing a prefix with it (the next turn of a chat, the next choice
 of ``n``) reuses them: that is what ``cached_tokens`` reports. When the cache
-is full, idle slots are emptied first; then the newest active sequence is
-preempted, as vLLM does: its cells are dropped and it waits to be recomputed
-from its tokens, its sampling state kept, so its output is unchanged.
+is full, idle slots are emptied first; then the active sequence with the least
+work done (the fewest cells) is preempted, as vLLM does: its cells are dropped
+and it waits to be recomputed from its tokens, its sampling state kept, so its
+output is unchanged.
 
 Aborts (a client gone) and the wall-clock deadline are checked between steps,
 so one sequence ends without stalling the others.
+
+Each sequence reports through its ``emit`` callback, in this order: one
+:class:`Started` (when it gets a slot), :class:`ChoiceText` pieces, then one
+:class:`ChoiceEnd`; or, at any point, one :class:`Failed`. When it asked for
+logprobs, each sampled token's are computed from the logits it was drawn from
+(after the constraint's mask and the penalties; see ``modelplex_text.logprobs``).
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ from dataclasses import dataclass, field
 import llama_cpp
 import numpy as np
 
+from modelplex.v1 import text_pb2
 from modelplex_kit.errors import ServiceError
+from modelplex_text.choices import ChoiceEnd, ChoiceText
 from modelplex_text.decoding import StopText, TokenMatcher, TokenSampler
+from modelplex_text.logprobs import token_logprob
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +52,28 @@ log = logging.getLogger(__name__)
 # sequences already decoding keep getting tokens while a long prompt is read.
 _STEP_TOKENS = 256
 
-Emit = Callable[[tuple], None]
-
 
 class EngineClosed(RuntimeError):
     """The scheduler stopped (server shutdown) with this sequence unfinished."""
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The sequence got a slot; ``cached_tokens`` of its prompt were already in that slot's cache."""
+
+    cached_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The sequence ended without finishing: its constraint gave up (a ServiceError), the engine
+    closed (EngineClosed), or llama.cpp failed."""
+
+    error: BaseException
+
+
+SequenceEvent = Started | ChoiceText | ChoiceEnd | Failed
+Emit = Callable[[SequenceEvent], None]
 
 
 @dataclass(eq=False)
@@ -61,9 +88,10 @@ class Sequence:
     deadline: float | None
     emit: Emit  # thread-safe: hands an event to the request's event loop
     context: Callable  # runs a callable in the request's contextvars (its log lines carry the request id)
+    top_logprobs: int | None = None  # None: no logprobs; else alternatives reported per token
     abort: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
-    started: bool = False  # "start" was emitted (once, even if preempted later)
+    cached_tokens: int | None = None  # set when it first gets a slot (Started is emitted once, even if preempted)
 
     def release(self) -> None:
         """Frees the matcher's native state; called by the scheduler thread, the matcher's only user."""
@@ -137,7 +165,7 @@ class BatchScheduler:
                     self._cv.wait()
                 if self._closing:
                     for seq in [*self._waiting, *self._active()]:
-                        seq.emit(("error", EngineClosed()))
+                        seq.emit(Failed(EngineClosed()))
                         seq.release()
                     return
                 self._admit()
@@ -147,7 +175,7 @@ class BatchScheduler:
                 log.exception("llama.cpp batch step failed")
                 for slot in self._slots:
                     if slot.seq is not None:
-                        slot.seq.emit(("error", exc))
+                        slot.seq.emit(Failed(exc))
                         slot.seq.release()
                         self._clear(slot)
                         slot.seq = None
@@ -173,9 +201,9 @@ class BatchScheduler:
                 reuse = 0
             del slot.kv[reuse:]
             slot.seq = seq
-            if not seq.started:
-                seq.started = True
-                seq.emit(("start", reuse))
+            if seq.cached_tokens is None:
+                seq.cached_tokens = reuse
+                seq.emit(Started(reuse))
 
     def _step(self) -> None:
         for slot in self._slots:
@@ -187,7 +215,7 @@ class BatchScheduler:
         self._fill(plan)
         self._use_threads(reading_prompt=any(count > 1 for _, count in plan))
         status = llama_cpp.llama_decode(self._ctx, self._batch)
-        if status == 1 and self._preempt_newest():  # no room for the batch: retry smaller next step
+        if status == 1 and self._preempt_least_progressed():  # no room for the batch: retry smaller next step
             return
         if status != 0:
             raise RuntimeError(f"llama_decode failed ({status})")
@@ -204,7 +232,7 @@ class BatchScheduler:
             self._advance(slot, row)
         except ServiceError as exc:
             if slot.seq is not None:
-                slot.seq.emit(("error", exc))
+                slot.seq.emit(Failed(exc))
                 slot.seq.release()
                 self._clear(slot)
                 slot.seq = None
@@ -243,7 +271,7 @@ class BatchScheduler:
             used = sum(len(slot.kv) for slot in self._slots)
             if used + sum(count for _, count in plan) <= self._capacity:
                 return plan
-            if not self._evict_idle() and not self._preempt_newest():
+            if not self._evict_idle() and not self._preempt_least_progressed():
                 return plan  # one sequence left: it fits by construction (max_new is checked against the context)
 
     def _batch_size(self) -> int:
@@ -269,7 +297,8 @@ class BatchScheduler:
         logits = np.ctypeslib.as_array(pointer, shape=(self._n_vocab,)).copy()
         if seq.matcher is not None:
             seq.matcher.apply(logits)
-        token = seq.sampler.sample(logits)
+        seq.sampler.penalize(logits)  # now exactly what the token is drawn from, and scored over
+        token = seq.sampler.choose(logits)
         if llama_cpp.llama_vocab_is_eog(self._vocab, token):  # the end token is not part of the completion
             self._finish(seq, "stop")
             slot.seq = None
@@ -279,8 +308,9 @@ class BatchScheduler:
         if seq.matcher is not None:
             seq.matcher.consume(token)
         text, hit_stop = seq.stop_text.feed(self._piece(token))
-        if text:
-            seq.emit(("text", text))
+        scored = self._scored(seq, logits, token)
+        if text or scored:
+            seq.emit(ChoiceText(text, scored))
         if hit_stop or (seq.matcher is not None and seq.matcher.is_stopped()):
             self._finish(seq, "stop", flush=not hit_stop)
         elif seq.generated >= seq.max_new or len(seq.tokens) + 1 >= self._context_length:
@@ -290,10 +320,15 @@ class BatchScheduler:
             return
         slot.seq = None
 
+    def _scored(self, seq: Sequence, logits: np.ndarray, token: int) -> tuple[text_pb2.TokenLogprob, ...]:
+        if seq.top_logprobs is None:
+            return ()
+        return (token_logprob(logits, token, seq.top_logprobs, self._piece),)
+
     def _finish(self, seq: Sequence, reason: str, *, flush: bool = True, timed_out: bool = False) -> None:
         if flush and (rest := seq.stop_text.flush()):
-            seq.emit(("text", rest))
-        seq.emit(("end", reason, seq.generated, timed_out))
+            seq.emit(ChoiceText(rest))
+        seq.emit(ChoiceEnd(reason, seq.generated, seq.cached_tokens, timed_out))
         seq.release()
 
     def _piece(self, token: int) -> bytes:
@@ -315,7 +350,7 @@ class BatchScheduler:
         self._clear(max(idle, key=lambda slot: len(slot.kv)))
         return True
 
-    def _preempt_newest(self) -> bool:
+    def _preempt_least_progressed(self) -> bool:
         """Drops the cells of the active sequence with the least work done and requeues it first in line."""
         busy = [slot for slot in self._slots if slot.seq is not None]
         if len(busy) < 2:

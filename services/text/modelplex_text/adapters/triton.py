@@ -13,12 +13,19 @@ takes ``structured_outputs`` as a JSON *string* of vLLM's
 StructuredOutputsParams ({"json": schema} or {"json_object": true}); this is
 what current releases of triton-inference-server/vllm_backend parse (older
 ones, before vLLM 0.11, called the key ``guided_decoding``).
+
+Logprobs (vLLM flavor): ``logprobs`` in the sampling parameters plus the
+``return_logprobs`` input make the backend send a ``logprobs`` output with each
+response: JSON, one ``{token_id: {logprob, rank, decoded_token}}`` per new
+token, the sampled token first (vLLM's order). TRT-LLM ensembles have no such
+output, so there a request for logprobs is a 400 naming ``logprobs``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import dataclasses
 import json
 import logging
 import time
@@ -37,17 +44,18 @@ from tritonclient.utils import np_to_triton_dtype
 from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_kit.engine_health import triton_ready
 from modelplex_text import gguf
-from modelplex_text.choices import ChoiceEnd, ChoicePiece, completion_budget, refuse_suffix, stream_choices
+from modelplex_text.choices import ChoiceEnd, ChoicePiece, ChoiceText, completion_budget, refuse_suffix, stream_choices
 from modelplex_text.engine import EngineEvent
 from modelplex_text.prompting import OutputConstraint, plan_prompt
-from modelplex_text.sampling import sampling_kwargs
+from modelplex_text.sampling import SamplingParams
 from modelplex_text.settings import TritonSettings
 from modelplex_text.upstream_errors import from_triton
 
 log = logging.getLogger(__name__)
 
 
-InputBuilder = Callable[[str, dict[str, Any], OutputConstraint | None], list[InferInput]]
+#: Inputs for one choice; its SamplingParams always carry max_tokens (Triton has no "until the context ends").
+InputBuilder = Callable[[str, SamplingParams, OutputConstraint | None], list[InferInput]]
 
 
 def _tensor(name: str, values: list, dtype: Any) -> InferInput:
@@ -67,21 +75,52 @@ def _structured_outputs(constraint: OutputConstraint | None) -> dict[str, Any] |
     return {"json": constraint.schema}
 
 
-def vllm_inputs(prompt: str, params: dict[str, Any], constraint: OutputConstraint | None) -> list[InferInput]:
+def vllm_inputs(prompt: str, params: SamplingParams, constraint: OutputConstraint | None) -> list[InferInput]:
     """Inputs of Triton's vLLM backend (max_batch_size 0: no batch dimension)."""
-    sampling = {key: value for key, value in params.items() if value is not None}  # absent: vLLM's default
+    # Our field names are vLLM's SamplingParams'; an absent one takes vLLM's default.
+    sampling = {key: value for key, value in dataclasses.asdict(params).items() if value is not None}
+    sampling["stop"] = list(params.stop)
     guide = _structured_outputs(constraint)
     if guide is not None:
         sampling["structured_outputs"] = json.dumps(guide)  # the backend json.loads this string again
-    return [
+    inputs = [
         _tensor("text_input", [prompt.encode()], np.object_),
         _tensor("stream", [True], np.bool_),
         _tensor("sampling_parameters", [json.dumps(sampling).encode()], np.object_),
         _tensor("exclude_input_in_output", [True], np.bool_),
     ]
+    if params.logprobs is not None:
+        inputs.append(_tensor("return_logprobs", [True], np.bool_))
+    return inputs
 
 
-def trtllm_inputs(prompt: str, params: dict[str, Any], constraint: OutputConstraint | None) -> list[InferInput]:
+def vllm_logprobs(raw: bytes, top: int) -> list[text_pb2.TokenLogprob]:
+    """The vLLM backend's ``logprobs`` output of one response: one entry per token it carries.
+
+    Each position maps token ids to ``{logprob, rank, decoded_token}``: the sampled
+    token first, then the ``top`` most likely (the sampled one among them when it
+    ranks there). Ids are not kept: OpenAI's logprobs name tokens by text and bytes.
+    """
+    positions = json.loads(raw) or []  # the backend sends "null" when vLLM kept none
+    scored = []
+    for position in positions:
+        entries = list(position.values())
+        if not entries:
+            continue
+        ranked = sorted((e for e in entries if (e.get("rank") or top + 1) <= top), key=lambda e: e["rank"])
+        scored.append(_vllm_scored(text_pb2.TokenLogprob, entries[0]))
+        scored[-1].top_logprobs.extend(_vllm_scored(text_pb2.TopLogprob, e) for e in ranked)
+    return scored
+
+
+def _vllm_scored(kind, entry: dict[str, Any]):
+    token = entry.get("decoded_token") or ""
+    # OpenAI's stand-in for "very unlikely"; vLLM may send -inf (JSON -Infinity) for a masked token.
+    logprob = max(float(entry.get("logprob") if entry.get("logprob") is not None else -9999.0), -9999.0)
+    return kind(token=token, logprob=logprob, token_bytes=token.encode())
+
+
+def trtllm_inputs(prompt: str, params: SamplingParams, constraint: OutputConstraint | None) -> list[InferInput]:
     """Inputs of the TRT-LLM ensemble/BLS model; it batches, so every tensor has a batch dimension of 1.
 
     The constraint is not sent: guided decoding needs inputs and a server-side
@@ -89,18 +128,19 @@ def trtllm_inputs(prompt: str, params: dict[str, Any], constraint: OutputConstra
     """
     inputs = [
         _tensor("text_input", [[prompt.encode()]], np.object_),
-        _tensor("max_tokens", [[params["max_tokens"]]], np.int32),
+        _tensor("max_tokens", [[params.max_tokens]], np.int32),
         _tensor("stream", [[True]], np.bool_),
-        _tensor("temperature", [[params["temperature"]]], np.float32),
-        _tensor("top_p", [[params["top_p"]]], np.float32),
+        _tensor("temperature", [[params.temperature]], np.float32),
+        _tensor("top_p", [[params.top_p]], np.float32),
     ]
-    for penalty in ("presence_penalty", "frequency_penalty"):
-        if params[penalty]:
-            inputs.append(_tensor(penalty, [[params[penalty]]], np.float32))
-    if params["stop"]:
-        inputs.append(_tensor("stop_words", [[stop.encode() for stop in params["stop"]]], np.object_))
-    if params.get("seed") is not None:
-        inputs.append(_tensor("random_seed", [[params["seed"] % 2**64]], np.uint64))  # OpenAI seeds may be negative
+    if params.presence_penalty:
+        inputs.append(_tensor("presence_penalty", [[params.presence_penalty]], np.float32))
+    if params.frequency_penalty:
+        inputs.append(_tensor("frequency_penalty", [[params.frequency_penalty]], np.float32))
+    if params.stop:
+        inputs.append(_tensor("stop_words", [[stop.encode() for stop in params.stop]], np.object_))
+    if params.seed is not None:
+        inputs.append(_tensor("random_seed", [[params.seed % 2**64]], np.uint64))  # OpenAI seeds may be negative
     return inputs
 
 
@@ -109,6 +149,13 @@ _INPUTS: dict[str, InputBuilder] = {"vllm": vllm_inputs, "trtllm": trtllm_inputs
 
 def _remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _logprobs_of(result, top: int | None) -> list[text_pb2.TokenLogprob]:
+    if top is None:
+        return []
+    output = result.as_numpy("logprobs")
+    return [lp for raw in (output.ravel() if output is not None else ()) for lp in vllm_logprobs(raw, top)]
 
 
 def _is_final(result) -> bool:
@@ -143,6 +190,7 @@ class TritonEngine:
             tool_use=True,
             multiple_choices=True,
             json_schema=settings.triton_flavor == "vllm",  # only there is guided decoding sent
+            logprobs=settings.triton_flavor == "vllm",  # only that backend returns them
         )
         log.info("triton engine ready", extra={"url": self._url, "model": self._model, "tokenizer": path})
 
@@ -162,11 +210,10 @@ class TritonEngine:
     def _count(self, text: str) -> int:
         return len(self._tokenizer.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
 
-    def _params(self, request: text_pb2.GenerateRequest, prompt_tokens: int) -> dict[str, Any]:
-        params = sampling_kwargs(request, *self._defaults)
+    def _params(self, request: text_pb2.GenerateRequest, prompt_tokens: int) -> SamplingParams:
         # Both backends need a number (vLLM's default is 16): what the context leaves, or a 400 beyond it.
-        params["max_tokens"] = completion_budget(request, prompt_tokens, self._context_length)
-        return params
+        budget = completion_budget(request, prompt_tokens, self._context_length)
+        return dataclasses.replace(SamplingParams.from_request(request, *self._defaults), max_tokens=budget)
 
     async def stream(
         self, request: text_pb2.GenerateRequest, *, incremental: bool = True
@@ -178,7 +225,7 @@ class TritonEngine:
         params = self._params(request, prompt_tokens)
 
         def generate(index: int, seed: int | None, deadline: float | None) -> AsyncIterator[ChoicePiece]:
-            return self._choice(prompt, plan.constraint, {**params, "seed": seed}, deadline)
+            return self._choice(prompt, plan.constraint, dataclasses.replace(params, seed=seed), deadline)
 
         choices = stream_choices(
             request,
@@ -192,35 +239,38 @@ class TritonEngine:
                 yield event
 
     async def _choice(
-        self, prompt: str, constraint: OutputConstraint | None, params: dict[str, Any], deadline: float | None
+        self, prompt: str, constraint: OutputConstraint | None, params: SamplingParams, deadline: float | None
     ) -> AsyncIterator[ChoicePiece]:
         """One choice: Triton's text deltas, then how it ended (tokens counted with the model's tokenizer)."""
         generated: list[str] = []
         timed_out = False
-        async with aclosing(self._generate(prompt, constraint, params)) as texts:
+        async with aclosing(self._generate(prompt, constraint, params)) as pieces:
             while True:
                 try:
                     # Bounded per wait, not by a timeout around the yields: that would cancel our consumer.
-                    text = await asyncio.wait_for(anext(texts), _remaining(deadline))
+                    piece = await asyncio.wait_for(anext(pieces), _remaining(deadline))
                 except StopAsyncIteration:
                     break
                 except TimeoutError:
                     timed_out = True  # the stream was cancelled, which aborts the request in Triton
                     break
-                generated.append(text)
-                yield text
+                generated.append(piece.text)
+                yield piece
         completion_tokens = self._count("".join(generated))
-        ran_out = timed_out or completion_tokens >= params["max_tokens"]
+        ran_out = timed_out or completion_tokens >= params.max_tokens
         yield ChoiceEnd("length" if ran_out else "stop", completion_tokens, timed_out=timed_out)
 
     async def _generate(
-        self, prompt: str, constraint: OutputConstraint | None, params: dict[str, Any]
-    ) -> AsyncIterator[str]:
-        """Streams one choice's text deltas from one Triton stream."""
+        self, prompt: str, constraint: OutputConstraint | None, params: SamplingParams
+    ) -> AsyncIterator[ChoiceText]:
+        """Streams one choice's text deltas (with their tokens' logprobs, when asked) from one Triton stream."""
+        outputs = [InferRequestedOutput("text_output")]
+        if params.logprobs is not None:
+            outputs.append(InferRequestedOutput("logprobs"))
         request = {
             "model_name": self._model,
             "inputs": self._build_inputs(prompt, params, constraint),
-            "outputs": [InferRequestedOutput("text_output")],
+            "outputs": outputs,
             "request_id": uuid.uuid4().hex,
         }
 
@@ -236,8 +286,9 @@ class TritonEngine:
                     raise from_triton(error, self._model)
                 output = result.as_numpy("text_output")
                 text = decoder.decode(b"".join(output.ravel())) if output is not None else ""
-                if text:
-                    yield text
+                scored = _logprobs_of(result, params.logprobs)
+                if text or scored:
+                    yield ChoiceText(text, tuple(scored))
                 if _is_final(result):  # may come with the last delta (vLLM) or empty (TRT-LLM)
                     break
         except grpc.aio.AioRpcError as exc:
@@ -247,4 +298,4 @@ class TritonEngine:
             # consumer left early, this is what makes Triton abort the request.
             responses.cancel()
         if tail := decoder.decode(b"", final=True):
-            yield tail
+            yield ChoiceText(tail)

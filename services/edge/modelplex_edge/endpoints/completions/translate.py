@@ -44,22 +44,41 @@ def to_protos(body: CompletionRequest, model_id: str, meta: common_pb2.RequestMe
             completion=text_pb2.CompletionInput(prompt=prompt, echo=bool(body.echo), suffix=body.suffix or ""),
             sampling=params,
             n=body.n or 1,
-            logprobs=body.logprobs is not None and body.logprobs > 0,
+            # logprobs=0 still asks for the chosen tokens' logprobs (OpenAI, vLLM): only no alternatives.
+            logprobs=body.logprobs is not None,
             top_logprobs=body.logprobs or 0,
         )
         for prompt in prompts
     ]
 
 
-def _logprobs(items) -> dict[str, Any] | None:
+def _logprobs(items, start: int) -> dict[str, Any] | None:
+    """The legacy logprobs object; ``start`` is the offset in the choice's text of the first token."""
     if not items:
         return None
+    offsets = []
+    for lp in items:
+        offsets.append(start)
+        start += len(lp.token)
     return {
         "tokens": [lp.token for lp in items],
         "token_logprobs": [lp.logprob for lp in items],
-        "top_logprobs": [{t.token: t.logprob for t in lp.top_logprobs} for lp in items],
-        "text_offset": [],
+        "top_logprobs": [_alternatives(lp) for lp in items],
+        "text_offset": offsets,
     }
+
+
+def _alternatives(lp: text_pb2.TokenLogprob) -> dict[str, float]:
+    """The most likely tokens, and always the chosen one (so up to ``logprobs`` + 1 entries, as OpenAI)."""
+    alternatives = {t.token: t.logprob for t in lp.top_logprobs}
+    alternatives.setdefault(lp.token, lp.logprob)
+    return alternatives
+
+
+def _first_offset(choice: text_pb2.Choice) -> int:
+    """Where the tokens' text starts in a whole choice: after an echoed prompt the engine gave no
+    logprobs for (the tokens then cover only the end of the text), else at 0."""
+    return max(0, len(choice.text) - sum(len(lp.token) for lp in choice.logprobs))
 
 
 def from_protos(responses: list[text_pb2.GenerateResponse], model_id: str) -> dict[str, Any]:
@@ -73,7 +92,7 @@ def from_protos(responses: list[text_pb2.GenerateResponse], model_id: str) -> di
                 {
                     "index": len(choices),
                     "text": choice.text,
-                    "logprobs": _logprobs(choice.logprobs),
+                    "logprobs": _logprobs(choice.logprobs, _first_offset(choice)),
                     "finish_reason": FINISH_REASONS[choice.finish_reason] or "stop",
                 }
             )
@@ -98,26 +117,31 @@ async def stream_chunks(
     usage = common_pb2.Usage()
     completion_id = created = None
     for offset, stream in enumerate(streams):
+        streamed: dict[int, int] = {}  # characters of text sent so far, per choice: the next token's offset
         async for message in stream:
             completion_id = completion_id or f"cmpl-{message.id}"
             created = created or message.created
             if message.HasField("usage"):
                 add_usage(usage, message.usage)
                 continue
+            choices = []
+            for d in message.deltas:
+                start = streamed.get(d.index, 0)
+                streamed[d.index] = start + len(d.text)
+                choices.append(
+                    {
+                        "index": offset * n + d.index,
+                        "text": d.text,
+                        "logprobs": _logprobs(d.logprobs, start),
+                        "finish_reason": FINISH_REASONS[d.finish_reason],
+                    }
+                )
             chunk = {
                 "id": completion_id,
                 "object": "text_completion",
                 "created": created,
                 "model": model_id,
-                "choices": [
-                    {
-                        "index": offset * n + d.index,
-                        "text": d.text,
-                        "logprobs": _logprobs(d.logprobs),
-                        "finish_reason": FINISH_REASONS[d.finish_reason],
-                    }
-                    for d in message.deltas
-                ],
+                "choices": choices,
             }
             yield chunk  # no "usage": null here: the spec's completion object has no nullable usage
     if include_usage:
