@@ -138,11 +138,14 @@ def usage_of(usage: dict[str, Any] | None, streamed_chunks: int = 0) -> common_p
         # about one token per chunk, so the chunk count is a lower bound worth metering.
         return common_pb2.Usage(completion_tokens=streamed_chunks, total_tokens=streamed_chunks)
     details = usage.get("prompt_tokens_details") or {}
+    prompt, cached = usage.get("prompt_tokens") or 0, details.get("cached_tokens") or 0
     return common_pb2.Usage(
-        prompt_tokens=usage.get("prompt_tokens") or 0,
+        prompt_tokens=prompt,
         completion_tokens=usage.get("completion_tokens") or 0,
         total_tokens=usage.get("total_tokens") or 0,
-        cached_prompt_tokens=details.get("cached_tokens") or 0,
+        cached_prompt_tokens=cached,
+        # With prefix caching, what was not read from the cache was computed and written to it.
+        cache_creation_prompt_tokens=max(prompt - cached, 0),
     )
 
 

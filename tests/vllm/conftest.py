@@ -46,7 +46,14 @@ def chart_entries() -> dict[str, dict]:
             "modality": "text",
             "engine": {
                 "kind": "openai",
-                "vllm": {"enabled": True, "hfModel": str(smollm2_folder()), "toolCallParser": "hermes"},
+                "vllm": {
+                    "enabled": True,
+                    "hfModel": str(smollm2_folder()),
+                    "toolCallParser": "hermes",
+                    # vLLM's CPU default is 128-token blocks: a short shared prefix would never be a
+                    # cache hit. 32 is the smallest its CPU attention prefers.
+                    "extraArgs": ["--block-size", "32"],
+                },
             },
             "capabilities": TEXT_CAPS,
             "contextLength": CONTEXT,

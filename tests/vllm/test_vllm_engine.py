@@ -125,7 +125,7 @@ def test_cached_tokens_come_from_vllms_prefix_cache(client):
     first = client.chat.completions.create(model=TEXT_MODEL, messages=messages, max_tokens=2)
     again = client.chat.completions.create(model=TEXT_MODEL, messages=messages, max_tokens=2)
     assert again.usage.prompt_tokens == first.usage.prompt_tokens
-    # vLLM caches whole blocks (16 tokens): all but the last, partial, block is a hit.
+    # vLLM caches whole blocks (32 tokens here): all but the last, partial, block is a hit.
     assert again.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 32
 
 

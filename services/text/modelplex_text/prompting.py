@@ -132,13 +132,32 @@ def chat_messages(request: text_pb2.GenerateRequest) -> list[dict[str, Any]]:
         for part in (_tools_instructions(request) if tools_active(request) else "", _format_instructions(request))
         if part
     ]
-    if extra:
-        instructions = "\n\n".join(extra)
-        if messages and messages[0]["role"] == "system":
-            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{instructions}"}
-        else:
-            messages.insert(0, {"role": "system", "content": instructions})
-    return messages
+    return with_instructions(messages, "\n\n".join(extra))
+
+
+def constrained_output_instructions(request: text_pb2.GenerateRequest) -> str:
+    """What a remote engine's model is told of an output its decoder will be made to follow: a forced
+    tool call (the tools and the call's shape) or the response format. The local engine tells its model
+    the same (``chat_messages``); a model not told writes, say, a never-ending string in a schema's field.
+    An optional tool call is left to the remote engine's chat template and tool parser."""
+    if forced_tools(request):
+        return _tools_instructions(request)
+    return "" if tools_active(request) else _format_instructions(request)
+
+
+def with_instructions(messages: list[dict[str, Any]], instructions: str) -> list[dict[str, Any]]:
+    """``messages`` with ``instructions`` appended to the leading system turn, or in a new one."""
+    if not instructions:
+        return messages
+    first = messages[0] if messages else {}
+    if first.get("role") != "system":
+        return [{"role": "system", "content": instructions}, *messages]
+    content = first.get("content")
+    if isinstance(content, list):  # content parts (OpenAI JSON): one more text part
+        merged: Any = [*content, {"type": "text", "text": f"\n\n{instructions}"}]
+    else:
+        merged = f"{content or ''}\n\n{instructions}"
+    return [{**first, "content": merged}, *messages[1:]]
 
 
 def prompt_text(request: text_pb2.GenerateRequest, template: ChatTemplate) -> str:

@@ -23,8 +23,15 @@ from typing import Any
 from modelplex.v1 import text_pb2
 from modelplex_kit.errors import invalid
 from modelplex_text.assembler import ChoiceAssembler, finish_reason
-from modelplex_text.prompting import forced_tools, tool_call_schema
+from modelplex_text.prompting import (
+    constrained_output_instructions,
+    forced_tools,
+    tool_call_schema,
+    with_instructions,
+)
 
+# vLLM's floor for a logprob of -inf: a token a constraint masked. Never an alternative, as on the local engine.
+_IMPOSSIBLE = -9999.0
 _TOOL_CHOICE = {
     text_pb2.ToolChoice.MODE_AUTO: "auto",
     text_pb2.ToolChoice.MODE_NONE: "none",
@@ -72,7 +79,8 @@ def _completion_fields(request: text_pb2.GenerateRequest) -> dict[str, Any]:
 
 
 def _chat_fields(request: text_pb2.GenerateRequest) -> dict[str, Any]:
-    out: dict[str, Any] = {"messages": [_message(m) for m in request.chat.messages]}
+    messages = [_message(m) for m in request.chat.messages]
+    out: dict[str, Any] = {"messages": with_instructions(messages, constrained_output_instructions(request))}
     out |= _tool_fields(request) if request.tools else _format_fields(request.response_format)
     if request.logprobs:
         out["logprobs"] = True
@@ -209,9 +217,8 @@ def _logprobs(lp: dict[str, Any]) -> list[text_pb2.TokenLogprob]:
 
 
 def _token_logprob(entry: dict[str, Any], alternatives: Any) -> text_pb2.TokenLogprob:
-    return text_pb2.TokenLogprob(
-        **_scored(entry), top_logprobs=[text_pb2.TopLogprob(**_scored(a)) for a in alternatives]
-    )
+    possible = [a for a in alternatives if (a.get("logprob") or 0.0) > _IMPOSSIBLE]
+    return text_pb2.TokenLogprob(**_scored(entry), top_logprobs=[text_pb2.TopLogprob(**_scored(a)) for a in possible])
 
 
 def _scored(entry: dict[str, Any]) -> dict[str, Any]:
