@@ -164,6 +164,7 @@ class GatekeeperAdmission:
                 units=used.units,
                 unit_kind=used.unit_kind,
                 failed=failed,
+                ended=used.ended,
                 meta=common_pb2.RequestMeta(request_id=request_id_var.get(), principal_id=admitted.principal_id),
             )
         )

@@ -35,7 +35,7 @@ class TranscriptionServicer(transcription_pb2_grpc.TranscriptionServiceServicer)
     ) -> AsyncIterator[transcription_pb2.TranscribeStreamResponse]:
         response = transcription_pb2.TranscribeResponse()
         async for segment in self._events(request, response, incremental=True):
-            yield transcription_pb2.TranscribeStreamResponse(delta=segment.text)
+            yield transcription_pb2.TranscribeStreamResponse(delta=segment.text, seconds_so_far=segment.end)
         yield transcription_pb2.TranscribeStreamResponse(done=response)
 
     async def _events(
