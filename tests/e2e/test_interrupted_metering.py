@@ -141,6 +141,7 @@ def test_a_backend_killed_mid_stream_is_accounted_what_reached_the_edge(stack):
     assert cut.events[-1].get("error"), "the stream should end with an error event"
     record = cut.record()
     assert_real_counts(record, cut, "upstream_failure")
+    assert record["failed"] == 1
     cut.assert_tpm_charged(record)
 
 
@@ -152,6 +153,7 @@ def test_a_stream_closed_by_the_edge_draining_is_accounted_what_was_generated(st
     assert "restarting" in json.dumps(cut.events[-1]), "the drain closes the stream with an error event"
     record = cut.record()
     assert_real_counts(record, cut, "drain")
+    assert record["failed"] == 0  # the edge's doing, not a failure of the request
     # The edge is gone; a new one (same gatekeeper sidecar, whose limits live on) answers the next request.
     edge.popen.wait(30)
     wait_until(lambda: any("edge restarted" in event for event in stack.supervise()), 30)

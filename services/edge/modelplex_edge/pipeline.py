@@ -264,6 +264,7 @@ class Call:
         if self._relaying and not self._relayed_whole and not self.used.ended:
             # Cut without an error of its own: the edge's drain cancelled it, or the client left.
             self.used.ended = DRAIN if self._state.drain.fired else CLIENT_DISCONNECT
+        failed = failed or self.used.ended == UPSTREAM_FAILURE  # a stream whose backend failed mid-way too
         self.used.settle()
         REQUESTS_RUNNING.labels(*self._labels).dec()
         E2E_REQUEST_LATENCY.labels(*self._labels).observe(time.perf_counter() - self._started)
