@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from prometheus_client import start_http_server
 
+from modelplex_kit.connections import KEEPALIVE, ageing_options
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.logging import configure_logging, request_id_var
 from modelplex_kit.settings import GrpcServiceSettings
@@ -152,13 +153,9 @@ def server_options(settings: GrpcServiceSettings) -> list[tuple[str, Any]]:
         ("grpc.max_send_message_length", settings.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    if settings.max_connection_age_seconds > 0:
-        age_ms = int(settings.max_connection_age_seconds * 1000)
-        # GOAWAY after the age; calls in flight then get as long as the drain grace to finish.
-        options += [
-            ("grpc.max_connection_age_ms", age_ms),
-            ("grpc.max_connection_age_grace_ms", int(settings.grace_seconds * 1000)),
-        ]
+    # The clients' keepalive pings accepted, and ageing that never ends a call within its deadline.
+    options += KEEPALIVE.server_options()
+    options += ageing_options(settings.max_connection_age_seconds, settings.max_connection_age_grace_seconds)
     return options
 
 

@@ -41,5 +41,11 @@ class GrpcServiceSettings(ServiceSettings):
     # Clients are asked to reconnect after this long (0: never), so edges using round-robin over a
     # headless Service discover backend pods that started after them.
     max_connection_age_seconds: float = Field(300.0, validation_alias=_shared("MAX_CONNECTION_AGE_SECONDS"))
+    # How long calls already on an aged-out connection may still run: at least the longest call (the
+    # edge's backend deadline, MODELPLEX_EDGE_BACKEND_TIMEOUT_SECONDS), so ageing never ends a call within
+    # its deadline. Not the drain grace: see modelplex_kit.connections.
+    max_connection_age_grace_seconds: float = Field(
+        600.0, ge=0, validation_alias=_shared("MAX_CONNECTION_AGE_GRACE_SECONDS")
+    )
     # How often a remote engine's readiness is checked (see grpc_server.serve's ``ready``).
     ready_poll_seconds: float = Field(2.0, gt=0, validation_alias=_shared("READY_POLL_SECONDS"))

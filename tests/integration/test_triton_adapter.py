@@ -20,6 +20,7 @@ from modelplex.v1 import common_pb2, text_pb2, text_pb2_grpc
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.grpc_server import ObservingInterceptor
 from modelplex_text.adapters.triton import TritonEngine, trtllm_inputs, vllm_inputs, vllm_logprobs
+from modelplex_text.engine import Progress
 from modelplex_text.prompting import OutputConstraint
 from modelplex_text.sampling import SamplingParams
 from modelplex_text.servicer import TextGenerationServicer
@@ -102,8 +103,13 @@ def decoded(tensor) -> np.ndarray:
 
 
 # -- the engine itself ---------------------------------------------------------------------
+async def collected(stream) -> list:
+    """The engine's deltas and usage, without the running Progress events between them."""
+    return [event async for event in stream if not isinstance(event, Progress)]
+
+
 async def test_chat_streams_deltas_then_usage(engine, triton):
-    events = [event async for event in engine.stream(chat("What is the capital of France?", max_tokens=24))]
+    events = await collected(engine.stream(chat("What is the capital of France?", max_tokens=24)))
     deltas, usage = events[:-1], events[-1]
     assert isinstance(usage, common_pb2.Usage) and all(isinstance(d, text_pb2.ChoiceDelta) for d in deltas)
     assert len([d for d in deltas if d.text]) >= 2 and "".join(d.text for d in deltas).strip()
@@ -119,7 +125,7 @@ async def test_chat_streams_deltas_then_usage(engine, triton):
 
 
 async def test_max_tokens_reached_is_length(engine):
-    events = [e async for e in engine.stream(chat("Count from one to one hundred.", max_tokens=5))]
+    events = await collected(engine.stream(chat("Count from one to one hundred.", max_tokens=5)))
     assert events[-2].finish_reason == text_pb2.FINISH_REASON_LENGTH
     assert events[-1].completion_tokens == 5
 
@@ -168,7 +174,7 @@ async def test_legacy_completion_with_echo(engine):
         completion=text_pb2.CompletionInput(prompt="1, 2, 3, 4,", echo=True),
         sampling=text_pb2.SamplingParams(max_tokens=8, temperature=0),
     )
-    events = [e async for e in engine.stream(request)]
+    events = await collected(engine.stream(request))
     text = "".join(e.text for e in events[:-1])
     assert text.startswith("1, 2, 3, 4,") and len(text) > len("1, 2, 3, 4,")
 
@@ -178,9 +184,9 @@ async def test_template_bos_is_left_to_the_backend_tokenizer(triton):
     # again, so the prompt goes without it, and usage still counts it.
     engine = TritonEngine(settings(triton.address))
     try:
-        plain = [e async for e in engine.stream(chat("Hi", max_tokens=1))][-1]
+        plain = (await collected(engine.stream(chat("Hi", max_tokens=1))))[-1]
         engine._bos = "<|im_start|>"
-        with_bos = [e async for e in engine.stream(chat("Hi", max_tokens=1))][-1]
+        with_bos = (await collected(engine.stream(chat("Hi", max_tokens=1))))[-1]
         assert sent_inputs(triton)["text_input"][0].decode().startswith("system\n")
         assert with_bos.prompt_tokens == plain.prompt_tokens
     finally:
@@ -277,7 +283,7 @@ async def test_unknown_triton_model_is_unavailable(triton):
     engine = TritonEngine(settings(triton.address, model="no-such-model"))
     try:
         with pytest.raises(ServiceError) as caught:
-            [e async for e in engine.stream(chat("Hi"))]
+            await collected(engine.stream(chat("Hi")))
         assert caught.value.status == grpc.StatusCode.UNAVAILABLE and "no-such-model" in caught.value.message
         async with serving(engine) as stub:
             with pytest.raises(grpc.aio.AioRpcError) as rpc:
@@ -304,7 +310,7 @@ async def test_flavor_mismatch_is_a_server_error(triton):
     engine = TritonEngine(settings(triton.address, model="smollm2", flavor="trtllm"))
     try:
         with pytest.raises(ServiceError) as caught:
-            [e async for e in engine.stream(chat("Hi"))]
+            await collected(engine.stream(chat("Hi")))
         assert caught.value.status == grpc.StatusCode.INTERNAL
         assert "unexpected inference input 'max_tokens'" in caught.value.message
     finally:

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplex_catalog.store import CatalogStore
+from modelplex_kit.connections import KEEPALIVE
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class ReadinessFollower:
             ("grpc.initial_reconnect_backoff_ms", min(100, retry_ms)),
             ("grpc.min_reconnect_backoff_ms", min(100, retry_ms)),
             ("grpc.max_reconnect_backoff_ms", retry_ms),
+            # Pings the backends accept (one policy, in the kit): a backend gone silently is seen in seconds.
+            *KEEPALIVE.client_options(),
         ]
 
     def _mark(self, target: str, ready: bool | None, reason: str) -> None:

@@ -61,19 +61,55 @@ class Admitted:
         return any(fnmatch.fnmatchcase(model_id, glob) for glob in self.models)
 
 
+# Why a request ended before its backend finished (AccountRequest.ended); "" when it ran to its end.
+CLIENT_DISCONNECT, DRAIN, UPSTREAM_FAILURE = "client_disconnect", "drain", "upstream_failure"
+
+
 @dataclass(slots=True)
 class Consumption:
-    """What one request consumed, for metering and token limits."""
+    """What one request consumed, for metering and token limits.
+
+    A backend reports exact totals when it finishes (``add_usage``, units) and running totals while it
+    streams (``running_usage``, ``running_units``). A stream that ends early has no final totals: it is
+    accounted what its running totals had reached (``settle``), so closing the connection early never
+    makes a request free.
+    """
 
     usage: common_pb2.Usage = field(default_factory=common_pb2.Usage)
     #: Non-token units: images, seconds of audio or video, characters of speech.
     units: float = 0.0
     unit_kind: str = ""
+    #: Why it ended early (CLIENT_DISCONNECT, DRAIN, UPSTREAM_FAILURE); "" when it ran to its end.
+    ended: str = ""
+    #: The running totals of the backend stream under way (cleared when its final totals arrive).
+    running: common_pb2.Usage = field(default_factory=common_pb2.Usage)
+    running_units: float = 0.0
 
     def add_usage(self, usage: common_pb2.Usage) -> None:
         for name in ("prompt_tokens", "completion_tokens", "total_tokens", "cached_prompt_tokens"):
             setattr(self.usage, name, getattr(self.usage, name) + getattr(usage, name))
         self.usage.cache_creation_prompt_tokens += usage.cache_creation_prompt_tokens
+        self.running.Clear()
+
+    def running_usage(self, usage: common_pb2.Usage) -> None:
+        self.running.CopyFrom(usage)
+
+    def add_units(self, units: float, kind: str) -> None:
+        """Final units of one backend answer (they replace that answer's running count)."""
+        self.units += units
+        self.unit_kind = kind
+        self.running_units = 0.0
+
+    def running_count(self, units: float, kind: str) -> None:
+        self.running_units = units
+        self.unit_kind = kind
+
+    def settle(self) -> None:
+        """Folds what an unfinished stream had consumed into the totals (once, when the request is over)."""
+        if self.running.prompt_tokens or self.running.completion_tokens:
+            self.add_usage(self.running)
+        self.units += self.running_units
+        self.running_units = 0.0
 
 
 class Admission(Protocol):

@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 
+from modelplex_kit.connections import KEEPALIVE
 from modelplex_kit.modalities import Modality
 from modelplex_kit.telemetry import outgoing_metadata
 
@@ -19,8 +20,8 @@ _CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
     # Spread calls over every backend pod behind a headless Service.
     ("grpc.lb_policy_name", "round_robin"),
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_permit_without_calls", 1),
+    # The keepalive every Modelplex server is configured to accept (one policy, in the kit).
+    *KEEPALIVE.client_options(),
 ]
 
 

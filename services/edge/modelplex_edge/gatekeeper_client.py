@@ -7,6 +7,10 @@ queued as one message (so under load many decisions share a write), and one
 reader task hands each reply to the request waiting on its id. Accounts are
 fire-and-forget. If the stream breaks, waiting requests get 503 + Retry-After,
 unsent accounts are kept for the next stream, and the next request reconnects.
+A stream that ends while admitted requests still run (the gatekeeper's server aged
+the connection out, or it broke) is re-opened at once, naming those requests'
+tickets (``resumed``), so the gatekeeper keeps their concurrency slots: nothing is
+released early, and nothing is admitted twice.
 
 Even so a Python gRPC hop costs more than the gatekeeper's budget (docs/benchmarks.md),
 so the same decisions can also run embedded in the edge (target ``embedded``): with the
@@ -25,6 +29,7 @@ import grpc
 from modelplex.v1 import common_pb2, gatekeeper_pb2_grpc
 from modelplex.v1 import gatekeeper_pb2 as pb
 from modelplex_edge.admission import Admitted, Ask, Consumption, bearer_key, invalid_key
+from modelplex_kit.connections import KEEPALIVE
 from modelplex_kit.errors import ServiceError, model_not_found, unavailable
 from modelplex_kit.logging import request_id_var
 
@@ -159,6 +164,7 @@ class GatekeeperAdmission:
                 units=used.units,
                 unit_kind=used.unit_kind,
                 failed=failed,
+                ended=used.ended,
                 meta=common_pb2.RequestMeta(request_id=request_id_var.get(), principal_id=admitted.principal_id),
             )
         )
@@ -171,11 +177,15 @@ class StreamTransport:
     """The sidecar over one multiplexed bidirectional stream."""
 
     def __init__(self, target: str, timeout_seconds: float = 2.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+        self._channel = grpc.aio.insecure_channel(target, options=KEEPALIVE.client_options())
         self._stub = gatekeeper_pb2_grpc.GatekeeperServiceStub(self._channel)
         self._timeout = timeout_seconds
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
+        # Tickets of admitted requests not yet accounted: resumed on a new stream if this one ends.
+        self._running: set[str] = set()
+        self._resumer: asyncio.Task | None = None
+        self._closing = False
         self._pending: dict[int, asyncio.Future] = {}
         self._ids = itertools.count(1)
         self._queue = pb.GateBatch()
@@ -188,13 +198,17 @@ class StreamTransport:
         self._queue.admits.append(request)
         try:
             await self._write()
-            return await asyncio.wait_for(waiter, self._timeout)
+            reply = await asyncio.wait_for(waiter, self._timeout)
+            if reply.ticket:
+                self._running.add(reply.ticket)
+            return reply
         except (TimeoutError, ConnectionError):
             raise unavailable(_UNREACHABLE) from None
         finally:
             self._pending.pop(request.id, None)
 
     async def account(self, request: pb.AccountRequest) -> None:
+        self._running.discard(request.ticket)
         self._queue.accounts.append(request)
         try:
             await self._write()
@@ -202,6 +216,9 @@ class StreamTransport:
             pass  # kept queued; sent on the next stream
 
     async def close(self) -> None:
+        self._closing = True
+        if self._resumer is not None:
+            self._resumer.cancel()
         if self._queue.accounts:
             try:
                 await self._write()
@@ -227,7 +244,9 @@ class StreamTransport:
             return
         self._writing = True
         try:
-            while self._queue.admits or self._queue.accounts:
+            while self._queue.admits or self._queue.accounts or self._queue.resumed:
+                if self._call is None and self._running:  # a new stream: it takes over the running requests
+                    self._queue.resumed[:] = sorted(self._running)
                 batch, self._queue = self._queue, pb.GateBatch()
                 try:
                     await self._stream().write(batch)
@@ -244,6 +263,7 @@ class StreamTransport:
             _fail(self._pending.pop(admit.id, None))
         kept = list(batch.accounts)[-_MAX_UNSENT_ACCOUNTS:]
         self._queue.accounts.extend(kept)
+        # batch.resumed is not kept: the next stream names whatever is running then.
 
     def _drop_stream(self) -> None:
         if self._call is not None:
@@ -269,3 +289,20 @@ class StreamTransport:
             # Every admission still waiting went out on this stream: it will not be answered.
             for waiter in self._pending.values():
                 _fail(waiter)
+            if self._running and not self._closing and (self._resumer is None or self._resumer.done()):
+                self._resumer = asyncio.get_running_loop().create_task(self._resume())
+
+    async def _resume(self) -> None:
+        """Re-opens the stream for the requests still running, so the gatekeeper keeps their slots."""
+        delay = 0.05
+        for _ in range(8):  # about 6 s of tries: within the gatekeeper's window for resuming
+            await asyncio.sleep(delay)
+            if self._call is not None or not self._running:
+                return  # a request re-opened it first (its batch named them), or they are done
+            self._queue.resumed[:] = sorted(self._running)
+            try:
+                await self._write()
+                return
+            except ConnectionError:
+                delay = min(delay * 2, 2.0)
+        log.warning("could not resume requests in flight on the gatekeeper", extra={"requests": len(self._running)})

@@ -18,18 +18,20 @@ must pass through, and every metric of it, lives here once.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
+import grpc
 from google.protobuf.message import Message
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
 from modelplex.v1 import catalog_pb2, common_pb2
-from modelplex_edge.admission import Admitted, Ask, Consumption
+from modelplex_edge.admission import CLIENT_DISCONNECT, DRAIN, UPSTREAM_FAILURE, Admitted, Ask, Consumption
 from modelplex_edge.errors import parse_body
 from modelplex_edge.grpc_calls import all_of, open_stream, until_disconnect
 from modelplex_edge.responses import json_response
@@ -51,11 +53,26 @@ from modelplex_kit.telemetry import (
 M = TypeVar("M", bound=BaseModel)
 Meter = Callable[[Message, Consumption], None]
 
+# A call that failed with one of these ended because of the backend, not because of the request.
+_UPSTREAM_STATUSES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
 
 def meter_usage(message: Message, used: Consumption) -> None:
-    """The default meter: token usage, where a backend message carries it."""
+    """The default meter: token usage, where a backend message carries it; on streams that report them
+    (text), the running totals, accounted if the stream ends before its final usage."""
     if message.HasField("usage"):
         used.add_usage(message.usage)
+    elif "progress" in message.DESCRIPTOR.fields_by_name and message.HasField("progress"):
+        used.running_usage(message.progress)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,14 +143,29 @@ class Call:
         self._options = state.backends.call_options(request_id_var.get())
         self._handed_off = False
         self._finished = False
+        #: A response stream is being relayed (``watched``), and whether it ran to its end.
+        self._relaying = False
+        self._relayed_whole = False
         REQUESTS_RUNNING.labels(*self._labels).inc()
 
     async def __aenter__(self) -> Call:
         return self
 
     async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if exc is not None:
+            self.used.ended = self._why_ended(exc)
         if exc is not None or not self._handed_off:
             await self.finish(failed=exc is not None)
+
+    def _why_ended(self, exc: BaseException) -> str:
+        """Why a call that raised stopped early ("" for the request's own fault, e.g. a 400)."""
+        if isinstance(exc, asyncio.CancelledError):
+            return DRAIN if self._state.drain.fired else CLIENT_DISCONNECT
+        if isinstance(exc, ServiceError) and exc.status == grpc.StatusCode.CANCELLED:
+            return CLIENT_DISCONNECT  # until_disconnect's: the client left while the backend worked
+        if isinstance(exc, ServiceError) and exc.status in _UPSTREAM_STATUSES:
+            return UPSTREAM_FAILURE
+        return ""
 
     # -- request ----------------------------------------------------------------
     def meta(self, end_user: str | None = None) -> common_pb2.RequestMeta:
@@ -203,17 +235,37 @@ class Call:
         """An SSE response; the call is accounted when the stream ends, however it ends."""
         self._handed_off = True
         return sse_response(
-            chunks, headers=self.admitted.headers, on_close=self.finish, drain=self._state.drain, **kwargs
+            self.watched(chunks),
+            headers=self.admitted.headers,
+            on_close=self.finish,
+            drain=self._state.drain,
+            **kwargs,
         )
 
     def hand_off(self) -> None:
         """For custom streaming responses: the caller promises to await ``finish`` when done."""
         self._handed_off = True
 
+    async def watched(self, chunks: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """Relays a response stream, noting how it ended: whole, or cut (then ``finish`` says why)."""
+        self._relaying = True
+        try:
+            async for chunk in chunks:
+                yield chunk
+        except Exception:
+            self.used.ended = UPSTREAM_FAILURE  # the backend failed mid-stream (it becomes an error event)
+            raise
+        self._relayed_whole = True
+
     async def finish(self, failed: bool = False) -> None:
         if self._finished:
             return
         self._finished = True
+        if self._relaying and not self._relayed_whole and not self.used.ended:
+            # Cut without an error of its own: the edge's drain cancelled it, or the client left.
+            self.used.ended = DRAIN if self._state.drain.fired else CLIENT_DISCONNECT
+        failed = failed or self.used.ended == UPSTREAM_FAILURE  # a stream whose backend failed mid-way too
+        self.used.settle()
         REQUESTS_RUNNING.labels(*self._labels).dec()
         E2E_REQUEST_LATENCY.labels(*self._labels).observe(time.perf_counter() - self._started)
         usage = self.used.usage

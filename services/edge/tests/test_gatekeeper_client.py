@@ -1,15 +1,26 @@
-"""OpenAI's rate-limit header formats, and the stream client's failure path."""
+"""OpenAI's rate-limit header formats, the stream client's failure path, and its stream across age-outs."""
 
 from __future__ import annotations
+
+import asyncio
+import time
 
 import grpc
 import pytest
 
 from modelplex.v1 import gatekeeper_pb2 as pb
-from modelplex_edge.admission import Ask
+from modelplex.v1 import gatekeeper_pb2_grpc
+from modelplex_edge.admission import Admitted, Ask, Consumption
 from modelplex_edge.gatekeeper_client import GatekeeperAdmission, denial_error, duration, rate_headers
+from modelplex_gatekeeper.gate import Gate
+from modelplex_gatekeeper.keys import KeyRecord, KeyRing, KeysFile
+from modelplex_gatekeeper.servicer import GatekeeperServicer
+from modelplex_gatekeeper.store import MemoryStore, UsageLog
+from modelplex_kit import grpc_server
 from modelplex_kit.errors import ServiceError
+from modelplex_kit.settings import GrpcServiceSettings
 from tests.support.ports import free_port
+from tests.support.until import until
 
 
 @pytest.mark.parametrize(
@@ -44,3 +55,74 @@ async def test_an_unreachable_sidecar_is_a_503_with_retry_after():
     await admission.close()
     assert caught.value.http.status == 503 and int(caught.value.headers["retry-after"]) >= 1
     assert "sk-some-key" not in caught.value.message
+
+
+# -- the stream across age-outs: slots of requests still running are kept ---------------------------
+@pytest.fixture
+async def ageing_gatekeeper(tmp_path):
+    """The gatekeeper service, whose connections are aged out every second (0.5 s of grace), with a key
+    allowing one request at a time."""
+    keys_file = KeysFile()
+    keys_file.add(ONE_AT_A_TIME, KeyRecord(name="one", hash="", max_concurrent=1))
+    keys_file.save(tmp_path / "keys.yaml")
+    usage = tmp_path / "usage.jsonl"
+    gate = Gate(KeyRing(tmp_path / "keys.yaml"), MemoryStore(900, UsageLog(usage)))
+    servicer = GatekeeperServicer(gate, resume_window_seconds=1.0)
+    settings = GrpcServiceSettings(
+        listen=f"127.0.0.1:{free_port()}",
+        max_connection_age_seconds=1.0,
+        max_connection_age_grace_seconds=0.5,
+        grace_seconds=0.5,
+    )
+
+    def register(server):
+        gatekeeper_pb2_grpc.add_GatekeeperServiceServicer_to_server(servicer, server)
+        return ["modelplex.v1.GatekeeperService"]
+
+    task = asyncio.create_task(grpc_server.serve("gatekeeper", settings, register))
+    admission = GatekeeperAdmission(settings.listen, timeout_seconds=5)
+    yield admission, usage
+    await admission.close()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+ONE_AT_A_TIME = "sk-one-at-a-time-0123456789"
+
+
+async def _admit(admission: GatekeeperAdmission) -> Admitted:
+    return await admission.admit(Ask((f"Bearer {ONE_AT_A_TIME}",), "chat.completions", "m", 10))
+
+
+async def test_a_request_keeps_its_slot_while_the_gatekeeper_stream_is_aged_out_and_reopened(ageing_gatekeeper):
+    admission, usage = ageing_gatekeeper
+    first = await until_admitted(admission, 30)  # the server may still be starting
+    transport = admission._transport
+    streams = []
+
+    def stream_replaced_three_times() -> bool:
+        if transport._call is not None and (not streams or streams[-1] is not transport._call):
+            streams.append(transport._call)
+        return len(streams) >= 4
+
+    # The stream is cut by every age-out (1 s + 0.5 s of grace); each time the edge re-opens it at
+    # once, naming the request still running, and the gatekeeper's 1 s window to resume passes.
+    await until(stream_replaced_three_times, 30, interval=0.02)
+    with pytest.raises(ServiceError) as refused:
+        await _admit(admission)
+    assert refused.value.http.status == 429 and "concurrent" in refused.value.message
+    # The first request ends: its slot is freed once, and its usage recorded once.
+    await admission.account(first, Consumption(), failed=False)
+    second = await until_admitted(admission)
+    await admission.account(second, Consumption(), failed=False)
+    await until(lambda: usage.exists() and len(usage.read_text().splitlines()) == 2, 10)
+
+
+async def until_admitted(admission: GatekeeperAdmission, timeout: float = 10) -> Admitted:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await _admit(admission)
+        except ServiceError:
+            assert time.monotonic() < deadline, "never admitted"
+            await asyncio.sleep(0.05)

@@ -207,6 +207,8 @@ class Gate:
             "units": request.units,
             "unit_kind": request.unit_kind,
             "failed": int(request.failed),
+            # Why it ended early ("client_disconnect", "drain", "upstream_failure"); "" when it ran to its end.
+            "ended": request.ended,
             "request_id": request.meta.request_id,
         }
         await self.store.account(key, slot, reserved, used, record)

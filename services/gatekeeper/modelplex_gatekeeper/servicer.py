@@ -14,29 +14,74 @@ from modelplex_gatekeeper.gate import Gate
 
 log = logging.getLogger(__name__)
 
+# How long the slots of a stream that ended wait for its edge to reconnect and resume them. Long enough
+# for a reconnect (milliseconds); short, because an edge that died leaves its slots taken until then.
+RESUME_WINDOW_SECONDS = 10.0
+
 
 class GatekeeperServicer(gatekeeper_pb2_grpc.GatekeeperServiceServicer):
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, resume_window_seconds: float = RESUME_WINDOW_SECONDS) -> None:
         self.gate = gate
+        self._resume_window = resume_window_seconds
+        # Tickets of ended streams, waiting to be resumed or accounted before their slots are released.
+        self._orphans: dict[str, asyncio.TimerHandle] = {}
+        # Which stream's held set holds each ticket: a ticket resumed elsewhere leaves its old stream's.
+        self._holder: dict[str, set[str]] = {}
 
     async def Gate(self, batches: AsyncIterator[pb.GateBatch], context: grpc.aio.ServicerContext) -> None:
-        # Tickets admitted through this stream and not yet accounted: freed if the stream ends first.
+        # Tickets admitted through (or resumed on) this stream and not yet accounted.
         held: set[str] = set()
         try:
             async for batch in batches:
+                for ticket in batch.resumed:
+                    self._hold(ticket, held)
                 for account in batch.accounts:
-                    held.discard(account.ticket)
+                    self._forget(account.ticket)
                     await self._account(account)
                 if batch.admits:
                     replies = await self._admit_all(batch.admits)
-                    held.update(reply.ticket for reply in replies if reply.ticket)
+                    for reply in replies:
+                        if reply.ticket:
+                            self._hold(reply.ticket, held)
                     await context.write(pb.AdmitReplies(replies=replies))
         finally:
-            if held:
-                log.warning(
-                    "an edge stream ended with requests in flight; releasing their slots", extra={"slots": len(held)}
-                )
-                await asyncio.gather(*(self.gate.release(t) for t in held), return_exceptions=True)
+            self._orphan(held)
+
+    def _hold(self, ticket: str, held: set[str]) -> None:
+        self._forget(ticket)
+        held.add(ticket)
+        self._holder[ticket] = held
+
+    def _forget(self, ticket: str) -> None:
+        """The ticket is no stream's any more (accounted, or about to be held by another stream)."""
+        timer = self._orphans.pop(ticket, None)
+        if timer is not None:
+            timer.cancel()
+        holder = self._holder.pop(ticket, None)
+        if holder is not None:
+            holder.discard(ticket)
+
+    def _orphan(self, held: set[str]) -> None:
+        """A stream ended with requests in flight: their slots are released unless its edge resumes them
+        (a connection aged out or broke) within the window; an edge that died never does."""
+        if not held:
+            return
+        log.info(
+            "an edge stream ended with requests in flight; their slots are kept for the edge to resume",
+            extra={"slots": len(held), "window_seconds": self._resume_window},
+        )
+        loop = asyncio.get_running_loop()
+        for ticket in list(held):
+            self._holder.pop(ticket, None)
+            self._orphans[ticket] = loop.call_later(self._resume_window, self._release, ticket)
+        held.clear()
+
+    def _release(self, ticket: str) -> None:
+        if self._orphans.pop(ticket, None) is None:
+            return
+        log.warning("an edge never resumed a request in flight; releasing its slot")
+        task = asyncio.ensure_future(self.gate.release(ticket))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def _admit_all(self, admits) -> list[pb.AdmitReply]:
         if len(admits) == 1:

@@ -36,17 +36,22 @@ class SpeechServicer(speech_pb2_grpc.SpeechServiceServicer):
             encoder = Encoder(request.response_format or DEFAULT_FORMAT, self._engine.sample_rate)
             mime_type = encoder.format.mime_type
             samples = 0
+            begun = 0  # input characters whose synthesis has begun: metered if the stream ends early
             for sentence in sentences(request.input):
+                begun = min(len(request.input), begun + len(sentence) + 1)  # its separator with it
                 async with aclosing(self._speak(request, sentence)) as chunks:
                     async for pcm in chunks:
                         samples += len(pcm)
                         if data := encoder.encode(pcm):
-                            yield speech_pb2.SynthesizeResponse(audio=data, mime_type=mime_type)
+                            yield speech_pb2.SynthesizeResponse(
+                                audio=data, mime_type=mime_type, characters_so_far=begun
+                            )
                             mime_type = ""
             yield speech_pb2.SynthesizeResponse(
                 audio=encoder.finish(),
                 mime_type=mime_type,
                 characters=len(request.input),
+                characters_so_far=len(request.input),
                 audio_seconds=samples / self._engine.sample_rate,
             )
 

@@ -52,3 +52,28 @@ def test_encoder_streams_decodable_audio(fmt):
         samples = sum(frame.samples for frame in container.decode(audio=0))
         rate = container.streams.audio[0].rate
     assert samples / rate == pytest.approx(1.0, abs=0.1)
+
+
+class Tone:
+    """An engine that speaks every sentence as a short tone, one chunk per sentence."""
+
+    capabilities = catalog_pb2.SpeechCapabilities(voices=["en-us"], max_input_chars=4096)
+    sample_rate = 24_000
+
+    async def synthesize(self, text, *, voice, speed, instructions):
+        yield (np.sin(np.arange(self.sample_rate // 2) / 10) * 8000).astype(np.int16)
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_each_streamed_chunk_says_how_much_input_it_has_begun():
+    from modelplex_speech.servicer import SpeechServicer
+
+    text = "The first sentence is here. A second one follows it. And a third closes the text."
+    request = speech_pb2.SynthesizeRequest(input=text, voice="en-us", response_format="pcm")
+    messages = [m async for m in SpeechServicer(Tone()).Synthesize(request, None)]
+    begun = [m.characters_so_far for m in messages]
+    # What the edge meters if the stream is cut after each message: growing, sentence by sentence.
+    assert begun == sorted(begun) and len(set(begun)) == 3 and 0 < begun[0] < len(text)
+    assert messages[-1].characters == begun[-1] == len(text)

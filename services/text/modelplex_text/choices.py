@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from modelplex.v1 import common_pb2, text_pb2
 from modelplex_kit.errors import invalid, unsupported
 from modelplex_text.assembler import ChoiceAssembler
-from modelplex_text.engine import EngineEvent
+from modelplex_text.engine import EngineEvent, Progress
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +99,11 @@ async def stream_choices(
         logprobs: list[text_pb2.TokenLogprob] = []
         # aclosing: when our consumer leaves, the engine's generation is aborted now, not at garbage collection.
         async with aclosing(generate(index, None if seed is None else seed + index, deadline)) as pieces:
+            generated = 0  # this choice's pieces so far: about one per token (a piece may hold several)
             async for piece in pieces:
                 if isinstance(piece, ChoiceText):
+                    generated += 1
+                    yield Progress(usage.prompt_tokens, usage.completion_tokens + generated)
                     logprobs.extend(piece.logprobs)
                     if (delta := assembler.feed(piece.text)) is not None:
                         yield _with_logprobs(delta, logprobs)

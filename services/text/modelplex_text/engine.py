@@ -16,11 +16,22 @@ settings model); ``MODELPLEX_TEXT_ENGINE`` picks one at startup.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 
-EngineEvent = text_pb2.ChoiceDelta | common_pb2.Usage
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Running totals of a request still generating: what it has consumed so far."""
+
+    prompt_tokens: int
+    #: Tokens generated so far, every choice together (at least the pieces emitted; exact at the end).
+    completion_tokens: int
+
+
+EngineEvent = text_pb2.ChoiceDelta | common_pb2.Usage | Progress
 
 
 class TextEngine(Protocol):
@@ -38,6 +49,8 @@ class TextEngine(Protocol):
         - zero or more ``ChoiceDelta`` per choice index in ``[0, max(n, 1))``;
           each choice ends with exactly one delta whose ``finish_reason`` is set;
         - then exactly one ``Usage``, the last event;
+        - optionally, at any point before it, ``Progress`` (running totals), so a request that
+          ends early (the client left, the edge drained) is still accounted what it consumed;
         - a request the engine cannot serve raises ``ServiceError`` before the
           first event (400s) or at any point (503 when the engine went away);
         - if the consumer stops early (``aclose()``, or cancellation because

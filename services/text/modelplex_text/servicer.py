@@ -14,7 +14,7 @@ from modelplex.v1 import catalog_pb2, common_pb2, text_pb2, text_pb2_grpc
 from modelplex_kit.modalities.text import check_and_fit_text_request
 from modelplex_text.batching import merge_deltas, ready_batches
 from modelplex_text.constraints import check_request
-from modelplex_text.engine import TextEngine
+from modelplex_text.engine import Progress, TextEngine
 
 
 class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
@@ -28,17 +28,23 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
         await check(request, self._capabilities)
         header = {"id": uuid.uuid4().hex, "model": request.model, "created": int(time.time())}
         usage = common_pb2.Usage()
+        progress = RunningUsage()
         async with aclosing(self._engine.stream(request)) as events:
             async for batch in ready_batches(events):
                 deltas = []
                 for event in batch:
                     if isinstance(event, common_pb2.Usage):
                         usage = event
+                    elif isinstance(event, Progress):
+                        progress.engine_says(event)
                     else:
+                        progress.delta_seen()
                         deltas.append(event)
                 if deltas:
-                    yield text_pb2.GenerateStreamResponse(**header, deltas=merge_deltas(deltas))
-        yield text_pb2.GenerateStreamResponse(**header, usage=usage)
+                    yield text_pb2.GenerateStreamResponse(
+                        **header, deltas=merge_deltas(deltas), progress=progress.usage()
+                    )
+        yield text_pb2.GenerateStreamResponse(**header, usage=usage, progress=usage)
 
     async def Generate(self, request, context: grpc.aio.ServicerContext) -> text_pb2.GenerateResponse:
         await check(request, self._capabilities)
@@ -48,11 +54,34 @@ class TextGenerationServicer(text_pb2_grpc.TextGenerationServiceServicer):
             async for event in events:
                 if isinstance(event, common_pb2.Usage):
                     usage = event
-                else:
+                elif not isinstance(event, Progress):  # a unary answer is accounted whole, or not at all
                     merge_delta(choices[event.index], event)
         return text_pb2.GenerateResponse(
             id=uuid.uuid4().hex, model=request.model, created=int(time.time()), choices=choices, usage=usage
         )
+
+
+class RunningUsage:
+    """What a stream has consumed so far, sent on each message so an interrupted stream is still metered.
+
+    Engines that report ``Progress`` are taken at their word; for those that do not (an OpenAI-compatible
+    upstream), each delta counts as one token: upstreams stream about one token per chunk.
+    """
+
+    def __init__(self) -> None:
+        self._reported = Progress(0, 0)
+        self._deltas = 0
+
+    def engine_says(self, progress: Progress) -> None:
+        self._reported = progress
+
+    def delta_seen(self) -> None:
+        self._deltas += 1
+
+    def usage(self) -> common_pb2.Usage:
+        completion = max(self._reported.completion_tokens, self._deltas)
+        prompt = self._reported.prompt_tokens
+        return common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 async def check(request: text_pb2.GenerateRequest, capabilities: catalog_pb2.Capabilities) -> None:

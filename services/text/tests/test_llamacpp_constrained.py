@@ -10,7 +10,7 @@ import grpc
 import jsonschema
 import pytest
 
-from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
+from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_kit.errors import ServiceError
 from modelplex_text.adapters.llamacpp import LlamaCppEngine
 from modelplex_text.servicer import check, merge_delta
@@ -61,7 +61,7 @@ async def generate(engine: LlamaCppEngine, request: text_pb2.GenerateRequest) ->
     await check(request, catalog_pb2.Capabilities(text=engine.capabilities))
     choice = text_pb2.Choice(index=0)
     async for event in engine.stream(request, incremental=False):
-        if not isinstance(event, common_pb2.Usage):
+        if isinstance(event, text_pb2.ChoiceDelta):  # not the Usage, nor the running Progress
             merge_delta(choice, event)
     return choice
 

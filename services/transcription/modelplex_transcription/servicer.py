@@ -35,7 +35,9 @@ class TranscriptionServicer(transcription_pb2_grpc.TranscriptionServiceServicer)
     ) -> AsyncIterator[transcription_pb2.TranscribeStreamResponse]:
         response = transcription_pb2.TranscribeResponse()
         async for segment in self._events(request, response, incremental=True):
-            yield transcription_pb2.TranscribeStreamResponse(delta=segment.text)
+            yield transcription_pb2.TranscribeStreamResponse(
+                delta=segment.text, seconds_so_far=response.duration_seconds
+            )
         yield transcription_pb2.TranscribeStreamResponse(done=response)
 
     async def _events(
@@ -56,6 +58,10 @@ class TranscriptionServicer(transcription_pb2_grpc.TranscriptionServiceServicer)
                     if isinstance(event, transcription_pb2.TranscriptSegment):
                         response.segments.append(event)
                         response.text += event.text
+                        # Until Finished sets it: the seconds of audio handled so far (recognised, or
+                        # decoded for engines whose streamed segments carry no times), metered if the
+                        # stream ends early.
+                        response.duration_seconds = max(response.duration_seconds, event.end, audio.seconds)
                         yield event
                     elif isinstance(event, transcription_pb2.TranscriptWord):
                         response.words.append(event)

@@ -29,7 +29,7 @@ async def create_speech(http: Request) -> Response:
             return call.respond_stream(translate.sse_events(stream), done=None)
         call.hand_off()
         return AudioResponse(
-            _ended_quietly(translate.audio_bytes(stream)),
+            _ended_quietly(call.watched(translate.audio_bytes(stream))),
             call.finish,
             media_type=translate.MIME_TYPES[body.response_format],
             headers=call.admitted.headers,

@@ -33,10 +33,12 @@ def to_proto(body: SpeechRequest, model_id: str, meta: common_pb2.RequestMeta) -
 
 
 def meter(message: speech_pb2.SynthesizeResponse, used: Consumption) -> None:
-    """Speech is metered in input characters (on the stream's last message)."""
+    """Speech is metered in input characters (on the stream's last message; before it, the characters
+    begun so far, accounted if the stream ends early)."""
     if message.characters:
-        used.units += message.characters
-        used.unit_kind = "characters"
+        used.add_units(message.characters, "characters")
+    elif message.characters_so_far:
+        used.running_count(message.characters_so_far, "characters")
     if message.HasField("usage"):
         used.add_usage(message.usage)
 

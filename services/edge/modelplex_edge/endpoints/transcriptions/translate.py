@@ -31,11 +31,14 @@ def to_proto(
 
 
 def meter(message: Any, used: Consumption) -> None:
-    """Transcription is metered in seconds of audio (on the unary response and the stream's last message)."""
-    done = message.done if isinstance(message, transcription_pb2.TranscribeStreamResponse) else message
+    """Transcription is metered in seconds of audio (on the unary response and the stream's last message;
+    before it, the seconds recognised so far, accounted if the stream ends early)."""
+    streamed = isinstance(message, transcription_pb2.TranscribeStreamResponse)
+    done = message.done if streamed else message
     if done.duration_seconds:
-        used.units += done.duration_seconds
-        used.unit_kind = "seconds"
+        used.add_units(done.duration_seconds, "seconds")
+    elif streamed and message.seconds_so_far:
+        used.running_count(message.seconds_so_far, "seconds")
 
 
 def _usage(response: transcription_pb2.TranscribeResponse) -> dict[str, Any]:
