@@ -133,7 +133,7 @@ def test_chart_metadata() -> None:
 
 def test_unknown_engine_is_refused_naming_the_known_ones() -> None:
     """Checked against backends.<modality>.engines when rendering (the schema names no modality)."""
-    with pytest.raises(helm.HelmRenderError, match="engine.kind must be one of llamacpp, openai, triton"):
+    with pytest.raises(helm.HelmRenderError, match=r"engine\.kind must be one of llamacpp, openai, triton"):
         render({"models": [{"id": "x", "engine": {"kind": "bogus"}}]})
 
 
