@@ -30,7 +30,9 @@ from modelplex_kit.container import images
 from tests.support.dockerfile import exec_form, ignored, instructions, stages
 from tests.support.ports import free_port
 
-pytestmark = pytest.mark.integration
+# Eight fresh venvs installed at once: 10-13 minutes on a loaded 2-core machine, far past the suite's
+# 300 s default (which cut the install fixture there); the health waits have their own bound below.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
