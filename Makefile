@@ -9,7 +9,8 @@ BIN := $(VENV)/bin
 PY := $(BIN)/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
-SERVICES := services/catalog services/text services/embeddings services/speech services/transcription services/images services/videos services/gatekeeper services/edge
+# Every folder of services/ with a pyproject.toml: a new service is installed without being named here.
+SERVICES := $(patsubst %/pyproject.toml,%,$(wildcard services/*/pyproject.toml))
 # llama.cpp is compiled once, portably (no -march=native, no AVX-512/AMX), into a wheel directory of
 # this checkout named after its version and flags; scripts/llama-wheel.sh holds the flags.
 # `make venv LLAMA_WHEELS=dir` uses (or fills) another directory; tests/deploy/test_images.py reads it too.

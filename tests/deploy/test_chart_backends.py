@@ -1,6 +1,7 @@
 """The chart's generic backend template: one Deployment + headless Service per model of any modality.
 
-The `backends` rows mirror the modality registry; the catalog entry and the backend's environment come
+The `backends` rows are the modality registry's rows (over `backendDefaults`) and the schema names no
+modality; the catalog entry and the backend's environment come
 from one settings dict; NetworkPolicies cover every workload; values.schema.json refuses bad values.
 """
 
@@ -33,33 +34,54 @@ def backend_deployments(objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------ the registry
 
 
+def test_the_backends_rows_are_the_registry_rows() -> None:
+    assert set(VALUES["backends"]) == set(REGISTRY)
+
+
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_registry_row_has_an_equal_chart_row(name: str) -> None:
-    """Every registry row has its `backends` row (rows the registry lacks yet may exist in values)."""
+def test_each_modality_renders_as_its_registry_row_says(name: str) -> None:
+    """Package, settings prefix and port as rendered (row over backendDefaults, naming convention) = the registry's."""
     row = REGISTRY[name]
-    chart_row = VALUES["backends"].get(name)
-    assert chart_row is not None, f"backends.{name} missing from values.yaml"
-    assert chart_row["envPrefix"] == row.env_prefix
-    assert chart_row["port"] == row.port
-    assert chart_row["package"] == row.package
-    assert chart_row["image"]["repository"] == f"modelplex/{name}"
+    assert VALUES["backends"][name]["image"]["repository"] == f"modelplex/{name}"
+    kind = VALUES["backends"][name]["engines"][0]
+    model = {"id": "m", "modality": name, "engine": {"kind": kind, "settings": {"upstream_url": "http://u"}}}
+    objects = render({"models": [model]})
+    c = container(one(objects, "Deployment", f"{RELEASE}-{name}-m"))
+    assert c["command"] == ["python", "-m", row.package]
+    assert env(c)[f"{row.env_prefix}LISTEN"] == f"0.0.0.0:{row.port}"
+    assert env(c)[f"{row.env_prefix}ENGINE"] == kind
+    assert catalog(objects)["m"]["backend"].endswith(f":{row.port}")
+    assert one(objects, "Service", f"{RELEASE}-{name}-m")["spec"]["ports"][0]["port"] == row.port
 
 
-def test_backend_rows_are_distinct() -> None:
-    rows = VALUES["backends"].values()
-    assert len({r["port"] for r in rows}) == len(rows)
-    assert len({r["envPrefix"] for r in rows}) == len(rows)
+def test_the_schema_and_crd_name_no_modality() -> None:
+    """A new modality edits neither: the chart checks models against the `backends` rows when rendering."""
+    for text in ((CHART / "values.schema.json").read_text(), (CHART / "crds" / "models.modelplex.io.yaml").read_text()):
+        for name in set(REGISTRY) - {"text"}:  # text: the one modality whose capabilities are a list
+            assert f'"{name}"' not in text and f" {name}," not in text and f"[{name}" not in text, name
 
 
-def test_schema_engine_kinds_follow_the_backends_rows() -> None:
-    schema = json.loads((CHART / "values.schema.json").read_text())
-    rules = schema["definitions"]["model"]["allOf"]
-    kinds = {
-        r["if"]["properties"]["modality"]["const"]: r["then"]["properties"]["engine"]["properties"]["kind"]["enum"]
-        for r in rules
+def test_backend_defaults_fill_what_a_row_leaves_out() -> None:
+    objects = render(
+        {
+            "backendDefaults": {"replicaCount": 3, "shutdown": {"graceSeconds": 700}},
+            "backends": {"images": {"replicaCount": 0}, "embeddings": {"resources": {"limits": {"memory": "3Gi"}}}},
+            "models": [
+                {"id": "e", "modality": "embeddings", "engine": {"kind": "local"}},
+                {"id": "i", "modality": "images", "engine": {"kind": "procedural"}},
+            ],
+        }
+    )
+    embeddings = one(objects, "Deployment", f"{RELEASE}-embeddings-e")
+    images = one(objects, "Deployment", f"{RELEASE}-images-i")
+    assert embeddings["spec"]["replicas"] == 3
+    assert images["spec"]["replicas"] == 0  # a row's 0 is a value, not "unset"
+    assert env(container(images))["MODELPLEX_GRACE_SECONDS"] == "700"
+    # A row's partial resources keep the defaults' other key.
+    assert container(embeddings)["resources"] == {
+        "requests": {"cpu": "500m", "memory": "512Mi"},
+        "limits": {"memory": "3Gi"},
     }
-    assert kinds == {name: row["engines"] for name, row in VALUES["backends"].items()}
-    assert schema["definitions"]["modality"]["enum"] == list(VALUES["backends"])
 
 
 # ------------------------------------------------------------------ schema: a test per rule
@@ -70,10 +92,7 @@ def _model(**fields: Any) -> dict[str, Any]:
 
 
 BAD_VALUES = {
-    "unknown modality": _model(modality="audio"),
     "unknown backends row": {"backends": {"audio": {}}},
-    "engine kind not allowed for the modality": _model(modality="embeddings", engine={"kind": "llamacpp"}),
-    "text engine on speech": _model(modality="speech", engine={"kind": "openai"}),
     "old camelCase engine field": _model(engine={"kind": "llamacpp", "modelPath": "/m.gguf"}),
     "settings key not snake_case": _model(engine={"kind": "llamacpp", "settings": {"ModelPath": "/m"}}),
     "secret setting without key": _model(
@@ -90,7 +109,6 @@ BAD_VALUES = {
     "no engines": {"backends": {"speech": {"engines": []}}},
     "port out of range": {"backends": {"speech": {"port": 70000}}},
     "unknown backends field": {"backends": {"text": {"thread": 2}}},
-    "allowFrom an unknown modality": {"backends": {"text": {"allowFrom": ["audio"]}}},
     "data volume with a relative path": {
         "backends": {"videos": {"dataVolume": {"enabled": True, "mountPath": "data"}}}
     },
@@ -108,6 +126,27 @@ def test_schema_rejects(values: dict[str, Any]) -> None:
         chart.validate_schema(values)
 
 
+# Checked against the `backends` rows when rendering (the schema lists no modality), with the message.
+BAD_MODELS = {
+    "unknown modality": (_model(modality="audio"), 'unknown modality "audio" \\(the chart knows embeddings, '),
+    "engine kind not allowed for the modality": (
+        _model(modality="embeddings", engine={"kind": "llamacpp"}),
+        "engine.kind must be one of local, openai, triton for modality embeddings",
+    ),
+    "text engine on speech": (_model(modality="speech", engine={"kind": "openai"}), "for modality speech"),
+    "allowFrom an unknown modality": (
+        {"backends": {"text": {"allowFrom": ["audio"]}}, "models": [{"id": "x", "engine": {"kind": "llamacpp"}}]},
+        'backends.text.allowFrom: unknown modality "audio"',
+    ),
+}
+
+
+@pytest.mark.parametrize(("values", "message"), BAD_MODELS.values(), ids=BAD_MODELS.keys())
+def test_render_rejects(values: dict[str, Any], message: str) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match=message):
+        chart.render(with_test_key(values), name=RELEASE, namespace=NAMESPACE)
+
+
 def test_schema_accepts_every_ci_values_file() -> None:
     with helm.Chart.load(CHART) as chart:
         for path in sorted((CHART / "ci").glob("*-values.yaml")):
@@ -119,16 +158,16 @@ def test_schema_accepts_every_ci_values_file() -> None:
 
 def test_every_modality_gets_a_backend(cpu_objects: list[dict[str, Any]]) -> None:
     by_modality = {d["metadata"]["labels"][COMPONENT]: d for d in backend_deployments(cpu_objects)}
-    assert set(by_modality) == set(VALUES["backends"])
+    assert set(by_modality) == set(REGISTRY)
     for modality, dep in by_modality.items():
-        row = VALUES["backends"][modality]
+        row = REGISTRY[modality]
         c = container(dep)
-        assert c["command"] == ["python", "-m", row["package"]]
+        assert c["command"] == ["python", "-m", row.package]
         assert c["image"] == f"modelplex/{modality}:0.1.0"
         e = env(c)
-        assert e[f"{row['envPrefix']}LISTEN"] == f"0.0.0.0:{row['port']}"
+        assert e[f"{row.env_prefix}LISTEN"] == f"0.0.0.0:{row.port}"
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            assert c[probe]["grpc"]["port"] == row["port"]
+            assert c[probe]["grpc"]["port"] == row.port
         assert dep["metadata"]["name"].startswith(f"{RELEASE}-{modality}-")
 
 
@@ -137,11 +176,11 @@ def test_catalog_and_env_come_from_one_dict(cpu_objects: list[dict[str, Any]]) -
     models = catalog(cpu_objects)
     checked = 0
     for dep in backend_deployments(cpu_objects):
-        row = VALUES["backends"][dep["metadata"]["labels"][COMPONENT]]
-        prefix = row["envPrefix"]
+        row = REGISTRY[dep["metadata"]["labels"][COMPONENT]]
+        prefix = row.env_prefix
         e = env(container(dep))
         entry = next(m for m in models.values() if m["backend"].startswith(f"{dep['metadata']['name']}."))
-        assert entry["backend"].endswith(f":{row['port']}")
+        assert entry["backend"].endswith(f":{row.port}")
         assert e[f"{prefix}ENGINE"] == entry["engine"]["kind"]
         settings = entry["engine"]["settings"]
         from_settings = {k.removeprefix(prefix).lower(): v for k, v in e.items() if k.startswith(prefix)}
@@ -287,5 +326,5 @@ def test_backends_reachable_from_the_edge_only(cpu_objects: list[dict[str, Any]]
     for modality in VALUES["backends"]:
         rule = policies[f"{RELEASE}-{modality}-ingress"]["spec"]["ingress"][0]
         callers = [peer["podSelector"]["matchLabels"][COMPONENT] for peer in rule["from"]]
-        assert callers == (["edge", "transcription"] if modality == "text" else ["edge"])
+        assert callers == ["edge"]
         assert rule["ports"] == [{"port": "grpc"}]

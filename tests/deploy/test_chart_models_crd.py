@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from modelplex_catalog.kube import spec_from_resource
+from modelplex_kit.modalities import REGISTRY
 from tests.deploy.test_helm import CHART, LLAMA_VLLM, SMOLLM2, find, render
 
 CRD = yaml.safe_load((CHART / "crds" / "models.modelplex.io.yaml").read_text())
@@ -73,7 +74,7 @@ def test_schema_rejects_an_unknown_source():
 @pytest.mark.parametrize(
     "spec",
     [
-        {"modality": "smell", "backend": "x:1", "engine": {"kind": "k"}},
+        {"modality": "Text!", "backend": "x:1", "engine": {"kind": "k"}},
         {"modality": "text", "engine": {"kind": "k"}},
         {"modality": "text", "backend": "x:1", "engine": {}},
         {"modality": "text", "backend": "x:1", "engine": {"kind": "k"}, "contextLength": -1},
@@ -82,3 +83,17 @@ def test_schema_rejects_an_unknown_source():
 def test_crd_schema_rejects_bad_models(spec):
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({"apiVersion": "modelplex.io/v1alpha1", "kind": "Model", "spec": spec}, _crd_schema())
+
+
+def test_an_unknown_modality_is_refused_by_the_catalog_which_names_the_registry():
+    """The CRD lists no modalities (a new one needs no CRD change); the catalog's loader holds the line."""
+    resource = {
+        "apiVersion": "modelplex.io/v1alpha1",
+        "kind": "Model",
+        "metadata": {"name": "m"},
+        "spec": {"id": "m", "modality": "smell", "backend": "x:1", "engine": {"kind": "k"}},
+    }
+    jsonschema.validate(resource, _crd_schema())
+    with pytest.raises(ValueError, match="unknown modality 'smell'") as refused:
+        spec_from_resource(resource)
+    assert all(name in str(refused.value) for name in REGISTRY)

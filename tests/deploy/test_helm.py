@@ -13,6 +13,8 @@ import helm_python as helm
 import pytest
 import yaml
 
+from modelplex_edge.settings import EdgeSettings
+
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "deploy" / "helm" / "modelplex"
 CI_VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
@@ -129,9 +131,10 @@ def test_chart_metadata() -> None:
         assert chart.schema is not None
 
 
-def test_schema_rejects_unknown_engine() -> None:
-    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
-        chart.validate_schema({"models": [{"id": "x", "engine": {"kind": "bogus"}}]})
+def test_unknown_engine_is_refused_naming_the_known_ones() -> None:
+    """Checked against backends.<modality>.engines when rendering (the schema names no modality)."""
+    with pytest.raises(helm.HelmRenderError, match=r"engine\.kind must be one of llamacpp, openai, triton"):
+        render({"models": [{"id": "x", "engine": {"kind": "bogus"}}]})
 
 
 # ------------------------------------------------------------------ defaults
@@ -150,7 +153,9 @@ def test_default_objects(default_objects: list[dict[str, Any]]) -> None:
     assert find(default_objects, "Secret", f"{RELEASE}-dev-api-key")
     assert find(default_objects, "PodDisruptionBudget", f"{RELEASE}-edge")
     assert not find(default_objects, "Ingress")
-    assert not find(default_objects, "NetworkPolicy")
+    # Backends are walled off by default (a no-op where the CNI ignores NetworkPolicy).
+    policies = {o["metadata"]["name"] for o in find(default_objects, "NetworkPolicy")}
+    assert {f"{RELEASE}-{name}-ingress" for name in ("edge", "catalog", "text")} <= policies
     # Nothing asks for a GPU by default.
     for d in find(default_objects, "Deployment"):
         for c in d["spec"]["template"]["spec"]["containers"]:
@@ -447,6 +452,15 @@ def test_ingress() -> None:
     assert rule["http"]["paths"][0]["backend"]["service"]["name"] == f"{RELEASE}-edge"
     assert rule["http"]["paths"][0]["path"] == "/v1"  # metrics and probes are not public
     assert ing["spec"]["tls"][0]["hosts"] == ["api.example.com"]
+    # nginx must pass every body the edge accepts, or a 25 MB upload gets nginx's HTML 413.
+    assert nginx_size(ann["nginx.ingress.kubernetes.io/proxy-body-size"]) >= EdgeSettings().max_upload_bytes
+
+
+def nginx_size(value: str) -> int:
+    """nginx's size syntax: bytes, or k/m/g suffixes in powers of 1024."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    suffix = value[-1].lower()
+    return int(value[:-1]) * units[suffix] if suffix in units else int(value)
 
 
 def test_cors_and_autoscaling() -> None:
@@ -472,7 +486,7 @@ def test_network_policies() -> None:
     callers = [
         peer["podSelector"]["matchLabels"]["app.kubernetes.io/component"] for peer in text["spec"]["ingress"][0]["from"]
     ]
-    assert callers == ["edge", "transcription"]  # transcription backends translate through a text model
+    assert callers == ["edge"]  # the edge makes the text call behind translations, no backend does
     assert text["spec"]["ingress"][0]["ports"] == [{"port": "grpc"}]
     vllm = policies[f"{RELEASE}-vllm-llama-3-1-8b-instruct-ingress"]
     assert vllm["spec"]["podSelector"]["matchLabels"]["modelplex.io/model"] == "llama-3-1-8b-instruct"

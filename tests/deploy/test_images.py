@@ -1,9 +1,11 @@
 """Every service, installed as its image installs it, starts and answers its health check.
 
-For each services/<name>/Dockerfile (found on disk, so a new service is tested without being named
-here): the files its build stage COPYs, with .dockerignore applied, go to a directory outside the source
-tree; the build stage's `scripts/install-service.sh` runs there into a fresh venv (non-editable, as in the
-image); then the image's ENTRYPOINT starts from that venv and its HEALTHCHECK command runs until it passes.
+For each image the project builds (the edge, the catalog and one per modality registry row, so a new
+modality is tested without being named here), the one Dockerfile read with SERVICE=<name>: the files its
+build stage COPYs (its service's folders as scripts/service-folders.sh names them), with .dockerignore
+applied, go to a directory outside the source tree; the build stage's `scripts/install-service.sh` runs
+there into a fresh venv (non-editable, as in the image); then the image's ENTRYPOINT starts from that venv
+with the image's environment and its HEALTHCHECK command runs until it passes.
 Two differences from a Docker build, both for speed: the text image compiles llama.cpp itself, while here
 the portable wheel that `make venv` built with the same script and flags is offered to pip; and pip may use
 its cache here (the build stage sets PIP_NO_CACHE_DIR). Services listen on free ports on 127.0.0.1.
@@ -24,13 +26,17 @@ from pathlib import Path
 import pytest
 
 from modelplex_kit.children import tied_to_parent
+from modelplex_kit.container import images
 from tests.support.dockerfile import exec_form, ignored, instructions, stages
 from tests.support.ports import free_port
 
-pytestmark = pytest.mark.integration
+# Eight fresh venvs installed at once: 10-13 minutes on a loaded 2-core machine, far past the suite's
+# 300 s default (which cut the install fixture there); the health waits have their own bound below.
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICES = sorted(p.parent.name for p in (REPO / "services").glob("*/Dockerfile"))
+DOCKERFILE = REPO / "Dockerfile"
+SERVICES = sorted(images())
 STARTUP_S = 180
 # What the image's environment sets and this one must not leak in: the source tree, the dev venv.
 _LEAKS = ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PIP_REQUIRE_VIRTUALENV")
@@ -43,27 +49,36 @@ class Image:
     install: list[str]  # the install-service.sh command line
     entrypoint: list[str]
     healthcheck: list[str]
-    port: int  # the first EXPOSEd port: the one the health check asks
+    env: dict[str, str]  # the runtime stage's ENV that names the service
 
     @classmethod
     def read(cls, name: str) -> Image:
-        instrs = instructions(REPO / "services" / name / "Dockerfile")
-        build, runtime = stages(instrs)[0], stages(instrs)[-1]
+        instrs = [(op, args.replace("${SERVICE}", name)) for op, args in instructions(DOCKERFILE)]
+        build, runtime = stages(instrs)[1], stages(instrs)[-1]
+        assert stages(instrs)[0][0][1].endswith(" AS sources") and build[0][1].endswith(" AS build")
         copies = [tuple(a.split()) for op, a in build if op == "COPY" and not a.startswith("--")]
+        # The sources stage's pick: this service's folders only.
+        assert ("COPY", "--from=sources /picked/ ./") in build
+        copies += [(folder, folder) for folder in _service_folders(name)]
         runs = " && ".join(a for op, a in build if op == "RUN")
-        install = re.search(r"scripts/install-service\.sh \S+ \S+", runs)
-        assert install, f"services/{name}/Dockerfile does not run scripts/install-service.sh"
+        install = re.search(r'scripts/install-service\.sh "\S+" \S+', runs)
+        assert install, "the Dockerfile does not run scripts/install-service.sh"
         (health,) = [a for op, a in runtime if op == "HEALTHCHECK"]
         (entrypoint,) = [a for op, a in runtime if op == "ENTRYPOINT"]
-        exposed = [a.split()[0] for op, a in runtime if op == "EXPOSE"]
         return cls(
             name,
             copies,
-            install.group(0).split(),
+            install.group(0).replace('"', "").split(),
             exec_form(entrypoint),
             exec_form(health[health.index(" CMD ") :]),
-            int(exposed[0].split("/")[0]),
+            {"MODELPLEX_SERVICE": name},
         )
+
+
+def _service_folders(name: str) -> list[str]:
+    listed = subprocess.run([REPO / "scripts" / "service-folders.sh", name], cwd=REPO, capture_output=True, text=True)
+    assert listed.returncode == 0, listed.stderr
+    return listed.stdout.split()
 
 
 def _copy_context(image: Image, src: Path) -> None:
@@ -126,10 +141,11 @@ class Running:
     process: subprocess.Popen
     log: Path
 
+    wiring: dict[str, str]
+
     def healthcheck(self) -> subprocess.CompletedProcess:
-        """The image's HEALTHCHECK command, pointed at this instance's port."""
-        command = [c.replace(f"127.0.0.1:{self.image.port}", self.address) for c in self.image.healthcheck]
-        return _run_in(self.venv, command, timeout=30)
+        """The image's HEALTHCHECK command, in the service's environment (it reads the same address)."""
+        return _run_in(self.venv, self.image.healthcheck, timeout=30, **self.image.env, **self.wiring)
 
 
 def _in_image(venv: Path, **extra: str) -> tuple[Path, dict[str, str]]:
@@ -141,9 +157,9 @@ def _in_image(venv: Path, **extra: str) -> tuple[Path, dict[str, str]]:
     return home, _clean_env(PATH=path, PYTHONUNBUFFERED="1", PYTHONDONTWRITEBYTECODE="1", **extra)
 
 
-def _run_in(venv: Path, command: list[str], **kwargs) -> subprocess.CompletedProcess:
-    home, env = _in_image(venv)
-    return subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, **kwargs)
+def _run_in(venv: Path, command: list[str], timeout: float | None = None, **extra: str) -> subprocess.CompletedProcess:
+    home, env = _in_image(venv, **extra)
+    return subprocess.run(command, cwd=home, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def _start(image: Image, venv: Path, catalog: str, port: int) -> Running:
@@ -152,13 +168,13 @@ def _start(image: Image, venv: Path, catalog: str, port: int) -> Running:
     address = f"127.0.0.1:{port}"
     wiring = {f"{prefix}LISTEN": address, f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": str(port)}
     wiring[f"{prefix}CATALOG_TARGET"] = catalog
-    home, env = _in_image(venv, **wiring)
+    home, env = _in_image(venv, **image.env, **wiring)
     log = venv.parent / "service.log"
     with log.open("wb") as sink:
         process = subprocess.Popen(
             image.entrypoint, cwd=home, env=env, stdout=sink, stderr=subprocess.STDOUT, **tied_to_parent()
         )
-    return Running(image, venv, address, process, log)
+    return Running(image, venv, address, process, log, wiring)
 
 
 def _wait_healthy(service: Running) -> None:

