@@ -12,6 +12,7 @@ import pytest
 
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_text.adapters.llamacpp import LlamaCppEngine
+from modelplex_text.engine import Progress
 from modelplex_text.servicer import check, merge_delta
 from modelplex_text.settings import LlamaCppSettings
 
@@ -43,7 +44,8 @@ def chat(text: str, *, top_logprobs: int = 5, temperature: float = 0.0, max_toke
 
 async def deltas(engine: LlamaCppEngine, request: text_pb2.GenerateRequest) -> tuple[list, common_pb2.Usage]:
     await check(request, catalog_pb2.Capabilities(text=engine.capabilities))
-    events = [event async for event in engine.stream(request)]
+    # Running totals (Progress) are the servicer's business, not a choice's.
+    events = [event async for event in engine.stream(request) if not isinstance(event, Progress)]
     return events[:-1], events[-1]
 
 

@@ -1,7 +1,7 @@
 import asyncio
 
 from modelplex.v1 import catalog_pb2, text_pb2
-from modelplex_text.choices import ChoiceEnd, stream_choices
+from modelplex_text.choices import ChoiceEnd, ChoiceText, stream_choices
 from modelplex_text.servicer import TextGenerationServicer, merge_delta
 
 
@@ -36,7 +36,7 @@ class Counting:
     def stream(self, request, *, incremental: bool = True):
         async def generate(index, seed, deadline):
             for i in range(self.PIECES):
-                yield f"w{i} "
+                yield ChoiceText(f"w{i} ")
                 await asyncio.sleep(0)  # one message per piece: the stream is read as it is produced
             yield ChoiceEnd("length", self.PIECES)
 
