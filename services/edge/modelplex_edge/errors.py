@@ -100,6 +100,10 @@ def _first_error(first: Any) -> ServiceError:
         return invalid("The request body must be a JSON object.")
     param = (first.get("ctx") or {}).get("param") or openai_param(tuple(first["loc"]))
     if first["type"] == "extra_forbidden":
+        # The last part is the client's own key, whatever it looks like (openai_param would take a key
+        # such as "None" or "Model" for one of pydantic's type tags and drop it).
+        parent, key = openai_param(tuple(first["loc"][:-1])), str(first["loc"][-1])
+        param = f"{parent}.{key}" if parent else key
         return invalid(f"Unrecognized request argument supplied: {param}", param)
     if first["type"] == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param)

@@ -141,6 +141,13 @@ async def test_completions_integers_beyond_the_wire_types_are_a_400(edge, body):
     assert_invalid(response, next(iter(body)))
 
 
+@pytest.mark.parametrize("key", ["None", "Model", "str"])
+async def test_an_unknown_argument_is_named_whatever_it_looks_like(edge, key):
+    # Found by the spec property test: keys that look like pydantic's type tags were dropped from `param`.
+    error = assert_invalid(await edge.post("/v1/chat/completions", json=chat(**{key: 1}), headers=AUTH), key)
+    assert error["message"] == f"Unrecognized request argument supplied: {key}"
+
+
 # -- defect 4: FastAPI's own 422 for query parameters -------------------------------------------------
 
 
