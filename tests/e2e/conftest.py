@@ -15,6 +15,8 @@ DEV_KEY = "sk-modelplex-e2e"
 MAX_BODY = 256 * 1024
 # Read timeouts for slow clients (headers, body), short so the tests that trip them stay fast.
 SLOW_CLIENT_SECONDS = 2
+# The whole body's deadline, for the test that trickles one byte at a time (each gap within the above).
+BODY_DEADLINE_SECONDS = 5
 
 
 def _catalog(tmp: Path) -> Path:
@@ -86,6 +88,7 @@ def stack(tmp_path_factory):
         "MODELPLEX_TEXT_MAX_QUEUE": "16",
         "MODELPLEX_EDGE_BODY_TIMEOUT_SECONDS": str(SLOW_CLIENT_SECONDS),
         "MODELPLEX_EDGE_HEADER_TIMEOUT_SECONDS": str(SLOW_CLIENT_SECONDS),
+        "MODELPLEX_EDGE_BODY_DEADLINE_SECONDS": str(BODY_DEADLINE_SECONDS),
         "MODELPLEX_LOG_LEVEL": "info",
     }
     running = Stack(

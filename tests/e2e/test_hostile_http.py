@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import select
 import socket
 import time
 
 import httpx
 import pytest
 
-from tests.e2e.conftest import SLOW_CLIENT_SECONDS
+from tests.e2e.conftest import BODY_DEADLINE_SECONDS, SLOW_CLIENT_SECONDS
 
 pytestmark = pytest.mark.e2e
 
@@ -77,6 +78,33 @@ def test_a_body_sent_too_slowly_gets_408_not_a_500(stack, client):
     assert reply.startswith(b"HTTP/1.1 408")
     assert b"connection: close" in reply.lower()
     assert metric_500() == before
+
+
+def test_a_body_trickled_a_byte_at_a_time_is_cut_at_the_body_deadline(stack, client):
+    # Each byte comes well within the gap timeout; only the whole body's deadline can cut this client.
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Authorization: Bearer {client.api_key}\r\n".encode()
+        + b"Content-Length: 1000\r\n\r\n"
+    )
+    gap = SLOW_CLIENT_SECONDS / 4
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", stack.edge_port), timeout=BODY_DEADLINE_SECONDS + 30) as sock:
+        sock.sendall(head)
+        # One byte per gap until the edge answers (1000 bytes would take far longer than the deadline).
+        while time.monotonic() - started < BODY_DEADLINE_SECONDS + 20:
+            if select.select([sock], [], [], gap)[0]:
+                break
+            sock.sendall(b" ")
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    reply = b"".join(chunks)
+    elapsed = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+    assert BODY_DEADLINE_SECONDS - 1 <= elapsed < BODY_DEADLINE_SECONDS + 20
+    body = json.loads(reply.partition(b"\r\n\r\n")[2])
+    assert body["error"]["code"] == "request_timeout" and "whole request body" in body["error"]["message"]
 
 
 def test_a_client_leaving_mid_upload_is_not_a_server_error(stack, client):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pydantic import Field, field_validator
 
 from modelplex.v1 import catalog_pb2, images_pb2, images_pb2_grpc
@@ -15,10 +17,16 @@ FORMATS = ("png", "jpeg", "webp")
 OPENAI_MAX_PROMPT_CHARS = 32000
 
 
+# WIDTHxHEIGHT, each side 1 to 99999 pixels: "-1x-1", "0x5" or "99999999999x1" are not sizes.
+_SIZE = re.compile(r"([1-9][0-9]{0,4})x([1-9][0-9]{0,4})")
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """"1024x768" -> (1024, 768); ValueError otherwise."""
-    width, _, height = size.partition("x")
-    return int(width), int(height)
+    match = _SIZE.fullmatch(size)
+    if match is None:
+        raise ValueError(f"size {size!r} must be WIDTHxHEIGHT, each between 1 and 99999 pixels")
+    return int(match[1]), int(match[2])
 
 
 class ImagesCapabilitySpec(CapabilitySpec):
@@ -34,8 +42,7 @@ class ImagesCapabilitySpec(CapabilitySpec):
     @classmethod
     def _sizes(cls, sizes: list[str]) -> list[str]:
         for size in sizes:
-            if parse_size(size)[0] <= 0 or parse_size(size)[1] <= 0:
-                raise ValueError(f"size {size!r} must be WIDTHxHEIGHT")
+            parse_size(size)
         return sizes
 
     @field_validator("output_formats")

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import RootModel
 
 from modelplex.v1 import catalog_pb2, text_pb2, text_pb2_grpc
-from modelplex_kit.errors import invalid, unsupported
+from modelplex_kit.errors import ServiceError, invalid, unsupported
 from modelplex_kit.modalities.base import Modality
 
 Flag = Literal[
@@ -33,6 +33,29 @@ class TextCapabilitySpec(RootModel[list[Flag]]):
 
     def to_proto(self) -> catalog_pb2.Capabilities:
         return catalog_pb2.Capabilities(text=catalog_pb2.TextCapabilities(**{flag: True for flag in self.root}))
+
+
+def max_tokens_too_large(
+    asked: int, context_length: int, prompt_tokens: int, at_least: bool = False, param: str = "max_tokens"
+) -> ServiceError:
+    """vLLM's 400 for an output bound the context cannot hold (OpenAI answers it on `max_tokens` too).
+    ``at_least``: the prompt was not counted exactly, only bounded below (the edge's check before
+    admission; the backend's, with the prompt tokenized, is exact)."""
+    has = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+    return invalid(
+        f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. This model's maximum context "
+        f"length is {context_length} tokens and your request has {has} input tokens "
+        f"({asked} > {context_length} - {prompt_tokens}).",
+        param=param,
+    )
+
+
+def check_output_bound(asked: int | None, context_length: int, param: str = "max_tokens") -> None:
+    """Before admission: every prompt holds at least one token, so an output bound of the whole context
+    or more can never be served. A 400 now, instead of a reservation no token budget ever covers (a 429
+    that clients retry forever). 0 = a context length the catalog does not know: nothing to check."""
+    if asked is not None and context_length and asked > context_length - 1:
+        raise max_tokens_too_large(asked, context_length, 1, at_least=True, param=param)
 
 
 def check_and_fit_text_request(request: text_pb2.GenerateRequest, capabilities: catalog_pb2.Capabilities) -> None:

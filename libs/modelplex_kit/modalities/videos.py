@@ -44,6 +44,15 @@ def check_prompt(prompt: str, caps: catalog_pb2.VideosCapabilities) -> None:
         )
 
 
+def check_seconds(seconds: int, caps: catalog_pb2.VideosCapabilities) -> None:
+    if seconds not in caps.seconds:
+        raise invalid(
+            f"Invalid seconds '{seconds}'. Supported durations for this model: "
+            f"{', '.join(str(s) for s in caps.seconds)}.",
+            "seconds",
+        )
+
+
 def check_video_request(request: videos_pb2.CreateVideoRequest, capabilities: catalog_pb2.Capabilities) -> None:
     caps = capabilities.videos
     check_prompt(request.prompt, caps)
@@ -53,12 +62,7 @@ def check_video_request(request: videos_pb2.CreateVideoRequest, capabilities: ca
             f"{', '.join(caps.sizes)}.",
             "size",
         )
-    if request.seconds not in caps.seconds:
-        raise invalid(
-            f"Invalid seconds '{request.seconds}'. Supported durations for this model: "
-            f"{', '.join(str(s) for s in caps.seconds)}.",
-            "seconds",
-        )
+    check_seconds(request.seconds, caps)
     if request.input_reference and not caps.input_reference:
         raise invalid("This model does not accept 'input_reference'.", "input_reference", "unsupported_parameter")
 

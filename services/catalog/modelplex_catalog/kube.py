@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 GROUP, VERSION, PLURAL = "modelplex.io", "v1alpha1", "models"
 _SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 # The CRD's spec is camelCase, as Kubernetes resources are; the loader's fields are the file's.
-_FIELDS = {"contextLength": "context_length", "ownedBy": "owned_by"}
+_FIELDS = {"contextLength": "context_length", "defaultMaxTokens": "default_max_tokens", "ownedBy": "owned_by"}
 
 Resources = dict[str, dict[str, Any]]
 

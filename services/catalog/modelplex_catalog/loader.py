@@ -33,6 +33,8 @@ class ModelSpec(BaseModel):
     # Written per modality (a list of flags for text, a mapping for the others).
     capabilities: Any = None
     context_length: int = Field(0, ge=0)
+    # Text: output tokens generated when a request sets no max_tokens (None: until the context is full).
+    default_max_tokens: int | None = Field(None, ge=1, le=2**32 - 1)
     owned_by: str = "modelplex"
     created: int = 0
     description: str = ""
@@ -56,6 +58,7 @@ class ModelSpec(BaseModel):
             engine=catalog_pb2.Engine(kind=self.engine.kind, settings=settings),
             capabilities=row.capabilities_proto(self.capabilities),
             context_length=self.context_length,
+            default_max_tokens=self.default_max_tokens,
             owned_by=self.owned_by,
             created=self.created,
             description=self.description,

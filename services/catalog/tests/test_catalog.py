@@ -29,6 +29,16 @@ def test_shipped_default_catalog_serves_smollm2():
     assert models[0].id == "smollm2-135m-instruct"
     caps = models[0].capabilities.text
     assert caps.chat and caps.json_schema and not caps.vision
+    # A request that sets no max_tokens returns in seconds, not after rambling to the 8k context.
+    assert models[0].default_max_tokens == 256
+
+
+def test_the_default_output_limit_is_optional_and_positive():
+    assert not parse_catalog(ENTRY.format(id="m1"))[0].HasField("default_max_tokens")
+    limited = parse_catalog(ENTRY.format(id="m1") + "    default_max_tokens: 100\n")[0]
+    assert limited.default_max_tokens == 100
+    with pytest.raises(ValueError):
+        parse_catalog(ENTRY.format(id="m1") + "    default_max_tokens: 0\n")
 
 
 def test_entry_fields_reach_the_proto():

@@ -26,6 +26,7 @@ def test_resource_fields_map_onto_the_file_loader_model():
     assert (spec.id, spec.context_length, spec.owned_by, spec.aliases) == ("llama", 8192, "meta", ["l"])
     assert spec.created == 1767225600  # metadata.creationTimestamp
     assert spec_from_resource(model("x", 1, id="explicit-id")).id == "explicit-id"
+    assert spec_from_resource(model("x", 1, defaultMaxTokens=512)).default_max_tokens == 512
 
 
 async def test_list_watch_resume_relist_and_status():

@@ -75,6 +75,7 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
         EdgeMiddleware,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_seconds=settings.body_timeout_seconds,
+        body_deadline_seconds=settings.body_deadline_seconds,
         upload_paths=UPLOAD_PATHS,
         max_upload_bytes=settings.max_upload_bytes,
     )

@@ -8,11 +8,12 @@ bodies themselves.
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
@@ -26,13 +27,16 @@ M = TypeVar("M", bound=BaseModel)
 # pydantic-core's JSON parser refuses deeper documents (a guard against stack exhaustion).
 JSON_NESTING_LIMIT = 200
 
+# Where FastAPI says a parameter came from: the first part of its error locations, not a parameter name.
+_SOURCES = {"query", "path", "header", "cookie", "body"}
+
 # Location parts pydantic adds for union members; they are not request fields.
 _TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none", "function-after", "json-or-python"}
 
 
 class BodyTimeout(Exception):
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"The request body was not received within {seconds:g} seconds.")
+    def __init__(self, seconds: float, what: str = "The next piece of the request body") -> None:
+        super().__init__(f"{what} was not received within {seconds:g} seconds.")
 
 
 class BodyTooLarge(Exception):
@@ -79,7 +83,10 @@ def openai_param(loc: tuple[int | str, ...]) -> str | None:
 
 
 def validation_error(exc: ValidationError) -> ServiceError:
-    first = exc.errors(include_url=False)[0]
+    return _first_error(exc.errors(include_url=False)[0])
+
+
+def _first_error(first: Any) -> ServiceError:
     if first["type"] == "json_invalid" and "recursion limit" in str((first.get("ctx") or {}).get("error", "")):
         return invalid(
             f"The JSON body is nested too deeply: at most {JSON_NESTING_LIMIT} levels of arrays and objects."
@@ -93,6 +100,10 @@ def validation_error(exc: ValidationError) -> ServiceError:
         return invalid("The request body must be a JSON object.")
     param = (first.get("ctx") or {}).get("param") or openai_param(tuple(first["loc"]))
     if first["type"] == "extra_forbidden":
+        # The last part is the client's own key, whatever it looks like (openai_param would take a key
+        # such as "None" or "Model" for one of pydantic's type tags and drop it).
+        parent, key = openai_param(tuple(first["loc"][:-1])), str(first["loc"][-1])
+        param = f"{parent}.{key}" if parent else key
         return invalid(f"Unrecognized request argument supplied: {param}", param)
     if first["type"] == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param)
@@ -132,7 +143,15 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_too_large(request: Request, exc: BodyTooLarge) -> Response:
         return http_only_error(413, str(exc))
 
+    async def on_request_validation(request: Request, exc: RequestValidationError) -> Response:
+        # FastAPI's own parameter parsing (a typed path or query parameter): its 422 `{"detail": [...]}`
+        # is not OpenAI's shape. Endpoints parse query strings with pipeline.query; this is the net.
+        first = dict(exc.errors()[0])
+        first["loc"] = tuple(part for i, part in enumerate(first.get("loc", ())) if i or part not in _SOURCES)
+        return error_response(_first_error(first))
+
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(grpc.aio.AioRpcError, on_rpc_error)
     app.add_exception_handler(HTTPException, on_http_error)
     app.add_exception_handler(BodyTooLarge, on_too_large)
+    app.add_exception_handler(RequestValidationError, on_request_validation)

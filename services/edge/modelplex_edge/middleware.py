@@ -37,12 +37,14 @@ class EdgeMiddleware:
         app,
         max_body_bytes: int,
         body_timeout_seconds: float = 30.0,
+        body_deadline_seconds: float = 300.0,
         upload_paths: frozenset[str] = frozenset(),
         max_upload_bytes: int = 0,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.body_timeout = body_timeout_seconds
+        self.body_deadline = body_deadline_seconds
         # File-upload endpoints get their own (larger) body limit.
         self.upload_paths = upload_paths
         self.max_upload_bytes = max(max_upload_bytes, max_body_bytes)
@@ -103,21 +105,28 @@ class EdgeMiddleware:
         return declared is not None and declared.isdigit() and int(declared) > self._limit(scope)
 
     def _limited(self, receive, limit: int):
-        """receive() that bounds the body: its size (also when chunked) and the wait for each
-        piece of it, so a client sending a byte a second cannot hold a connection for minutes.
+        """receive() that bounds the body: its size (also when chunked), the wait for each piece of
+        it, and the whole of it from the first read: a client sending a byte every few seconds (each
+        gap short enough) cannot hold a connection for longer than the body deadline.
         Once the body is complete, receive() is left alone: it then waits for a disconnect."""
-        timeout = self.body_timeout
+        loop = asyncio.get_running_loop()
         seen = 0
         complete = False
+        deadline: float | None = None
 
         async def guarded():
-            nonlocal seen, complete
+            nonlocal seen, complete, deadline
             if complete:
                 return await receive()
+            if deadline is None:
+                deadline = loop.time() + self.body_deadline
+            left = deadline - loop.time()
             try:
-                message = await asyncio.wait_for(receive(), timeout)
+                message = await asyncio.wait_for(receive(), min(self.body_timeout, max(left, 0)))
             except TimeoutError:
-                raise BodyTimeout(timeout) from None
+                if left < self.body_timeout:
+                    raise BodyTimeout(self.body_deadline, "The whole request body") from None
+                raise BodyTimeout(self.body_timeout) from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:

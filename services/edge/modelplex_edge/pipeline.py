@@ -10,7 +10,7 @@ must pass through, and every metric of it, lives here once.
 
     body = await pipeline.parse(http, CHAT, ChatCompletionRequest)
     async with await pipeline.open_call(http, CHAT, body.model, cost) as call:
-        request = translate.to_proto(body, call.model.id, call.meta(body.user))
+        request = translate.to_proto(body, call.model, call.meta(body.user))
         call.check(request)
         response = await call.unary("Generate", request)
         return call.respond(translate.from_proto(response))
@@ -26,13 +26,13 @@ from typing import Any, NoReturn, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from modelplex.v1 import catalog_pb2, common_pb2
 from modelplex_edge.admission import CLIENT_DISCONNECT, DRAIN, UPSTREAM_FAILURE, Admitted, Ask, Consumption
-from modelplex_edge.errors import parse_body
+from modelplex_edge.errors import parse_body, validation_error
 from modelplex_edge.grpc_calls import all_of, open_stream, until_disconnect
 from modelplex_edge.responses import json_response
 from modelplex_edge.sse import sse_response
@@ -106,17 +106,28 @@ async def parse(http: Request, endpoint: Endpoint, model: type[M]) -> M:
         await refuse(http, endpoint.name, exc)
 
 
+async def query(http: Request, endpoint: Endpoint, model: type[M]) -> M:
+    """The query string, the one way every endpoint reads it: a bad value is a 400 naming it (never
+    FastAPI's 422), with the key checked first."""
+    try:
+        return model.model_validate(dict(http.query_params))
+    except ValidationError as exc:
+        await refuse(http, endpoint.name, validation_error(exc))
+
+
 async def open_call(
     http: Request, endpoint: Endpoint, model_name: str, cost: int | Callable[[catalog_pb2.Model], int] = 0
 ) -> Call:
     """Resolves and admits. ``cost`` is what admission reserves (tokens, or the modality's units); a
-    callable gets the resolved model, for bounds that depend on it (a context length)."""
+    callable gets the resolved model, for bounds that depend on it (a context length), and may refuse
+    the request (a ServiceError) before admission: a request the model can never serve is a 400, not a
+    429 for a reservation no budget will ever cover."""
     state = _state(http)
     try:
         model = state.catalog.resolve(model_name, endpoint.modality.proto)
+        reserve = cost(model) if callable(cost) else cost
     except ServiceError as exc:
         await refuse(http, endpoint.name, exc)
-    reserve = cost(model) if callable(cost) else cost
     admitted = await state.admission.admit(Ask(authorization(http), endpoint.name, model.id, reserve))
     return Call(http, state, endpoint, model, admitted)
 

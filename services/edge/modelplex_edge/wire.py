@@ -18,6 +18,12 @@ class Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class Query(BaseModel):
+    """A query string's parameters (pipeline.query): unknown ones are ignored, as OpenAI does."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class StreamOptions(Strict):
     include_usage: bool = False
     include_obfuscation: bool | None = None
@@ -35,6 +41,11 @@ def _stop_rule(value: object) -> object:
 
 
 Stop = Annotated[str | list[str] | None, BeforeValidator(_stop_rule)]
+# Integers travel to the backends as protobuf uint32/int64: a value beyond those ranges is a 400 here,
+# not a ValueError (a 500) when the backend request is built.
+UINT32_MAX = 2**32 - 1
+Seed = Annotated[int | None, Field(ge=-(2**63), le=2**63 - 1)]
+OutputTokens = Annotated[int | None, Field(ge=1, le=UINT32_MAX)]
 Temperature = Annotated[float | None, Field(ge=0, le=2)]
 TopP = Annotated[float | None, Field(ge=0, le=1)]
 Penalty = Annotated[float | None, Field(ge=-2, le=2)]

@@ -1,8 +1,13 @@
 """The edge app in-process (no backends): CORS, limits and error shapes."""
 
+import asyncio
+import time
+
 import httpx
+from starlette.responses import Response
 
 from modelplex_edge.app import create_app
+from modelplex_edge.middleware import EdgeMiddleware
 from modelplex_edge.settings import EdgeSettings
 
 
@@ -43,3 +48,28 @@ async def test_an_unexpected_failure_is_a_500_envelope_that_keeps_the_request_id
     assert response.status_code == 500
     assert response.json()["error"]["type"] == "server_error" and "Traceback" not in response.text
     assert response.headers["x-request-id"] == "req-500"
+
+
+async def test_a_body_trickled_within_the_gap_timeout_is_cut_at_the_body_deadline():
+    # Regression: only the gap between pieces was timed, so a byte every few seconds was never cut.
+    async def app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await Response("read it all")(scope, receive, send)
+
+    async def trickle() -> dict:
+        await asyncio.sleep(0.1)
+        return {"type": "http.request", "body": b"x", "more_body": True}
+
+    sent: list[dict] = []
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    edge = EdgeMiddleware(app, max_body_bytes=10**6, body_timeout_seconds=30, body_deadline_seconds=1.5)
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    started = time.monotonic()
+    await asyncio.wait_for(edge(scope, trickle, send), 60)
+    assert 1.4 <= time.monotonic() - started < 30
+    assert sent[0]["status"] == 408
+    assert b"whole request body was not received within 1.5 seconds" in sent[1]["body"]

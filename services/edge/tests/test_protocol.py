@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from modelplex.v1 import common_pb2, text_pb2
+from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_edge.endpoints.chat import translate as chat_tr
 from modelplex_edge.endpoints.chat.protocol import ChatCompletionRequest
 from modelplex_edge.errors import openai_param, parse_body
@@ -87,7 +87,7 @@ def test_to_proto_carries_every_field():
             response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "object"}}},
         ),
     )
-    proto = chat_tr.to_proto(request, "canonical", META)
+    proto = chat_tr.to_proto(request, catalog_pb2.Model(id="canonical"), META)
     assert proto.meta.request_id == "r1"
     assert proto.model == "canonical" and proto.n == 2
     assert proto.chat.messages[0].content[1].image.url == "data:,x"
@@ -128,7 +128,8 @@ def test_admission_reserves_the_output_bound_or_the_rest_of_the_context():
     body = parse_body(
         ChatCompletionRequest, json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
     )
-    unbounded = chat_tr.cost(body, context_length=8192)
+    model = catalog_pb2.Model(id="m", context_length=8192)
+    unbounded = chat_tr.cost(body, model)
     assert 8000 < unbounded <= 8192 + 10  # prompt estimate + what the engine may still generate
     bounded = body.model_copy(update={"max_tokens": 100, "n": 2})
-    assert chat_tr.cost(bounded, context_length=8192) < 250
+    assert chat_tr.cost(bounded, model) < 250

@@ -17,7 +17,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 
 from modelplex.v1 import common_pb2, text_pb2
-from modelplex_kit.errors import invalid, unsupported
+from modelplex_kit.errors import unsupported
+from modelplex_kit.modalities.text import max_tokens_too_large
 from modelplex_text.assembler import ChoiceAssembler
 from modelplex_text.engine import EngineEvent, Progress
 
@@ -58,19 +59,17 @@ def refuse_suffix(request: text_pb2.GenerateRequest) -> None:
 
 
 def completion_budget(request: text_pb2.GenerateRequest, prompt_tokens: int, context_length: int) -> int:
-    """Tokens a choice may generate: max_tokens, checked against what the context leaves (vLLM's rule)."""
+    """Tokens a choice may generate: max_tokens, checked against what the context leaves (vLLM's rule);
+    without one, what the context leaves, capped by the model's default output limit if it has one."""
     room = context_length - prompt_tokens
     if not request.sampling.HasField("max_tokens"):
+        # The catalog's default output limit (the client set none) is a cap, never a refusal.
+        if request.sampling.HasField("default_max_tokens"):
+            return min(room, request.sampling.default_max_tokens)
         return room
     asked = request.sampling.max_tokens
     if asked > room:
-        # vLLM's wording; OpenAI answers the same case with a 400 on param max_tokens too.
-        raise invalid(
-            f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. This model's maximum context "
-            f"length is {context_length} tokens and your request has {prompt_tokens} input tokens "
-            f"({asked} > {context_length} - {prompt_tokens}).",
-            param="max_tokens",
-        )
+        raise max_tokens_too_large(asked, context_length, prompt_tokens)
     return asked
 
 

@@ -55,3 +55,12 @@ def test_completion_budget_is_what_the_context_leaves():
     with pytest.raises(ServiceError) as caught:
         completion_budget(request, 100, 512)
     assert caught.value.param == "max_tokens" and "(413 > 512 - 100)" in caught.value.message
+
+
+def test_the_default_output_limit_caps_and_never_refuses():
+    request = text_pb2.GenerateRequest()
+    request.sampling.default_max_tokens = 64
+    assert completion_budget(request, 100, 512) == 64
+    assert completion_budget(request, 480, 512) == 32  # less room than the default: what is left
+    request.sampling.max_tokens = 300  # the client's own bound wins
+    assert completion_budget(request, 100, 512) == 300

@@ -287,6 +287,7 @@ Call with (dict "root" $ "model" $m).
 {{- with $e.kind }}{{ $_ := set $entry "engine" (dict "kind" . "settings" (include "modelplex.engineSettings" $ | fromYaml)) }}{{ end }}
 {{- with $m.capabilities }}{{ $_ := set $entry "capabilities" . }}{{ end }}
 {{- with $m.contextLength }}{{ $_ := set $entry "context_length" (int64 .) }}{{ end }}
+{{- with $m.defaultMaxTokens }}{{ $_ := set $entry "default_max_tokens" (int64 .) }}{{ end }}
 {{- $_ := set $entry "owned_by" ($m.ownedBy | default "modelplex") }}
 {{- with $m.created }}{{ $_ := set $entry "created" (int64 .) }}{{ end }}
 {{- with $m.description }}{{ $_ := set $entry "description" . }}{{ end }}

@@ -21,6 +21,7 @@ def sampling(
     temperature: float | None,
     top_p: float | None,
     max_tokens: int | None,
+    default_max_tokens: int | None = None,
     stop: str | list[str] | None,
     seed: int | None,
     presence_penalty: float | None,
@@ -37,6 +38,8 @@ def sampling(
         params.top_p = top_p
     if max_tokens is not None:
         params.max_tokens = max_tokens
+    elif default_max_tokens is not None:
+        params.default_max_tokens = default_max_tokens
     if seed is not None:
         params.seed = seed
     return params

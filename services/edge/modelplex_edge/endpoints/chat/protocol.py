@@ -6,7 +6,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Discriminator, Field, Tag, model_validator
 
-from modelplex_edge.wire import Lenient, Penalty, Stop, StreamOptions, Strict, Temperature, TopP, param_error
+from modelplex_edge.wire import (
+    Lenient,
+    OutputTokens,
+    Penalty,
+    Seed,
+    Stop,
+    StreamOptions,
+    Strict,
+    Temperature,
+    TopP,
+    param_error,
+)
 
 
 class TextPart(Lenient):
@@ -120,11 +131,11 @@ class ChatCompletionRequest(Strict):
     logit_bias: dict[str, float] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int | None, Field(ge=0, le=20)] = None
-    max_tokens: Annotated[int | None, Field(ge=1)] = None
-    max_completion_tokens: Annotated[int | None, Field(ge=1)] = None
+    max_tokens: OutputTokens = None
+    max_completion_tokens: OutputTokens = None
     n: Annotated[int | None, Field(ge=1, le=128)] = None
     response_format: ResponseFormat | None = None
-    seed: int | None = None
+    seed: Seed = None
     stop: Stop = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None

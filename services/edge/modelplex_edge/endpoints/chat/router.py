@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -15,10 +17,8 @@ ENDPOINT = pipeline.Endpoint("chat.completions", text.MODALITY)
 @router.post("/v1/chat/completions")
 async def create_chat_completion(http: Request) -> Response:
     body = await pipeline.parse(http, ENDPOINT, ChatCompletionRequest)
-    async with await pipeline.open_call(
-        http, ENDPOINT, body.model, lambda model: translate.cost(body, model.context_length)
-    ) as call:
-        request = translate.to_proto(body, call.model.id, call.meta(body.user))
+    async with await pipeline.open_call(http, ENDPOINT, body.model, partial(translate.cost, body)) as call:
+        request = translate.to_proto(body, call.model, call.meta(body.user))
         call.check(request)
         if body.stream:
             stream = await call.stream("GenerateStream", request)

@@ -7,10 +7,11 @@ from typing import Any
 
 import orjson
 
-from modelplex.v1 import common_pb2, text_pb2
+from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_edge.endpoints.chat.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
 from modelplex_edge.endpoints.text_shared import FINISH_REASONS, estimate_tokens, sampling, usage_dict
 from modelplex_kit.errors import unsupported
+from modelplex_kit.modalities.text import check_output_bound
 
 _MODES = {
     "auto": text_pb2.ToolChoice.MODE_AUTO,
@@ -80,27 +81,44 @@ def include_usage(body: ChatCompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def cost(body: ChatCompletionRequest, context_length: int) -> int:
-    """Tokens to reserve at admission: a prompt estimate plus the output bound; without one, the
-    rest of the model's context (what the engine may generate), so long requests cannot overrun TPM."""
+def _asked(body: ChatCompletionRequest) -> int | None:
+    """The client's output bound (max_completion_tokens wins, as at OpenAI), or None."""
+    return body.max_completion_tokens or body.max_tokens
+
+
+def _default_bound(model: catalog_pb2.Model) -> int | None:
+    return model.default_max_tokens if model.HasField("default_max_tokens") else None
+
+
+def cost(body: ChatCompletionRequest, model: catalog_pb2.Model) -> int:
+    """Tokens to reserve at admission: a prompt estimate plus the output bound; without one, the model's
+    default output limit, else the rest of its context (what the engine may generate), so long requests
+    cannot overrun TPM. A bound the context can never hold is refused here, before admission."""
+    asked = _asked(body)
+    param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    check_output_bound(asked, model.context_length, param)
     prompt = estimate_tokens(m.model_dump_json(exclude_none=True) for m in body.messages)
     if body.tools:
         prompt += estimate_tokens(t.model_dump_json() for t in body.tools)
-    bound = body.max_completion_tokens or body.max_tokens or max(0, context_length - prompt)
+    room = max(0, model.context_length - prompt)
+    bound = asked or min(room, _default_bound(model) or room)
     return prompt + bound * (body.n or 1)
 
 
-def to_proto(body: ChatCompletionRequest, model_id: str, meta: common_pb2.RequestMeta) -> text_pb2.GenerateRequest:
+def to_proto(
+    body: ChatCompletionRequest, model: catalog_pb2.Model, meta: common_pb2.RequestMeta
+) -> text_pb2.GenerateRequest:
     if body.logit_bias:
         raise unsupported("logit_bias", "`logit_bias`")
     return text_pb2.GenerateRequest(
         meta=meta,
-        model=model_id,
+        model=model.id,
         chat=text_pb2.ChatInput(messages=[_message(m) for m in body.messages]),
         sampling=sampling(
             temperature=body.temperature,
             top_p=body.top_p,
-            max_tokens=body.max_completion_tokens or body.max_tokens,
+            max_tokens=_asked(body),
+            default_max_tokens=_default_bound(model),
             stop=body.stop,
             seed=body.seed,
             presence_penalty=body.presence_penalty,

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from modelplex_edge.wire import Penalty, Stop, StreamOptions, Strict, Temperature, TopP, param_error
+from modelplex_edge.wire import OutputTokens, Penalty, Seed, Stop, StreamOptions, Strict, Temperature, TopP, param_error
 
 
 class CompletionRequest(Strict):
@@ -19,10 +19,10 @@ class CompletionRequest(Strict):
     logprobs: Annotated[int | None, Field(ge=0, le=5)] = None
     # OpenAI's default for legacy completions (null means the default too). At least 1:
     # engines read 0 as "no limit", which would turn a scoring request into a runaway.
-    max_tokens: Annotated[int | None, Field(ge=1)] = 16
+    max_tokens: OutputTokens = 16
     n: Annotated[int | None, Field(ge=1, le=128)] = None
     presence_penalty: Penalty = None
-    seed: int | None = None
+    seed: Seed = None
     stop: Stop = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None

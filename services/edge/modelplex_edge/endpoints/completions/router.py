@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from functools import partial
+
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
@@ -15,7 +17,7 @@ ENDPOINT = pipeline.Endpoint("completions", text.MODALITY)
 @router.post("/v1/completions")
 async def create_completion(http: Request) -> Response:
     body = await pipeline.parse(http, ENDPOINT, CompletionRequest)
-    async with await pipeline.open_call(http, ENDPOINT, body.model, translate.cost(body)) as call:
+    async with await pipeline.open_call(http, ENDPOINT, body.model, partial(translate.cost, body)) as call:
         requests = translate.to_protos(body, call.model.id, call.meta(body.user))
         call.check(requests[0])  # the prompts differ, nothing checked does
         if body.stream:

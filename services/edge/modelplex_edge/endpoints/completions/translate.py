@@ -5,18 +5,21 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-from modelplex.v1 import common_pb2, text_pb2
+from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_edge.endpoints.completions.protocol import CompletionRequest
 from modelplex_edge.endpoints.text_shared import FINISH_REASONS, add_usage, estimate_tokens, sampling, usage_dict
 from modelplex_kit.errors import invalid, unsupported
+from modelplex_kit.modalities.text import check_output_bound
 
 
 def include_usage(body: CompletionRequest) -> bool:
     return bool(body.stream_options and body.stream_options.include_usage)
 
 
-def cost(body: CompletionRequest) -> int:
-    """Tokens to reserve at admission: a prompt estimate plus the output bound, for every prompt and choice."""
+def cost(body: CompletionRequest, model: catalog_pb2.Model) -> int:
+    """Tokens to reserve at admission: a prompt estimate plus the output bound, for every prompt and choice.
+    A bound the context can never hold is refused here, before admission."""
+    check_output_bound(body.max_tokens, model.context_length)
     prompts = body.prompts() or []
     per_prompt = 16 if body.max_tokens is None else body.max_tokens
     return estimate_tokens(prompts) + per_prompt * (body.n or 1) * max(1, len(prompts))

@@ -4,20 +4,31 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 
-from modelplex_edge.wire import Strict
+from modelplex_edge.wire import UINT32_MAX, Strict, param_error
 
 # OpenAI's limit on inputs per request; a model's own limit may be lower (checked against the catalog).
 MAX_INPUTS = 2048
 
-TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
-Input = (
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=UINT32_MAX)]], Field(min_length=1)]
+
+
+def _count_rule(value: object) -> object:
+    # Checked before the union is tried, so the message names the limit instead of "Input should be a
+    # valid string" from the union's first member. A list of ints is one token array, not many inputs.
+    if isinstance(value, list) and len(value) > MAX_INPUTS and not isinstance(value[0], int):
+        raise param_error("input", f"at most {MAX_INPUTS} inputs are allowed per request; {len(value)} were given.")
+    return value
+
+
+Input = Annotated[
     str
     | Annotated[list[str], Field(min_length=1, max_length=MAX_INPUTS)]
     | TokenIds
-    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)]
-)
+    | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_INPUTS)],
+    BeforeValidator(_count_rule),
+]
 
 
 class EmbeddingRequest(Strict):
@@ -25,7 +36,7 @@ class EmbeddingRequest(Strict):
     input: Input
     # The SDKs omit it (and the official Python SDK asks for base64 by default, decoding it itself).
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: Annotated[int | None, Field(ge=1)] = None
+    dimensions: Annotated[int | None, Field(ge=1, le=UINT32_MAX)] = None
     user: str | None = None
 
     def inputs(self) -> list[str | list[int]]:

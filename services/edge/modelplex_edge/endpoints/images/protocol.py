@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field
 
-from modelplex_edge.wire import Strict
+from modelplex_edge.wire import Seed, Strict
 
 
 class ImageGenerationRequest(Strict):
@@ -26,4 +26,4 @@ class ImageGenerationRequest(Strict):
     partial_images: Annotated[int | None, Field(ge=0, le=3)] = None
     user: str | None = None
     # Not in OpenAI's API: the same seed and prompt give the same image bytes.
-    seed: int | None = None
+    seed: Seed = None

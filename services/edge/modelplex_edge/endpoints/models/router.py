@@ -29,6 +29,9 @@ def model_details(model: catalog_pb2.Model) -> dict[str, Any]:
         "modality": row.name if row else "unknown",
         "context_length": model.context_length or None,
     }
+    if model.HasField("default_max_tokens"):
+        # Output tokens a request that sets no max_tokens gets (vLLM's generation-config override).
+        details["default_max_tokens"] = model.default_max_tokens
     if kind is not None:
         details["capabilities"] = MessageToDict(getattr(model.capabilities, kind), preserving_proto_field_name=True)
     return details

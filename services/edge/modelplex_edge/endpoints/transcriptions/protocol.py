@@ -6,12 +6,12 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from modelplex_edge import pipeline
-from modelplex_edge.errors import BodyTooLarge, validation_error
+from modelplex_edge.errors import BodyTimeout, BodyTooLarge, validation_error
 from modelplex_edge.wire import Strict
-from modelplex_kit.errors import invalid
+from modelplex_kit.errors import ServiceError, invalid
 from modelplex_kit.modalities.transcription import MAX_FILE_BYTES
 
 ResponseFormat = Literal["json", "text", "srt", "verbose_json", "vtt"]
@@ -38,10 +38,24 @@ class TranslationForm(Strict):
     temperature: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
 
 
+def not_multipart(content_type: str) -> ServiceError:
+    sent = content_type.split(";")[0].strip() or "none"
+    return invalid(
+        "This endpoint takes a multipart/form-data body (the audio as 'file', the other parameters as form "
+        f"fields), as OpenAI's does; this request's Content-Type is {sent}.",
+        "file",
+    )
+
+
 async def read_form(http: Request, endpoint: pipeline.Endpoint, model: type[Strict]) -> tuple[Strict, UploadFile]:
     """Parses the form (files over 1 MB spill to disk) and validates it; refusals check the key first."""
+    content_type = http.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        await pipeline.refuse(http, endpoint.name, not_multipart(content_type))
     try:
         form = await http.form(max_files=1, max_fields=32)
+    except (BodyTimeout, BodyTooLarge, ClientDisconnect):
+        raise  # the middleware answers these (408, 413, nothing)
     except Exception:  # starlette's MultiPartException, a missing boundary, a broken body
         await pipeline.refuse(http, endpoint.name, invalid("The request must be a valid multipart/form-data body."))
     fields: dict[str, object] = {}

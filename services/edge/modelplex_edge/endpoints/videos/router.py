@@ -19,7 +19,13 @@ from starlette.responses import Response, StreamingResponse
 from modelplex.v1 import catalog_pb2, videos_pb2
 from modelplex_edge import pipeline
 from modelplex_edge.endpoints.videos import translate
-from modelplex_edge.endpoints.videos.protocol import ImageRef, Order, Variant, VideoCreateRequest, VideoRemixRequest
+from modelplex_edge.endpoints.videos.protocol import (
+    ContentQuery,
+    ImageRef,
+    ListQuery,
+    VideoCreateRequest,
+    VideoRemixRequest,
+)
 from modelplex_edge.errors import http_only_error, parse_body, validation_error
 from modelplex_kit.errors import ServiceError, invalid
 from modelplex_kit.modalities import videos
@@ -88,7 +94,7 @@ def _job_response(call: pipeline.Call, job: videos_pb2.VideoJob) -> Response:
 @router.post("/v1/videos/generations")
 async def create_video(http: Request) -> Response:
     body, upload = await _create_body(http)
-    async with await pipeline.open_call(http, CREATE, body.model, cost=body.seconds or 0) as call:
+    async with await pipeline.open_call(http, CREATE, body.model, lambda model: translate.seconds(body, model)) as call:
         request = translate.to_proto(body, call.model, call.meta(body.user), _idempotency_key(http), upload)
         call.check(request)
         return _job_response(call, await call.unary("CreateVideo", request))
@@ -112,11 +118,12 @@ async def retrieve_video(video_id: str, http: Request) -> Response:
 
 
 @router.get("/v1/videos")
-async def list_videos(http: Request, after: str = "", limit: int = 20, order: Order = "desc") -> Response:
+async def list_videos(http: Request) -> Response:
+    query = await pipeline.query(http, LIST, ListQuery)
     async with await pipeline.open_call(http, LIST, _default_model(http)) as call:
-        if not 1 <= limit <= 100:
-            raise invalid("'limit' must be between 1 and 100.", "limit")
-        request = videos_pb2.ListVideosRequest(meta=call.meta(), after=after, limit=limit, order=order)
+        request = videos_pb2.ListVideosRequest(
+            meta=call.meta(), after=query.after, limit=query.limit, order=query.order
+        )
         return call.respond(translate.page(await call.unary("ListVideos", request)))
 
 
@@ -128,7 +135,8 @@ async def delete_video(video_id: str, http: Request) -> Response:
 
 
 @router.get("/v1/videos/{video_id}/content")
-async def download_video_content(video_id: str, http: Request, variant: Variant = "video") -> Response:
+async def download_video_content(video_id: str, http: Request) -> Response:
+    variant = (await pipeline.query(http, CONTENT, ContentQuery)).variant
     async with await pipeline.open_call(http, CONTENT, _default_model(http)) as call:
         offset, length, suffix = translate.byte_range(http.headers.get("range")) or (0, 0, 0)
         request = videos_pb2.DownloadVideoContentRequest(

@@ -12,6 +12,7 @@ from modelplex_edge.admission import Consumption
 from modelplex_edge.endpoints.videos.protocol import VideoCreateRequest
 from modelplex_kit.errors import invalid
 from modelplex_kit.modalities.images import parse_size
+from modelplex_kit.modalities.videos import check_seconds
 
 STATUS = {
     videos_pb2.VIDEO_STATUS_QUEUED: "queued",
@@ -53,6 +54,15 @@ def _reference_from_json(body: VideoCreateRequest) -> tuple[bytes, str]:
         raise invalid("input_reference.image_url is not valid base64.", "input_reference.image_url") from None
 
 
+def seconds(body: VideoCreateRequest, model: catalog_pb2.Model) -> int:
+    """The duration asked for (the model's first when none), checked against the model before admission
+    reserves it: a duration the model does not serve is a 400, never a 429 nor a silent default."""
+    caps = model.capabilities.videos
+    asked = caps.seconds[0] if body.seconds is None else body.seconds
+    check_seconds(asked, caps)
+    return asked
+
+
 def to_proto(
     body: VideoCreateRequest,
     model: catalog_pb2.Model,
@@ -70,7 +80,7 @@ def to_proto(
     data, mime = reference if reference is not None else _reference_from_json(body)
     request = videos_pb2.CreateVideoRequest(
         meta=meta, model=model.id, prompt=body.prompt, width=width, height=height,
-        seconds=body.seconds or caps.seconds[0], idempotency_key=idempotency_key,
+        seconds=seconds(body, model), idempotency_key=idempotency_key,
         input_reference=data, input_reference_mime_type=mime,
     )
     if body.seed is not None:
