@@ -24,6 +24,7 @@ from prometheus_client import start_http_server
 
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.logging import configure_logging, request_id_var
+from modelplex_kit.memory import limit_malloc_arenas
 from modelplex_kit.settings import GrpcServiceSettings
 from modelplex_kit.telemetry import GRPC_HANDLED, GRPC_LATENCY, configure_tracing, incoming_context
 
@@ -229,7 +230,8 @@ async def serve(
 
 
 def run(name: str, settings: GrpcServiceSettings, main: Callable[[], Awaitable[None]]) -> None:
-    """Process entry point: logging, tracing, uvloop, then ``main``."""
+    """Process entry point: allocator, logging, tracing, uvloop, then ``main``."""
+    limit_malloc_arenas(settings.malloc_arenas)  # before gRPC starts its threads
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name, settings.otel_exporter)
     try:

