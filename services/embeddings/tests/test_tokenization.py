@@ -10,7 +10,7 @@ from modelplex.v1 import embeddings_pb2 as pb
 from modelplex_embeddings.tokenization import CHUNK_INPUTS, WINDOW_CHARS, InputTokenizer, packaged_minilm
 from modelplex_kit.errors import ServiceError
 
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()
+WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex".split()  # noqa: SIM905
 
 
 class CountingTokenizer:
@@ -19,14 +19,20 @@ class CountingTokenizer:
     def __init__(self, real) -> None:
         self._real = real
         self.chars = 0
+        self.longest = 0  # the longest text encoded in one call
 
     def encode_batch(self, texts):
         self.chars += sum(len(t) for t in texts)
+        self.longest = max([self.longest, *map(len, texts)])
         return self._real.encode_batch(texts)
 
     def encode(self, text, add_special_tokens=True):
         self.chars += len(text)
+        self.longest = max(self.longest, len(text))
         return self._real.encode(text, add_special_tokens=add_special_tokens)
+
+    def post_process(self, encoding):
+        return self._real.post_process(encoding)
 
 
 def tokenizer(max_tokens: int = 256) -> tuple[InputTokenizer, CountingTokenizer]:
@@ -73,11 +79,13 @@ def test_one_huge_input_is_refused_after_a_window_not_encoded_whole():
     assert counting.chars <= len("short") + WINDOW_CHARS
 
 
-def test_window_counts_add_up_to_the_exact_count():
+def test_windows_add_up_to_the_exact_ids_and_count():
     text = prose(4000, seed=7)  # ~21 000 characters: three windows
     assert len(text) > 2 * WINDOW_CHARS
-    prepared_wide, _ = tokenizer(10**6)
-    exact = prepared_wide.prepare([pb.EmbedInput(text=text)])[0].tokens
+    prepared_wide, counting = tokenizer(10**6)
+    whole = counting._real.encode(text).ids
+    assert prepared_wide.prepare([pb.EmbedInput(text=text)])[0].ids == whole  # windows joined: the same ids
+    exact = len(whole)
     # Exactly at the limit: accepted (the windows' sum is not over it).
     assert tokenizer(exact)[0].prepare([pb.EmbedInput(text=text)])[0].tokens == exact
     # One below: refused by the window count, which reached exactly the whole text's count.
@@ -90,3 +98,12 @@ def test_a_long_text_of_few_tokens_is_accepted_with_its_exact_count():
     text = " " * (3 * WINDOW_CHARS) + "hello world" + "\n" * WINDOW_CHARS
     items = tokenizer()[0].prepare([pb.EmbedInput(text=text)])
     assert items[0].tokens == 4  # [CLS] hello world [SEP]
+
+
+
+def test_a_long_legal_text_is_encoded_by_windows_never_whole():
+    # 8 MB of spaces is 3 tokens, a legal input; encoded whole it took 30 s and a 476 MB peak.
+    prepared, counting = tokenizer()
+    items = prepared.prepare([pb.EmbedInput(text=" " * 8_000_000 + "hello")])
+    assert items[0].tokens == 3 and items[0].ids == counting._real.encode("hello").ids
+    assert counting.longest <= WINDOW_CHARS
