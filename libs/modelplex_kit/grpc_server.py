@@ -75,6 +75,7 @@ class _Observation:
         else:
             log.exception("unhandled error in %s", self.method)
             self._finish(grpc.StatusCode.INTERNAL, "internal error in the model backend", ())
+        _forget_frames(exc)
         return True
 
     def _finish(self, code: grpc.StatusCode, message: str, trailing_metadata: Any) -> None:
@@ -91,6 +92,22 @@ class _Observation:
         self.context.set_details(message)
         if trailing_metadata:
             self.context.set_trailing_metadata(trailing_metadata)
+
+
+def _forget_frames(exc: BaseException | None) -> None:
+    """Drops the tracebacks of a handled failure and of the exceptions it chained.
+
+    A traceback holds the frames it passed through, and with them every local of the failed call.
+    Where one of those locals holds the exception again, that is a reference cycle only Python's
+    rare full collection frees: an asyncio Future that failed with it (the transcription engine's
+    worker: a 24 MB upload kept per refused request), a caught exception kept in a variable. Once
+    the failure is mapped to the call's status and logged, no one needs its frames.
+    """
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__
 
 
 def context_metadata(context: grpc.aio.ServicerContext) -> Iterable[tuple[str, Any]]:
