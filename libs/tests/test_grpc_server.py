@@ -38,6 +38,14 @@ class Servicer(catalog_pb2_grpc.CatalogServiceServicer):
             held = _Held()
             held_by_refused_calls.append(weakref.ref(held))
             raise invalid("refused while holding something", "model")
+        if request.model == "holding-in-a-future":
+            # As the transcription engine does: a worker's Future fails, and the frame awaiting it
+            # keeps the Future, which keeps the failure, whose traceback keeps the frame.
+            held = _Held()
+            held_by_refused_calls.append(weakref.ref(held))
+            work = asyncio.get_running_loop().create_future()
+            work.set_exception(invalid("the worker refused it", "model"))
+            await work
         return catalog_pb2.ResolveModelResponse(model=catalog_pb2.Model(id=request.model))
 
     async def WatchModels(self, request, context):
@@ -109,6 +117,21 @@ async def test_a_refused_call_releases_what_it_held_without_waiting_for_the_cycl
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.ResolveModel(catalog_pb2.ResolveModelRequest(model="holding"))
                 assert ServiceError.from_rpc_error(err.value).param == "model"
+        await async_until(lambda: all(ref() is None for ref in held_by_refused_calls), timeout=10)
+    finally:
+        gc.enable()
+    assert len(held_by_refused_calls) == 3
+
+
+async def test_a_failure_kept_by_a_future_does_not_keep_the_call_either(target):
+    held_by_refused_calls.clear()
+    gc.disable()
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.ResolveModel(catalog_pb2.ResolveModelRequest(model="holding-in-a-future"))
         await async_until(lambda: all(ref() is None for ref in held_by_refused_calls), timeout=10)
     finally:
         gc.enable()
