@@ -24,7 +24,7 @@ from prometheus_client import start_http_server
 
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.logging import configure_logging, request_id_var
-from modelplex_kit.memory import limit_malloc_arenas
+from modelplex_kit.memory import tune_malloc
 from modelplex_kit.settings import GrpcServiceSettings
 from modelplex_kit.telemetry import GRPC_HANDLED, GRPC_LATENCY, configure_tracing, incoming_context
 
@@ -248,7 +248,7 @@ async def serve(
 
 def run(name: str, settings: GrpcServiceSettings, main: Callable[[], Awaitable[None]]) -> None:
     """Process entry point: allocator, logging, tracing, uvloop, then ``main``."""
-    limit_malloc_arenas(settings.malloc_arenas)  # before gRPC starts its threads
+    tune_malloc(settings.malloc_arenas, settings.malloc_mmap_threshold_bytes)  # before gRPC starts its threads
     configure_logging(name, settings.log_level, settings.log_format)
     configure_tracing(name, settings.otel_exporter)
     try:
