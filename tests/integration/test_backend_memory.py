@@ -356,7 +356,10 @@ CASES = [
     Case("images", "n=100000", images_too_many, budget_mb=250),
     Case("videos", "12 s of 1792x1024", videos_largest, budget_mb=300),
     Case("videos", "8 MB prompt", videos_prompt_over_the_limit, budget_mb=300),
-    Case("videos", "24 MB input_reference, not an image", videos_24_mb_reference_that_is_no_image, budget_mb=300),
+    Case(
+        "videos", "24 MB input_reference, not an image", videos_24_mb_reference_that_is_no_image, budget_mb=300,
+        repeats=6,
+    ),
 ]
 
 
