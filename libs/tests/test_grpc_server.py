@@ -16,7 +16,7 @@ from modelplex_kit.errors import ServiceError, invalid
 from modelplex_kit.logging import JsonFormatter, request_id_var
 from modelplex_kit.settings import GrpcServiceSettings
 from tests.support.ports import free_port
-from tests.support.waiting import async_until
+from tests.support.until import until
 
 seen_request_ids: list[str] = []
 # What refused calls held in their frames, watched through weak references.
@@ -117,7 +117,7 @@ async def test_a_refused_call_releases_what_it_held_without_waiting_for_the_cycl
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.ResolveModel(catalog_pb2.ResolveModelRequest(model="holding"))
                 assert ServiceError.from_rpc_error(err.value).param == "model"
-        await async_until(lambda: all(ref() is None for ref in held_by_refused_calls), timeout=10)
+        await until(lambda: all(ref() is None for ref in held_by_refused_calls), timeout=10)
     finally:
         gc.enable()
     assert len(held_by_refused_calls) == 3
@@ -132,7 +132,7 @@ async def test_a_failure_kept_by_a_future_does_not_keep_the_call_either(target):
             for _ in range(3):
                 with pytest.raises(grpc.aio.AioRpcError):
                     await stub.ResolveModel(catalog_pb2.ResolveModelRequest(model="holding-in-a-future"))
-        await async_until(lambda: all(ref() is None for ref in held_by_refused_calls), timeout=10)
+        await until(lambda: all(ref() is None for ref in held_by_refused_calls), timeout=10)
     finally:
         gc.enable()
     assert len(held_by_refused_calls) == 3

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from modelplex_kit.devstack import Stack, free_port
-from tests.support.waiting import until
+from tests.support.until import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -69,7 +69,7 @@ def test_a_killed_backend_is_restarted_and_serves_again(stack):
             assert exc.status_code == 503 and exc.response.headers["retry-after"]  # meanwhile: retryable
             return None
 
-    answer = until(answered, timeout=90, interval=0.5, what="the restarted backend answering")
+    answer = wait_until(answered, timeout=90, interval=0.5)
     assert answer.choices[0].message.content is not None
     assert stack.process(stack.backend).popen.pid != old_pid and stack.process(stack.backend).restarts >= 1
 

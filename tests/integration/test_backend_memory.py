@@ -53,7 +53,7 @@ from modelplex.v1 import (
 )
 from modelplex_kit.children import tied_to_parent
 from tests.support.ports import free_port
-from tests.support.waiting import until
+from tests.support.until import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -126,7 +126,7 @@ class Backend:
                 return False
             return status == health_pb2.HealthCheckResponse.SERVING
 
-        until(serving, timeout=180, interval=0.2, what=f"{self.module} serving")
+        wait_until(serving, timeout=180, interval=0.2)
 
     def stop(self) -> None:
         if self.channel is not None:
@@ -283,7 +283,7 @@ def video_finished(stub, job_id: str, timeout: float = 240) -> videos_pb2.VideoJ
         done = (videos_pb2.VIDEO_STATUS_COMPLETED, videos_pb2.VIDEO_STATUS_FAILED)
         return current if current.status in done else None
 
-    return until(finished, timeout=timeout, interval=0.5, what=f"video {job_id} finished")
+    return wait_until(finished, timeout=timeout, interval=0.5)
 
 
 def videos_largest(channel: grpc.Channel, n: int) -> None:

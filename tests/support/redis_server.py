@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from tests.support.ports import free_port
-from tests.support.waiting import until
+from tests.support.until import wait_until
 
 
 def ensure_installed() -> str:
@@ -46,7 +46,7 @@ class RedisServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        until(self._pong, timeout=30, interval=0.05, what="redis-server answering PING")
+        wait_until(self._pong, timeout=30, interval=0.05)
         return self
 
     def _pong(self) -> bool:

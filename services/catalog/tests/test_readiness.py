@@ -10,7 +10,7 @@ from modelplex_catalog.store import CatalogStore
 from modelplex_kit import grpc_server
 from modelplex_kit.settings import GrpcServiceSettings
 from tests.support.ports import free_port
-from tests.support.waiting import async_until
+from tests.support.until import until
 
 ENTRY = """
   - id: {id}
@@ -89,7 +89,7 @@ async def test_a_backend_without_grpc_health_stays_routed(tmp_path: Path):
     try:
         # Before, a fixed sleep and then the model's initial state: it passed even if the follower
         # never asked. Now: the follower asked, got UNIMPLEMENTED, handled it and asked again.
-        await async_until(lambda: calls.methods.count("/grpc.health.v1.Health/Watch") >= 2, timeout=30)
+        await until(lambda: calls.methods.count("/grpc.health.v1.Health/Watch") >= 2, timeout=30)
         assert not store.view.resolve("external").HasField("ready")  # unknown: the edge routes it
     finally:
         follower.cancel()

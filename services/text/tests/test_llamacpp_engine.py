@@ -17,7 +17,7 @@ from modelplex_kit.grpc_server import ObservingInterceptor
 from modelplex_text.adapters.llamacpp import LlamaCppEngine
 from modelplex_text.servicer import TextGenerationServicer
 from modelplex_text.settings import LlamaCppSettings
-from tests.support.waiting import async_until
+from tests.support.until import until
 
 # A loaded model: kept out of `make test-fast`.
 pytestmark = pytest.mark.integration
@@ -168,7 +168,7 @@ async def test_aborting_one_stream_leaves_the_others_running(backend):
         assert run["usage"].completion_tokens == 40
         assert run["reasons"] == {0: text_pb2.FINISH_REASON_LENGTH}
     # The aborted sequence leaves its slot between two steps.
-    await async_until(lambda: engine._scheduler._active() == [], what="the aborted sequence's slot freed")
+    await until(lambda: engine._scheduler._active() == [], timeout=60)
 
 
 async def test_the_wall_clock_limit_ends_generation_with_length(tight, caplog):
@@ -185,7 +185,7 @@ async def test_the_wall_clock_limit_ends_generation_with_length(tight, caplog):
 async def test_waiting_for_a_slot_is_bounded(tight):
     stub, engine = tight
     long_one = asyncio.ensure_future(stub.Generate(chat(STORY, max_tokens=400, temperature=1.0)))
-    await async_until(lambda: engine._scheduler._active(), what="the long request holding the one slot")
+    await until(lambda: engine._scheduler._active(), timeout=60)
     started = time.monotonic()
     error = await rpc_error(stub.Generate(chat("hi", max_tokens=4)))
     assert error.status == grpc.StatusCode.UNAVAILABLE

@@ -1,0 +1,30 @@
+"""Waiting on a condition instead of a guessed delay: the machine running the tests may be loaded."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+async def until(predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
+    """Polls ``predicate`` until it returns something true (returned), or fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+    return value
+
+
+def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.1) -> T:
+    """``until`` for synchronous tests."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return value
