@@ -18,7 +18,7 @@ from modelplex_kit.errors import ServiceError, invalid, unavailable
 log = logging.getLogger(__name__)
 
 # Server text echoed to clients (only in a refusal of their request) is cut to this; the rest goes to the log.
-MAX_MESSAGE = 500
+MAX_MESSAGE = 2000  # as the HTTP upstreams' (modelplex_kit.errors)
 # Status names (tritonclient reports "StatusCode.X") that mean "the server, not the request".
 _RETRYABLE = ("UNAVAILABLE", "NOT_FOUND", "RESOURCE_EXHAUSTED", "CANCELLED")
 # A stream's in-band failure is text only (no status), told apart by Triton's wording.
