@@ -9,9 +9,10 @@ memory (VmRSS in /proc/PID/status) after each answer. Two bounds, asserted per c
   budgets are about twice what was measured (see each case), so a loaded machine does not fail them,
   and well below what the defect cost: the embeddings backend grew ~200 MB *per* refused request of
   2048 inputs x 600 words (183 MB -> 1.1 GB after three in the issue's probe, ~3 GB after seven).
-- **No accumulation: after the last repetition <= after the second + ``ACCUMULATION_MB``.** A refused
-  or finished request must release what it held; a leak of even a few MB per request fails this.
-  (The first repetition of a size warms the allocator's arenas up to it; the second starts warm.)
+- **No accumulation: after the last repetition <= after the second + ``ACCUMULATION_MB``** (60 for
+  the 24 MB uploads, whose copies jitter the reading). A refused or finished request must release
+  what it held. (The first repetition of a size warms the allocator's arenas up to it; the second
+  starts warm.) RSS is read once it stops moving after each answer.
 
 The requests are the largest each backend accepts within a test's time (the context, input count,
 characters, audio seconds, image and video sizes of the settings below) and the largest it must
@@ -143,6 +144,20 @@ class Backend:
         assert self.process is not None and self.process.poll() is None, f"{self.module} died"
         return rss_mb(self.process.pid)
 
+    def settled_rss_mb(self) -> float:
+        """RSS once it stops moving (the call's buffers are freed just after its answer is sent)."""
+        readings = [self.rss_mb]
+
+        def steady() -> bool:
+            readings.append(self.rss_mb)
+            return abs(readings[-1] - readings[-2]) < 2
+
+        try:
+            wait_until(steady, timeout=5, interval=0.2)
+        except AssertionError:
+            pass  # still moving after 5 s: take the last reading; the bounds judge it
+        return readings[-1]
+
 
 @dataclass(frozen=True)
 class Case:
@@ -151,6 +166,10 @@ class Case:
     send: Callable[[grpc.Channel, int], None]  # one request (the repetition number varies its content)
     budget_mb: float
     repeats: int = 3
+    # Uploads of 24 MB: one request's copies (gRPC's buffer, the bytes, the decoder's) come and go
+    # between readings, so the reading jitters by about two of them; a leak of one copy per request
+    # still shows (4 x 24 MB over the repetitions compared).
+    accumulation_mb: float = ACCUMULATION_MB
 
 
 # -- the requests ------------------------------------------------------------------------------------
@@ -349,8 +368,10 @@ CASES = [
     Case("speech", "4096 characters", speech_longest_input, budget_mb=100),  # 8
     Case("speech", "8 MB input", speech_input_over_the_limit, budget_mb=100),  # 29
     Case("transcription", "10 s of audio", transcribe_longest_audio, budget_mb=100),
-    Case("transcription", "24 MB, 12 minutes of audio", transcribe_audio_over_the_limit, budget_mb=400),  # ~200
-    Case("transcription", "24 MB corrupt file", transcribe_corrupt_file, budget_mb=400, repeats=5),  # ~200
+    Case("transcription", "24 MB, 12 minutes of audio", transcribe_audio_over_the_limit, budget_mb=400, repeats=5,
+         accumulation_mb=60),  # ~90
+    Case("transcription", "24 MB corrupt file", transcribe_corrupt_file, budget_mb=400, repeats=6,
+         accumulation_mb=60),  # ~95
     Case("images", "10 images of 1536x1024", images_most_and_largest, budget_mb=250),  # 123
     Case("images", "8 MB prompt", images_prompt_over_the_limit, budget_mb=250),
     Case("images", "n=100000", images_too_many, budget_mb=250),
@@ -358,7 +379,7 @@ CASES = [
     Case("videos", "8 MB prompt", videos_prompt_over_the_limit, budget_mb=300),
     Case(
         "videos", "24 MB input_reference, not an image", videos_24_mb_reference_that_is_no_image, budget_mb=300,
-        repeats=6,
+        repeats=6, accumulation_mb=60,
     ),
 ]
 
@@ -389,9 +410,9 @@ def test_memory_is_bounded_and_released_request_after_request(backends, case: Ca
     started = time.monotonic()
     for n in range(case.repeats):
         case.send(backend.channel, n)
-        after.append(backend.rss_mb)
+        after.append(backend.settled_rss_mb())
     growth = [round(mb - backend.baseline_mb) for mb in after]
     report = f"{case.backend} {case.name}: baseline {backend.baseline_mb:.0f} MB, growth {growth} MB"
     print(f"{report} ({time.monotonic() - started:.1f} s)")
     assert max(after) - backend.baseline_mb <= case.budget_mb, report
-    assert after[-1] - after[min(1, len(after) - 1)] <= ACCUMULATION_MB, report
+    assert after[-1] - after[min(1, len(after) - 1)] <= case.accumulation_mb, report
