@@ -52,7 +52,6 @@ from modelplex.v1 import (
     videos_pb2,
     videos_pb2_grpc,
 )
-from modelplex_kit.children import tied_to_parent
 from tests.support.ports import free_port
 from tests.support.until import wait_until
 
@@ -112,9 +111,12 @@ class Backend:
         self.target = f"127.0.0.1:{free_port()}"
         prefix = "MODELPLEX_" + self.module.removeprefix("modelplex_").upper() + "_"
         env = {**os.environ, **self.env, f"{prefix}LISTEN": self.target, "MODELPLEX_LOG_LEVEL": "warning"}
-        log = open(logs / f"{self.module}.log", "w")  # noqa: SIM115 - the process writes to it until stop()
+        log = open(logs / f"{self.module}.log", "a")  # noqa: SIM115 - the process writes to it until stop()
+        # No preexec_fn (tied_to_parent's): this pytest process has gRPC threads by now, and Python code
+        # run between fork and exec in a threaded parent can abort the child (two backends died with
+        # SIGABRT while starting, in one of five runs, with empty logs). Its own process group; stop() ends it.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", self.module], env=env, stdout=log, stderr=subprocess.STDOUT, **tied_to_parent()
+            [sys.executable, "-m", self.module], env=env, stdout=log, stderr=subprocess.STDOUT, process_group=0
         )
         self.channel = grpc.insecure_channel(self.target, options=CHANNEL_OPTIONS)
         health = health_pb2_grpc.HealthStub(self.channel)
