@@ -49,3 +49,8 @@ class GrpcServiceSettings(ServiceSettings):
     )
     # How often a remote engine's readiness is checked (see grpc_server.serve's ``ready``).
     ready_poll_seconds: float = Field(2.0, gt=0, validation_alias=_shared("READY_POLL_SECONDS"))
+    # glibc malloc, set at startup by grpc_server.run (modelplex_kit.memory; 0: glibc's default):
+    # arenas (MALLOC_ARENA_MAX; glibc's is 8 per core), so memory freed by one thread is reused by
+    # the others, and a fixed mmap threshold, so a request's large buffers go back to the OS.
+    malloc_arenas: int = Field(2, ge=0, validation_alias=_shared("MALLOC_ARENAS"))
+    malloc_mmap_threshold_bytes: int = Field(1 << 20, ge=0, validation_alias=_shared("MALLOC_MMAP_THRESHOLD_BYTES"))

@@ -1,8 +1,10 @@
 """The shared server bootstrap: error mapping, request ids and health, on a real gRPC server."""
 
 import asyncio
+import gc
 import json
 import logging
+import weakref
 
 import grpc
 import pytest
@@ -14,8 +16,15 @@ from modelplex_kit.errors import ServiceError, invalid
 from modelplex_kit.logging import JsonFormatter, request_id_var
 from modelplex_kit.settings import GrpcServiceSettings
 from tests.support.ports import free_port
+from tests.support.until import until
 
 seen_request_ids: list[str] = []
+# What refused calls held in their frames, watched through weak references.
+held_by_refused_calls: list[weakref.ref] = []
+
+
+class _Held:
+    """Stands for what a refused call held (a request's tokenizer output, decoded audio)."""
 
 
 class Servicer(catalog_pb2_grpc.CatalogServiceServicer):
@@ -25,6 +34,18 @@ class Servicer(catalog_pb2_grpc.CatalogServiceServicer):
             raise invalid("bad model name", "model")
         if request.model == "crash":
             raise RuntimeError("secret internal detail")
+        if request.model == "holding":
+            held = _Held()
+            held_by_refused_calls.append(weakref.ref(held))
+            raise invalid("refused while holding something", "model")
+        if request.model == "holding-in-a-future":
+            # As the transcription engine does: a worker's Future fails, and the frame awaiting it
+            # keeps the Future, which keeps the failure, whose traceback keeps the frame.
+            held = _Held()
+            held_by_refused_calls.append(weakref.ref(held))
+            work = asyncio.get_running_loop().create_future()
+            work.set_exception(invalid("the worker refused it", "model"))
+            await work
         return catalog_pb2.ResolveModelResponse(model=catalog_pb2.Model(id=request.model))
 
     async def WatchModels(self, request, context):
@@ -82,6 +103,39 @@ async def test_streaming_errors_are_mapped_too(target):
             async for _ in call:
                 pass
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_refused_call_releases_what_it_held_without_waiting_for_the_cycle_collector(target):
+    # Before: context.abort's AbortError kept the failure (and its frames) in the call's state,
+    # a reference cycle that only Python's rare full collection freed; the embeddings backend
+    # grew ~200 MB per refused 2048-input request that way. Reference counting alone must do.
+    gc.disable()
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ResolveModel(catalog_pb2.ResolveModelRequest(model="holding"))
+                assert ServiceError.from_rpc_error(err.value).param == "model"
+        await until(lambda: all(ref() is None for ref in held_by_refused_calls), timeout=10)
+    finally:
+        gc.enable()
+    assert len(held_by_refused_calls) == 3
+
+
+async def test_a_failure_kept_by_a_future_does_not_keep_the_call_either(target):
+    held_by_refused_calls.clear()
+    gc.disable()
+    try:
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = catalog_pb2_grpc.CatalogServiceStub(channel)
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await stub.ResolveModel(catalog_pb2.ResolveModelRequest(model="holding-in-a-future"))
+        await until(lambda: all(ref() is None for ref in held_by_refused_calls), timeout=10)
+    finally:
+        gc.enable()
+    assert len(held_by_refused_calls) == 3
 
 
 async def test_request_id_from_metadata_reaches_handlers(target):

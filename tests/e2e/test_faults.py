@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from modelplex_kit.devstack import Stack, free_port
+from tests.support.until import wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -58,18 +59,18 @@ def test_a_killed_backend_is_restarted_and_serves_again(stack):
     backend = stack.process(stack.backend)
     old_pid = backend.popen.pid
     backend.popen.send_signal(signal.SIGKILL)
-    deadline = time.monotonic() + 90
-    answer = None
-    while time.monotonic() < deadline:
+
+    def answered():
         try:
-            answer = client.chat.completions.create(
+            return client.chat.completions.create(
                 model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=3
             )
-            break
         except openai.APIStatusError as exc:
             assert exc.status_code == 503 and exc.response.headers["retry-after"]  # meanwhile: retryable
-            time.sleep(0.5)
-    assert answer is not None and answer.choices[0].message.content is not None
+            return None
+
+    answer = wait_until(answered, timeout=90, interval=0.5)
+    assert answer.choices[0].message.content is not None
     assert stack.process(stack.backend).popen.pid != old_pid and stack.process(stack.backend).restarts >= 1
 
 

@@ -16,6 +16,7 @@ from modelplex_videos.jobs import Job, Limits, new_job_id
 from modelplex_videos.redis_store import RedisJobStore
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
+from tests.support.until import wait_until
 
 pytestmark = pytest.mark.integration
 META = common_pb2.RequestMeta(principal_id="key_redis_test")
@@ -120,13 +121,11 @@ def get(stub, video_id: str) -> videos_pb2.VideoJob:
 
 
 def wait_done(stub, video_id: str, timeout: float = 180) -> videos_pb2.VideoJob:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def finished() -> videos_pb2.VideoJob | None:
         found = get(stub, video_id)
-        if found.status in (videos_pb2.VIDEO_STATUS_COMPLETED, videos_pb2.VIDEO_STATUS_FAILED):
-            return found
-        time.sleep(0.2)
-    raise TimeoutError(video_id)
+        return found if found.status in (videos_pb2.VIDEO_STATUS_COMPLETED, videos_pb2.VIDEO_STATUS_FAILED) else None
+
+    return wait_until(finished, timeout=timeout, interval=0.2)
 
 
 def test_two_replicas_share_the_queue_and_finish_a_dead_workers_job(fresh, tmp_path):
@@ -146,10 +145,7 @@ def test_two_replicas_share_the_queue_and_finish_a_dead_workers_job(fresh, tmp_p
 
         # A dead worker's job: only `first` runs it, dies mid-render, and `second` (started after) finishes it.
         long = create(first.stub, "a long take", seconds=12)
-        deadline = time.monotonic() + 60
-        while (seen := get(first.stub, long.id)).progress == 0:
-            assert time.monotonic() < deadline, seen
-            time.sleep(0.05)
+        wait_until(lambda: get(first.stub, long.id).progress > 0, timeout=60, interval=0.05)
         first.process.kill()
         first.process.wait()
         second = Replica(fresh.url, str(tmp_path / "data"), log)

@@ -3,11 +3,14 @@
 import asyncio
 from pathlib import Path
 
+import grpc
+
 from modelplex_catalog.readiness import ReadinessFollower
 from modelplex_catalog.store import CatalogStore
 from modelplex_kit import grpc_server
 from modelplex_kit.settings import GrpcServiceSettings
 from tests.support.ports import free_port
+from tests.support.until import until
 
 ENTRY = """
   - id: {id}
@@ -62,10 +65,20 @@ async def test_models_follow_their_backends_health(tmp_path: Path):
         await asyncio.gather(follower, backend, return_exceptions=True)
 
 
-async def test_a_backend_without_grpc_health_stays_routed(tmp_path: Path):
-    import grpc
+class _Calls(grpc.aio.ServerInterceptor):
+    """Records the methods a server was asked for (it answers UNIMPLEMENTED for all: no servicers)."""
 
-    bare = grpc.aio.server()  # answers gRPC, but has no grpc.health service
+    def __init__(self) -> None:
+        self.methods: list[str] = []
+
+    async def intercept_service(self, continuation, handler_call_details):
+        self.methods.append(handler_call_details.method)
+        return await continuation(handler_call_details)
+
+
+async def test_a_backend_without_grpc_health_stays_routed(tmp_path: Path):
+    calls = _Calls()
+    bare = grpc.aio.server(interceptors=[calls])  # answers gRPC, but has no grpc.health service
     target = f"127.0.0.1:{free_port()}"
     bare.add_insecure_port(target)
     await bare.start()
@@ -74,7 +87,9 @@ async def test_a_backend_without_grpc_health_stays_routed(tmp_path: Path):
     store = CatalogStore(path)
     follower = asyncio.create_task(ReadinessFollower(store, retry_seconds=0.1).run())
     try:
-        await asyncio.sleep(0.5)
+        # Before, a fixed sleep and then the model's initial state: it passed even if the follower
+        # never asked. Now: the follower asked, got UNIMPLEMENTED, handled it and asked again.
+        await until(lambda: calls.methods.count("/grpc.health.v1.Health/Watch") >= 2, timeout=30)
         assert not store.view.resolve("external").HasField("ready")  # unknown: the edge routes it
     finally:
         follower.cancel()

@@ -11,6 +11,7 @@ from modelplex_embeddings.batching import MicroBatcher
 from modelplex_embeddings.engine import Item
 from modelplex_embeddings.settings import BatchingSettings
 from modelplex_kit.errors import ServiceError, invalid
+from tests.support.until import until
 
 
 class RecordingEngine:
@@ -100,10 +101,10 @@ async def test_a_request_cancelled_while_queued_never_reaches_the_engine():
     engine.gate = asyncio.Event()
     mb = batcher(engine, max_wait_ms=0)
     first = asyncio.create_task(mb.submit(items(1)))
-    await asyncio.sleep(0.01)  # the first batch is running (held at the gate)
+    await until(lambda: engine.calls == [[1]], timeout=30)  # the first batch is running (held at the gate)
     doomed = asyncio.create_task(mb.submit(items(2)))
     kept = asyncio.create_task(mb.submit(items(3)))
-    await asyncio.sleep(0.01)
+    await until(lambda: mb.waiting == 2, timeout=30)
     doomed.cancel()
     engine.gate.set()
     assert (await first)[:, 0].tolist() == [1]
@@ -118,9 +119,9 @@ async def test_a_full_queue_is_refused_with_503():
     engine.gate = asyncio.Event()
     mb = batcher(engine, max_queued_inputs=3, max_wait_ms=0)
     running = asyncio.create_task(mb.submit(items(1)))
-    await asyncio.sleep(0.01)
+    await until(lambda: engine.calls == [[1]], timeout=30)
     queued = asyncio.create_task(mb.submit(items(2, 3)))
-    await asyncio.sleep(0.01)
+    await until(lambda: mb.waiting == 1, timeout=30)
     with pytest.raises(ServiceError) as refused:
         await mb.submit(items(4, 5))
     assert refused.value.http.status == 503

@@ -12,6 +12,9 @@ from modelplex_embeddings.servicer import EmbeddingsServicer, resize
 from modelplex_embeddings.settings import BatchingSettings, EmbeddingsSettings, LocalSettings
 from modelplex_kit.errors import ServiceError
 
+# A loaded model: kept out of `make test-fast`.
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def engine() -> LocalEngine:

@@ -14,6 +14,7 @@ def capabilities(settings: ImagesSettings, max_partial_images: int) -> catalog_p
     return catalog_pb2.ImagesCapabilities(
         sizes=settings.size_list(),
         max_n=settings.max_n,
+        max_prompt_chars=settings.max_prompt_chars,
         max_partial_images=max_partial_images,
         output_formats=list(FORMATS),
     )

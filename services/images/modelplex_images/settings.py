@@ -3,7 +3,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
-from modelplex_kit.modalities.images import OPENAI_SIZES
+from modelplex_kit.modalities.images import OPENAI_MAX_PROMPT_CHARS, OPENAI_SIZES
 from modelplex_kit.settings import GrpcServiceSettings
 
 
@@ -28,6 +28,9 @@ class ImagesSettings(GrpcServiceSettings):
     # Sizes this backend renders ("WIDTHxHEIGHT"), comma-separated in the environment.
     sizes: str = ",".join(OPENAI_SIZES)
     max_n: int = Field(10, ge=1)
+    # Longest prompt in characters, checked here as well as at the edge (OpenAI's 32000 by default):
+    # unchecked, an 8 MB prompt sent to the backend directly was rendered.
+    max_prompt_chars: int = Field(OPENAI_MAX_PROMPT_CHARS, ge=1)
     # Images rendered at once; more requests wait their turn.
     max_concurrency: int = Field(2, ge=1)
     # Requests waiting beyond this get 503 with Retry-After.

@@ -16,6 +16,9 @@ from modelplex_text.adapters.llamacpp import LlamaCppEngine
 from modelplex_text.servicer import check, merge_delta
 from modelplex_text.settings import LlamaCppSettings
 
+# A loaded model: kept out of `make test-fast`.
+pytestmark = pytest.mark.integration
+
 WEATHER = {
     "type": "object",
     "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},

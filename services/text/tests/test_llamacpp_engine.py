@@ -17,6 +17,10 @@ from modelplex_kit.grpc_server import ObservingInterceptor
 from modelplex_text.adapters.llamacpp import LlamaCppEngine
 from modelplex_text.servicer import TextGenerationServicer
 from modelplex_text.settings import LlamaCppSettings
+from tests.support.until import until
+
+# A loaded model: kept out of `make test-fast`.
+pytestmark = pytest.mark.integration
 
 CONTEXT = 512
 STORY = "Write a long story about a dragon who learns to cook."
@@ -163,11 +167,8 @@ async def test_aborting_one_stream_leaves_the_others_running(backend):
     for run in await asyncio.gather(*others):
         assert run["usage"].completion_tokens == 40
         assert run["reasons"] == {0: text_pb2.FINISH_REASON_LENGTH}
-    for _ in range(50):  # the aborted sequence left its slot between two steps
-        if not engine._scheduler._active():
-            break
-        await asyncio.sleep(0.05)
-    assert engine._scheduler._active() == []
+    # The aborted sequence leaves its slot between two steps.
+    await until(lambda: engine._scheduler._active() == [], timeout=60)
 
 
 async def test_the_wall_clock_limit_ends_generation_with_length(tight, caplog):
@@ -182,9 +183,9 @@ async def test_the_wall_clock_limit_ends_generation_with_length(tight, caplog):
 
 
 async def test_waiting_for_a_slot_is_bounded(tight):
-    stub, _ = tight
+    stub, engine = tight
     long_one = asyncio.ensure_future(stub.Generate(chat(STORY, max_tokens=400, temperature=1.0)))
-    await asyncio.sleep(0.1)
+    await until(lambda: engine._scheduler._active(), timeout=60)
     started = time.monotonic()
     error = await rpc_error(stub.Generate(chat("hi", max_tokens=4)))
     assert error.status == grpc.StatusCode.UNAVAILABLE

@@ -22,7 +22,10 @@ def open_store(settings: VideosSettings) -> JobStore:
 
 def capabilities(settings: VideosSettings) -> catalog_pb2.VideosCapabilities:
     return catalog_pb2.VideosCapabilities(
-        sizes=settings.size_list(), seconds=settings.seconds_list(), input_reference=True
+        sizes=settings.size_list(),
+        seconds=settings.seconds_list(),
+        input_reference=True,
+        max_prompt_chars=settings.max_prompt_chars,
     )
 
 

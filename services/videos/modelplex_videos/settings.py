@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from modelplex_kit.modalities.videos import OPENAI_SECONDS, OPENAI_SIZES
+from modelplex_kit.modalities.videos import OPENAI_MAX_PROMPT_CHARS, OPENAI_SECONDS, OPENAI_SIZES
 from modelplex_kit.settings import GrpcServiceSettings
 
 _DEFAULT_DATA_DIR = str(Path(tempfile.gettempdir()) / "modelplex-videos")
@@ -24,6 +24,8 @@ class VideosSettings(GrpcServiceSettings):
     engine: str = "procedural"
     sizes: str = ",".join(OPENAI_SIZES)
     seconds: str = ",".join(str(s) for s in OPENAI_SECONDS)
+    # Longest prompt in characters, checked here as well as at the edge (OpenAI's 32000 by default).
+    max_prompt_chars: int = Field(OPENAI_MAX_PROMPT_CHARS, ge=1)
 
     # -- jobs
     # sqlite: one replica, jobs in <data_dir>/jobs.sqlite3. redis: several replicas share redis_url.

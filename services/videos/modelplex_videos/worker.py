@@ -111,6 +111,10 @@ class WorkerPool:
         finally:
             heartbeat.cancel()
             render.cancel()
+            # A failed render's Task holds its exception, whose traceback holds this frame, which
+            # holds the Task: a cycle that kept the spec (a 24 MB input_reference) until Python's
+            # rare full collection, ~15 MB more resident per failed job. Dropping the Task breaks it.
+            render = heartbeat = None
         await self._publish(claim, artifacts)
 
     async def _publish(self, claim: _Claim, artifacts) -> None:

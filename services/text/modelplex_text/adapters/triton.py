@@ -43,13 +43,13 @@ from tritonclient.utils import np_to_triton_dtype
 
 from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_kit.engine_health import triton_ready
+from modelplex_kit.kserve_v2 import upstream_error
 from modelplex_text import gguf
 from modelplex_text.choices import ChoiceEnd, ChoicePiece, ChoiceText, completion_budget, refuse_suffix, stream_choices
 from modelplex_text.engine import EngineEvent
 from modelplex_text.prompting import OutputConstraint, plan_prompt
 from modelplex_text.sampling import SamplingParams
 from modelplex_text.settings import TritonSettings
-from modelplex_text.upstream_errors import from_triton
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,7 @@ class TritonEngine:
         try:
             async for result, error in responses:
                 if error is not None:
-                    raise from_triton(error, self._model)
+                    raise upstream_error(error, self._model)
                 output = result.as_numpy("text_output")
                 text = decoder.decode(b"".join(output.ravel())) if output is not None else ""
                 scored = _logprobs_of(result, params.logprobs)
@@ -292,7 +292,7 @@ class TritonEngine:
                 if _is_final(result):  # may come with the last delta (vLLM) or empty (TRT-LLM)
                     break
         except grpc.aio.AioRpcError as exc:
-            raise from_triton(exc, self._model) from exc
+            raise upstream_error(exc, self._model) from exc
         finally:
             # Ends the call even when the final response came before the stream closed; when the
             # consumer left early, this is what makes Triton abort the request.
