@@ -16,6 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.e2e.test_chat import WEATHER_TOOL
+from tests.support.until import wait_until
 from tests.support.vllm_server import VllmServer, chart_pod, smollm2_folder
 from tests.vllm.conftest import TEXT_MODEL, chart_entries
 
@@ -28,15 +29,6 @@ TIME_TOOL = {
         "parameters": {"type": "object", "properties": {"timezone": {"type": "string"}}, "required": ["timezone"]},
     },
 }
-
-
-def until(predicate, timeout: float, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def test_plain_chat_without_tools_is_answered(client):
@@ -87,7 +79,7 @@ def test_named_tool_choice_arguments_are_an_object_valid_against_the_schema(clie
 
 def test_client_disconnect_aborts_the_vllm_request(client, vllm_text: VllmServer):
     running = "vllm:num_requests_running"
-    assert until(lambda: vllm_text.metric(running) == 0, 60), "vLLM is busy before the test"
+    wait_until(lambda: vllm_text.metric(running) == 0, 60)  # idle before the test
     stream = client.chat.completions.create(
         model=TEXT_MODEL,
         messages=[{"role": "user", "content": "Write a very long story about the sea."}],
@@ -100,7 +92,7 @@ def test_client_disconnect_aborts_the_vllm_request(client, vllm_text: VllmServer
     assert vllm_text.metric(running) >= 1
     stream.close()
     # The edge cancels the backend call, the adapter closes its HTTP response, vLLM aborts.
-    assert until(lambda: vllm_text.metric(running) == 0, 30)
+    wait_until(lambda: vllm_text.metric(running) == 0, 30)
 
 
 def test_max_tokens_beyond_the_context_is_a_400_naming_max_tokens(client):
