@@ -15,6 +15,7 @@ from modelplex_edge.admission import Admission, DevKeyAdmission
 from modelplex_edge.backends import Backends, channel
 from modelplex_edge.catalog_client import CatalogWatcher
 from modelplex_edge.endpoints import ROUTERS, UPLOAD_PATHS
+from modelplex_edge.endpoints.responses.store import build_store
 from modelplex_edge.errors import install_error_handlers
 from modelplex_edge.gatekeeper_client import GatekeeperAdmission
 from modelplex_edge.middleware import EdgeMiddleware
@@ -38,7 +39,13 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
         following = asyncio.create_task(watcher.run())
         backends = Backends(settings.backend_timeout_seconds)
         gate = admission or default_admission(settings)
-        app.state.edge = EdgeState(settings, watcher, backends, gate)
+        responses = build_store(
+            settings.responses_store,
+            sqlite_path=settings.responses_sqlite_path,
+            redis_url=settings.responses_redis_url,
+            retention_seconds=settings.responses_retention_seconds,
+        )
+        app.state.edge = EdgeState(settings, watcher, backends, gate, responses)
         try:
             await asyncio.wait_for(watcher.ready.wait(), settings.catalog_wait_seconds)
         except TimeoutError:
@@ -47,6 +54,7 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
         following.cancel()
         await backends.close()
         await gate.close()
+        await responses.close()
         await catalog_channel.close()
 
     app = FastAPI(

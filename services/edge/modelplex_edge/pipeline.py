@@ -82,6 +82,11 @@ async def refuse(http: Request, endpoint: str, error: ServiceError) -> NoReturn:
     raise error
 
 
+async def identify(http: Request, endpoint: Endpoint) -> Admitted:
+    """Who is calling, without admitting a model call: for reads of what a caller stored."""
+    return await _state(http).admission.admit(Ask(authorization(http), endpoint.name))
+
+
 async def parse(http: Request, endpoint: Endpoint, model: type[M]) -> M:
     try:
         return parse_body(model, await http.body())

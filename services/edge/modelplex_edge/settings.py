@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -43,6 +43,18 @@ class EdgeSettings(ServiceSettings):
     catalog_wait_seconds: float = 10.0
     # uvicorn's keep-alive for idle client connections.
     keep_alive_seconds: int = 75
+
+    # -- stored responses (/v1/responses with store: true)
+    # memory: this process only (tests); sqlite: one edge, survives restarts (`make run`);
+    # redis: every edge replica sees every response (continue on any replica).
+    responses_store: Literal["memory", "sqlite", "redis"] = "memory"
+    responses_sqlite_path: str = ".modelplex/responses.sqlite3"
+    responses_redis_url: str = ""
+    # How long a stored response (and so a conversation) can be retrieved or continued; OpenAI keeps 30 days.
+    responses_retention_seconds: int = Field(30 * 24 * 3600, ge=1)
+    # Bounds on a previous_response_id chain: responses in it, and the tokens of its last turn.
+    responses_max_chain_depth: int = Field(100, ge=1)
+    responses_max_chain_tokens: int = Field(1_000_000, ge=1)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

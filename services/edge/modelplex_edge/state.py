@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from modelplex_edge.admission import Admission
 from modelplex_edge.backends import Backends
 from modelplex_edge.catalog_client import CatalogWatcher
+from modelplex_edge.endpoints.responses.store import ResponseStore
 from modelplex_edge.settings import EdgeSettings
 from modelplex_edge.sse import Drain
 
@@ -17,4 +18,5 @@ class EdgeState:
     catalog: CatalogWatcher
     backends: Backends
     admission: Admission
+    responses: ResponseStore
     drain: Drain = field(default_factory=Drain)

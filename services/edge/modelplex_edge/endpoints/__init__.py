@@ -12,6 +12,7 @@ from modelplex_edge.endpoints.completions.router import router as completions
 from modelplex_edge.endpoints.embeddings.router import router as embeddings
 from modelplex_edge.endpoints.images.router import router as images
 from modelplex_edge.endpoints.models.router import router as models
+from modelplex_edge.endpoints.responses.router import router as responses
 from modelplex_edge.endpoints.speech.router import router as speech
 from modelplex_edge.endpoints.transcriptions.router import PATH as TRANSCRIPTIONS
 from modelplex_edge.endpoints.transcriptions.router import router as transcriptions
@@ -23,6 +24,7 @@ from modelplex_edge.endpoints.videos.router import router as videos
 ROUTERS: tuple[APIRouter, ...] = (
     chat,
     completions,
+    responses,
     embeddings,
     images,
     videos,
