@@ -313,3 +313,36 @@ async def test_chains_beyond_the_depth_bound_are_refused():
             await client.responses.create(model="scripted", input="three", previous_response_id=second.id)
         assert refused.value.body["param"] == "previous_response_id"
         assert len(small.engine.requests) == before
+
+
+async def test_stored_responses_are_visible_to_their_project_only(tmp_path, monkeypatch):
+    from modelplex_gatekeeper.keys import KeyRecord, KeysFile
+
+    keys = KeysFile()
+    keys.add("sk-ada-1", KeyRecord(name="ada-1", hash="", project="alpha"))
+    keys.add("sk-ada-2", KeyRecord(name="ada-2", hash="", project="alpha"))
+    keys.add("sk-bob-1", KeyRecord(name="bob-1", hash="", project="beta"))
+    keys.save(tmp_path / "keys.yaml")
+    monkeypatch.setenv("MODELPLEX_KEYS_FILE", str(tmp_path / "keys.yaml"))
+    monkeypatch.setenv("MODELPLEX_GATEKEEPER_USAGE_FILE", str(tmp_path / "usage.jsonl"))
+    async with scripted_edge(gatekeeper_target="embedded") as gated:
+
+        def as_key(key: str) -> openai.AsyncOpenAI:
+            return openai.AsyncOpenAI(base_url=gated.base_url, api_key=key, max_retries=0)
+
+        created = await as_key("sk-ada-1").responses.create(model="scripted", input="alpha's secret")
+        same_project = as_key("sk-ada-2")
+        assert (await same_project.responses.retrieve(created.id)).output_text == "echo: alpha's secret"
+        await same_project.responses.create(model="scripted", input="more", previous_response_id=created.id)
+        other = as_key("sk-bob-1")
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.retrieve(created.id)
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.input_items.list(created.id)
+        with pytest.raises(openai.NotFoundError):
+            await other.responses.delete(created.id)
+        before = len(gated.engine.requests)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await other.responses.create(model="scripted", input="steal", previous_response_id=created.id)
+        assert refused.value.body["param"] == "previous_response_id" and len(gated.engine.requests) == before
+        assert (await same_project.responses.retrieve(created.id)).id == created.id  # bob deleted nothing

@@ -1,0 +1,82 @@
+"""The stored-responses interface, the same contract for the memory and SQLite stores (Redis's run in
+tests/integration/test_responses_redis.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from modelplex_edge.endpoints.responses.store import MemoryStore, SQLiteStore, StoredResponse
+
+RESPONSE = {"id": "resp_1", "output": [], "usage": {"total_tokens": 3}}
+
+
+def record(scope: str = "project-a", response_id: str = "resp_1") -> StoredResponse:
+    return StoredResponse(response_id, scope, {**RESPONSE, "id": response_id}, [{"id": "msg_1"}], depth=2)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def make_store(request, tmp_path):
+    def make(retention_seconds: float = 3600):
+        if request.param == "memory":
+            return MemoryStore(retention_seconds)
+        return SQLiteStore(str(tmp_path / "nested" / "responses.sqlite3"), retention_seconds, sweep_seconds=0)
+
+    return make
+
+
+async def until(predicate, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+async def test_a_record_round_trips(make_store):
+    store = make_store()
+    await store.put(record())
+    found = await store.get("project-a", "resp_1")
+    assert found == record()
+    await store.close()
+
+
+async def test_another_scope_finds_nothing_and_cannot_delete(make_store):
+    store = make_store()
+    await store.put(record())
+    assert await store.get("project-b", "resp_1") is None
+    assert await store.delete("project-b", "resp_1") is False
+    assert await store.get("project-a", "resp_1") is not None
+    await store.close()
+
+
+async def test_delete_removes_once(make_store):
+    store = make_store()
+    await store.put(record())
+    assert await store.delete("project-a", "resp_1") is True
+    assert await store.get("project-a", "resp_1") is None
+    assert await store.delete("project-a", "resp_1") is False
+    await store.close()
+
+
+async def test_records_expire_after_the_retention(make_store):
+    store = make_store(retention_seconds=1)
+    await store.put(record())
+
+    async def expired() -> bool:
+        return await store.get("project-a", "resp_1") is None
+
+    await until(expired)
+    assert await store.delete("project-a", "resp_1") is False
+    await store.close()
+
+
+async def test_sqlite_keeps_records_across_reopening(tmp_path):
+    path = str(tmp_path / "responses.sqlite3")
+    first = SQLiteStore(path, 3600)
+    await first.put(record())
+    await first.close()
+    second = SQLiteStore(path, 3600)
+    assert await second.get("project-a", "resp_1") == record()
+    await second.close()
