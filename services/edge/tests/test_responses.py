@@ -346,3 +346,21 @@ async def test_stored_responses_are_visible_to_their_project_only(tmp_path, monk
             await other.responses.create(model="scripted", input="steal", previous_response_id=created.id)
         assert refused.value.body["param"] == "previous_response_id" and len(gated.engine.requests) == before
         assert (await same_project.responses.retrieve(created.id)).id == created.id  # bob deleted nothing
+
+
+async def test_truncation_auto_drops_the_oldest_turns_and_disabled_refuses(client, edge):
+    long = "word " * 2500  # about 3100 tokens by the edge's estimate, 2500 by the engine's count
+    first = await client.responses.create(model="scripted", input=long + "first")
+    refused = await raw_create(edge, {"input": long + "second", "previous_response_id": first.id})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "input"
+    kept = await client.responses.create(
+        model="scripted", input=long + "second", previous_response_id=first.id, truncation="auto"
+    )
+    assert kept.status == "completed" and kept.truncation == "auto"
+    sent = edge.engine.requests[-1].chat.messages
+    assert len(sent) == 1 and sent[0].content[0].text.endswith("second")
+
+
+async def raw_create(edge, body: dict) -> httpx.Response:
+    async with raw(edge) as http:
+        return await http.post("/responses", json={"model": "scripted", **body})

@@ -63,11 +63,11 @@ async def create_response(http: Request) -> Response:
     state = _state(http)
     scope = (await pipeline.identify(http, ENDPOINT)).scope if body.previous_response_id else ""
     chain = await load_chain(state.responses, scope, body.previous_response_id, state.settings)
-    prompt = translate.estimate(body, chain.items)
+    prompt = translate.Prompt(body, [*chain.items, *body.items])
     async with await pipeline.open_call(
-        http, ENDPOINT, body.model, lambda model: translate.cost(prompt, body, model.context_length)
+        http, ENDPOINT, body.model, lambda model: prompt.fit(model.context_length)
     ) as call:
-        request = translate.to_proto(body, chain.items, call.model.id, call.meta(body.safety_identifier or body.user))
+        request = translate.to_proto(body, prompt.items, call.model.id, call.meta(body.safety_identifier or body.user))
         try:
             call.check(request)
         except ServiceError as exc:

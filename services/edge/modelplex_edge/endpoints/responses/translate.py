@@ -98,25 +98,44 @@ def _response_format(body: CreateResponseRequest) -> text_pb2.ResponseFormat:
     return result
 
 
-def estimate(body: CreateResponseRequest, history: list[InputItem]) -> int:
-    """Prompt tokens, estimated for admission (the backend counts exactly)."""
-    texts = [item.model_dump_json() for item in (*history, *body.items)]
-    texts += [body.instructions or ""] + [tool.model_dump_json() for tool in body.tools or ()]
-    return estimate_tokens(texts)
+def _is_user_turn(item: InputItem) -> bool:
+    return isinstance(item, MessageItem) and item.role == "user"
 
 
-def cost(prompt_estimate: int, body: CreateResponseRequest, context_length: int) -> int:
-    """What admission reserves: the prompt plus the output bound (the rest of the context without one)."""
-    return prompt_estimate + (body.max_output_tokens or max(0, context_length - prompt_estimate))
+@dataclass(slots=True)
+class Prompt:
+    """The items a request sends (the stored chain, then its input), fitted to a model's context."""
+
+    body: CreateResponseRequest
+    items: list[InputItem]
+
+    def estimate(self) -> int:
+        """Prompt tokens, estimated (the backend counts exactly, the gatekeeper reconciles)."""
+        texts = [item.model_dump_json() for item in self.items]
+        texts += [self.body.instructions or ""] + [tool.model_dump_json() for tool in self.body.tools or ()]
+        return estimate_tokens(texts)
+
+    def fit(self, context_length: int) -> int:
+        """With ``truncation: auto``, drops the oldest turns (up to the next user message, so no tool output
+        loses its call) until the prompt and the output bound fit; returns what admission reserves: the
+        prompt plus the output bound (the rest of the context without one)."""
+        room = context_length - (self.body.max_output_tokens or 1)
+        while self.body.truncation == "auto" and len(self.items) > 1 and self.estimate() > room:
+            rest = self.items[1:]
+            while len(rest) > 1 and not _is_user_turn(rest[0]):
+                rest = rest[1:]
+            self.items = rest
+        prompt = self.estimate()
+        return prompt + (self.body.max_output_tokens or max(0, context_length - prompt))
 
 
 def to_proto(
-    body: CreateResponseRequest, history: list[InputItem], model_id: str, meta: common_pb2.RequestMeta
+    body: CreateResponseRequest, items: list[InputItem], model_id: str, meta: common_pb2.RequestMeta
 ) -> text_pb2.GenerateRequest:
     return text_pb2.GenerateRequest(
         meta=meta,
         model=model_id,
-        chat=text_pb2.ChatInput(messages=chat_messages(body.instructions, [*history, *body.items])),
+        chat=text_pb2.ChatInput(messages=chat_messages(body.instructions, items)),
         sampling=sampling(
             temperature=body.temperature,
             top_p=body.top_p,
