@@ -364,3 +364,36 @@ async def test_truncation_auto_drops_the_oldest_turns_and_disabled_refuses(clien
 async def raw_create(edge, body: dict) -> httpx.Response:
     async with raw(edge) as http:
         return await http.post("/responses", json={"model": "scripted", **body})
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+async def test_an_openai_agents_sdk_agent_calls_its_tool_and_answers(edge, streamed):
+    from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
+
+    set_tracing_disabled(True)  # the SDK would export traces to OpenAI
+    calls = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Weather of a city."""
+        calls.append(city)
+        return f"sunny in {city}"
+
+    model = OpenAIResponsesModel(
+        model="scripted", openai_client=openai.AsyncOpenAI(base_url=edge.base_url, api_key=KEY)
+    )
+    agent = Agent(
+        name="weather",
+        instructions="Answer with the weather.",
+        tools=[get_weather],
+        model=model,
+        model_settings=ModelSettings(tool_choice="required"),  # reset to auto after the call (the SDK's default)
+    )
+    if streamed:
+        result = Runner.run_streamed(agent, "Weather in Paris?", max_turns=3)
+        async for _ in result.stream_events():
+            pass
+    else:
+        result = await Runner.run(agent, "Weather in Paris?", max_turns=3)
+    assert calls == ["Paris"]
+    assert result.final_output == "echo: sunny in Paris"
