@@ -89,6 +89,9 @@ async def create_response(http: Request) -> Response:
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(response_id: str, http: Request) -> Response:
     admitted = await pipeline.identify(http, ENDPOINT)
+    if http.query_params.get("stream", "false").lower() not in ("false", "0"):
+        # OpenAI resumes the event stream of a background response; background is not served yet.
+        raise invalid("Streaming a stored response is only possible for background responses.", "stream")
     record = await _state(http).responses.get(admitted.scope, response_id)
     if record is None:
         raise _not_found(response_id)
