@@ -44,6 +44,7 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
             sqlite_path=settings.responses_sqlite_path,
             redis_url=settings.responses_redis_url,
             retention_seconds=settings.responses_retention_seconds,
+            memory_max_records=settings.responses_memory_max_records,
         )
         app.state.edge = EdgeState(settings, watcher, backends, gate, responses)
         try:

@@ -52,6 +52,8 @@ class EdgeSettings(ServiceSettings):
     responses_redis_url: str = ""
     # How long a stored response (and so a conversation) can be retrieved or continued; OpenAI keeps 30 days.
     responses_retention_seconds: int = Field(30 * 24 * 3600, ge=1)
+    # The memory store's bound: beyond it the oldest responses are forgotten first.
+    responses_memory_max_records: int = Field(10_000, ge=1)
     # Bounds on a previous_response_id chain: responses in it, and the tokens of its last turn.
     responses_max_chain_depth: int = Field(100, ge=1)
     responses_max_chain_tokens: int = Field(1_000_000, ge=1)

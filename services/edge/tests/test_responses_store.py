@@ -80,3 +80,11 @@ async def test_sqlite_keeps_records_across_reopening(tmp_path):
     second = SQLiteStore(path, 3600)
     assert await second.get("project-a", "resp_1") == record()
     await second.close()
+
+
+async def test_the_memory_store_is_bounded_and_forgets_the_oldest_first():
+    store = MemoryStore(3600, max_records=3)
+    for i in range(5):
+        await store.put(record(response_id=f"resp_{i}"))
+    kept = [i for i in range(5) if await store.get("project-a", f"resp_{i}") is not None]
+    assert kept == [2, 3, 4]

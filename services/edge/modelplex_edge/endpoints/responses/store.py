@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,15 +51,22 @@ class ResponseStore(Protocol):
 
 
 class MemoryStore:
-    """One process's dict: for tests and a single edge that may forget on restart."""
+    """One process's dict: for tests and a single edge that may forget on restart. Bounded: beyond
+    ``max_records`` the oldest records are dropped first, so memory cannot grow without limit."""
 
-    def __init__(self, retention_seconds: float) -> None:
+    def __init__(self, retention_seconds: float, max_records: int = 10_000) -> None:
         self._retention = retention_seconds
-        self._records: dict[tuple[str, str], tuple[float, bytes]] = {}
+        self._max_records = max_records
+        # Insertion order is expiry order (one retention for all), so expired records are at the front.
+        self._records: OrderedDict[tuple[str, str], tuple[float, bytes]] = OrderedDict()
 
     async def put(self, record: StoredResponse) -> None:
         self._sweep()
-        self._records[(record.scope, record.id)] = (time.time() + self._retention, record.to_json())
+        key = (record.scope, record.id)
+        self._records[key] = (time.time() + self._retention, record.to_json())
+        self._records.move_to_end(key)
+        while len(self._records) > self._max_records:
+            self._records.popitem(last=False)
 
     async def get(self, scope: str, response_id: str) -> StoredResponse | None:
         found = self._records.get((scope, response_id))
@@ -72,8 +80,8 @@ class MemoryStore:
 
     def _sweep(self) -> None:
         now = time.time()
-        for key in [key for key, (expires, _) in self._records.items() if expires <= now]:
-            del self._records[key]
+        while self._records and next(iter(self._records.values()))[0] <= now:
+            self._records.popitem(last=False)
 
     async def close(self) -> None:
         self._records.clear()
@@ -161,11 +169,13 @@ class RedisStore:
         await self._redis.aclose()
 
 
-def build_store(kind: str, *, sqlite_path: str, redis_url: str, retention_seconds: float) -> ResponseStore:
+def build_store(
+    kind: str, *, sqlite_path: str, redis_url: str, retention_seconds: float, memory_max_records: int = 10_000
+) -> ResponseStore:
     if kind == "redis":
         if not redis_url:
             raise ValueError("MODELPLEX_EDGE_RESPONSES_STORE=redis needs MODELPLEX_EDGE_RESPONSES_REDIS_URL")
         return RedisStore(redis_url, retention_seconds)
     if kind == "sqlite":
         return SQLiteStore(sqlite_path, retention_seconds)
-    return MemoryStore(retention_seconds)
+    return MemoryStore(retention_seconds, memory_max_records)
