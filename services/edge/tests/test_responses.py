@@ -174,6 +174,24 @@ async def test_logprobs_are_requested_and_rendered(client, edge):
     assert [lp.token for lp in logprobs] == ["echo:", " a", " b"] and len(logprobs[0].top_logprobs) == 2
 
 
+async def test_image_parts_reach_a_vision_model_in_order(client, edge):
+    image = "data:image/png;base64,iVBORw0KGgo="
+    await client.responses.create(
+        model="scripted",
+        input=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "input_text", "text": "What is this?"},
+                    {"type": "input_image", "image_url": image, "detail": "low"},
+                ],
+            }
+        ],
+    )
+    parts = edge.engine.requests[-1].chat.messages[0].content
+    assert parts[0].text == "What is this?" and (parts[1].image.url, parts[1].image.detail) == (image, "low")
+
+
 async def test_json_schema_format_reaches_the_engine(client, edge):
     schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
     response = await client.responses.create(
