@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import pytest
 
-from modelplex_edge.endpoints.responses.store import MemoryStore, SQLiteStore, StoredResponse
+from modelplex_edge.endpoints.responses.store import MemoryStore, RedisStore, SQLiteStore, StoredResponse
+from modelplex_kit.errors import ServiceError
+from tests.support.ports import free_port
 
 RESPONSE = {"id": "resp_1", "output": [], "usage": {"total_tokens": 3}}
 
@@ -88,3 +91,13 @@ async def test_the_memory_store_is_bounded_and_forgets_the_oldest_first():
         await store.put(record(response_id=f"resp_{i}"))
     kept = [i for i in range(5) if await store.get("project-a", f"resp_{i}") is not None]
     assert kept == [2, 3, 4]
+
+
+async def test_redis_down_is_a_retryable_503_not_a_server_error():
+    store = RedisStore(f"redis://127.0.0.1:{free_port()}/0", 3600)  # nobody listens there
+    for attempt in (store.get("project-a", "resp_1"), store.put(record()), store.delete("project-a", "resp_1")):
+        with pytest.raises(ServiceError) as failed:
+            await attempt
+        assert failed.value.status == grpc.StatusCode.UNAVAILABLE and failed.value.http.status == 503
+        assert failed.value.headers.get("retry-after")
+    await store.close()

@@ -9,14 +9,21 @@ never reach a store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sqlite3
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
+
+from modelplex_kit.errors import unavailable
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,13 +149,27 @@ class SQLiteStore:
             self._db.close()
 
 
+@contextlib.asynccontextmanager
+async def _outage_is_503() -> AsyncIterator[None]:
+    """Redis down or slow is an outage worth retrying (503 + Retry-After), not a server error."""
+    from redis.exceptions import ConnectionError, TimeoutError
+
+    try:
+        yield
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        log.warning("response store unavailable", extra={"error": type(exc).__name__})
+        raise unavailable("The response store is unavailable; retry shortly.") from None
+
+
 class RedisStore:
     """Shared by every edge replica (the gatekeeper's Redis when one is configured); Redis expires keys."""
 
-    def __init__(self, url: str, retention_seconds: float, prefix: str = "modelplex:responses") -> None:
+    def __init__(
+        self, url: str, retention_seconds: float, prefix: str = "modelplex:responses", timeout_seconds: float = 2.0
+    ) -> None:
         import redis.asyncio as aioredis
 
-        self._redis = aioredis.from_url(url)
+        self._redis = aioredis.from_url(url, socket_timeout=timeout_seconds, socket_connect_timeout=timeout_seconds)
         self._retention = max(1, int(retention_seconds))
         self._prefix = prefix
 
@@ -156,14 +177,17 @@ class RedisStore:
         return f"{self._prefix}:{{{scope}}}:{response_id}"
 
     async def put(self, record: StoredResponse) -> None:
-        await self._redis.set(self._key(record.scope, record.id), record.to_json(), ex=self._retention)
+        async with _outage_is_503():
+            await self._redis.set(self._key(record.scope, record.id), record.to_json(), ex=self._retention)
 
     async def get(self, scope: str, response_id: str) -> StoredResponse | None:
-        data = await self._redis.get(self._key(scope, response_id))
+        async with _outage_is_503():
+            data = await self._redis.get(self._key(scope, response_id))
         return StoredResponse.from_json(response_id, scope, data) if data is not None else None
 
     async def delete(self, scope: str, response_id: str) -> bool:
-        return bool(await self._redis.delete(self._key(scope, response_id)))
+        async with _outage_is_503():
+            return bool(await self._redis.delete(self._key(scope, response_id)))
 
     async def close(self) -> None:
         await self._redis.aclose()
