@@ -35,6 +35,9 @@ def _prompt_tokens(request: text_pb2.GenerateRequest) -> int:
     return sum(len(part.text.split()) + 1 for m in request.chat.messages for part in m.content)
 
 
+SLOW_SECONDS = 0.3
+
+
 class Scripted(text_pb2_grpc.TextGenerationServiceServicer):
     """The engine's script:
 
@@ -43,6 +46,8 @@ class Scripted(text_pb2_grpc.TextGenerationServiceServicer):
     - otherwise the text "echo: <the last message's text>" one word a token, cut at max_tokens
       (finish reason length), else finish reason stop;
     - a last message containing BREAK: the stream fails after its first token;
+    - a last message containing SLOW: a streamed token every SLOW_SECONDS (a long generation to cancel);
+      a stream cancelled by its caller is counted in ``cancelled``;
     - with logprobs: each token -0.5, its alternatives -1, -2, ...;
     - prompt tokens: the words of every message plus one each; a prompt over CONTEXT_LENGTH is refused
       as the llama.cpp engine refuses it.
@@ -50,6 +55,7 @@ class Scripted(text_pb2_grpc.TextGenerationServiceServicer):
 
     def __init__(self) -> None:
         self.requests: list[text_pb2.GenerateRequest] = []
+        self.cancelled = 0
 
     def _check(self, request: text_pb2.GenerateRequest) -> None:
         self.requests.append(request)
@@ -114,7 +120,18 @@ class Scripted(text_pb2_grpc.TextGenerationServiceServicer):
             yield text_pb2.GenerateStreamResponse(usage=self._usage(request, 8))
             return
         tokens, finish = self._words(request)
+        try:
+            async for message in self._stream_tokens(request, context, tokens, finish):
+                yield message
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+
+    async def _stream_tokens(self, request, context, tokens: list[str], finish: int):
+        slow = "SLOW" in _last_text(request)
         for i, token in enumerate(tokens):
+            if slow:
+                await asyncio.sleep(SLOW_SECONDS)
             if i == 1 and "BREAK" in _last_text(request):
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "the engine went away")
             delta = text_pb2.ChoiceDelta(
@@ -155,9 +172,15 @@ class Edge:
     servers: list = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class Backend:
+    target: str
+    engine: Scripted
+
+
 @contextlib.asynccontextmanager
-async def scripted_edge(**settings) -> AsyncIterator[Edge]:
-    """Models: `scripted` (chat, tools, logprobs, json_schema, vision), `plain` (chat only)."""
+async def scripted_backend() -> AsyncIterator[Backend]:
+    """The scripted engine and a catalog of its models on one gRPC port (for edges started apart)."""
     engine = Scripted()
     backend = grpc.aio.server()
     target = f"127.0.0.1:{free_port()}"
@@ -169,7 +192,16 @@ async def scripted_edge(**settings) -> AsyncIterator[Edge]:
     catalog_pb2_grpc.add_CatalogServiceServicer_to_server(OneCatalog(models), backend)
     backend.add_insecure_port(target)
     await backend.start()
-    edge_settings = EdgeSettings(port=free_port(), catalog_target=target, **settings)
+    try:
+        yield Backend(target, engine)
+    finally:
+        await backend.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def edge_on(backend: Backend, **settings) -> AsyncIterator[Edge]:
+    """An edge in this process, serving ``backend``'s models."""
+    edge_settings = EdgeSettings(port=free_port(), catalog_target=backend.target, **settings)
     app = create_app(edge_settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=edge_settings.port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
@@ -178,8 +210,14 @@ async def scripted_edge(**settings) -> AsyncIterator[Edge]:
             if serving.done():
                 serving.result()
             await asyncio.sleep(0.02)
-        yield Edge(f"http://127.0.0.1:{edge_settings.port}/v1", engine, edge_settings)
+        yield Edge(f"http://127.0.0.1:{edge_settings.port}/v1", backend.engine, edge_settings)
     finally:
         server.should_exit = True
         await serving
-        await backend.stop(None)
+
+
+@contextlib.asynccontextmanager
+async def scripted_edge(**settings) -> AsyncIterator[Edge]:
+    """Models: `scripted` (chat, tools, logprobs, json_schema, vision), `plain` (chat only)."""
+    async with scripted_backend() as backend, edge_on(backend, **settings) as edge:
+        yield edge

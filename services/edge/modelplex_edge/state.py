@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from modelplex_edge.admission import Admission
 from modelplex_edge.backends import Backends
@@ -20,3 +21,7 @@ class EdgeState:
     admission: Admission
     responses: ResponseStore
     drain: Drain = field(default_factory=Drain)
+    #: Background responses: the durable queue (modelplex_kit.jobqueue.JobStore) and this edge's workers
+    #: (endpoints.responses.background.BackgroundWorker, None when it runs none).
+    background: Any = None
+    worker: Any = None

@@ -281,16 +281,6 @@ async def test_stored_response_is_retrieved_listed_and_deleted(client):
         await client.responses.retrieve(created.id)
 
 
-async def test_resuming_a_stream_is_refused_until_background_is_served(client, edge):
-    created = await client.responses.create(model="scripted", input="x")
-    async with raw(edge) as http:
-        response = await http.get(f"/responses/{created.id}", params={"stream": "true", "starting_after": 3})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "stream"
-    async with raw(edge) as http:
-        response = await http.post("/responses", json={"model": "scripted", "input": "x", "background": True})
-    assert response.status_code == 400 and response.json()["error"]["param"] == "background"
-
-
 async def test_previous_response_id_continues_without_carrying_instructions(client, edge):
     first = await client.responses.create(model="scripted", input="my name is Ada", instructions="Pirate voice.")
     second = await client.responses.create(model="scripted", input="what is my name?", previous_response_id=first.id)

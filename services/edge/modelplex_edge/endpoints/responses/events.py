@@ -74,9 +74,15 @@ class ResponseEvents:
             used=used,
         )
 
+    def queued(self) -> list[Event]:
+        """A background response's first events, sent when it is queued."""
+        snapshot = self.response(Outcome("queued"))
+        return [self._event("response.created", response=snapshot), self._event("response.queued", response=snapshot)]
+
     def opening(self, status: str = "in_progress") -> list[Event]:
         snapshot = self.response(Outcome(status))
-        opened = [self._event("response.created", response=snapshot)]
+        # A background response announced its creation when it was queued (``queued``).
+        opened = [] if self.sequence else [self._event("response.created", response=snapshot)]
         if status == "in_progress":
             opened.append(self._event("response.in_progress", response=snapshot))
         return opened

@@ -8,12 +8,13 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from modelplex_edge import pipeline
-from modelplex_edge.endpoints.responses import translate
+from modelplex_edge.endpoints.responses import background, translate
 from modelplex_edge.endpoints.responses.conversation import load_chain
 from modelplex_edge.endpoints.responses.events import ResponseEvents, framed, generate_events
 from modelplex_edge.endpoints.responses.protocol import CreateResponseRequest
 from modelplex_edge.endpoints.responses.store import ResponseStore, StoredResponse
 from modelplex_edge.responses import json_response
+from modelplex_edge.sse import sse_response
 from modelplex_edge.state import EdgeState
 from modelplex_kit.errors import ServiceError, invalid
 from modelplex_kit.modalities import text
@@ -58,8 +59,9 @@ class Saver:
 @router.post("/v1/responses")
 async def create_response(http: Request) -> Response:
     body = await pipeline.parse(http, ENDPOINT, CreateResponseRequest)
-    if body.background:
-        await pipeline.refuse(http, ENDPOINT.name, invalid("Background responses are not served yet.", "background"))
+    if body.background and body.store is False:
+        # As OpenAI: a background response is polled, so it must be stored.
+        await pipeline.refuse(http, ENDPOINT.name, invalid("Background mode requires 'store' to be true.", "store"))
     state = _state(http)
     scope = (await pipeline.identify(http, ENDPOINT)).scope if body.previous_response_id else ""
     chain = await load_chain(state.responses, scope, body.previous_response_id, state.settings)
@@ -73,6 +75,11 @@ async def create_response(http: Request) -> Response:
         except ServiceError as exc:
             raise _in_responses_terms(exc) from None
         response_id = translate.new_id("resp")
+        if body.background:
+            queued = await background.enqueue(state, call, body, await http.body(), response_id, chain.depth + 1)
+            if body.stream:
+                return _resumed(state, call.admitted.scope, response_id, -1, call.admitted.headers)
+            return call.respond(queued)
         save = Saver(state.responses, call.admitted.scope, body, chain.depth + 1)
         try:
             if body.stream:
@@ -86,16 +93,50 @@ async def create_response(http: Request) -> Response:
         return call.respond(result)
 
 
+def _resumed(state: EdgeState, scope: str, response_id: str, after: int, headers: dict[str, str]) -> Response:
+    poll = state.settings.responses_background_poll_seconds
+    events = background.replay(state.responses, scope, response_id, after, poll)
+    return sse_response(events, headers=headers, drain=state.drain, done=None)
+
+
+def _starting_after(http: Request) -> int:
+    raw = http.query_params.get("starting_after")
+    if raw is None:
+        return -1
+    if not raw.isdigit():
+        raise invalid("Invalid 'starting_after': it must be a non-negative integer (a sequence number).",
+                      "starting_after")
+    return int(raw)
+
+
 @router.get("/v1/responses/{response_id}")
 async def retrieve_response(response_id: str, http: Request) -> Response:
     admitted = await pipeline.identify(http, ENDPOINT)
-    if http.query_params.get("stream", "false").lower() not in ("false", "0"):
-        # OpenAI resumes the event stream of a background response; background is not served yet.
-        raise invalid("Streaming a stored response is only possible for background responses.", "stream")
-    record = await _state(http).responses.get(admitted.scope, response_id)
+    streaming = http.query_params.get("stream", "false").lower() not in ("false", "0")
+    after = _starting_after(http)
+    state = _state(http)
+    record = await state.responses.get(admitted.scope, response_id)
     if record is None:
         raise _not_found(response_id)
+    if streaming:
+        if not record.response.get("background"):
+            # As OpenAI: only a background response's event stream is kept to be resumed.
+            raise invalid("Streaming a stored response is only possible for background responses.", "stream")
+        return _resumed(state, admitted.scope, response_id, after, admitted.headers)
     return json_response(record.response, headers=admitted.headers or None)
+
+
+@router.post("/v1/responses/{response_id}/cancel")
+async def cancel_response(response_id: str, http: Request) -> Response:
+    admitted = await pipeline.identify(http, ENDPOINT)
+    state = _state(http)
+    record = await state.responses.get(admitted.scope, response_id)
+    if record is None:
+        raise _not_found(response_id)
+    if not record.response.get("background"):
+        raise invalid("Only responses created with background set to true can be cancelled.", "response_id")
+    cancelled = await background.cancel(state, record, ENDPOINT.name)
+    return json_response(cancelled, headers=admitted.headers or None)
 
 
 @router.delete("/v1/responses/{response_id}")

@@ -15,7 +15,7 @@ import sqlite3
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -36,14 +36,20 @@ class StoredResponse:
     input_items: list[dict[str, Any]]
     #: Responses in the chain ending here (1 without previous_response_id).
     depth: int = 1
+    #: A background response's stream events so far (bounded), for clients resuming with starting_after.
+    events: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> bytes:
-        return orjson.dumps({"response": self.response, "input_items": self.input_items, "depth": self.depth})
+        return orjson.dumps(
+            {"response": self.response, "input_items": self.input_items, "depth": self.depth, "events": self.events}
+        )
 
     @staticmethod
     def from_json(response_id: str, scope: str, data: bytes | str) -> StoredResponse:
         fields = orjson.loads(data)
-        return StoredResponse(response_id, scope, fields["response"], fields["input_items"], fields["depth"])
+        return StoredResponse(
+            response_id, scope, fields["response"], fields["input_items"], fields["depth"], fields.get("events", [])
+        )
 
 
 class ResponseStore(Protocol):
