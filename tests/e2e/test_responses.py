@@ -4,6 +4,7 @@ the OpenAI Agents SDK. Every body and streamed event is validated against the ve
 from __future__ import annotations
 
 import json
+import time
 
 import openai
 import pytest
@@ -179,3 +180,54 @@ async def test_an_agents_sdk_agent_uses_its_tool_and_answers(stack):
     )
     result = await Runner.run(agent, "What is the weather in Paris?", max_turns=6)
     assert calls and isinstance(result.final_output, str) and result.final_output.strip()
+
+
+# -- background responses -----------------------------------------------------------------------------
+
+
+def _poll_until_finished(client: openai.OpenAI, response_id: str, timeout: float = 120.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        body = client.responses.with_raw_response.retrieve(response_id).http_response.json()
+        validate(body, "Response")
+        if body["status"] not in ("queued", "in_progress"):
+            return body
+        assert time.monotonic() < deadline, f"still {body['status']}"
+        time.sleep(0.2)
+
+
+def test_background_create_poll_completed(client):
+    queued = create(client, input="Name a color.", max_output_tokens=16, background=True)
+    assert queued.status == "queued" and queued.background is True
+    done = _poll_until_finished(client, queued.id)
+    assert done["status"] in ("completed", "incomplete") and done["usage"]["output_tokens"] > 0
+    assert client.responses.retrieve(queued.id).output_text.strip()
+
+
+def test_background_cancel(client):
+    created = create(client, input="Write a long story about the sea.", max_output_tokens=2000, background=True)
+    cancelled = client.responses.with_raw_response.cancel(created.id).http_response.json()
+    validate(cancelled, "Response")
+    assert cancelled["status"] == "cancelled"
+    time.sleep(1.0)  # whatever the worker was doing, the stored response stays cancelled
+    assert client.responses.retrieve(created.id).status == "cancelled"
+
+
+def test_background_stream_resumed_with_starting_after(client):
+    first = []
+    for event in client.responses.create(
+        model=MODEL, input="Count from one to ten.", max_output_tokens=48, background=True, stream=True
+    ):
+        first.append(event.model_dump(mode="json", exclude_unset=True, by_alias=True))
+        if len(first) == 5:
+            break  # the connection is lost
+    response_id = first[0]["response"]["id"]
+    rest = [
+        event.model_dump(mode="json", exclude_unset=True, by_alias=True)
+        for event in client.responses.retrieve(response_id, stream=True, starting_after=first[-1]["sequence_number"])
+    ]
+    for event in first + rest:
+        validate_event(event)
+    numbers = [event["sequence_number"] for event in first + rest]
+    assert numbers == list(range(len(numbers)))
+    assert rest[-1]["type"] in ("response.completed", "response.incomplete")
