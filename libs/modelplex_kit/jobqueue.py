@@ -89,6 +89,7 @@ class JobKind:
             grpc.StatusCode.RESOURCE_EXHAUSTED,
             f"Too many {self.noun} jobs are queued {scope}; retry after some have finished.",
             code="rate_limit_exceeded",
+            headers={"retry-after": "1"},  # served in-process (the edge): a full queue drains, so say when to retry
         )
 
 

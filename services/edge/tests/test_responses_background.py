@@ -191,6 +191,7 @@ async def test_background_usage_is_metered_to_the_keys_project(tmp_path, monkeyp
 
     keys = KeysFile()
     keys.add("sk-ada-1", KeyRecord(name="ada-1", hash="", project="alpha"))
+    keys.add("sk-bob-1", KeyRecord(name="bob-1", hash="", project="beta"))
     keys.save(tmp_path / "keys.yaml")
     usage_file = tmp_path / "usage.jsonl"
     monkeypatch.setenv("MODELPLEX_KEYS_FILE", str(tmp_path / "keys.yaml"))
@@ -207,5 +208,26 @@ async def test_background_usage_is_metered_to_the_keys_project(tmp_path, monkeyp
             return [row for row in rows if row["endpoint"] == "responses"]
 
         rows = await until(metered)
+        other = openai.AsyncOpenAI(base_url=gated.base_url, api_key="sk-bob-1", max_retries=0)
+        for attempt in (
+            other.responses.retrieve(created.id),
+            other.responses.cancel(created.id),
+            other.responses.retrieve(created.id, stream=True, starting_after=0),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                await attempt
     assert rows[0]["key"] == "ada-1" and rows[0]["project"] == "alpha"
     assert rows[0]["completion_tokens"] == 3 and rows[0]["prompt_tokens"] > 0 and not rows[0]["failed"]
+
+
+async def test_a_full_queue_is_a_429_with_retry_after():
+    async with (
+        scripted_edge(dev_api_key=KEY, responses_background_workers=0, responses_background_max_queue=1) as idle,
+        raw(idle.base_url) as http,
+    ):
+        first = await http.post("/responses", json={"model": "scripted", "input": "a", "background": True})
+        assert first.status_code == 200 and first.json()["status"] == "queued"
+        second = await http.post("/responses", json={"model": "scripted", "input": "b", "background": True})
+        assert second.status_code == 429 and second.headers["retry-after"]
+        assert second.json()["error"]["code"] == "rate_limit_exceeded"
+        assert (await http.get(f"/responses/{first.json()['id']}")).json()["status"] == "queued"
