@@ -231,3 +231,38 @@ async def test_a_full_queue_is_a_429_with_retry_after():
         assert second.status_code == 429 and second.headers["retry-after"]
         assert second.json()["error"]["code"] == "rate_limit_exceeded"
         assert (await http.get(f"/responses/{first.json()['id']}")).json()["status"] == "queued"
+
+
+async def test_an_edge_stopping_mid_response_hands_it_over_unaccounted(tmp_path, monkeypatch):
+    """A graceful stop puts the running response back in the queue without accounting it; the edge that
+    re-runs it accounts it once, so the key is metered once."""
+    import json
+
+    from modelplex_gatekeeper.keys import KeyRecord, KeysFile
+
+    keys = KeysFile()
+    keys.add("sk-ada-1", KeyRecord(name="ada-1", hash="", project="alpha"))
+    keys.save(tmp_path / "keys.yaml")
+    usage_file = tmp_path / "usage.jsonl"
+    monkeypatch.setenv("MODELPLEX_KEYS_FILE", str(tmp_path / "keys.yaml"))
+    monkeypatch.setenv("MODELPLEX_GATEKEEPER_USAGE_FILE", str(usage_file))
+    files = {"responses_store": "sqlite", "responses_sqlite_path": str(tmp_path / "responses.sqlite3")}
+    async with scripted_edge(gatekeeper_target="embedded", **files) as first:
+        client = openai.AsyncOpenAI(base_url=first.base_url, api_key="sk-ada-1", max_retries=0)
+        created = await client.responses.create(model="scripted", input="SLOW hand me over", background=True)
+
+        async def running():
+            return (await retrieve_valid(client, created.id))["status"] == "in_progress"
+
+        await until(running)
+    async with scripted_edge(gatekeeper_target="embedded", **files) as second:
+        client = openai.AsyncOpenAI(base_url=second.base_url, api_key="sk-ada-1", max_retries=0)
+        done = await finished(client, created.id)
+        assert done["status"] == "completed", done["error"]
+        assert done["output"][0]["content"][0]["text"] == "echo: SLOW hand me over"
+
+    def rows():
+        lines = usage_file.read_text().splitlines() if usage_file.exists() else []
+        return [row for row in map(json.loads, filter(str.strip, lines)) if row["endpoint"] == "responses"]
+
+    assert [(row["completion_tokens"], row["failed"]) for row in rows()] == [(5, 0)]

@@ -214,6 +214,7 @@ class BackgroundWorker:
         self.worker_id = uuid.uuid4().hex[:12]
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
+        self._stopping = False
 
     def start(self) -> None:
         count = self._settings.responses_background_workers
@@ -223,7 +224,9 @@ class BackgroundWorker:
         self._wake.set()
 
     async def stop(self) -> None:
-        """Unfinished jobs stay claimed until their lease runs out; then any replica re-runs them."""
+        """Running jobs go back to the queue, unaccounted: another replica (or this edge restarted) re-runs
+        them and accounts them once. (A killed edge's jobs are re-run once their lease lapses.)"""
+        self._stopping = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -261,6 +264,8 @@ class BackgroundWorker:
             if not work.done():  # cancelled (or the lease lost): cancelling the call frees the engine
                 work.cancel()
             await asyncio.gather(work, heartbeat, return_exceptions=True)
+            if self._stopping and work.cancelled():  # back to the queue now rather than after the lease
+                await self._queue.release(job.id, worker)
         if not work.cancelled() and isinstance(work.exception(), _NotYet):
             await self._queue.release(job.id, worker)
             await asyncio.sleep(self._settings.responses_background_poll_seconds)
@@ -311,15 +316,20 @@ class BackgroundWorker:
             return
         try:
             async with call:
-                chain = await load_chain(store, job.principal, body.previous_response_id, settings)
-                prompt = translate.Prompt(body, [*chain.items, *body.items])
-                prompt.fit(call.model.context_length)
-                meta = call.meta(body.safety_identifier or body.user)
-                stream = await call.stream(
-                    "GenerateStream", translate.to_proto(body, prompt.items, call.model.id, meta)
-                )
-                async for each in generate_events(events, stream, progress.finish):
-                    await progress.append(each)
+                try:
+                    chain = await load_chain(store, job.principal, body.previous_response_id, settings)
+                    prompt = translate.Prompt(body, [*chain.items, *body.items])
+                    prompt.fit(call.model.context_length)
+                    meta = call.meta(body.safety_identifier or body.user)
+                    stream = await call.stream(
+                        "GenerateStream", translate.to_proto(body, prompt.items, call.model.id, meta)
+                    )
+                    async for each in generate_events(events, stream, progress.finish):
+                        await progress.append(each)
+                except asyncio.CancelledError:
+                    if self._stopping:  # re-run elsewhere, which accounts it: not accounted twice
+                        call.defer()
+                    raise
         except ServiceError as exc:  # before the stream opened (the engine refused, the chain is gone)
             await _failed(progress, events, exc)
         except Exception:  # never left queued or in_progress forever
