@@ -132,6 +132,10 @@ async def test_a_foreground_response_cannot_be_streamed_again(client, edge):
     async with raw(edge.base_url) as http:
         response = await http.get(f"/responses/{created.id}", params={"stream": "true", "starting_after": 3})
     assert response.status_code == 400 and response.json()["error"]["param"] == "stream"
+    background = await client.responses.create(model="scripted", input="x", background=True)
+    async with raw(edge.base_url) as http:
+        response = await http.get(f"/responses/{background.id}", params={"stream": "true", "starting_after": "-1"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "starting_after"
 
 
 async def _events(stream) -> list[dict]:
