@@ -66,8 +66,12 @@ class EdgeSettings(ServiceSettings):
     responses_background_max_queue_per_project: int = Field(64, ge=1)
     # A worker that stops renewing its claim this long is presumed dead (its edge was killed): another runs it.
     responses_background_lease_seconds: float = Field(10.0, gt=0)
-    # How often a worker renews its claim and so notices a cancel; idle workers look for work this often.
-    responses_background_poll_seconds: float = Field(0.25, gt=0)
+    # Idle workers look for work queued by other replicas this often (work queued here wakes them at once);
+    # each look reads every project's queue, so not too often.
+    responses_background_poll_seconds: float = Field(1.0, gt=0)
+    # How often a running worker renews its claim, and so notices a cancel; resumed streams read the store
+    # this often.
+    responses_background_renew_seconds: float = Field(0.25, gt=0)
     # Events of one background response kept for resuming streams; beyond it deltas are not kept (the
     # closing events always are, so a resumed stream still ends with the full response).
     responses_background_max_events: int = Field(20_000, ge=10)

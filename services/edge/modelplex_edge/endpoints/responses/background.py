@@ -288,12 +288,12 @@ class BackgroundWorker:
             await self._state.responses.put(dataclasses.replace(record, response=cancelled))
 
     async def _heartbeat(self, job: BackgroundJob, worker: str) -> None:
-        lease, poll = (
+        lease, every = (
             self._settings.responses_background_lease_seconds,
-            self._settings.responses_background_poll_seconds,
+            self._settings.responses_background_renew_seconds,
         )
         while True:
-            await asyncio.sleep(min(poll, lease / 3))
+            await asyncio.sleep(min(every, lease / 3))
             if not await self._queue.renew(job.id, worker, 0, lease):
                 raise _Gone(job.id)
 

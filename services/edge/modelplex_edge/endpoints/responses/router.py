@@ -94,7 +94,7 @@ async def create_response(http: Request) -> Response:
 
 
 def _resumed(state: EdgeState, scope: str, response_id: str, after: int, headers: dict[str, str]) -> Response:
-    poll = state.settings.responses_background_poll_seconds
+    poll = state.settings.responses_background_renew_seconds
     events = background.replay(state.responses, scope, response_id, after, poll)
     return sse_response(events, headers=headers, drain=state.drain, done=None)
 
