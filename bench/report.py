@@ -18,6 +18,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("bench.text_concurrency", ["--parallel", "1", "8"]),
     ("bench.constrained_decoding", []),
     ("bench.gatekeeper", []),
+    ("bench.responses", []),
     ("bench.embeddings", []),
     ("bench.audio", []),
     ("bench.visual", []),

@@ -281,11 +281,19 @@ def main() -> None:
     args = parser.parse_args()
     if args.catalog is None:
         parser.error("name the catalog file: --catalog PATH or MODELPLEX_CATALOG")
+    keys_file = Path(os.environ.get("MODELPLEX_KEYS_FILE", ".modelplex/keys.yaml"))
+    # Stored responses outlive a restart of `make run`: SQLite beside the keys, unless told otherwise.
+    responses = {
+        "MODELPLEX_EDGE_RESPONSES_STORE": os.environ.get("MODELPLEX_EDGE_RESPONSES_STORE", "sqlite"),
+        "MODELPLEX_EDGE_RESPONSES_SQLITE_PATH": os.environ.get(
+            "MODELPLEX_EDGE_RESPONSES_SQLITE_PATH", str(keys_file.parent / "responses.sqlite3")
+        ),
+    }
     stack = Stack(
         args.catalog,
         edge_port=args.port,
-        env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text")},
-        keys_file=Path(os.environ.get("MODELPLEX_KEYS_FILE", ".modelplex/keys.yaml")),
+        env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text"), **responses},
+        keys_file=keys_file,
     )
     stopping = False
 

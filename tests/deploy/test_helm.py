@@ -530,6 +530,7 @@ def test_gatekeeper_sidecar(default_objects: list[dict[str, Any]]) -> None:
     assert e["MODELPLEX_GATEKEEPER_LISTEN"] == socket
     assert e["MODELPLEX_KEYS_FILE"] == "/etc/modelplex/keys/keys.yaml"
     assert "MODELPLEX_GATEKEEPER_REDIS_URL" not in e
+    assert "MODELPLEX_EDGE_RESPONSES_STORE" not in env(edge)  # no Redis: each pod's memory
     assert "modelplex_gatekeeper" not in str(edge.get("command"))
     assert socket.removeprefix("unix://") in " ".join(gk["livenessProbe"]["exec"]["command"])
     mounts = {m["name"]: m for m in gk["volumeMounts"]}
@@ -561,6 +562,10 @@ def test_gatekeeper_with_redis_and_own_keys_secret() -> None:
     e = env(container(dep, "gatekeeper"))
     assert e["MODELPLEX_GATEKEEPER_REDIS_URL"] == "redis://redis.cache:6379/0"
     assert e["MODELPLEX_GATEKEEPER_REDIS_FAILURE"] == "closed"
+    # Stored responses share the same Redis, so any edge replica continues any conversation.
+    edge = env(container(dep, "edge"))
+    assert edge["MODELPLEX_EDGE_RESPONSES_STORE"] == "redis"
+    assert edge["MODELPLEX_EDGE_RESPONSES_REDIS_URL"] == "redis://redis.cache:6379/0"
     assert _volumes(dep)["gatekeeper-keys"]["secret"]["secretName"] == "team-keys"
     secret = one(objects, "Secret", f"{RELEASE}-dev-api-key")
     assert "keys.yaml" not in secret["data"]

@@ -40,3 +40,25 @@ def validate(instance: Any, schema_name: str) -> None:
     registry, _ = _registry()
     validator = Draft202012Validator({"$ref": f"urn:openai#/components/schemas/{schema_name}"}, registry=registry)
     validator.validate(instance)
+
+
+@lru_cache(maxsize=8)
+def _members(union: str) -> dict[str, str]:
+    """The members of a `type`-tagged anyOf union: event type -> schema name."""
+    _, spec = _registry()
+    members = {}
+    for ref in spec["components"]["schemas"][union]["anyOf"]:
+        name = ref["$ref"].rsplit("/", 1)[-1]
+        kind = spec["components"]["schemas"][name].get("properties", {}).get("type", {})
+        for value in kind.get("enum", ()):
+            members[value] = name
+    return members
+
+
+def validate_event(event: dict[str, Any], union: str = "ResponseStreamEvent") -> None:
+    """Validates a streamed event against the member of `union` its `type` names: the same check as the
+    union's anyOf, with a failure that says what is wrong instead of "not valid under any"."""
+    name = _members(union).get(event.get("type"))
+    if name is None:
+        raise AssertionError(f"{event.get('type')!r} is not a member of {union}")
+    validate(event, name)

@@ -56,6 +56,13 @@ class Admitted:
     models: tuple[str, ...] = ("*",)
     #: Opaque handle for ``account`` (the gatekeeper's admission id).
     ticket: str = ""
+    #: The key's project; stored state (responses) is visible to the keys of one project only.
+    project: str = ""
+
+    @property
+    def scope(self) -> str:
+        """Who owns what this caller stores: its project, or the key itself where there are no projects."""
+        return self.project or self.principal_id
 
     def may_use(self, model_id: str) -> bool:
         return any(fnmatch.fnmatchcase(model_id, glob) for glob in self.models)

@@ -15,6 +15,9 @@ from modelplex_edge.admission import Admission, DevKeyAdmission
 from modelplex_edge.backends import Backends, channel
 from modelplex_edge.catalog_client import CatalogWatcher
 from modelplex_edge.endpoints import ROUTERS, UPLOAD_PATHS
+from modelplex_edge.endpoints.responses import background
+from modelplex_edge.endpoints.responses.router import ENDPOINT as RESPONSES
+from modelplex_edge.endpoints.responses.store import build_store
 from modelplex_edge.errors import install_error_handlers
 from modelplex_edge.gatekeeper_client import GatekeeperAdmission
 from modelplex_edge.middleware import EdgeMiddleware
@@ -38,15 +41,30 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
         following = asyncio.create_task(watcher.run())
         backends = Backends(settings.backend_timeout_seconds)
         gate = admission or default_admission(settings)
-        app.state.edge = EdgeState(settings, watcher, backends, gate)
+        responses = build_store(
+            settings.responses_store,
+            sqlite_path=settings.responses_sqlite_path,
+            redis_url=settings.responses_redis_url,
+            retention_seconds=settings.responses_retention_seconds,
+            memory_max_records=settings.responses_memory_max_records,
+        )
+        state = app.state.edge = EdgeState(settings, watcher, backends, gate, responses)
+        state.background = background.build_queue(settings)
+        if settings.responses_background_workers:
+            state.worker = background.BackgroundWorker(state, RESPONSES)
+            state.worker.start()
         try:
             await asyncio.wait_for(watcher.ready.wait(), settings.catalog_wait_seconds)
         except TimeoutError:
             log.warning("no catalog yet; model requests get 503 until it answers")
         yield
         following.cancel()
+        if state.worker is not None:
+            await state.worker.stop()
+        await state.background.close()
         await backends.close()
         await gate.close()
+        await responses.close()
         await catalog_channel.close()
 
     app = FastAPI(

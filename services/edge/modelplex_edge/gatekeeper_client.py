@@ -150,6 +150,7 @@ class GatekeeperAdmission:
             headers=rate_headers(reply),
             models=tuple(reply.models),
             ticket=reply.ticket,
+            project=reply.project,
         )
 
     async def account(self, admitted: Admitted, used: Consumption, failed: bool) -> None:

@@ -24,8 +24,14 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def until_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
-    """Awaits backend work, cancelling it (and so its gRPC calls) if the HTTP client leaves first."""
+async def until_disconnect(request: Request | None, awaitable: Awaitable[T]) -> T:
+    """Awaits backend work, cancelling it (and so its gRPC calls) if the HTTP client leaves first.
+    Without a request (a background job's call) it only maps gRPC errors; cancelling the task cancels it."""
+    if request is None:
+        try:
+            return await awaitable
+        except grpc.aio.AioRpcError as exc:
+            raise ServiceError.from_rpc_error(exc) from None
     watcher = asyncio.ensure_future(_disconnected(request))
     work = asyncio.ensure_future(awaitable)
     try:

@@ -99,6 +99,11 @@ async def refuse(http: Request, endpoint: str, error: ServiceError) -> NoReturn:
     raise error
 
 
+async def identify(http: Request, endpoint: Endpoint) -> Admitted:
+    """Who is calling, without admitting a model call: for reads of what a caller stored."""
+    return await _state(http).admission.admit(Ask(authorization(http), endpoint.name))
+
+
 async def parse(http: Request, endpoint: Endpoint, model: type[M]) -> M:
     try:
         return parse_body(model, await http.body())
@@ -132,6 +137,13 @@ async def open_call(
     return Call(http, state, endpoint, model, admitted)
 
 
+def background_call(state: EdgeState, endpoint: Endpoint, model_name: str, admitted: Admitted) -> Call:
+    """A call admitted earlier by a request that has since been answered (a background response),
+    run by a worker with no HTTP request to watch; it is accounted with that admission's ticket."""
+    model = state.catalog.resolve(model_name, endpoint.modality.proto)
+    return Call(None, state, endpoint, model, admitted)
+
+
 class Call:
     """One admitted request on its way to a backend and back.
 
@@ -140,7 +152,12 @@ class Call:
     """
 
     def __init__(
-        self, http: Request, state: EdgeState, endpoint: Endpoint, model: catalog_pb2.Model, admitted: Admitted
+        self,
+        http: Request | None,
+        state: EdgeState,
+        endpoint: Endpoint,
+        model: catalog_pb2.Model,
+        admitted: Admitted,
     ) -> None:
         self.http = http
         self.model = model
@@ -148,7 +165,7 @@ class Call:
         self.admitted = admitted
         self.used = Consumption()
         self._state = state
-        self._started = http.scope.get("modelplex.start") or time.perf_counter()
+        self._started = (http.scope.get("modelplex.start") if http else None) or time.perf_counter()
         self._labels = (model.id, endpoint.name)
         self._stub = state.backends.stub(endpoint.modality, model.backend_target)
         self._options = state.backends.call_options(request_id_var.get())
@@ -252,6 +269,12 @@ class Call:
             drain=self._state.drain,
             **kwargs,
         )
+
+    def defer(self) -> None:
+        """The work goes on in a background job, which accounts it (``background_call`` with this
+        call's ``admitted``): this request ends here without accounting anything."""
+        self._handed_off = self._finished = True
+        REQUESTS_RUNNING.labels(*self._labels).dec()
 
     def hand_off(self) -> None:
         """For custom streaming responses: the caller promises to await ``finish`` when done."""

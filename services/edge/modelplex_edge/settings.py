@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
@@ -47,6 +47,40 @@ class EdgeSettings(ServiceSettings):
     catalog_wait_seconds: float = 10.0
     # uvicorn's keep-alive for idle client connections.
     keep_alive_seconds: int = 75
+
+    # -- stored responses (/v1/responses with store: true)
+    # memory: this process only (tests); sqlite: one edge, survives restarts (`make run`);
+    # redis: every edge replica sees every response (continue on any replica).
+    responses_store: Literal["memory", "sqlite", "redis"] = "memory"
+    responses_sqlite_path: str = ".modelplex/responses.sqlite3"
+    responses_redis_url: str = ""
+    # How long a stored response (and so a conversation) can be retrieved or continued; OpenAI keeps 30 days.
+    responses_retention_seconds: int = Field(30 * 24 * 3600, ge=1)
+    # The memory store's bound: beyond it the oldest responses are forgotten first.
+    responses_memory_max_records: int = Field(10_000, ge=1)
+    # Bounds on a previous_response_id chain: responses in it, and the tokens of its last turn.
+    responses_max_chain_depth: int = Field(100, ge=1)
+    responses_max_chain_tokens: int = Field(1_000_000, ge=1)
+    # -- background responses (background: true): a durable queue beside the response store (SQLite file
+    # next to responses_sqlite_path; the same Redis; in memory for the memory store), run by workers here.
+    # Background responses this edge runs at once.
+    responses_background_workers: int = Field(4, ge=0)
+    # Queued background responses beyond these are a 429.
+    responses_background_max_queue: int = Field(256, ge=1)
+    responses_background_max_queue_per_project: int = Field(64, ge=1)
+    # A worker that stops renewing its claim this long is presumed dead (its edge was killed): another runs it.
+    responses_background_lease_seconds: float = Field(10.0, gt=0)
+    # Idle workers look for work queued by other replicas this often (work queued here wakes them at once);
+    # each look reads every project's queue, so not too often.
+    responses_background_poll_seconds: float = Field(1.0, gt=0)
+    # How often a running worker renews its claim, and so notices a cancel; resumed streams read the store
+    # this often.
+    responses_background_renew_seconds: float = Field(0.25, gt=0)
+    # Events of one background response kept for resuming streams; beyond it deltas are not kept (the
+    # closing events always are, so a resumed stream still ends with the full response).
+    responses_background_max_events: int = Field(20_000, ge=10)
+    # How often a running background response's progress is written to the store.
+    responses_background_flush_seconds: float = Field(0.1, gt=0)
 
     @field_validator("cors_origins", mode="before")
     @classmethod

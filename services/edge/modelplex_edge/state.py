@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from modelplex_edge.admission import Admission
 from modelplex_edge.backends import Backends
 from modelplex_edge.catalog_client import CatalogWatcher
+from modelplex_edge.endpoints.responses.store import ResponseStore
 from modelplex_edge.settings import EdgeSettings
 from modelplex_edge.sse import Drain
 
@@ -17,4 +19,9 @@ class EdgeState:
     catalog: CatalogWatcher
     backends: Backends
     admission: Admission
+    responses: ResponseStore
     drain: Drain = field(default_factory=Drain)
+    #: Background responses: the durable queue (modelplex_kit.jobqueue.JobStore) and this edge's workers
+    #: (endpoints.responses.background.BackgroundWorker, None when it runs none).
+    background: Any = None
+    worker: Any = None

@@ -119,6 +119,7 @@ class Gate:
         reply = pb.AdmitReply(
             id=request.id,
             principal_id=key.name,
+            project=key.project,
             models=key.models,
             limits_requests=key.rpm > 0,
             limits_tokens=key.tpm > 0,

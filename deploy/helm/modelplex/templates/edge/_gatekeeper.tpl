@@ -35,6 +35,26 @@
 {{- end }}
 {{- end }}
 
+{{/* The edge's stored responses (/v1/responses): in the gatekeeper's Redis when one is configured, so any
+edge replica continues any conversation; otherwise in each pod's memory. */}}
+{{- define "modelplex.responsesEnv" -}}
+{{- $redis := .Values.gatekeeper.redis -}}
+{{- if or $redis.existingSecret $redis.url }}
+- name: MODELPLEX_EDGE_RESPONSES_STORE
+  value: redis
+{{- if $redis.existingSecret }}
+- name: MODELPLEX_EDGE_RESPONSES_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $redis.existingSecret }}
+      key: {{ $redis.secretKey }}
+{{- else }}
+- name: MODELPLEX_EDGE_RESPONSES_REDIS_URL
+  value: {{ $redis.url | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Mounts of whichever process decides. */}}
 {{- define "modelplex.gatekeeperMounts" -}}
 # A directory mount: a subPath mount would never see the Secret's updates (hot reload).

@@ -1,0 +1,93 @@
+"""The shared job queue over a job type of its own (not videos'): SQLite here, and the same contract in a
+real Redis; the columns and hash fields follow the dataclass."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from modelplex_kit import jobqueue
+from modelplex_kit.errors import ServiceError
+
+
+@dataclass(slots=True)
+class Chore:
+    id: str
+    principal: str
+    payload: str
+    urgent: bool = False
+    weight: int = 0
+    status: str = jobqueue.QUEUED
+    progress: int = 0
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    completed_at: int = 0
+    expires_at: int = 0
+    error_code: str = ""
+    error_message: str = ""
+    expired: bool = False
+    attempts: int = 0
+
+
+CHORES = jobqueue.JobKind(
+    record=Chore, noun="chore", id_param="chore_id", gave_up="The chore failed repeatedly.", redis_prefix="test:chores:"
+)
+LIMITS = jobqueue.Limits(max_queue=2, max_queue_per_principal=2)
+
+
+def test_a_record_without_the_job_fields_is_refused():
+    @dataclass
+    class Bare:
+        id: str
+
+    with pytest.raises(TypeError, match="principal"):
+        jobqueue.JobKind(record=Bare, noun="x", id_param="x", gave_up="x", redis_prefix="x:")
+
+
+async def contract(store: jobqueue.JobStore) -> None:
+    await store.create(Chore("c1", "alice", '{"x": 1}', urgent=True, weight=7), LIMITS)
+    await store.create(Chore("c2", "alice", "{}"), LIMITS)
+    with pytest.raises(ServiceError) as full:
+        await store.create(Chore("c3", "alice", "{}"), LIMITS)
+    assert full.value.http.status == 429 and full.value.headers["retry-after"]
+    assert await store.get("bob", "c1") is None  # another principal's job is invisible
+
+    claimed = await store.claim("w1", lease_seconds=0.2)
+    assert claimed == Chore(
+        "c1", "alice", '{"x": 1}', True, 7, jobqueue.IN_PROGRESS, 0, claimed.created_at, attempts=1
+    )  # its own fields, typed, come back
+    assert await store.renew("c1", "w1", 10, lease_seconds=0.2)
+    assert not await store.renew("c1", "w2", 10, lease_seconds=0.2)  # not w2's
+
+    # w1 dies: once its lease lapses the job is claimed again and re-run (Redis measures the lapse by the
+    # claimant's lease setting, which replicas share)
+    deadline = time.monotonic() + 20
+    while (again := await store.claim("w2", lease_seconds=0.2)) is None or again.id != "c1":
+        assert time.monotonic() < deadline, "the lapsed job was not claimed again"
+        if again is not None:  # c2 first: put it back
+            await store.release(again.id, "w2")
+        await asyncio.sleep(0.05)
+    assert again.attempts == 2 and not await store.renew("c1", "w1", 0, 30)
+    assert await store.renew("c1", "w2", 0, 30)
+
+    deleted = await store.delete("alice", "c1")  # deleting is cancelling: the worker's renewal fails
+    assert deleted is not None and not await store.renew("c1", "w2", 0, 30)
+    assert await store.complete("c1", "w2", 0) is False
+    await store.close()
+
+
+async def test_the_sqlite_queue_keeps_any_job_type(tmp_path):
+    await contract(jobqueue.SQLiteJobStore(CHORES, tmp_path / "chores.sqlite3", 60))
+
+
+@pytest.mark.integration
+async def test_the_redis_queue_keeps_any_job_type():
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        await contract(jobqueue.RedisJobStore(CHORES, server.url, 60))
+    finally:
+        server.stop()
