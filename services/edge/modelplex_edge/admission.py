@@ -14,12 +14,15 @@ import fnmatch
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 from modelplex.v1 import common_pb2
 from modelplex_kit.errors import ServiceError
+
+if TYPE_CHECKING:
+    from modelplex_edge.leases import Draw
 
 _NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer "
@@ -56,6 +59,8 @@ class Admitted:
     models: tuple[str, ...] = ("*",)
     #: Opaque handle for ``account`` (the gatekeeper's admission id).
     ticket: str = ""
+    #: Set when admitted in-process from a quota lease (what it drew, given back at ``account``).
+    lease: Draw | None = None
 
     def may_use(self, model_id: str) -> bool:
         return any(fnmatch.fnmatchcase(model_id, glob) for glob in self.models)

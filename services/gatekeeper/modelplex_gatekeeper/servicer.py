@@ -22,21 +22,51 @@ class GatekeeperServicer(gatekeeper_pb2_grpc.GatekeeperServiceServicer):
     async def Gate(self, batches: AsyncIterator[pb.GateBatch], context: grpc.aio.ServicerContext) -> None:
         # Tickets admitted through this stream and not yet accounted: freed if the stream ends first.
         held: set[str] = set()
+        # Leases granted through this stream and not yet returned (ticket -> slots): their slots are
+        # freed if the stream ends first (the edge died holding them).
+        leases: dict[str, int] = {}
+        writing = asyncio.Lock()  # replies and revocations share the stream
+        pushes: set[asyncio.Task] = set()
+
+        async def push(names: list[str]) -> None:
+            async with writing:
+                await context.write(pb.AdmitReplies(revoked=names))
+
+        def revoked(names: list[str]) -> None:
+            task = asyncio.get_running_loop().create_task(push(names))
+            pushes.add(task)
+            task.add_done_callback(pushes.discard)
+
+        self.gate.keys.listen(revoked)
         try:
             async for batch in batches:
                 for account in batch.accounts:
                     held.discard(account.ticket)
                     await self._account(account)
+                for returned in batch.returns:
+                    leases.pop(returned.ticket, None)
+                    await self._give_back(returned)
                 if batch.admits:
                     replies = await self._admit_all(batch.admits)
-                    held.update(reply.ticket for reply in replies if reply.ticket)
-                    await context.write(pb.AdmitReplies(replies=replies))
+                    for reply in replies:
+                        if reply.ticket:
+                            held.add(reply.ticket)
+                        if reply.HasField("lease"):
+                            leases[reply.lease.ticket] = reply.lease.slots
+                    async with writing:
+                        await context.write(pb.AdmitReplies(replies=replies))
         finally:
-            if held:
+            self.gate.keys.unlisten(revoked)
+            for task in pushes:
+                task.cancel()
+            if held or leases:
                 log.warning(
-                    "an edge stream ended with requests in flight; releasing their slots", extra={"slots": len(held)}
+                    "an edge stream ended with requests in flight or leases held; releasing their slots",
+                    extra={"slots": len(held), "leases": len(leases)},
                 )
-                await asyncio.gather(*(self.gate.release(t) for t in held), return_exceptions=True)
+                releases = [self.gate.release(t) for t in held]
+                releases += [self.gate.give_back(pb.LeaseReturn(ticket=t, slots=n)) for t, n in leases.items()]
+                await asyncio.gather(*releases, return_exceptions=True)
 
     async def _admit_all(self, admits) -> list[pb.AdmitReply]:
         if len(admits) == 1:
@@ -48,3 +78,9 @@ class GatekeeperServicer(gatekeeper_pb2_grpc.GatekeeperServiceServicer):
             await self.gate.account(account)
         except Exception:  # one bad record must not end the edge's stream
             log.exception("accounting failed")
+
+    async def _give_back(self, returned: pb.LeaseReturn) -> None:
+        try:
+            await self.gate.give_back(returned)
+        except Exception:  # a lost return only leaves units to come back with time
+            log.exception("returning a lease failed")
