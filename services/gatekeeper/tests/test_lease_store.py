@@ -82,3 +82,15 @@ def test_a_lease_is_sized_from_the_recent_rate_and_a_quarter_of_what_is_left():
     assert lease_size(slow, pb.LeaseAsk(recent_requests=5), 0, Decision(True, remaining_requests=200), 3.0)
     small = KeyRecord(name="s", hash="", max_concurrent=3)
     assert lease_size(small, pb.LeaseAsk(recent_requests=5), 10, Decision(True)) is None
+
+
+def test_the_store_interface_does_not_import_the_redis_store():
+    """No store <-> redis_store cycle: the interface and memory store stand alone."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, modelplex_gatekeeper.store, modelplex_gatekeeper.gate;"
+        "assert 'modelplex_gatekeeper.redis_store' not in sys.modules, 'imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
