@@ -164,7 +164,7 @@ async def test_leased_tokens_are_reconciled_with_real_usage(tmp_path):
 
 
 async def test_slots_never_leak_when_an_edge_dies_holding_a_lease(tmp_path):
-    sidecar = await Sidecar(tmp_path, conc={"max_concurrent": 8}).start()
+    sidecar = await Sidecar(tmp_path, conc={"max_concurrent": 40}).start()
     dying = GatekeeperAdmission(sidecar.target)
     held = [await dying.admit(ask(sidecar.secrets["conc"])) for _ in range(3)]  # in flight, never accounted
     assert any(a.lease is not None for a in held), "a lease with slots was granted"
@@ -173,10 +173,10 @@ async def test_slots_never_leak_when_an_edge_dies_holding_a_lease(tmp_path):
     other = GatekeeperAdmission(sidecar.target, leases=False)
     secret = sidecar.secrets["conc"]
 
-    async def all_eight_fit() -> bool:
+    async def all_forty_fit() -> bool:
         admitted = []
         try:
-            for _ in range(8):
+            for _ in range(40):
                 admitted.append(await other.admit(ask(secret)))
             return True
         except ServiceError:
@@ -186,7 +186,7 @@ async def test_slots_never_leak_when_an_edge_dies_holding_a_lease(tmp_path):
                 await other.account(a, used(), False)
 
     deadline = time.monotonic() + 5
-    while not await all_eight_fit():
+    while not await all_forty_fit():
         assert time.monotonic() < deadline, "the dead edge's slots were not released"
         await asyncio.sleep(0.1)
     await other.close()

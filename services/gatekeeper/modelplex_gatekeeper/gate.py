@@ -125,8 +125,9 @@ def lease_size(
 ) -> Allowance | None:
     """The lease a key may have now, sized to its recent rate: enough for one lease period at the
     rate the edge saw plus half again, capped at a quarter of what is left of each limit and at two
-    lease periods of it. None when the key is decided per request: near a limit, a limit too small
-    to lease (MIN_LEASE), or a daily budget (checked per request)."""
+    lease periods of it (slots: a quarter of the key's concurrency). None when the key is decided per
+    request: near a limit, a limit too small to lease (MIN_LEASE; under 32 concurrent requests), or a
+    daily budget (checked per request)."""
     if key.daily_tokens:
         return None
     requests = ask.recent_requests + ask.recent_requests // 2 + 1
@@ -145,9 +146,10 @@ def lease_size(
         tokens = requests * cost
     slots = 0
     if key.max_concurrent:
-        slots = min(ask.in_flight + ask.in_flight // 2 + 1, key.max_concurrent // LEASE_SHARE)
-        if slots <= 0:
+        cap = key.max_concurrent // LEASE_SHARE
+        if cap < MIN_LEASE:  # a slot idle in a lease would be a large share of the limit
             return None
+        slots = min(ask.in_flight + ask.in_flight // 2 + 1, cap)
     if requests <= 0:
         return None
     return Allowance(requests, tokens, slots)

@@ -127,12 +127,9 @@ local rpm, tpm, nreq, ntok = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV
 local name, nslots = ARGV[5], tonumber(ARGV[6])
 local function refund(key, limit, units)
   if limit <= 0 or units <= 0 then return end
-  local tat = tonumber(redis.call('GET', key) or '0') - units * window / limit
-  if tat > now then
-    redis.call('SET', key, fmt(tat), 'PX', math.ceil(tat - now) + window)
-  else
-    redis.call('DEL', key)
-  end
+  -- A TAT at or before now is a full bucket: kept as now (not deleted), so the key's state stays visible.
+  local tat = math.max(now, tonumber(redis.call('GET', key) or '0') - units * window / limit)
+  redis.call('SET', key, fmt(tat), 'PX', math.ceil(tat - now) + window)
 end
 refund(KEYS[1], rpm, nreq)
 refund(KEYS[2], tpm, ntok)

@@ -80,7 +80,7 @@ def test_a_lease_is_sized_from_the_recent_rate_and_a_quarter_of_what_is_left():
     slow = KeyRecord(name="r", hash="", rpm=200)
     assert lease_size(slow, pb.LeaseAsk(recent_requests=5), 0, Decision(True, remaining_requests=200)) is None
     assert lease_size(slow, pb.LeaseAsk(recent_requests=5), 0, Decision(True, remaining_requests=200), 3.0)
-    small = KeyRecord(name="s", hash="", max_concurrent=3)
+    small = KeyRecord(name="s", hash="", max_concurrent=31)
     assert lease_size(small, pb.LeaseAsk(recent_requests=5), 10, Decision(True)) is None
 
 
