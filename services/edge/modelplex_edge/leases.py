@@ -176,6 +176,10 @@ class LeaseBook:
         #: Set while the gatekeeper does not answer (cleared by its next reply).
         self.unreachable = False
 
+    def __len__(self) -> int:
+        """Keys this edge keeps state for (bounded: quiet keys are forgotten)."""
+        return len(self._keys)
+
     # -- admissions ---------------------------------------------------------------
     def draw(self, key: str, model: str, endpoint: str, cost: int) -> Draw | None:
         """Admits the request from the key's lease, or None (the gatekeeper decides it)."""
@@ -183,6 +187,8 @@ class LeaseBook:
         leases = self._keys.get(key)
         if leases is None:
             leases = self._keys[key] = KeyLeases(period_start=now)
+            if self._sweeper is None:  # forgets keys gone quiet (a flood of made-up keys too)
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         leases.count(now, self._period)
         lease = leases.current
         if lease is not None and (now >= lease.expires or (lease.local and not self.unreachable)):
@@ -239,8 +245,6 @@ class LeaseBook:
             limits_requests=reply.limits_requests,
             limits_tokens=reply.limits_tokens,
         )
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     def failed(self, key: str, unreachable: bool = True, asked: bool = True) -> None:
         """A decision or renewal for this key got no answer (``unreachable``: the gatekeeper did not

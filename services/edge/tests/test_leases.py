@@ -24,6 +24,7 @@ from modelplex.v1 import common_pb2
 from modelplex.v1 import gatekeeper_pb2_grpc as pb_grpc
 from modelplex_edge.admission import Ask, Consumption
 from modelplex_edge.gatekeeper_client import GatekeeperAdmission
+from modelplex_edge.leases import LeaseBook
 from modelplex_gatekeeper.gate import Gate
 from modelplex_gatekeeper.keys import KeyRecord, KeyRing, KeysFile, new_key
 from modelplex_gatekeeper.servicer import GatekeeperServicer
@@ -214,6 +215,18 @@ async def test_revocation_ends_a_held_lease_within_two_seconds(tmp_path):
         await asyncio.sleep(0.25)  # slowly: the held lease would last longer than 2 s at this rate
     await admission.close()
     await sidecar.stop()
+
+
+async def test_made_up_keys_are_forgotten_so_the_book_stays_bounded():
+    async def renew(key, request):  # pragma: no cover - never asked: no key here holds a lease
+        raise AssertionError
+
+    book = LeaseBook(renew, lambda returned: None, fail_open=False)
+    for i in range(2000):
+        assert book.draw(f"sk-made-up-{i}", "m", "chat.completions", 1) is None
+    assert len(book) == 2000
+    assert await until(lambda: len(book) == 0, timeout=15), len(book)
+    book.close()
 
 
 def start_sidecar_process(tmp: Path, keys_path: Path) -> tuple[subprocess.Popen, str]:
