@@ -17,7 +17,7 @@ from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.e2e
 
-LIMIT = 600  # per minute: 10 a second, enough to be leased (20 per lease at most)
+LIMIT = 300  # per minute: 5 a second, enough to be leased (10 per lease at most)
 KEYS = {"busy": {"key": new_key(), "rpm": LIMIT, "max_concurrent": 200}}
 CHAT = {"model": "fast", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
 HEADERS = {"Authorization": f"Bearer {KEYS['busy']['key']}"}
@@ -49,7 +49,9 @@ async def pair(tmp_path_factory):
 async def test_two_edges_under_a_burst_admit_the_limit_plus_the_stated_tolerance_and_meter_all(pair):
     server, stacks = pair
     limits = httpx.Limits(max_connections=32)
-    clients = {name: httpx.AsyncClient(base_url=s.base_url, timeout=30, limits=limits) for name, s in stacks.items()}
+    timeout = httpx.Timeout(30, pool=None)  # a loaded machine queues the burst: waiting for a connection is fine
+    clients = {name: httpx.AsyncClient(base_url=s.base_url, timeout=timeout, limits=limits)
+               for name, s in stacks.items()}
     start = time.monotonic()
     names = [name for _ in range(LIMIT) for name in ("a", "b")]  # twice the limit, interleaved
     responses = await asyncio.gather(
@@ -60,10 +62,10 @@ async def test_two_edges_under_a_burst_admit_the_limit_plus_the_stated_tolerance
         await client.aclose()
     admitted = sum(r.status_code == 200 for r in responses)
     assert {r.status_code for r in responses} == {200, 429}
-    # The README's bound: GCRA's refill while the burst runs (10 a second), plus one lease period's
+    # The README's bound: GCRA's refill while the burst runs (5 a second), plus one lease period's
     # worth (a leased unit is used at most 1 s after it was reserved). Below: units still leased to
-    # the other edge when the burst ended (at most 20 per edge).
-    assert LIMIT - 2 * 20 <= admitted <= LIMIT + math.ceil(10 * elapsed) + 10, (admitted, elapsed)
+    # the other edge when the burst ended (at most 10 per edge).
+    assert LIMIT - 2 * 10 <= admitted <= LIMIT + math.ceil(5 * elapsed) + 5, (admitted, elapsed)
     by_edge = {e: sum(r.status_code == 200 for r, n in zip(responses, names, strict=True) if n == e) for e in "ab"}
     assert all(by_edge.values()), by_edge
     # Every admitted request is metered once its edge has stopped cleanly (the last batch goes out).
