@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import statistics
 import subprocess
 import sys
@@ -29,12 +30,16 @@ from pathlib import Path
 
 import yaml
 
+import bench.platform_overhead as overhead
 from bench.fast_engine import STREAM_CHUNKS
-from bench.platform_overhead import KEEP_MARKER, KEY, HttpClient, percentile, throughput
+from bench.platform_overhead import KEEP_MARKER, HttpClient, percentile, throughput
 from modelplex_kit.children import tied_to_parent
 from modelplex_kit.devstack import Stack, free_port
 
 PROXY_CORE, LOAD_CORE = {0}, {1}
+# Both proxies authenticate the same strong key (LiteLLM refuses to start with a weak or no master
+# key); the load generator's HTTP client sends it.
+KEY = overhead.KEY = f"sk-bench-{secrets.token_hex(24)}"
 HEADING = "## Side by side with LiteLLM (make bench-peers)"
 UPSTREAM, LITELLM, MODELPLEX = "upstream (direct)", "LiteLLM proxy", "Modelplex (sidecar gatekeeper)"
 
@@ -67,8 +72,11 @@ def start_upstream(port: int) -> subprocess.Popen:
 
 def start_litellm(binary: str, upstream: int, tmp: Path) -> tuple[subprocess.Popen, int]:
     config = tmp / "litellm.yaml"
-    config.write_text(yaml.safe_dump({"model_list": [{"model_name": "bench", "litellm_params": {
-        "model": "openai/bench", "api_base": f"http://127.0.0.1:{upstream}/v1", "api_key": "unused"}}]}))
+    config.write_text(yaml.safe_dump({
+        "model_list": [{"model_name": "bench", "litellm_params": {
+            "model": "openai/bench", "api_base": f"http://127.0.0.1:{upstream}/v1", "api_key": "unused"}}],
+        "general_settings": {"master_key": KEY},
+    }))
     port = free_port()
     log = open(tmp / "litellm.log", "w")  # noqa: SIM115 - the process's log, closed with the run
     proxy = subprocess.Popen(
