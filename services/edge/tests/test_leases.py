@@ -164,13 +164,32 @@ async def test_leased_tokens_are_reconciled_with_real_usage(tmp_path):
     await sidecar.stop()
 
 
+DYING_EDGE = """
+import asyncio, sys
+from modelplex_edge.admission import Ask
+from modelplex_edge.gatekeeper_client import GatekeeperAdmission
+
+async def main():
+    admission = GatekeeperAdmission(sys.argv[1])
+    ask = Ask(("Bearer " + sys.argv[2],), "chat.completions", "m", 10)
+    held = [await admission.admit(ask) for _ in range(3)]  # in flight, never accounted
+    print("leased" if any(a.lease is not None for a in held) else "not leased", flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
 async def test_slots_never_leak_when_an_edge_dies_holding_a_lease(tmp_path):
     sidecar = await Sidecar(tmp_path, conc={"max_concurrent": 40}).start()
-    dying = GatekeeperAdmission(sidecar.target)
-    held = [await dying.admit(ask(sidecar.secrets["conc"])) for _ in range(3)]  # in flight, never accounted
-    assert any(a.lease is not None for a in held), "a lease with slots was granted"
-    # The edge dies: its stream ends without a word (no accounts, no lease returned).
-    dying._transport._call.cancel()
+    # An edge process admits requests (one of them from a lease holding slots), then is killed.
+    dying = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", DYING_EDGE, sidecar.target, sidecar.secrets["conc"], stdout=asyncio.subprocess.PIPE
+    )
+    line = await asyncio.wait_for(dying.stdout.readline(), 60)
+    assert line.strip() == b"leased", line
+    dying.send_signal(signal.SIGKILL)
+    await dying.wait()
     other = GatekeeperAdmission(sidecar.target, leases=False)
     secret = sidecar.secrets["conc"]
 
@@ -186,7 +205,7 @@ async def test_slots_never_leak_when_an_edge_dies_holding_a_lease(tmp_path):
             for a in admitted:
                 await other.account(a, used(), False)
 
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 10
     while not await all_forty_fit():
         assert time.monotonic() < deadline, "the dead edge's slots were not released"
         await asyncio.sleep(0.1)

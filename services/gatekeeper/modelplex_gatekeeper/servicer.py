@@ -66,7 +66,9 @@ class GatekeeperServicer(gatekeeper_pb2_grpc.GatekeeperServiceServicer):
                 )
                 releases = [self.gate.release(t) for t in held]
                 releases += [self.gate.give_back(pb.LeaseReturn(ticket=t, slots=n)) for t, n in leases.items()]
-                await asyncio.gather(*releases, return_exceptions=True)
+                # Shielded: a stream that ended because its edge died is being cancelled, and a second
+                # cancel of this handler must not cancel the releases with it (they would never run).
+                await asyncio.shield(asyncio.gather(*releases, return_exceptions=True))
 
     async def _admit_all(self, admits) -> list[pb.AdmitReply]:
         if len(admits) == 1:
