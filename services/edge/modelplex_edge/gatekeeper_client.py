@@ -5,7 +5,7 @@ a unary call per request would cost a whole gRPC round trip each time. Admits
 and accounts are queued; whoever finds no write in flight writes everything
 queued as one message (so under load many decisions share a write), and one
 reader task hands each reply to the request waiting on its id. Accounts are
-fire-and-forget and batched (FLUSH_SECONDS). If the stream breaks, waiting requests
+fire-and-forget and batched (per turn of the event loop). If the stream breaks, waiting requests
 get 503 + Retry-After, unsent accounts are kept for the next stream, and the next
 request reconnects. Most requests never wait on the stream at all: they are admitted
 from quota leases (modelplex_edge.leases).
@@ -39,8 +39,8 @@ _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 _UNREACHABLE = "The API gateway's access control is unavailable; please retry shortly."
 # Accounts kept while the gatekeeper is unreachable (beyond this, the oldest are dropped and logged).
 _MAX_UNSENT_ACCOUNTS = 10_000
-# Accounts go to the gatekeeper in batches: at most this long after the first one, or this many at once.
-FLUSH_SECONDS = 0.05
+# Accounts go to the gatekeeper in batches: everything queued by the end of the event loop's turn
+# (or this many at once); what queues while a write is in flight goes with the next write.
 FLUSH_BATCH = 256
 
 
@@ -209,7 +209,7 @@ class StreamTransport:
         self._ids = itertools.count(1)
         self._queue = pb.GateBatch()
         self._writing = False
-        self._flush: asyncio.TimerHandle | None = None
+        self._flush: asyncio.Handle | None = None
         self._flushing: set[asyncio.Task] = set()
         #: Told the names of keys the gatekeeper says were edited or revoked.
         self.on_revoked: Callable[[list[str]], None] | None = None
@@ -232,19 +232,19 @@ class StreamTransport:
         return await self.admit(request)
 
     async def account(self, request: pb.AccountRequest) -> None:
-        """Queued, and sent in a batch: with the next admission, or within FLUSH_SECONDS (or at once
-        when the batch is full). A crash loses at most the batch not yet sent."""
+        """Queued, and sent in a batch: with the next admission, or at the end of this turn of the event
+        loop (or at once when the batch is full). A crash loses at most the batch not yet sent."""
         self._queue.accounts.append(request)
         if len(self._queue.accounts) >= FLUSH_BATCH:
             await self._send_queued()
         elif self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_now)
+            self._flush = asyncio.get_running_loop().call_soon(self._flush_now)
 
     def give_back(self, returned: pb.LeaseReturn) -> None:
         """The unused rest of a lease: sent with the next batch."""
         self._queue.returns.append(returned)
         if self._flush is None:
-            self._flush = asyncio.get_running_loop().call_later(FLUSH_SECONDS, self._flush_now)
+            self._flush = asyncio.get_running_loop().call_soon(self._flush_now)
 
     def _flush_now(self) -> None:
         self._flush = None
