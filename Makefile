@@ -21,7 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export MODELPLEX_VLLM_ENV := $(CURDIR)/build/$(shell scripts/vllm-env.sh id)
 VLLM_STAMP := $(MODELPLEX_VLLM_ENV)/.ready
 
-.PHONY: help venv vllm protos lint run test test-fast test-e2e test-engines bench clean
+.PHONY: help venv vllm protos lint run test test-fast test-e2e test-engines bench bench-peers clean
 
 help:
 	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines)"
@@ -29,6 +29,7 @@ help:
 	@echo "make test-fast  unit tests only (libs/ and services/)"
 	@echo "make test-engines  the real-vLLM suite alone (tests/vllm/)"
 	@echo "make bench      measure what the platform adds (writes docs/benchmarks.md)"
+	@echo "make bench-peers  LiteLLM's proxy side by side on the same core (installs it under build/)"
 	@echo "make protos     regenerate gRPC stubs;  make lint: ruff + buf lint"
 
 venv: $(STAMP)
@@ -91,6 +92,19 @@ test-engines: $(GEN_STAMP) $(VLLM_STAMP)
 # Every section (bench/report.py lists them) into docs/benchmarks.md: a benchmark, not a test.
 bench: $(GEN_STAMP)
 	$(PY) -m bench.report docs/benchmarks.md
+
+# Opt-in: LiteLLM's proxy (pinned, in its own venv under build/) against Modelplex's default stack,
+# both on core 0, one mock upstream on core 1 (bench/peers.py); its section goes into docs/benchmarks.md.
+LITELLM_VERSION := 1.108.7
+LITELLM_VENV := build/litellm-$(LITELLM_VERSION)
+
+$(LITELLM_VENV)/.installed:
+	$(PYTHON) -m venv $(LITELLM_VENV)
+	$(LITELLM_VENV)/bin/pip install -q "litellm[proxy]==$(LITELLM_VERSION)"
+	touch $@
+
+bench-peers: $(GEN_STAMP) $(LITELLM_VENV)/.installed
+	$(PY) -m bench.peers docs/benchmarks.md --litellm $(LITELLM_VENV)/bin/litellm
 
 # Keeps build/wheels: recompiling llama.cpp takes minutes. `rm -rf build` forces it.
 clean:

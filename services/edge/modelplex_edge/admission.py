@@ -14,12 +14,15 @@ import fnmatch
 import hashlib
 import hmac
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
 from modelplex.v1 import common_pb2
 from modelplex_kit.errors import ServiceError
+
+if TYPE_CHECKING:
+    from modelplex_edge.leases import Draw
 
 _NO_KEY = (
     "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer "
@@ -58,6 +61,8 @@ class Admitted:
     ticket: str = ""
     #: The key's project; stored state (responses) is visible to the keys of one project only.
     project: str = ""
+    #: Set when admitted in-process from a quota lease (what it drew, given back at ``account``).
+    lease: Draw | None = None
 
     @property
     def scope(self) -> str:

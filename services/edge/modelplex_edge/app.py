@@ -29,7 +29,12 @@ log = logging.getLogger(__name__)
 
 def default_admission(settings: EdgeSettings) -> Admission:
     if settings.gatekeeper_target:
-        return GatekeeperAdmission(settings.gatekeeper_target, settings.gatekeeper_timeout_seconds)
+        return GatekeeperAdmission(
+            settings.gatekeeper_target,
+            settings.gatekeeper_timeout_seconds,
+            leases=settings.gatekeeper_leases,
+            fail_open=settings.gatekeeper_failure == "open",
+        )
     return DevKeyAdmission(settings.dev_api_key.get_secret_value())
 
 

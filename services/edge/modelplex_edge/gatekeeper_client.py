@@ -5,12 +5,13 @@ a unary call per request would cost a whole gRPC round trip each time. Admits
 and accounts are queued; whoever finds no write in flight writes everything
 queued as one message (so under load many decisions share a write), and one
 reader task hands each reply to the request waiting on its id. Accounts are
-fire-and-forget. If the stream breaks, waiting requests get 503 + Retry-After,
-unsent accounts are kept for the next stream, and the next request reconnects.
+fire-and-forget and batched (per turn of the event loop). If the stream breaks, waiting requests
+get 503 + Retry-After, unsent accounts are kept for the next stream, and the next request reconnects.
 A stream that ends while admitted requests still run (the gatekeeper's server aged
 the connection out, or it broke) is re-opened at once, naming those requests'
 tickets (``resumed``), so the gatekeeper keeps their concurrency slots: nothing is
-released early, and nothing is admitted twice.
+released early, and nothing is admitted twice. Most requests never wait on the stream at all:
+they are admitted from quota leases (modelplex_edge.leases).
 
 Even so a Python gRPC hop costs more than the gatekeeper's budget (docs/benchmarks.md),
 so the same decisions can also run embedded in the edge (target ``embedded``): with the
@@ -23,12 +24,15 @@ import asyncio
 import itertools
 import logging
 import math
+import time
+from collections.abc import Callable
 
 import grpc
 
 from modelplex.v1 import common_pb2, gatekeeper_pb2_grpc
 from modelplex.v1 import gatekeeper_pb2 as pb
 from modelplex_edge.admission import Admitted, Ask, Consumption, bearer_key, invalid_key
+from modelplex_edge.leases import Draw, LeaseBook, duration
 from modelplex_kit.connections import KEEPALIVE
 from modelplex_kit.errors import ServiceError, model_not_found, unavailable
 from modelplex_kit.logging import request_id_var
@@ -39,18 +43,9 @@ _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 _UNREACHABLE = "The API gateway's access control is unavailable; please retry shortly."
 # Accounts kept while the gatekeeper is unreachable (beyond this, the oldest are dropped and logged).
 _MAX_UNSENT_ACCOUNTS = 10_000
-
-
-def duration(ms: int) -> str:
-    """OpenAI's reset format: 120ms, 1s, 1.5s, 6m0s, 1h2m3s."""
-    if ms < 1000:
-        return f"{ms}ms"
-    minutes, seconds = divmod(ms / 1000, 60)
-    hours, minutes = divmod(int(minutes), 60)
-    text = f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{hours}h{minutes}m{text}"
-    return f"{minutes}m{text}" if minutes else text
+# Accounts go to the gatekeeper in batches: everything queued by the end of the event loop's turn
+# (or this many at once); what queues while a write is in flight goes with the next write.
+FLUSH_BATCH = 256
 
 
 def rate_headers(reply: pb.AdmitReply) -> dict[str, str]:
@@ -97,50 +92,76 @@ def _fail(waiter: asyncio.Future | None) -> None:
         waiter.exception()  # retrieved: its admit may already have given up (and raised) on its own
 
 
-class EmbeddedTransport:
-    """The gatekeeper's decisions inside this process: no hop at all (one Redis round trip with Redis).
+def embedded_transport():
+    """The gatekeeper's decisions inside this process (its public facade; imported only when asked for)."""
+    from modelplex_gatekeeper.embedded import EmbeddedGatekeeper
 
-    Configured by the gatekeeper's own settings (MODELPLEX_KEYS_FILE, MODELPLEX_GATEKEEPER_*).
-    Accounts to Redis run in the background so that its round trip never delays a response;
-    in memory they are immediate.
-    """
+    return EmbeddedGatekeeper()
 
-    def __init__(self) -> None:
-        from modelplex_gatekeeper.embedded import embedded_gate
 
-        self._gate, self._following = embedded_gate()
-        self._accounts: set[asyncio.Task] = set()
-        self._remote = self._gate.remote
-
-    async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
-        return await self._gate.admit(request)
-
-    async def account(self, request: pb.AccountRequest) -> None:
-        if not self._remote:
-            await self._gate.account(request)
-            return
-        task = asyncio.create_task(self._gate.account(request))
-        self._accounts.add(task)
-        task.add_done_callback(self._accounts.discard)
-
-    async def close(self) -> None:
-        await asyncio.gather(*self._accounts, return_exceptions=True)
-        self._following.cancel()
-        await self._gate.store.close()
+def _from_lease(draw: Draw, ask: Ask) -> Admitted:
+    lease = draw.lease
+    return Admitted(
+        lease.principal_id,
+        endpoint=ask.endpoint,
+        model=ask.model,
+        headers=lease.headers(time.monotonic()),
+        models=lease.models,
+        ticket=lease.ticket,
+        lease=draw,
+    )
 
 
 class GatekeeperAdmission:
-    """Admission decided by the gatekeeper, in a sidecar (``unix:///...``, ``host:port``) or ``embedded``."""
+    """Admission decided by the gatekeeper, in a sidecar (``unix:///...``, ``host:port``) or ``embedded``.
 
-    def __init__(self, target: str, timeout_seconds: float = 2.0) -> None:
-        self._transport = EmbeddedTransport() if target == "embedded" else StreamTransport(target, timeout_seconds)
+    With the sidecar, most requests are admitted from quota leases (modelplex_edge.leases) without
+    waiting on it; ``fail_open`` is what a key with a lease gets while the sidecar is unreachable.
+    """
+
+    def __init__(
+        self, target: str, timeout_seconds: float = 2.0, *, leases: bool = True, fail_open: bool = False
+    ) -> None:
+        self._book: LeaseBook | None = None
+        if target == "embedded":
+            self._transport = embedded_transport()
+            return
+        stream = StreamTransport(target, timeout_seconds)
+        self._transport = stream
+        if leases:
+            self._book = LeaseBook(stream.renew, stream.give_back, fail_open)
+            stream.on_revoked = self._book.revoked
 
     async def admit(self, ask: Ask) -> Admitted:
         key = bearer_key(ask.authorization)
-        request = pb.AdmitRequest(
-            api_key=key, model=ask.model, endpoint=ask.endpoint, estimated_tokens=max(0, ask.cost)
-        )
-        reply = await self._transport.admit(request)
+        cost = max(0, ask.cost)
+        book = self._book if ask.model else None  # identity-only checks are never leased
+        if book is not None:
+            draw = book.draw(key, ask.model, ask.endpoint, cost)
+            if draw is not None:
+                return _from_lease(draw, ask)
+        request = pb.AdmitRequest(api_key=key, model=ask.model, endpoint=ask.endpoint, estimated_tokens=cost)
+        asked = False
+        if book is not None:
+            wanted = book.wants_lease(key)
+            if wanted is not None:
+                request.lease.CopyFrom(wanted)
+                asked = True
+        try:
+            reply = await self._transport.admit(request)
+        except BaseException as exc:  # unreachable (a 503), or the client left while it waited
+            if book is None:
+                raise
+            book.failed(key, unreachable=isinstance(exc, ServiceError), asked=asked)
+            draw = book.draw(key, ask.model, ask.endpoint, cost) if isinstance(exc, ServiceError) else None
+            if draw is None:
+                raise
+            return _from_lease(draw, ask)  # fail-open: a key the gatekeeper vouched for
+        if book is not None:
+            if reply.denial.code == "invalid_api_key":
+                book.denied(key)
+            else:
+                book.granted(key, reply, asked)
         if not reply.allowed:
             raise denial_error(reply, ask, key)
         return Admitted(
@@ -156,6 +177,10 @@ class GatekeeperAdmission:
     async def account(self, admitted: Admitted, used: Consumption, failed: bool) -> None:
         if not admitted.ticket:
             return
+        lease_tokens = 0
+        if admitted.lease is not None and self._book is not None:
+            lease_tokens = admitted.lease.tokens
+            self._book.finished(admitted.lease)
         await self._transport.account(
             pb.AccountRequest(
                 ticket=admitted.ticket,
@@ -167,10 +192,13 @@ class GatekeeperAdmission:
                 failed=failed,
                 ended=used.ended,
                 meta=common_pb2.RequestMeta(request_id=request_id_var.get(), principal_id=admitted.principal_id),
+                lease_tokens=lease_tokens,
             )
         )
 
     async def close(self) -> None:
+        if self._book is not None:
+            self._book.close()  # unused leases go back with the last batch
         await self._transport.close()
 
 
@@ -191,6 +219,10 @@ class StreamTransport:
         self._ids = itertools.count(1)
         self._queue = pb.GateBatch()
         self._writing = False
+        self._flush: asyncio.Handle | None = None
+        self._flushing: set[asyncio.Task] = set()
+        #: Told the names of keys the gatekeeper says were edited or revoked.
+        self.on_revoked: Callable[[list[str]], None] | None = None
 
     async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
         request.id = next(self._ids)
@@ -208,9 +240,33 @@ class StreamTransport:
         finally:
             self._pending.pop(request.id, None)
 
+    async def renew(self, key: str, request: pb.AdmitRequest) -> pb.AdmitReply:
+        """A lease-only admission (the lease book's renewal)."""
+        return await self.admit(request)
+
     async def account(self, request: pb.AccountRequest) -> None:
+        """Queued, and sent in a batch: with the next admission, or at the end of this turn of the event
+        loop (or at once when the batch is full). A crash loses at most the batch not yet sent."""
         self._running.discard(request.ticket)
         self._queue.accounts.append(request)
+        if len(self._queue.accounts) >= FLUSH_BATCH:
+            await self._send_queued()
+        elif self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def give_back(self, returned: pb.LeaseReturn) -> None:
+        """The unused rest of a lease: sent with the next batch."""
+        self._queue.returns.append(returned)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._flush_now)
+
+    def _flush_now(self) -> None:
+        self._flush = None
+        task = asyncio.get_running_loop().create_task(self._send_queued())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _send_queued(self) -> None:
         try:
             await self._write()
         except ConnectionError:
@@ -220,17 +276,32 @@ class StreamTransport:
         self._closing = True
         if self._resumer is not None:
             self._resumer.cancel()
-        if self._queue.accounts:
+        if self._flush is not None:
+            self._flush.cancel()
+        await asyncio.gather(*self._flushing, return_exceptions=True)
+        if self._queue.accounts or self._queue.returns:
             try:
                 await self._write()
             except ConnectionError:
-                log.error("usage of finished requests not delivered to the gatekeeper",
-                          extra={"accounts": len(self._queue.accounts)})
+                log.error(
+                    "usage of finished requests not delivered to the gatekeeper",
+                    extra={"accounts": len(self._queue.accounts)},
+                )
         if self._call is not None:
-            self._call.cancel()
+            await self._finish(self._call)
         if self._reader is not None:
             self._reader.cancel()
         await self._channel.close()
+
+    async def _finish(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Ends the stream cleanly: the gatekeeper handles everything written, then ends it too."""
+        try:
+            await call.done_writing()
+            if self._reader is not None:
+                await asyncio.wait_for(asyncio.shield(self._reader), self._timeout)
+        except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError, TimeoutError):
+            pass
+        call.cancel()
 
     # -- the stream --------------------------------------------------------------
     def _stream(self) -> grpc.aio.StreamStreamCall:
@@ -245,7 +316,7 @@ class StreamTransport:
             return
         self._writing = True
         try:
-            while self._queue.admits or self._queue.accounts or self._queue.resumed:
+            while self._queue.admits or self._queue.accounts or self._queue.returns or self._queue.resumed:
                 if self._call is None and self._running:  # a new stream: it takes over the running requests
                     self._queue.resumed[:] = sorted(self._running)
                 batch, self._queue = self._queue, pb.GateBatch()
@@ -265,6 +336,7 @@ class StreamTransport:
         kept = list(batch.accounts)[-_MAX_UNSENT_ACCOUNTS:]
         self._queue.accounts.extend(kept)
         # batch.resumed is not kept: the next stream names whatever is running then.
+        # Leases issued on a broken stream were released by the gatekeeper when it ended.
 
     def _drop_stream(self) -> None:
         if self._call is not None:
@@ -281,6 +353,8 @@ class StreamTransport:
                     waiter = self._pending.get(reply.id)
                     if waiter is not None and not waiter.done():
                         waiter.set_result(reply)
+                if message.revoked and self.on_revoked is not None:
+                    self.on_revoked(list(message.revoked))
         except (grpc.RpcError, asyncio.CancelledError) as exc:
             if not isinstance(exc, asyncio.CancelledError):
                 log.warning("gatekeeper stream ended", extra={"error": type(exc).__name__})

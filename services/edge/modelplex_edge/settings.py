@@ -26,6 +26,11 @@ class EdgeSettings(ServiceSettings):
     gatekeeper_target: str = ""
     # Longest wait for the gatekeeper's decision; past it the request gets 503 + Retry-After.
     gatekeeper_timeout_seconds: float = 2.0
+    # Admit most requests in-process from quota leases the sidecar grants (exact limits either way).
+    gatekeeper_leases: bool = True
+    # While the sidecar is unreachable: "closed" refuses (503 + Retry-After) once a key's lease has
+    # expired (within one lease period); "open" keeps serving keys that held a lease, at its size.
+    gatekeeper_failure: Literal["open", "closed"] = "closed"
     # Browser origins allowed by CORS; empty keeps CORS closed (a server-to-server API).
     # Comma-separated in the environment, as the Helm chart writes it.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)

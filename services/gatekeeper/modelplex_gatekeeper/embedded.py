@@ -1,20 +1,41 @@
-"""The gatekeeper inside another process (the edge): the same Gate, no gRPC hop."""
+"""The gatekeeper inside another process (the edge): the same decisions, no gRPC hop.
+
+The edge uses only this facade (admit, account, close), never the Gate's or the store's insides.
+"""
 
 from __future__ import annotations
 
 import asyncio
 
-from modelplex_gatekeeper.gate import Gate
-from modelplex_gatekeeper.keys import KeyRing, ensure_dev_file
+from modelplex.v1 import gatekeeper_pb2 as pb
+from modelplex_gatekeeper.runtime import Gatekeeper
 from modelplex_gatekeeper.settings import GatekeeperSettings
-from modelplex_gatekeeper.store import build_store
 
 
-def embedded_gate(settings: GatekeeperSettings | None = None) -> tuple[Gate, asyncio.Task]:
-    """A Gate from the gatekeeper's settings, and the task that follows the keys file (call in a running loop)."""
-    settings = settings or GatekeeperSettings()
-    if settings.dev_key_if_missing is not None:
-        ensure_dev_file(settings.keys_file, settings.dev_key_if_missing.get_secret_value())
-    keys = KeyRing(settings.keys_file)
-    following = asyncio.get_running_loop().create_task(keys.follow(settings.reload_seconds))
-    return Gate(keys, build_store(settings)), following
+class EmbeddedGatekeeper:
+    """Configured by the gatekeeper's own settings (MODELPLEX_KEYS_FILE, MODELPLEX_GATEKEEPER_*).
+
+    Accounts to Redis run in the background so that its round trip never delays a response;
+    in memory they are immediate. Construct inside a running loop.
+    """
+
+    def __init__(self, settings: GatekeeperSettings | None = None) -> None:
+        self._gatekeeper = Gatekeeper(settings or GatekeeperSettings())
+        self._gate = self._gatekeeper.gate
+        self._accounts: set[asyncio.Task] = set()
+
+    async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
+        return await self._gate.admit(request)
+
+    async def account(self, request: pb.AccountRequest) -> None:
+        if not self._gate.remote:
+            await self._gate.account(request)
+            return
+        task = asyncio.create_task(self._gate.account(request))
+        self._accounts.add(task)
+        task.add_done_callback(self._accounts.discard)
+
+    async def close(self) -> None:
+        """Waits for the accounts still on their way, then closes the store (nothing metered is lost)."""
+        await asyncio.gather(*self._accounts, return_exceptions=True)
+        await self._gatekeeper.close()

@@ -18,8 +18,15 @@ import grpc
 from modelplex.v1 import gatekeeper_pb2 as pb
 from modelplex_gatekeeper.keys import KeyRecord, KeyRing
 from modelplex_gatekeeper.metrics import REQUESTS, TOKENS, UNITS
-from modelplex_gatekeeper.redis_store import StoreUnavailable
-from modelplex_gatekeeper.store import CONCURRENCY, DAILY, Decision, MemoryStore, Store
+from modelplex_gatekeeper.store import (
+    CONCURRENCY,
+    DAILY,
+    Allowance,
+    Decision,
+    MemoryStore,
+    Store,
+    StoreUnavailable,
+)
 from modelplex_gatekeeper.store import REQUESTS as BY_REQUESTS
 from modelplex_gatekeeper.store import TOKENS as BY_TOKENS
 
@@ -100,10 +107,60 @@ def _rate_state(key: KeyRecord, decision: Decision) -> pb.RateLimitState:
     )
 
 
+#: A lease takes at most this share of what a key has left, so a key near its limit gets none.
+LEASE_SHARE = 4
+#: A key whose limit allows fewer requests (or tokens) than this in two lease periods is decided
+#: per request: at that rate the sidecar's round trip costs nothing worth saving, and leased units
+#: held by one edge would be a large share of the limit, refused meanwhile on the others.
+MIN_LEASE = 8
+
+
+def lease_cap(limit: int, lease_seconds: float) -> int:
+    """The most one lease holds of a per-minute limit: two lease periods at the limit's rate."""
+    return int(limit * lease_seconds / 60 * 2)
+
+
+def lease_size(
+    key: KeyRecord, ask: pb.LeaseAsk, cost: int, state: Decision, lease_seconds: float = 1.0
+) -> Allowance | None:
+    """The lease a key may have now, sized to its recent rate: enough for one lease period at the
+    rate the edge saw plus half again, capped at a quarter of what is left of each limit and at two
+    lease periods of it (slots: a quarter of the key's concurrency). None when the key is decided per
+    request: near a limit, a limit too small to lease (MIN_LEASE; under 32 concurrent requests), or a
+    daily budget (checked per request)."""
+    if key.daily_tokens:
+        return None
+    requests = ask.recent_requests + ask.recent_requests // 2 + 1
+    if key.rpm:
+        cap = lease_cap(key.rpm, lease_seconds)
+        if cap < MIN_LEASE:
+            return None
+        requests = min(requests, state.remaining_requests // LEASE_SHARE, cap)
+    tokens = 0
+    if key.tpm:
+        cap = lease_cap(key.tpm, lease_seconds)
+        if cap < MIN_LEASE:
+            return None
+        if cost:
+            requests = min(requests, min(state.remaining_tokens // LEASE_SHARE, cap) // cost)
+        tokens = requests * cost
+    slots = 0
+    if key.max_concurrent:
+        cap = key.max_concurrent // LEASE_SHARE
+        if cap < MIN_LEASE:  # a slot idle in a lease would be a large share of the limit
+            return None
+        slots = min(ask.in_flight + ask.in_flight // 2 + 1, cap)
+    if requests <= 0:
+        return None
+    return Allowance(requests, tokens, slots)
+
+
 class Gate:
-    def __init__(self, keys: KeyRing, store: Store) -> None:
+    def __init__(self, keys: KeyRing, store: Store, lease_seconds: float = 1.0) -> None:
         self.keys = keys
         self.store = store
+        self.lease_ms = int(lease_seconds * 1000)
+        self._leases = itertools.count(1)
         #: Whether decisions leave this process (Redis): callers may then overlap accounts.
         self.remote = not isinstance(store, MemoryStore)
         # Slot names are unique across replicas sharing Redis: a random prefix per process.
@@ -133,6 +190,8 @@ class Gate:
             reply.denial.CopyFrom(pb.Denial(status=_NOT_FOUND, code="model_not_found", param="model"))
             return reply
         cost = request.estimated_tokens
+        if request.lease_only:
+            return await self._renew(key, request, reply)
         try:
             decision = await self.store.admit(key, cost, f"{self._slot_prefix}.{next(self._slots):x}")
         except StoreUnavailable:
@@ -153,7 +212,48 @@ class Gate:
         self._counter(REQUESTS, key.name, key.project, request.model, "admitted").inc()
         reply.allowed = True
         reply.ticket = f"{decision.slot}|{cost}|{key.name}"
+        if request.HasField("lease"):
+            await self._grant(key, request, decision, reply)
         return reply
+
+    async def _renew(self, key: KeyRecord, request: pb.AdmitRequest, reply: pb.AdmitReply) -> pb.AdmitReply:
+        """A lease alone: granted (allowed) or not, consuming nothing else."""
+        state = await self._peek(key)
+        reply.rate_limit.CopyFrom(_rate_state(key, state))
+        await self._grant(key, request, state, reply)
+        reply.allowed = reply.HasField("lease")
+        return reply
+
+    async def _grant(self, key: KeyRecord, request: pb.AdmitRequest, state: Decision, reply: pb.AdmitReply) -> None:
+        """Adds a lease to the reply when the key's limits leave room for one (else the edge asks each time)."""
+        allowance = lease_size(key, request.lease, request.estimated_tokens, state, self.lease_ms / 1000)
+        if allowance is None:
+            return
+        name = f"{self._slot_prefix}.L{next(self._leases):x}"
+        try:
+            granted = await self.store.lease(key, allowance, name)
+        except StoreUnavailable:
+            return
+        if not granted.allowed:
+            return
+        reply.rate_limit.CopyFrom(_rate_state(key, granted))
+        # The lease's own name is none of its slots: an account naming it frees no slot.
+        reply.lease.CopyFrom(
+            pb.Lease(
+                ticket=f"{granted.slot}|0|{key.name}",
+                requests=allowance.requests,
+                tokens=allowance.tokens,
+                slots=allowance.slots,
+                ttl_ms=self.lease_ms,
+            )
+        )
+
+    async def give_back(self, returned: pb.LeaseReturn) -> None:
+        """Takes back a lease's unused requests and tokens, and frees its slots."""
+        parsed = self._ticket_key(returned.ticket)
+        if parsed is not None:
+            name, _, key = parsed
+            await self.store.give_back(key, name, Allowance(returned.requests, returned.tokens, returned.slots))
 
     def _counter(self, metric, *labels: str):
         """A labelled child, cached: prometheus_client's labels() is the costliest part of a decision."""
@@ -183,6 +283,7 @@ class Gate:
         if parsed is None:
             return
         slot, reserved, key = parsed
+        reserved += request.lease_tokens  # a leased request's estimate was drawn from its lease
         usage = request.usage
         used = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
         labels = (key.name, key.project, request.model)

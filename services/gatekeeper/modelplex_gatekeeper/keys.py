@@ -30,6 +30,7 @@ import os
 import re
 import secrets
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -149,7 +150,16 @@ class KeyRing:
         self._signature: tuple[int, int, int] | None = None
         self._file = KeysFile(salt="00", keys=[])
         self._by_hash: dict[str, KeyRecord] = {}
+        # Called with the names of keys edited or removed by a reload (leases of them are dropped).
+        self._listeners: list[Callable[[list[str]], None]] = []
         self.reload()
+
+    def listen(self, listener: Callable[[list[str]], None]) -> None:
+        self._listeners.append(listener)
+
+    def unlisten(self, listener: Callable[[list[str]], None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
 
     def find(self, key: str) -> KeyRecord | None:
         """The enabled key with this secret, or None (unknown and revoked look the same)."""
@@ -174,8 +184,14 @@ class KeyRing:
                 "keys file is invalid; keeping the keys in force", extra={"path": str(self.path), "why": str(exc)}
             )
             return False
+        before = {k.name: k for k in self._file.keys}
         self._file = loaded
         self._by_hash = {k.hash: k for k in loaded.keys}
+        after = {k.name: k for k in loaded.keys}
+        changed = [name for name, record in before.items() if after.get(name) != record]
+        if changed:
+            for listener in list(self._listeners):
+                listener(changed)
         log.info("keys loaded", extra={"path": str(self.path), "keys": len(loaded.keys)})
         return True
 

@@ -17,7 +17,7 @@ from redis.exceptions import BusyLoadingError, ConnectionError, NoScriptError, R
 
 from modelplex_gatekeeper.keys import KeyRecord
 from modelplex_gatekeeper.metrics import REDIS_FAILURES, REDIS_UP
-from modelplex_gatekeeper.store import DENIED_BY, Decision, MemoryStore
+from modelplex_gatekeeper.store import DENIED_BY, Allowance, Decision, MemoryStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +34,15 @@ end
 """
 
 # KEYS: requests tat, tokens tat, slots zset, daily hash
-# ARGV: rpm, tpm, max_concurrent, daily_tokens, cost, slot_ttl_ms, slot, peek
+# ARGV: rpm, tpm, max_concurrent, daily_tokens, cost, slot_ttl_ms, slot, peek, then for a lease:
+# requests, slots (it holds slots slot#0, slot#1, ...; an admission holds the one slot named slot)
 ADMIT = (
     _COMMON
     + """
 local rpm, tpm, maxc, daily = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local cost, ttl, slot, peek = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8] == '1'
+local lease = ARGV[9] ~= nil
+local nreq, nslots = tonumber(ARGV[9] or '1'), tonumber(ARGV[10] or '1')
 local tat_r = tonumber(redis.call('GET', KEYS[1]) or '0')
 local tat_t = tonumber(redis.call('GET', KEYS[2]) or '0')
 local function result(allowed, why, wait, used)
@@ -54,14 +57,14 @@ if daily > 0 then
   local spent = tonumber(redis.call('HGET', KEYS[4], day) or '0')
   if spent >= daily then return result(0, 1, (tonumber(day) + 1) * 86400000 - now, spent) end
 end
-if maxc > 0 then
+if maxc > 0 and nslots > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now)
   local held = redis.call('ZCARD', KEYS[3])
-  if held >= maxc then return result(0, 2, 1000, held) end
+  if held + nslots > maxc then return result(0, 2, 1000, held) end
 end
 local new_r, new_t = tat_r, tat_t
-if rpm > 0 then
-  new_r = math.max(tat_r, now) + window / rpm
+if rpm > 0 and nreq > 0 then
+  new_r = math.max(tat_r, now) + nreq * window / rpm
   local over = new_r - now - window
   if over > 0 then return result(0, 3, over, rpm - remaining(tat_r, rpm)) end
 end
@@ -70,7 +73,7 @@ if tpm > 0 and cost > 0 then
   local over = new_t - now - window
   if over > 0 then return result(0, 4, over, tpm - remaining(tat_t, tpm)) end
 end
-if rpm > 0 then
+if rpm > 0 and nreq > 0 then
   tat_r = new_r
   redis.call('SET', KEYS[1], fmt(new_r), 'PX', math.ceil(new_r - now) + window)
 end
@@ -78,8 +81,12 @@ if tpm > 0 and cost > 0 then
   tat_t = new_t
   redis.call('SET', KEYS[2], fmt(new_t), 'PX', math.ceil(new_t - now) + window)
 end
-if maxc > 0 then
-  redis.call('ZADD', KEYS[3], now + ttl, slot)
+if maxc > 0 and nslots > 0 then
+  if lease then
+    for i = 0, nslots - 1 do redis.call('ZADD', KEYS[3], now + ttl, slot .. '#' .. i) end
+  else
+    redis.call('ZADD', KEYS[3], now + ttl, slot)
+  end
   redis.call('PEXPIRE', KEYS[3], ttl)
 end
 return result(1, 0, 0, 0)
@@ -106,6 +113,27 @@ if used > 0 then
   redis.call('EXPIRE', KEYS[3], 172800)
 end
 if #ARGV > 4 then redis.call('XADD', KEYS[4], '*', unpack(ARGV, 5)) end
+return 1
+"""
+)
+
+
+# KEYS: requests tat, tokens tat, slots zset
+# ARGV: rpm, tpm, requests, tokens, name, slots
+GIVE_BACK = (
+    _COMMON
+    + """
+local rpm, tpm, nreq, ntok = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local name, nslots = ARGV[5], tonumber(ARGV[6])
+local function refund(key, limit, units)
+  if limit <= 0 or units <= 0 then return end
+  -- A TAT at or before now is a full bucket: kept as now (not deleted), so the key's state stays visible.
+  local tat = math.max(now, tonumber(redis.call('GET', key) or '0') - units * window / limit)
+  redis.call('SET', key, fmt(tat), 'PX', math.ceil(tat - now) + window)
+end
+refund(KEYS[1], rpm, nreq)
+refund(KEYS[2], tpm, ntok)
+for i = 0, nslots - 1 do redis.call('ZREM', KEYS[3], name .. '#' .. i) end
 return 1
 """
 )
@@ -222,11 +250,16 @@ class RedisStore:
         self._admit = self._client.register_script(ADMIT)
         self._pipe = DecisionPipe(self._client, timeout)  # decisions and accounts
         self._account = self._client.register_script(ACCOUNT)
+        self._give_back = self._client.register_script(GIVE_BACK)
         self._slot_ttl_ms = int(slot_ttl_seconds * 1000)
         self._stream = stream
 
-    async def _run_admit(self, key: KeyRecord, cost: int, slot: str, peek: bool) -> Decision:
+    async def _run_admit(
+        self, key: KeyRecord, cost: int, slot: str, peek: bool, lease: Allowance | None = None
+    ) -> Decision:
         args = [key.rpm, key.tpm, key.max_concurrent, key.daily_tokens, cost, self._slot_ttl_ms, slot, int(peek)]
+        if lease is not None:
+            args += [lease.requests, lease.slots]
         try:
             reply = await self._pipe.call("EVALSHA", self._admit.sha, 4, *_keys(key), *args)
         except NoScriptError:  # a restarted Redis: load the script again
@@ -253,13 +286,20 @@ class RedisStore:
     async def release(self, key: KeyRecord, slot: str) -> None:
         await self._client.zrem(_keys(key)[2], slot)
 
+    async def lease(self, key: KeyRecord, allowance: Allowance, name: str) -> Decision:
+        return await self._run_admit(key, allowance.tokens, name, False, allowance)
+
+    async def give_back(self, key: KeyRecord, name: str, allowance: Allowance) -> None:
+        keys = _keys(key)[:3]
+        args = [key.rpm, key.tpm, allowance.requests, allowance.tokens, name, allowance.slots]
+        try:
+            await self._pipe.call("EVALSHA", self._give_back.sha, len(keys), *keys, *args)
+        except NoScriptError:  # a restarted Redis: load the script again
+            await self._give_back(keys=keys, args=args)
+
     async def close(self) -> None:
         self._pipe.close()
         await self._client.aclose()
-
-
-class StoreUnavailable(Exception):
-    """Redis is down and the policy is to fail closed."""
 
 
 class FailoverStore:
@@ -306,6 +346,25 @@ class FailoverStore:
                 self._answered()
                 return decision
         return self._fallback(key, cost, slot)
+
+    async def lease(self, key: KeyRecord, allowance: Allowance, name: str) -> Decision:
+        if self._usable():
+            try:
+                decision = await self.remote.lease(key, allowance, "r" + name)
+            except OUTAGES as exc:
+                self._failed(exc)
+            else:
+                self._answered()
+                return decision
+        if self.policy == "closed":
+            raise StoreUnavailable
+        return self.local.lease_now(key, allowance, "l" + name)
+
+    async def give_back(self, key: KeyRecord, name: str, allowance: Allowance) -> None:
+        try:
+            await (self.remote if name.startswith("r") else self.local).give_back(key, name, allowance)
+        except OUTAGES:
+            pass  # unreturned units come back with time (GCRA), its slots expire in Redis on their own
 
     def _fallback(self, key: KeyRecord, cost: int, slot: str) -> Decision:
         if self.policy == "closed":

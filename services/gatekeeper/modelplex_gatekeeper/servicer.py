@@ -31,6 +31,22 @@ class GatekeeperServicer(gatekeeper_pb2_grpc.GatekeeperServiceServicer):
     async def Gate(self, batches: AsyncIterator[pb.GateBatch], context: grpc.aio.ServicerContext) -> None:
         # Tickets admitted through (or resumed on) this stream and not yet accounted.
         held: set[str] = set()
+        # Leases granted through this stream and not yet returned (ticket -> slots): their slots are
+        # freed if the stream ends first (the edge died holding them).
+        leases: dict[str, int] = {}
+        writing = asyncio.Lock()  # replies and revocations share the stream
+        pushes: set[asyncio.Task] = set()
+
+        async def push(names: list[str]) -> None:
+            async with writing:
+                await context.write(pb.AdmitReplies(revoked=names))
+
+        def revoked(names: list[str]) -> None:
+            task = asyncio.get_running_loop().create_task(push(names))
+            pushes.add(task)
+            task.add_done_callback(pushes.discard)
+
+        self.gate.keys.listen(revoked)
         try:
             async for batch in batches:
                 for ticket in batch.resumed:
@@ -38,14 +54,31 @@ class GatekeeperServicer(gatekeeper_pb2_grpc.GatekeeperServiceServicer):
                 for account in batch.accounts:
                     self._forget(account.ticket)
                     await self._account(account)
+                for returned in batch.returns:
+                    leases.pop(returned.ticket, None)
+                    await self._give_back(returned)
                 if batch.admits:
                     replies = await self._admit_all(batch.admits)
                     for reply in replies:
                         if reply.ticket:
                             self._hold(reply.ticket, held)
-                    await context.write(pb.AdmitReplies(replies=replies))
+                        if reply.HasField("lease"):
+                            leases[reply.lease.ticket] = reply.lease.slots
+                    async with writing:
+                        await context.write(pb.AdmitReplies(replies=replies))
         finally:
+            self.gate.keys.unlisten(revoked)
+            for task in pushes:
+                task.cancel()
             self._orphan(held)
+            if leases:
+                # A lease is not resumed on the edge's next stream (the edge drops its leases with the
+                # stream): its slots are released at once.
+                log.warning("an edge stream ended holding leases; releasing their slots", extra={"leases": len(leases)})
+                returns = [self.gate.give_back(pb.LeaseReturn(ticket=t, slots=n)) for t, n in leases.items()]
+                # Shielded: a stream that ended because its edge died is being cancelled, and a second
+                # cancel of this handler must not cancel the returns with it (they would never run).
+                await asyncio.shield(asyncio.gather(*returns, return_exceptions=True))
 
     def _hold(self, ticket: str, held: set[str]) -> None:
         self._forget(ticket)
@@ -93,3 +126,9 @@ class GatekeeperServicer(gatekeeper_pb2_grpc.GatekeeperServiceServicer):
             await self.gate.account(account)
         except Exception:  # one bad record must not end the edge's stream
             log.exception("accounting failed")
+
+    async def _give_back(self, returned: pb.LeaseReturn) -> None:
+        try:
+            await self.gate.give_back(returned)
+        except Exception:  # a lost return only leaves units to come back with time
+            log.exception("returning a lease failed")

@@ -39,3 +39,6 @@ class GatekeeperSettings(GrpcServiceSettings):
     usage_stream: str = "modelplex:usage"
     # A concurrency slot whose request never reported back (its edge died) is freed after this long.
     slot_ttl_seconds: float = 900.0
+    # How long a quota lease lasts (an allowance of requests, tokens and slots the edge spends
+    # in-process). Past it the edge renews or returns it; a dead sidecar shows within this long.
+    lease_seconds: float = 1.0

@@ -44,6 +44,10 @@ class Decision:
     slot: str = ""
 
 
+class StoreUnavailable(Exception):
+    """Limits cannot be checked (Redis is down and the policy is to fail closed)."""
+
+
 class Store(Protocol):
     """Limit state of every key. Each call is one atomic decision (one round trip for a remote store)."""
 
@@ -65,7 +69,29 @@ class Store(Protocol):
         """Frees a slot whose request will never report (its stream ended)."""
         ...
 
+    async def lease(self, key: KeyRecord, allowance: Allowance, name: str) -> Decision:
+        """Reserves a lease's requests, tokens and slots (``name#0``..) at once, or nothing (not allowed)."""
+        ...
+
+    async def give_back(self, key: KeyRecord, name: str, allowance: Allowance) -> None:
+        """Returns a lease's unused requests and tokens and frees its slots (the first ``allowance.slots``)."""
+        ...
+
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Allowance:
+    """What a quota lease holds of a key's limits."""
+
+    requests: int = 0
+    tokens: int = 0
+    slots: int = 0
+
+
+def lease_slots(name: str, count: int) -> list[str]:
+    """The concurrency slots a lease holds, by name (its own name is none of them)."""
+    return [f"{name}#{i}" for i in range(count)]
 
 
 def _interval(limit: int) -> float:
@@ -133,6 +159,13 @@ class MemoryStore:
         return self.admit_now(key, cost, slot)
 
     def admit_now(self, key: KeyRecord, cost: int, slot: str) -> Decision:
+        return self._take(key, Allowance(1, cost, 1), [slot] if key.max_concurrent else [], slot)
+
+    def lease_now(self, key: KeyRecord, allowance: Allowance, name: str) -> Decision:
+        members = lease_slots(name, allowance.slots) if key.max_concurrent else []
+        return self._take(key, allowance, members, name)
+
+    def _take(self, key: KeyRecord, want: Allowance, members: list[str], slot: str) -> Decision:
         now = self._clock() * 1000
         state = self._state(key)
         day = int(now // 1000 // DAY_SECONDS)
@@ -140,23 +173,23 @@ class MemoryStore:
             state.day, state.day_used = day, 0
         if key.daily_tokens and state.day_used >= key.daily_tokens:
             return self._denied(key, state, now, DAILY, state.day_used, int((day + 1) * DAY_SECONDS * 1000 - now))
-        if key.max_concurrent:
-            if len(state.slots) >= key.max_concurrent:  # expired slots are only looked for when full
+        if members:
+            if len(state.slots) + len(members) > key.max_concurrent:  # expired slots only looked for when full
                 state.slots = {s: exp for s, exp in state.slots.items() if exp > now}
-            if len(state.slots) >= key.max_concurrent:
+            if len(state.slots) + len(members) > key.max_concurrent:
                 return self._denied(key, state, now, CONCURRENCY, len(state.slots), 1000)
         tat_requests, tat_tokens = state.tat_requests, state.tat_tokens
-        if key.rpm:
-            ok, tat_requests, wait = gcra(state.tat_requests, now, key.rpm, 1)
+        if key.rpm and want.requests:
+            ok, tat_requests, wait = gcra(state.tat_requests, now, key.rpm, want.requests)
             if not ok:
                 return self._denied(key, state, now, REQUESTS, in_use(state.tat_requests, now, key.rpm), wait)
-        if key.tpm and cost:
-            ok, tat_tokens, wait = gcra(state.tat_tokens, now, key.tpm, cost)
+        if key.tpm and want.tokens:
+            ok, tat_tokens, wait = gcra(state.tat_tokens, now, key.tpm, want.tokens)
             if not ok:
                 return self._denied(key, state, now, TOKENS, in_use(state.tat_tokens, now, key.tpm), wait)
         state.tat_requests, state.tat_tokens = tat_requests, tat_tokens
-        if key.max_concurrent:
-            state.slots[slot] = now + self._slot_ttl_ms
+        for member in members:
+            state.slots[member] = now + self._slot_ttl_ms
         return self._state_of(key, state, now, Decision(True, slot=slot))
 
     def _denied(self, key: KeyRecord, state: _KeyState, now: float, why: str, used: int, wait: float) -> Decision:
@@ -190,19 +223,18 @@ class MemoryStore:
     async def release(self, key: KeyRecord, slot: str) -> None:
         self._state(key).slots.pop(slot, None)
 
+    async def lease(self, key: KeyRecord, allowance: Allowance, name: str) -> Decision:
+        return self.lease_now(key, allowance, name)
+
+    async def give_back(self, key: KeyRecord, name: str, allowance: Allowance) -> None:
+        state = self._state(key)
+        if key.rpm:
+            state.tat_requests -= allowance.requests * _interval(key.rpm)
+        if key.tpm:
+            state.tat_tokens -= allowance.tokens * _interval(key.tpm)
+        for member in lease_slots(name, allowance.slots):
+            state.slots.pop(member, None)
+
     async def close(self) -> None:
         if self._usage is not None:
             self._usage.close()
-
-
-def build_store(settings) -> Store:
-    """The store the settings ask for: memory, or Redis with this process's memory as the outage fallback."""
-    local = MemoryStore(settings.slot_ttl_seconds, UsageLog(settings.usage_file))
-    if not settings.redis_url:
-        return local
-    from modelplex_gatekeeper.redis_store import FailoverStore, RedisStore
-
-    remote = RedisStore(
-        settings.redis_url, settings.slot_ttl_seconds, settings.usage_stream, settings.redis_timeout_seconds
-    )
-    return FailoverStore(remote, local, settings.redis_failure, settings.redis_retry_seconds)
