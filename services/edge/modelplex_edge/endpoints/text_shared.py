@@ -16,6 +16,23 @@ FINISH_REASONS = {
 }
 
 
+_TOOL_MODES = {
+    "auto": text_pb2.ToolChoice.MODE_AUTO,
+    "none": text_pb2.ToolChoice.MODE_NONE,
+    "required": text_pb2.ToolChoice.MODE_REQUIRED,
+}
+
+
+def tool_choice(mode: str | None, function_name: str = "") -> text_pb2.ToolChoice:
+    """OpenAI's ``tool_choice`` (chat's and the Responses API's): a mode, or a named function.
+
+    Unset stays MODE_UNSPECIFIED (engines treat it as auto when tools are given), so a remote engine
+    is sent no tool_choice: vLLM refuses one on a request without tools."""
+    if function_name:
+        return text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NAMED, function_name=function_name)
+    return text_pb2.ToolChoice(mode=_TOOL_MODES[mode]) if mode else text_pb2.ToolChoice()
+
+
 def sampling(
     *,
     temperature: float | None,

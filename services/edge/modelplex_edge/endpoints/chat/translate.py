@@ -9,15 +9,10 @@ import orjson
 
 from modelplex.v1 import catalog_pb2, common_pb2, text_pb2
 from modelplex_edge.endpoints.chat.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice
-from modelplex_edge.endpoints.text_shared import FINISH_REASONS, estimate_tokens, sampling, usage_dict
+from modelplex_edge.endpoints.text_shared import FINISH_REASONS, estimate_tokens, sampling, tool_choice, usage_dict
 from modelplex_kit.errors import unsupported
 from modelplex_kit.modalities.text import check_output_bound
 
-_MODES = {
-    "auto": text_pb2.ToolChoice.MODE_AUTO,
-    "none": text_pb2.ToolChoice.MODE_NONE,
-    "required": text_pb2.ToolChoice.MODE_REQUIRED,
-}
 _FORMATS = {
     "text": text_pb2.ResponseFormat.TYPE_TEXT,
     "json_object": text_pb2.ResponseFormat.TYPE_JSON_OBJECT,
@@ -57,12 +52,8 @@ def _message(message: ChatMessage) -> text_pb2.ChatMessage:
 def _tool_choice(body: ChatCompletionRequest) -> text_pb2.ToolChoice:
     choice = body.tool_choice
     if isinstance(choice, NamedToolChoice):
-        return text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NAMED, function_name=choice.function.name)
-    if not choice:
-        # Unset stays MODE_UNSPECIFIED (engines treat it as auto when tools are given), so a
-        # remote engine is sent no tool_choice: vLLM refuses one on a request without tools.
-        return text_pb2.ToolChoice()
-    return text_pb2.ToolChoice(mode=_MODES[choice])
+        return tool_choice(None, choice.function.name)
+    return tool_choice(choice)
 
 
 def _response_format(body: ChatCompletionRequest) -> text_pb2.ResponseFormat:

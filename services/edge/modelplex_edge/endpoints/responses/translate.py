@@ -23,13 +23,8 @@ from modelplex_edge.endpoints.responses.protocol import (
     NamedFunction,
     Refusal,
 )
-from modelplex_edge.endpoints.text_shared import estimate_tokens, sampling
+from modelplex_edge.endpoints.text_shared import estimate_tokens, sampling, tool_choice
 
-_MODES = {
-    "auto": text_pb2.ToolChoice.MODE_AUTO,
-    "none": text_pb2.ToolChoice.MODE_NONE,
-    "required": text_pb2.ToolChoice.MODE_REQUIRED,
-}
 _FORMATS = {
     "text": text_pb2.ResponseFormat.TYPE_TEXT,
     "json_object": text_pb2.ResponseFormat.TYPE_JSON_OBJECT,
@@ -82,8 +77,8 @@ def chat_messages(instructions: str | None, items: Iterable[InputItem]) -> list[
 def _tool_choice(body: CreateResponseRequest) -> text_pb2.ToolChoice:
     choice = body.tool_choice
     if isinstance(choice, NamedFunction):
-        return text_pb2.ToolChoice(mode=text_pb2.ToolChoice.MODE_NAMED, function_name=choice.name)
-    return text_pb2.ToolChoice(mode=_MODES.get(choice or "auto", text_pb2.ToolChoice.MODE_AUTO))
+        return tool_choice(None, choice.name)
+    return tool_choice(choice)
 
 
 def _response_format(body: CreateResponseRequest) -> text_pb2.ResponseFormat:
