@@ -231,3 +231,25 @@ def test_background_stream_resumed_with_starting_after(client):
     numbers = [event["sequence_number"] for event in first + rest]
     assert numbers == list(range(len(numbers)))
     assert rest[-1]["type"] in ("response.completed", "response.incomplete")
+
+
+def test_output_text_logprobs_when_included(client):
+    response = create(
+        client,
+        input="Name a color.",
+        max_output_tokens=16,
+        temperature=0,
+        include=["message.output_text.logprobs"],
+        top_logprobs=3,
+    )
+    (part,) = response.output[0].content
+    assert part.logprobs and len(part.logprobs) == response.usage.output_tokens
+    assert "".join(entry.token for entry in part.logprobs) == part.text
+    for entry in part.logprobs:
+        assert len(entry.top_logprobs) == 3
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy: the top one
+
+
+def test_logprobs_are_absent_unless_included(client):
+    response = create(client, input="Name a color.", max_output_tokens=16, temperature=0)
+    assert not response.output[0].content[0].logprobs
