@@ -207,7 +207,8 @@ async def stream_chunks(
             if include_usage:
                 yield {**header, "choices": [], "usage": usage_dict(message.usage)}
             continue
-        choices = []
+        # One choice per chunk, as OpenAI streams them (an engine may batch several choices' deltas in
+        # one message; a message of running totals only carries none).
         for delta in message.deltas:
             body: dict[str, Any] = {}
             if delta.index not in started:
@@ -218,15 +219,13 @@ async def stream_chunks(
                 body["content"] = delta.text
             if delta.tool_calls:
                 body["tool_calls"] = [_tool_call_delta(f) for f in delta.tool_calls]
-            choices.append(
-                {
-                    "index": delta.index,
-                    "delta": body,
-                    "logprobs": _logprobs(delta.logprobs),
-                    "finish_reason": FINISH_REASONS[delta.finish_reason],
-                }
-            )
-        chunk = {**header, "choices": choices}
-        if include_usage:
-            chunk["usage"] = None
-        yield chunk
+            choice = {
+                "index": delta.index,
+                "delta": body,
+                "logprobs": _logprobs(delta.logprobs),
+                "finish_reason": FINISH_REASONS[delta.finish_reason],
+            }
+            chunk = {**header, "choices": [choice]}
+            if include_usage:
+                chunk["usage"] = None
+            yield chunk

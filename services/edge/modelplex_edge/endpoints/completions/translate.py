@@ -127,26 +127,25 @@ async def stream_chunks(
             if message.HasField("usage"):
                 add_usage(usage, message.usage)
                 continue
-            choices = []
+            # One choice per chunk, as OpenAI streams them (an engine may batch several choices'
+            # deltas in one message; a message of running totals only carries none).
             for d in message.deltas:
                 start = streamed.get(d.index, 0)
                 streamed[d.index] = start + len(d.text)
-                choices.append(
-                    {
-                        "index": offset * n + d.index,
-                        "text": d.text,
-                        "logprobs": _logprobs(d.logprobs, start),
-                        "finish_reason": FINISH_REASONS[d.finish_reason],
-                    }
-                )
-            chunk = {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model_id,
-                "choices": choices,
-            }
-            yield chunk  # no "usage": null here: the spec's completion object has no nullable usage
+                choice = {
+                    "index": offset * n + d.index,
+                    "text": d.text,
+                    "logprobs": _logprobs(d.logprobs, start),
+                    "finish_reason": FINISH_REASONS[d.finish_reason],
+                }
+                chunk = {
+                    "id": completion_id,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": model_id,
+                    "choices": [choice],
+                }
+                yield chunk  # no "usage": null here: the spec's completion object has no nullable usage
     if include_usage:
         yield {
             "id": completion_id,
