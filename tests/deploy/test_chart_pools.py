@@ -167,3 +167,15 @@ RENDER_REFUSES = {
 def test_render_refuses(values: dict[str, Any], message: str) -> None:
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match=message):
         chart.render(with_test_key(values), name=RELEASE, namespace=NAMESPACE)
+
+
+def test_keda_scales_every_chart_run_engine_on_the_queue_the_picker_reads():
+    objects = render(POOLS | {"autoscaling": {"keda": {"enabled": True, "maxReplicas": 6}}})
+    scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in find(objects, "ScaledObject")}
+    assert set(scaled) == {f"{RELEASE}-vllm-llama-3-1-8b-instruct", f"{RELEASE}-triton-qwen2-5-7b-instruct"}
+    vllm, triton = scaled[f"{RELEASE}-vllm-llama-3-1-8b-instruct"], scaled[f"{RELEASE}-triton-qwen2-5-7b-instruct"]
+    assert vllm["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"  # a cache claim per replica
+    assert "vllm:num_requests_waiting" in vllm["spec"]["triggers"][0]["metadata"]["query"]
+    query = triton["spec"]["triggers"][0]["metadata"]["query"]
+    assert query == f'sum(nv_inference_pending_request_count{{namespace="{NAMESPACE}",model="qwen2_5_7b_instruct"}})'
+    assert triton["spec"]["scaleTargetRef"]["kind"] == "Deployment" and triton["spec"]["maxReplicaCount"] == 6
