@@ -6,16 +6,17 @@ import asyncio
 import contextlib
 
 import pytest
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelplex_kit.kube import api_client, default_namespace
 from modelplex_kit.pools.kubernetes import (
     EndpointSliceSource,
     InferencePoolSource,
-    KubernetesDiscoverySettings,
     WatchTiming,
     ready_endpoints,
     ready_pods,
     replica_source,
+    url_port,
 )
 from tests.support.kube_replay import (
     DROP,
@@ -273,20 +274,49 @@ async def test_api_errors_back_off_until_the_api_answers(status):
 # ------------------------------------------------------------------ settings
 
 
-def test_settings_pick_the_source_under_the_backend_prefix(monkeypatch, tmp_path):
+class TextPoolSettings(BaseSettings):
+    """Shaped like a backend's settings with the pools' fields (PoolSettings) under its own prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="MODELPLEX_TEXT_", extra="ignore")
+    upstream_url: str = ""
+    upstream_discovery: str = "static"
+    upstream_service: str = ""
+    upstream_inference_pool: str = ""
+    upstream_port: str = ""
+
+
+def test_the_source_is_picked_from_the_backends_settings(monkeypatch):
     monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_DISCOVERY", "endpointslices")
     monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_SERVICE", "modelplex-vllm-llama")
     monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_PORT", "http")
+    # The Kubernetes-only knobs come from the same prefix.
     monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_NAMESPACE", "ml")
     monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_KUBE_API_URL", "http://127.0.0.1:1")
-    settings = KubernetesDiscoverySettings.for_prefix("MODELPLEX_TEXT_")
-    assert (settings.upstream_service, settings.upstream_port) == ("modelplex-vllm-llama", "http")
-    assert isinstance(replica_source(settings), EndpointSliceSource)
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_WATCH_TIMEOUT_SECONDS", "30")
+    source = replica_source(TextPoolSettings())
+    assert isinstance(source, EndpointSliceSource)
+    assert (source._port, source._timing.watch_timeout_seconds) == ("http", 30)
+    assert source._lister.args == ("ml",)
+    assert source._lister.keywords == {"label_selector": "kubernetes.io/service-name=modelplex-vllm-llama"}
     monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_DISCOVERY", "inferencepool")
     with pytest.raises(ValueError, match="upstream_inference_pool"):
-        replica_source(KubernetesDiscoverySettings.for_prefix("MODELPLEX_TEXT_"))
+        replica_source(TextPoolSettings())
     monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_INFERENCE_POOL", "llama-pool")
-    assert isinstance(replica_source(KubernetesDiscoverySettings.for_prefix("MODELPLEX_TEXT_")), InferencePoolSource)
-    # Outside a pod (no service-account namespace file) the namespace comes from POD_NAMESPACE.
+    monkeypatch.delenv("MODELPLEX_TEXT_UPSTREAM_PORT")
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_URL", "triton-pool:8001")
+    source = replica_source(TextPoolSettings())
+    assert isinstance(source, InferencePoolSource) and source._port == "8001"  # no port named: the URL's
+
+
+def test_url_port_and_namespace():
+    assert url_port("http://svc:8000/v1,http://other:9000/v1") == "8000"
+    assert url_port("http://llama-pool/v1") == url_port("") == ""
+    assert url_port("triton:8001") == "8001"
+
+
+def test_namespace_outside_a_pod_comes_from_pod_namespace(monkeypatch):
+    # No service-account namespace file here (not in a pod).
     monkeypatch.setenv("POD_NAMESPACE", "ml-prod")
     assert default_namespace() == "ml-prod"
+    monkeypatch.delenv("POD_NAMESPACE")
+    assert default_namespace() == "default"

@@ -6,12 +6,16 @@ snapshots, ``frozenset`` of ``host:port`` of the replicas that are ready now:
 - ``endpointslices``: the ``discovery.k8s.io/v1`` EndpointSlices labelled
   ``kubernetes.io/service-name=<UPSTREAM_SERVICE>``; an endpoint counts when its
   ``conditions.ready`` is not false and it is not terminating, at the slice port named (or
-  numbered) ``UPSTREAM_PORT`` (empty: the slice's only port).
+  numbered) ``UPSTREAM_PORT`` (empty: the port of ``UPSTREAM_URL``, else the slice's only port).
 - ``inferencepool``: the ``inference.networking.k8s.io/v1`` InferencePool
   ``UPSTREAM_INFERENCE_POOL``, watched itself (its selector and ports may change), and the
   Pods its ``spec.selector`` picks: Ready, not being deleted, with an IP. Each of the pool's
   ``targetPorts`` is a replica (as Gateway API Inference Extension's picker counts them), unless
-  ``UPSTREAM_PORT`` names a container port (Triton's ``grpc``) or gives a number.
+  ``UPSTREAM_PORT`` (or ``UPSTREAM_URL``'s port) names a container port (Triton's ``grpc``) or a number.
+
+``replica_source(settings)`` is what the pools call (``modelplex_kit.pools.sources``) with the
+backend's settings (the pools' fields); the Kubernetes-only knobs (``UPSTREAM_NAMESPACE``,
+``UPSTREAM_KUBE_API_URL``, watch timeout and backoff) are read under the same prefix.
 
 Both use the kit's list + watch loop (``modelplex_kit.kube``: resume from the last
 resourceVersion, relist on 410 Gone, back off on errors) on daemon threads, with the pod's
@@ -30,60 +34,82 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 from kubernetes import client
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelplex_kit.kube import ListWatch, Objects, api_client, default_namespace
 
 log = logging.getLogger(__name__)
 
-Discovery = Literal["endpointslices", "inferencepool"]
 POOL_GROUP, POOL_VERSION, POOL_PLURAL = "inference.networking.k8s.io", "v1", "inferencepools"
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 _POOL = "inferencepool"
 
 
-class KubernetesDiscoverySettings(BaseSettings):
-    """The discovery knobs of one backend, read under its own prefix (``MODELPLEX_TEXT_`` ...)."""
+class DiscoverySettings(Protocol):
+    """What the pools' settings (``PoolSettings``, in each backend's settings) say about discovery."""
+
+    upstream_url: str
+    upstream_discovery: str
+    upstream_service: str
+    upstream_inference_pool: str
+    upstream_port: str
+
+
+class KubernetesSettings(BaseSettings):
+    """The knobs only Kubernetes discovery has, read under the backend's own prefix (``MODELPLEX_TEXT_`` ...)."""
 
     model_config = SettingsConfigDict(extra="ignore")
 
-    upstream_discovery: str = "static"
-    # endpointslices: the engine Service (headless) whose EndpointSlices list the replicas.
-    upstream_service: str = ""
-    # inferencepool: the InferencePool (inference.networking.k8s.io/v1) naming the replicas' Pods.
-    upstream_inference_pool: str = ""
-    # The replicas' port: a name (the Service's / container's port name) or a number; empty: the
-    # Service's only port, or the InferencePool's targetPorts.
-    upstream_port: str = ""
-    # Empty: the pod's own namespace.
+    # Empty: the pod's own namespace (its service-account namespace file, else POD_NAMESPACE).
     upstream_namespace: str = ""
     # Talk to this URL without credentials (kubectl proxy, tests) instead of the in-cluster API.
     upstream_kube_api_url: str = ""
-    upstream_watch_timeout_seconds: int = 240
-    upstream_watch_backoff_max_seconds: float = 30.0
-
-    @classmethod
-    def for_prefix(cls, env_prefix: str) -> KubernetesDiscoverySettings:
-        return cls(_env_prefix=env_prefix)
+    # A watch is re-opened (from its last resourceVersion) after this long; errors back off up to the max.
+    upstream_watch_timeout_seconds: int = Field(240, gt=0)
+    upstream_watch_backoff_max_seconds: float = Field(30.0, gt=0)
 
 
-def replica_source(settings: KubernetesDiscoverySettings) -> EndpointSliceSource | InferencePoolSource:
-    """The source ``settings.upstream_discovery`` names; ValueError when a setting it needs is missing."""
-    api = api_client(settings.upstream_kube_api_url)
-    namespace = settings.upstream_namespace or default_namespace()
-    timing = WatchTiming(settings.upstream_watch_timeout_seconds, settings.upstream_watch_backoff_max_seconds)
+def replica_source(
+    settings: DiscoverySettings, kube: KubernetesSettings | None = None
+) -> EndpointSliceSource | InferencePoolSource:
+    """The source ``settings.upstream_discovery`` names; ValueError when a setting it needs is missing.
+
+    ``kube`` defaults to the environment under the prefix of ``settings``' own class.
+    """
+    if kube is None:
+        prefix = getattr(settings, "model_config", {}).get("env_prefix", "")
+        kube = KubernetesSettings(_env_prefix=prefix)
+    api = api_client(kube.upstream_kube_api_url)
+    namespace = kube.upstream_namespace or default_namespace()
+    timing = WatchTiming(kube.upstream_watch_timeout_seconds, kube.upstream_watch_backoff_max_seconds)
+    # No port named: the configured URL's, if it gives one (the pools' convention).
+    port = settings.upstream_port or url_port(settings.upstream_url)
     if settings.upstream_discovery == "endpointslices":
         if not settings.upstream_service:
             raise ValueError("upstream_discovery endpointslices needs upstream_service (the engine Service's name)")
-        return EndpointSliceSource(api, namespace, settings.upstream_service, settings.upstream_port, timing)
+        return EndpointSliceSource(api, namespace, settings.upstream_service, port, timing)
     if settings.upstream_discovery == "inferencepool":
         if not settings.upstream_inference_pool:
             raise ValueError("upstream_discovery inferencepool needs upstream_inference_pool (the pool's name)")
-        return InferencePoolSource(api, namespace, settings.upstream_inference_pool, settings.upstream_port, timing)
+        return InferencePoolSource(api, namespace, settings.upstream_inference_pool, port, timing)
     raise ValueError(f"not a Kubernetes discovery: {settings.upstream_discovery!r}")
+
+
+def url_port(upstream_url: str) -> str:
+    """The explicit port of the (first) configured URL, or ""."""
+    first = upstream_url.split(",")[0].strip()
+    if not first:
+        return ""
+    try:
+        port = urlsplit(first if "//" in first else f"//{first}").port
+    except ValueError:
+        return ""
+    return str(port) if port else ""
 
 
 @dataclass(frozen=True)
