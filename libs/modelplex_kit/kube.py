@@ -102,7 +102,7 @@ class ListWatch:
 
     def _list(self) -> None:
         # Raw JSON, whatever the API: typed clients would turn objects into their model classes.
-        listing = json.loads(self.lister(_preload_content=False).data)
+        listing = json.loads(self.lister(_preload_content=False, _request_timeout=(10, 60)).data)
         self.objects = {item["metadata"]["name"]: item for item in listing.get("items") or []}
         self.resource_version = listing["metadata"]["resourceVersion"]
         if not self.stop.is_set():
@@ -117,6 +117,9 @@ class ListWatch:
             resource_version=self.resource_version,
             timeout_seconds=self.watch_timeout_seconds,
             allow_watch_bookmarks=True,
+            # The server ends a watch after timeout_seconds; silence well beyond that is a dead
+            # connection (a half-open socket never errors by itself): read again from a new one.
+            _request_timeout=(10, self.watch_timeout_seconds + max(5, self.watch_timeout_seconds // 4)),
         )
         for event in stream:
             if self.stop.is_set():

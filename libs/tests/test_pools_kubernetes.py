@@ -320,3 +320,26 @@ def test_namespace_outside_a_pod_comes_from_pod_namespace(monkeypatch):
     assert default_namespace() == "ml-prod"
     monkeypatch.delenv("POD_NAMESPACE")
     assert default_namespace() == "default"
+
+
+async def test_a_silent_watch_is_abandoned_and_resumed():
+    """A watch that outlives its timeoutSeconds without a byte (a half-open connection) is read again."""
+    replay = Replay(
+        lists=[(10, [endpoint_slice("s", 10, endpoint("10.0.0.1"))])],
+        streams=[[HOLD], [HOLD]],  # the server never ends them, nor writes
+        path=ENDPOINT_SLICES,
+        list_kind="EndpointSliceList",
+    )
+    port = free_port()
+    runner = await serve(replay, port)
+    timing = WatchTiming(watch_timeout_seconds=1, backoff_max_seconds=0.2)
+    snapshots = Snapshots(EndpointSliceSource(api_client(f"http://127.0.0.1:{port}"), "ml", "svc", "http", timing))
+    try:
+        await snapshots.until({"10.0.0.1:8000"})
+        await _until(lambda: len(_watches(replay)) >= 2, "a new watch after the silent one", seconds=30)
+        assert [r["resourceVersion"] for r in _watches(replay)][:2] == ["10", "10"]
+        assert [r["timeoutSeconds"] for r in _watches(replay)][:2] == ["1", "1"]
+    finally:
+        await snapshots.close()
+        replay.closing.set()
+        await runner.cleanup()
