@@ -30,6 +30,12 @@ then the shared gRPC server settings. Call with (dict "root" $ "model" $m).
   value: {{ .mountPath | quote }}
 {{- end }}
 {{- end }}
+{{- if (include "modelplex.poolSettings" . | fromYaml).upstream_discovery }}
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- end }}
 - name: MODELPLEX_METRICS_PORT
   value: {{ $row.metricsPort | quote }}
 - name: MODELPLEX_GRACE_SECONDS
