@@ -7,6 +7,7 @@ needs no code here.
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 import grpc
@@ -14,6 +15,9 @@ import grpc
 from modelplex_kit.connections import KEEPALIVE
 from modelplex_kit.modalities import Modality
 from modelplex_kit.telemetry import outgoing_metadata
+
+#: gRPC metadata naming a call's priority; its one value today is BATCH (absent: interactive).
+PRIORITY_HEADER, BATCH = "x-modelplex-priority", "batch"
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
@@ -34,6 +38,8 @@ class Backends:
         self.timeout = timeout_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
+        #: Interactive (not batch) calls in flight, per backend target.
+        self.interactive: collections.Counter[str] = collections.Counter()
 
     def stub(self, modality: Modality, target: str) -> Any:
         key = (modality.name, target)
@@ -44,8 +50,20 @@ class Backends:
             stub = self._stubs[key] = modality.stub(self._channels[target])
         return stub
 
-    def call_options(self, request_id: str) -> dict[str, Any]:
-        return {"metadata": outgoing_metadata(request_id), "timeout": self.timeout}
+    def call_options(self, request_id: str, priority: str = "") -> dict[str, Any]:
+        """Metadata and deadline of a backend call. ``priority`` (BATCH) travels as metadata, one header
+        for every modality: an engine that schedules serves interactive work first."""
+        metadata = outgoing_metadata(request_id)
+        if priority:
+            metadata = (*metadata, (PRIORITY_HEADER, priority))
+        return {"metadata": metadata, "timeout": self.timeout}
+
+    def started(self, target: str) -> None:
+        """An interactive call to ``target`` began (batch lines wait while several are in flight)."""
+        self.interactive[target] += 1
+
+    def ended(self, target: str) -> None:
+        self.interactive[target] -= 1
 
     async def close(self) -> None:
         await asyncio.gather(*(ch.close() for ch in self._channels.values()))

@@ -155,6 +155,11 @@ def lease_size(
     return Allowance(requests, tokens, slots)
 
 
+#: The edge's endpoint name for creating a batch (its identity check gets a ticket for the lines), the
+#: prefix of its lines' endpoint names ("batch:chat.completions"), and the ticket's slot, which is none.
+BATCH_CREATE, BATCH_LINE_PREFIX, BATCH_SLOT = "batches", "batch:", "batch"
+
+
 class Gate:
     def __init__(self, keys: KeyRing, store: Store, lease_seconds: float = 1.0) -> None:
         self.keys = keys
@@ -183,6 +188,9 @@ class Gate:
         )
         if not request.model:  # identity only: report the limits, consume nothing
             reply.allowed = True
+            if request.endpoint == BATCH_CREATE:
+                # A batch's lines are accounted later with this ticket: it names the key and holds no slot.
+                reply.ticket = f"{BATCH_SLOT}|0|{key.name}"
             reply.rate_limit.CopyFrom(_rate_state(key, await self._peek(key)))
             return reply
         if not any(fnmatch.fnmatchcase(request.model, glob) for glob in key.models):
@@ -286,6 +294,8 @@ class Gate:
         reserved += request.lease_tokens  # a leased request's estimate was drawn from its lease
         usage = request.usage
         used = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+        if request.endpoint.startswith(BATCH_LINE_PREFIX):
+            reserved = used  # batch lines are metered (usage, daily budget), never charged to TPM
         labels = (key.name, key.project, request.model)
         for kind, count in (
             ("prompt", usage.prompt_tokens),
