@@ -39,7 +39,9 @@ def stack(tmp_path_factory):
         "aliases": ["smollm2"],
         "modality": "text",
         "backend": f"127.0.0.1:{free_port()}",
-        "engine": {"kind": "llamacpp", "settings": {"context_length": 2048}},
+        # One sequence at a time: a line decoded beside another gets slightly different logits (batched
+        # arithmetic), and the test compares greedy answers with the synchronous endpoint's token for token.
+        "engine": {"kind": "llamacpp", "settings": {"context_length": 2048, "parallel": 1}},
         "capabilities": ["chat", "completions"],
         "context_length": 2048,
         "created": 1730419200,
@@ -272,7 +274,7 @@ def test_cancel_mid_run_finalizes_partial_output(alpha):
 
 
 def test_enqueued_batch_tokens_limit_answers_429(alpha):
-    # ~4 KB of lines: about 1000 tokens each; two of them pass the limit only with a third running.
+    # ~4.5 KB of lines (about 1100 estimated tokens): as many copies as the limit holds, then one more.
     filler = "x" * 800
     rows = [chat_line(f"n{i}", f"Reply with one word. {filler}", max_tokens=16) for i in range(5)]
     file_id = upload(alpha, rows)
@@ -283,8 +285,10 @@ def test_enqueued_batch_tokens_limit_answers_429(alpha):
         for _ in range(copies)
     ]
     try:
-        with pytest.raises(openai.RateLimitError) as limited:
-            alpha.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+        with pytest.raises(openai.RateLimitError) as limited:  # not retried: the SDK would wait it out
+            alpha.with_options(max_retries=0).batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
         assert limited.value.response.headers.get("retry-after")
     finally:
         for batch in running:
