@@ -14,10 +14,8 @@ import grpc
 
 from modelplex_kit.connections import KEEPALIVE
 from modelplex_kit.modalities import Modality
+from modelplex_kit.priority import PRIORITY_HEADER
 from modelplex_kit.telemetry import outgoing_metadata
-
-#: gRPC metadata naming a call's priority; its one value today is BATCH (absent: interactive).
-PRIORITY_HEADER, BATCH = "x-modelplex-priority", "batch"
 
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),

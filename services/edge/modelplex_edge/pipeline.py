@@ -32,7 +32,6 @@ from starlette.responses import Response
 
 from modelplex.v1 import catalog_pb2, common_pb2
 from modelplex_edge.admission import CLIENT_DISCONNECT, DRAIN, UPSTREAM_FAILURE, Admitted, Ask, Consumption
-from modelplex_edge.backends import BATCH
 from modelplex_edge.errors import parse_body, validation_error
 from modelplex_edge.grpc_calls import all_of, open_stream, until_disconnect
 from modelplex_edge.responses import json_response
@@ -41,6 +40,7 @@ from modelplex_edge.state import EdgeState
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.logging import request_id_var
 from modelplex_kit.modalities import Modality
+from modelplex_kit.priority import BATCH
 from modelplex_kit.telemetry import (
     E2E_REQUEST_LATENCY,
     GENERATION_TOKENS,
