@@ -328,3 +328,33 @@ def test_bad_upload_forms_are_400_and_401(stack):
 def test_files_paths_are_no_longer_unsupported(stack):
     got = httpx.get(stack.base_url + "/files", headers={"authorization": f"Bearer {ALPHA}"})
     assert got.status_code == 200 and got.json()["object"] == "list"
+
+
+def test_responses_batch_matches_the_synchronous_endpoint(alpha):
+    body = {"model": MODEL, "input": "Name one planet.", "max_output_tokens": 16, "temperature": 0}
+    rows = [
+        {"custom_id": "planet", "method": "POST", "url": "/v1/responses", "body": body},
+        {
+            "custom_id": "chained",
+            "method": "POST",
+            "url": "/v1/responses",
+            "body": {**body, "previous_response_id": "resp_x"},
+        },
+    ]
+    created = alpha.batches.create(input_file_id=upload(alpha, rows), endpoint="/v1/responses", completion_window="24h")
+    failed = poll(alpha, created.id, finished)
+    assert failed.status == "failed" and [(e.line, e.param) for e in failed.errors.data] == [
+        (2, "body.previous_response_id")
+    ]
+    created = alpha.batches.create(
+        input_file_id=upload(alpha, rows[:1]), endpoint="/v1/responses", completion_window="24h"
+    )
+    batch = poll(alpha, created.id, finished)
+    assert batch.status == "completed", batch
+    (line,) = results(alpha, batch.output_file_id)
+    validate(line["response"]["body"], "Response")
+    sync = alpha.responses.create(**body)
+    assert line["response"]["body"]["output"][0]["content"][0]["text"] == sync.output_text
+    # Stored, as a synchronous response with store (the default) is: retrievable by the project.
+    stored = alpha.responses.retrieve(line["response"]["body"]["id"])
+    assert stored.output_text == sync.output_text and stored.status == line["response"]["body"]["status"]

@@ -230,6 +230,11 @@ class Call:
             return UPSTREAM_FAILURE
         return ""
 
+    @property
+    def state(self) -> EdgeState:
+        """What the edge shares (stores), for endpoints that keep what they answered."""
+        return self._state
+
     # -- request ----------------------------------------------------------------
     def meta(self, end_user: str | None = None) -> common_pb2.RequestMeta:
         return common_pb2.RequestMeta(

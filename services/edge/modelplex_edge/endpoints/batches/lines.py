@@ -24,6 +24,7 @@ from modelplex_edge.endpoints.batches.records import BatchJob
 from modelplex_edge.endpoints.chat.router import BATCH_LINE as CHAT
 from modelplex_edge.endpoints.completions.router import BATCH_LINE as COMPLETIONS
 from modelplex_edge.endpoints.embeddings.router import BATCH_LINE as EMBEDDINGS
+from modelplex_edge.endpoints.responses.router import BATCH_LINE as RESPONSES
 from modelplex_edge.errors import validation_error
 from modelplex_edge.state import EdgeState
 from modelplex_kit.errors import ServiceError, invalid
@@ -33,6 +34,7 @@ ROUTES: dict[str, pipeline.LineRoute] = {
     "/v1/chat/completions": CHAT,
     "/v1/completions": COMPLETIONS,
     "/v1/embeddings": EMBEDDINGS,
+    "/v1/responses": RESPONSES,
 }
 
 
