@@ -119,10 +119,29 @@ async def create_batch(http: Request) -> Response:
     return _respond(admitted, batch)
 
 
+async def _current(state: EdgeState, scope: str, batch_id: str) -> dict[str, Any] | None:
+    """The Batch object; one whose job the queue gave up on (its workers kept dying) is failed now."""
+    objects = BatchObjects(state.objects)
+    batch = await objects.get(scope, batch_id)
+    if batch is None or batch["status"] in TERMINAL:
+        return batch
+    job = await state.batches.get(scope, batch_id)
+    if job is not None and job.status == jobqueue.FAILED:
+        error = {"code": job.error_code or "internal_error", "message": job.error_message, "param": None, "line": None}
+        batch = {
+            **batch,
+            "status": "failed",
+            "failed_at": job.completed_at or int(time.time()),
+            "errors": {"object": "list", "data": [error]},
+        }
+        await objects.put(scope, batch)
+    return batch
+
+
 @router.get("/v1/batches/{batch_id}")
 async def retrieve_batch(batch_id: str, http: Request) -> Response:
     admitted = await pipeline.identify(http, ENDPOINT)
-    batch = await BatchObjects(_state(http).objects).get(admitted.scope, batch_id)
+    batch = await _current(_state(http), admitted.scope, batch_id)
     if batch is None:
         raise _not_found(batch_id)
     return _respond(admitted, batch)
@@ -137,8 +156,7 @@ async def list_batches(http: Request) -> Response:
         jobs, more = await state.batches.list(admitted.scope, query.after or "", query.limit, "desc")
     except ServiceError as exc:  # an unknown cursor
         raise invalid(exc.message, "after") from None
-    objects = BatchObjects(state.objects)
-    data = [batch for job in jobs if (batch := await objects.get(admitted.scope, job.id)) is not None]
+    data = [batch for job in jobs if (batch := await _current(state, admitted.scope, job.id)) is not None]
     body = {
         "object": "list",
         "data": data,

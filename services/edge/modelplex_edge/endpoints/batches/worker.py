@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
@@ -111,11 +111,6 @@ class BatchWorker:
                 await self._queue.release(job.id, worker)
         if work.cancelled():
             return
-        if isinstance(work.exception(), lines.NotYet):
-            log.info("batch waits for its backend", extra={"batch_id": job.id})
-            await self._queue.release(job.id, worker)
-            await asyncio.sleep(self._settings.batches_poll_seconds)
-            return
         if (error := work.exception()) is not None:
             log.error("batch failed", exc_info=error, extra={"batch_id": job.id})
             await run.fail_internal()
@@ -157,14 +152,14 @@ class _Run:
         if time.time() >= batch["expires_at"]:
             await self.finalize("expired")
             return
-        if batch["status"] == "validating" and not await self.validate():
-            return
-        async for part in self._objects.parts(scope, self.job.id):
-            for each in part.lines:
-                self.done.add(each["line"])
-                self.counts["completed" if each["ok"] else "failed"] += 1
         try:
-            await self.run_lines()
+            if batch["status"] == "validating" and not await self._until_reachable(self.validate):
+                return
+            async for part in self._objects.parts(scope, self.job.id):
+                for each in part.lines:
+                    self.done.add(each["line"])
+                    self.counts["completed" if each["ok"] else "failed"] += 1
+            await self._until_reachable(self.run_lines)
         except _Stop:
             pass
         if self.cancelled:
@@ -173,6 +168,18 @@ class _Run:
             await self.finalize("expired")
         else:
             await self.finalize("completed")
+
+    async def _until_reachable(self, step: Callable[[], Awaitable[Any]]) -> Any:
+        """Runs ``step`` again while a model it needs is unreachable (its backend down, no catalog yet),
+        keeping the claim: released and re-claimed, the job would count a worker death each time."""
+        while True:
+            try:
+                return await step()
+            except lines.NotYet:
+                log.info("batch waits for its backend", extra={"batch_id": self.job.id})
+                if self._must_stop():
+                    raise _Stop() from None
+                await asyncio.sleep(self._settings.batches_poll_seconds)
 
     def _input(self) -> AsyncIterator[lines.RawLine]:
         content = self._files.content(self.job.principal, self.batch["input_file_id"])
