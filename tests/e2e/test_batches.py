@@ -25,6 +25,7 @@ from tests.support.ports import free_port
 pytestmark = pytest.mark.e2e
 
 ALPHA, BETA = "sk-batches-alpha-0123456789", "sk-batches-beta-0123456789"
+GAMMA = "sk-batches-gamma-0123456789"  # may use no model of the stack
 MODEL = "smollm2-135m-instruct"
 # Small, so the enqueued-token test can reach it with two files; every other test stays well below.
 MAX_ENQUEUED_TOKENS = 6000
@@ -48,7 +49,14 @@ def stack(tmp_path_factory):
     }
     catalog.write_text(yaml.safe_dump({"models": [model]}))
     keys = tmp / "keys.yaml"
-    write_keys(keys, {"alpha": {"key": ALPHA, "project": "alpha"}, "beta": {"key": BETA, "project": "beta"}})
+    write_keys(
+        keys,
+        {
+            "alpha": {"key": ALPHA, "project": "alpha"},
+            "beta": {"key": BETA, "project": "beta"},
+            "gamma": {"key": GAMMA, "project": "gamma", "models": ("other-*",)},
+        },
+    )
     env = {
         "MODELPLEX_LOG_LEVEL": "info",
         "MODELPLEX_EDGE_OBJECT_DIR": str(tmp / "objects"),
@@ -358,3 +366,15 @@ def test_responses_batch_matches_the_synchronous_endpoint(alpha):
     # Stored, as a synchronous response with store (the default) is: retrievable by the project.
     stored = alpha.responses.retrieve(line["response"]["body"]["id"])
     assert stored.output_text == sync.output_text and stored.status == line["response"]["body"]["status"]
+
+
+def test_lines_naming_a_model_the_key_may_not_use_fail_validation(stack):
+    gamma = _client(stack, GAMMA)
+    with pytest.raises(openai.NotFoundError):  # as the key itself is answered
+        gamma.chat.completions.create(**chat_line("x", "Hi")["body"])
+    created = gamma.batches.create(
+        input_file_id=upload(gamma, [chat_line("x", "Hi")]), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    batch = poll(gamma, created.id, finished)
+    assert batch.status == "failed"
+    assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(1, "model_not_found", "body.model")]

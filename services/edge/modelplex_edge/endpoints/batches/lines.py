@@ -17,7 +17,7 @@ import grpc
 import orjson
 from pydantic import BaseModel, ValidationError
 
-from modelplex.v1 import common_pb2
+from modelplex.v1 import catalog_pb2, common_pb2
 from modelplex_edge import pipeline
 from modelplex_edge.endpoints.batches.protocol import InputLine
 from modelplex_edge.endpoints.batches.records import BatchJob
@@ -27,7 +27,7 @@ from modelplex_edge.endpoints.embeddings.router import BATCH_LINE as EMBEDDINGS
 from modelplex_edge.endpoints.responses.router import BATCH_LINE as RESPONSES
 from modelplex_edge.errors import validation_error
 from modelplex_edge.state import EdgeState
-from modelplex_kit.errors import ServiceError, invalid
+from modelplex_kit.errors import ServiceError, invalid, model_not_found
 from modelplex_kit.logging import request_id_var
 
 ROUTES: dict[str, pipeline.LineRoute] = {
@@ -114,11 +114,20 @@ def parse_line(raw: RawLine, endpoint: str, max_line_bytes: int) -> Checked:
     return Checked(line, body)
 
 
-def check_line(state: EdgeState, checked: Checked, endpoint: str) -> None:
+def resolve(state: EdgeState, job: BatchJob, route: pipeline.LineRoute, body: BaseModel) -> catalog_pb2.Model:
+    """The line's model, as the route resolves it; one the batch's key may not use is not found, as for the key."""
+    name = body.model  # type: ignore[attr-defined]
+    model = state.catalog.resolve(name, route.endpoint.modality.proto)
+    if not job.admitted(route.endpoint.name).may_use(model.id):
+        raise model_not_found(name)
+    return model
+
+
+def check_line(state: EdgeState, job: BatchJob, checked: Checked, endpoint: str) -> None:
     """What only the model can tell: that it exists for this endpoint and serves this body (as the route's 400s)."""
     route = ROUTES[endpoint]
     try:
-        model = state.catalog.resolve(checked.body.model, route.endpoint.modality.proto)  # type: ignore[attr-defined]
+        model = resolve(state, job, route, checked.body)
         route.checked(checked.body, model, common_pb2.RequestMeta())
     except ServiceError as exc:
         if exc.status == grpc.StatusCode.UNAVAILABLE:
@@ -143,7 +152,7 @@ async def run_line(state: EdgeState, job: BatchJob, endpoint: str, checked: Chec
     request_id_var.set(request_id)  # this line's task's own context
     custom_id = checked.line.custom_id
     try:
-        model = state.catalog.resolve(checked.body.model, route.endpoint.modality.proto)  # type: ignore[attr-defined]
+        model = resolve(state, job, route, checked.body)
         call = pipeline.batch_call(state, route.endpoint, model, job.admitted(route.endpoint.name))
         async with call:
             request = route.checked(checked.body, call.model, call.meta(getattr(checked.body, "user", None)))

@@ -49,6 +49,8 @@ class BatchJob:
     ticket: str = ""
     #: Estimated tokens of its input (bytes / 4): counted against the project's enqueued-token limit.
     tokens: int = 0
+    #: The key's model globs, one a line: a line naming another model is refused as the key would be.
+    models: str = "*"
     status: str = jobqueue.QUEUED
     progress: int = 0
     created_at: int = field(default_factory=lambda: int(time.time()))
@@ -60,7 +62,13 @@ class BatchJob:
     attempts: int = 0
 
     def admitted(self, endpoint: str) -> Admitted:
-        return Admitted(self.principal_id, endpoint=LINE_PREFIX + endpoint, ticket=self.ticket, project=self.project)
+        return Admitted(
+            self.principal_id,
+            endpoint=LINE_PREFIX + endpoint,
+            ticket=self.ticket,
+            project=self.project,
+            models=tuple(self.models.splitlines()),
+        )
 
 
 BATCH_JOBS = jobqueue.JobKind(

@@ -111,6 +111,7 @@ async def create_batch(http: Request) -> Response:
         project=admitted.project,
         ticket=admitted.ticket,
         tokens=tokens,
+        models="\n".join(admitted.models),
         created_at=now,
     )
     await state.batches.create(job, _limits(state))  # 429 when the queue is full (the record stays unlisted)

@@ -197,7 +197,7 @@ class _Run:
                     del errors[MAX_LISTED_ERRORS:]
                     continue
                 seen.add(checked.line.custom_id)
-                lines.check_line(self._state, checked, endpoint)
+                lines.check_line(self._state, self.job, checked, endpoint)
             except ServiceError as exc:
                 errors.append(_line_error(raw.number, exc))
                 del errors[MAX_LISTED_ERRORS:]  # bounded, however many lines are wrong
