@@ -113,7 +113,7 @@ class BatchWorker:
             return
         if (error := work.exception()) is not None:
             log.error("batch failed", exc_info=error, extra={"batch_id": job.id})
-            await run.fail_internal()
+            await run.fail_internal(error)
         await self._queue.complete(job.id, worker, 0)
 
 
@@ -336,8 +336,11 @@ class _Run:
         )
         return file_id
 
-    async def fail_internal(self) -> None:
-        error = _batch_error("internal_error", "The batch failed on the server.")
+    async def fail_internal(self, cause: BaseException) -> None:
+        if isinstance(cause, KeyError):  # the object store lost it: the input file was deleted meanwhile
+            error = _batch_error("input_file_deleted", "The batch's input file was deleted before it finished.")
+        else:
+            error = _batch_error("internal_error", "The batch failed on the server.")
         self.batch = self.batch or (await self._objects.get(self.job.principal, self.job.id)) or {}
         if self.batch and self.batch.get("status") not in TERMINAL:
             await self._save(status="failed", failed_at=int(time.time()), errors={"object": "list", "data": [error]})
