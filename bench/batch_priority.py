@@ -132,9 +132,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--lines", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--only", choices=("gate", "engine"), help="measure one configuration")
     args = parser.parse_args()
     # The default edge gate (2), then the engine's priority alone (the edge admits lines whatever the load).
     configs = {"default (edge gate 2 + engine priority)": 2, "engine priority only (no edge gate)": 10_000}
+    if args.only:
+        configs = dict([list(configs.items())[0 if args.only == "gate" else 1]])
     results = {}
     for name, gate in configs.items():
         with tempfile.TemporaryDirectory() as tmp:

@@ -31,9 +31,7 @@ MODEL = "smollm2-135m-instruct"
 MAX_ENQUEUED_TOKENS = 6000
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("batches")
+def start_stack(tmp, **settings: str) -> Stack:
     catalog = tmp / "catalog.yaml"
     model = {
         "id": MODEL,
@@ -77,10 +75,16 @@ def stack(tmp_path_factory):
         keys_file=keys,
         gatekeeper="embedded",
         log_dir=tmp,
-        env=env,
+        env={**env, **settings},
     ).start()
-    running.start_supervising(interval=0.2)  # as `make run` does: a killed edge comes back
     running.usage = tmp / "usage.jsonl"  # type: ignore[attr-defined]
+    return running
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    running = start_stack(tmp_path_factory.mktemp("batches"))
+    running.start_supervising(interval=0.2)  # as `make run` does: a killed edge comes back
     yield running
     running.stop()
 
@@ -378,3 +382,21 @@ def test_lines_naming_a_model_the_key_may_not_use_fail_validation(stack):
     batch = poll(gamma, created.id, finished)
     assert batch.status == "failed"
     assert [(e.line, e.code, e.param) for e in batch.errors.data] == [(1, "model_not_found", "body.model")]
+
+
+def test_the_completion_window_expires_what_is_left(stack, tmp_path):
+    """A window of a few seconds (24 h in production): the lines done are kept, the rest expire."""
+    stack.stop()  # one engine at a time on this machine: the module's stack is not needed past this test
+    short = start_stack(tmp_path, MODELPLEX_EDGE_BATCHES_WINDOW_SECONDS="6")
+    try:
+        client = _client(short, ALPHA)
+        rows = [chat_line(f"w{i}", f"Write a poem about the number {i}.", max_tokens=48) for i in range(40)]
+        created = client.batches.create(
+            input_file_id=upload(client, rows), endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        batch = poll(client, created.id, finished, timeout=300)
+        assert batch.status == "expired" and batch.expired_at and batch.expired_at >= batch.expires_at
+        ids = [line["custom_id"] for line in results(client, batch.output_file_id)]
+        assert len(ids) == len(set(ids)) == batch.request_counts.completed < len(rows)
+    finally:
+        short.stop()

@@ -38,6 +38,8 @@ class Backends:
         self._stubs: dict[tuple[str, str], Any] = {}
         #: Interactive (not batch) calls in flight, per backend target.
         self.interactive: collections.Counter[str] = collections.Counter()
+        #: Set whenever an interactive call ends: batch lines waiting for a quiet backend look again.
+        self.interactive_ended = asyncio.Event()
 
     def stub(self, modality: Modality, target: str) -> Any:
         key = (modality.name, target)
@@ -62,6 +64,7 @@ class Backends:
 
     def ended(self, target: str) -> None:
         self.interactive[target] -= 1
+        self.interactive_ended.set()
 
     async def close(self) -> None:
         await asyncio.gather(*(ch.close() for ch in self._channels.values()))

@@ -272,10 +272,13 @@ class _Run:
             target = self._state.catalog.resolve(model_name, modality).backend_target
         except Exception:
             return  # the line's own run reports what is wrong with it
-        while self._state.backends.interactive[target] >= self._settings.batches_yield_in_flight:
+        backends = self._state.backends
+        while backends.interactive[target] >= self._settings.batches_yield_in_flight:
             if self._must_stop():
                 return
-            await asyncio.sleep(0.02)
+            backends.interactive_ended.clear()  # woken by the next interactive call's end, not by polling
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(backends.interactive_ended.wait(), self._settings.batches_renew_seconds)
 
     # -- records -------------------------------------------------------------------------------
     async def _save(self, **changes: Any) -> None:
