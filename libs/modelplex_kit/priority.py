@@ -14,6 +14,10 @@ PRIORITY_HEADER = "x-modelplex-priority"
 #: Below interactive traffic: served when no interactive work waits.
 BATCH = "batch"
 
+#: Endpoint names the edge and the gatekeeper agree on: a batch's creation (its identity check gets a ticket
+#: for the lines) and the prefix of its lines' names ("batch:chat.completions"), metered outside RPM/TPM.
+BATCH_CREATE_ENDPOINT, BATCH_LINE_PREFIX = "batches", "batch:"
+
 priority_var: contextvars.ContextVar[str] = contextvars.ContextVar("priority", default="")
 
 

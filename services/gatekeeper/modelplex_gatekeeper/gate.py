@@ -29,6 +29,7 @@ from modelplex_gatekeeper.store import (
 )
 from modelplex_gatekeeper.store import REQUESTS as BY_REQUESTS
 from modelplex_gatekeeper.store import TOKENS as BY_TOKENS
+from modelplex_kit.priority import BATCH_CREATE_ENDPOINT, BATCH_LINE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +156,8 @@ def lease_size(
     return Allowance(requests, tokens, slots)
 
 
-#: The edge's endpoint name for creating a batch (its identity check gets a ticket for the lines), the
-#: prefix of its lines' endpoint names ("batch:chat.completions"), and the ticket's slot, which is none.
-BATCH_CREATE, BATCH_LINE_PREFIX, BATCH_SLOT = "batches", "batch:", "batch"
+#: The slot a batch's ticket names: none (its lines hold no concurrency slot).
+BATCH_SLOT = "batch"
 
 
 class Gate:
@@ -188,7 +188,7 @@ class Gate:
         )
         if not request.model:  # identity only: report the limits, consume nothing
             reply.allowed = True
-            if request.endpoint == BATCH_CREATE:
+            if request.endpoint == BATCH_CREATE_ENDPOINT:
                 # A batch's lines are accounted later with this ticket: it names the key and holds no slot.
                 reply.ticket = f"{BATCH_SLOT}|0|{key.name}"
             reply.rate_limit.CopyFrom(_rate_state(key, await self._peek(key)))

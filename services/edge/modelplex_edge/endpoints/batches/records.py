@@ -24,12 +24,12 @@ from modelplex_edge.endpoints.files.store import read_small, scope_key
 from modelplex_edge.settings import EdgeSettings
 from modelplex_kit import jobqueue
 from modelplex_kit.objectstore import ObjectStore
+from modelplex_kit.priority import BATCH_CREATE_ENDPOINT, BATCH_LINE_PREFIX
 
 #: The Batch statuses after which nothing changes.
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
-#: The endpoint name a batch is created under (the gatekeeper gives its identity check a ticket for the
-#: lines), and the prefix of its lines' names, which the gatekeeper meters outside the key's RPM/TPM.
-CREATE_ENDPOINT, LINE_PREFIX = "batches", "batch:"
+#: The endpoint name a batch is created under, and the prefix of its lines' names (see modelplex_kit.priority).
+CREATE_ENDPOINT, LINE_PREFIX = BATCH_CREATE_ENDPOINT, BATCH_LINE_PREFIX
 
 
 def new_batch_id() -> str:
