@@ -8,6 +8,7 @@ endpoint returns it.
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -156,7 +157,13 @@ async def run_line(state: EdgeState, job: BatchJob, endpoint: str, checked: Chec
         call = pipeline.batch_call(state, route.endpoint, model, job.admitted(route.endpoint.name))
         async with call:
             request = route.checked(checked.body, call.model, call.meta(getattr(checked.body, "user", None)))
-            body = await route.answer(call, checked.body, request)
+            try:
+                body = await route.answer(call, checked.body, request)
+            except asyncio.CancelledError:
+                # Cut by its worker stopping or losing the batch: not in a part, so it runs again and is
+                # metered then, once.
+                call.defer()
+                raise
     except ServiceError as exc:
         if exc.status == grpc.StatusCode.UNAVAILABLE:
             raise NotYet(str(exc)) from exc
