@@ -19,6 +19,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("bench.constrained_decoding", []),
     ("bench.gatekeeper", []),
     ("bench.responses", []),
+    ("bench.batch_priority", []),
     ("bench.embeddings", []),
     ("bench.audio", []),
     ("bench.visual", []),

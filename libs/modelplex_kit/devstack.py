@@ -289,10 +289,18 @@ def main() -> None:
             "MODELPLEX_EDGE_RESPONSES_SQLITE_PATH", str(keys_file.parent / "responses.sqlite3")
         ),
     }
+    # Batches and files outlive a restart too: the batch queue in SQLite, objects in a directory, beside the keys.
+    batches = {
+        "MODELPLEX_EDGE_BATCHES_STORE": os.environ.get("MODELPLEX_EDGE_BATCHES_STORE", "sqlite"),
+        "MODELPLEX_EDGE_BATCHES_SQLITE_PATH": os.environ.get(
+            "MODELPLEX_EDGE_BATCHES_SQLITE_PATH", str(keys_file.parent / "batches.sqlite3")
+        ),
+        "MODELPLEX_EDGE_OBJECT_DIR": os.environ.get("MODELPLEX_EDGE_OBJECT_DIR", str(keys_file.parent / "objects")),
+    }
     stack = Stack(
         args.catalog,
         edge_port=args.port,
-        env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text"), **responses},
+        env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text"), **responses, **batches},
         keys_file=keys_file,
     )
     stopping = False

@@ -26,6 +26,7 @@ from modelplex_kit.connections import KEEPALIVE, ageing_options
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.logging import configure_logging, request_id_var
 from modelplex_kit.memory import tune_malloc
+from modelplex_kit.priority import incoming_priority, priority_var
 from modelplex_kit.settings import GrpcServiceSettings
 from modelplex_kit.telemetry import GRPC_HANDLED, GRPC_LATENCY, configure_tracing, incoming_context
 
@@ -45,8 +46,10 @@ class _Observation:
         self.code = grpc.StatusCode.OK
 
     async def __aenter__(self) -> _Observation:
-        request_id, parent = incoming_context(context_metadata(self.context))
+        metadata = context_metadata(self.context)
+        request_id, parent = incoming_context(metadata)
         self._token = request_id_var.set(request_id)
+        self._priority = priority_var.set(incoming_priority(metadata))
         self._span = _tracer.start_span(self.method, context=parent, kind=trace.SpanKind.SERVER)
         self._start = time.perf_counter()
         return self
@@ -60,6 +63,7 @@ class _Observation:
             self._span.set_attribute("rpc.grpc.status_code", self.code.value[0])
             self._span.end()
             request_id_var.reset(self._token)
+            priority_var.reset(self._priority)
 
     async def _map_error(self, exc: BaseException | None) -> bool:
         """Maps a failure to the call's status; True when the failure is handled here."""

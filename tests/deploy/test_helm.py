@@ -13,6 +13,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from modelplex_edge.endpoints import BODY_LIMITS
 from modelplex_edge.settings import EdgeSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -453,7 +454,7 @@ def test_ingress() -> None:
     assert rule["http"]["paths"][0]["path"] == "/v1"  # metrics and probes are not public
     assert ing["spec"]["tls"][0]["hosts"] == ["api.example.com"]
     # nginx must pass every body the edge accepts, or a 25 MB upload gets nginx's HTML 413.
-    assert nginx_size(ann["nginx.ingress.kubernetes.io/proxy-body-size"]) >= EdgeSettings().max_upload_bytes
+    assert nginx_size(ann["nginx.ingress.kubernetes.io/proxy-body-size"]) >= largest_body()
 
 
 def nginx_size(value: str) -> int:
@@ -578,3 +579,9 @@ def test_gatekeeper_embedded_and_disabled() -> None:
     assert env(edge)["MODELPLEX_KEYS_FILE"] == "/etc/modelplex/keys/keys.yaml"
     dep = one(render({"gatekeeper": {"enabled": False}}), "Deployment", f"{RELEASE}-edge")
     assert "MODELPLEX_EDGE_GATEKEEPER_TARGET" not in env(container(dep))
+
+
+def largest_body() -> int:
+    """The largest body the edge accepts (an upload endpoint's own limit, e.g. /v1/files' 200 MB)."""
+    settings = EdgeSettings()
+    return max(settings.max_upload_bytes, *(limit(settings) for limit in BODY_LIMITS.values()))

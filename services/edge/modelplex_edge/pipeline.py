@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NoReturn, TypeVar
 
@@ -40,6 +40,7 @@ from modelplex_edge.state import EdgeState
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.logging import request_id_var
 from modelplex_kit.modalities import Modality
+from modelplex_kit.priority import BATCH
 from modelplex_kit.telemetry import (
     E2E_REQUEST_LATENCY,
     GENERATION_TOKENS,
@@ -82,6 +83,29 @@ class Endpoint:
     modality: Modality
     #: Reads what a backend message says was consumed.
     meter: Meter = field(default=meter_usage)
+
+
+@dataclass(frozen=True, slots=True)
+class LineRoute:
+    """How one endpoint answers a batch line: the very functions its route uses (same parsing, cost
+    bound, checks, backend call and body), minus HTTP."""
+
+    endpoint: Endpoint
+    #: The endpoint's request body (pydantic).
+    body: type[BaseModel]
+    #: (body, model) -> tokens; raises the route's 400 for a bound the model can never serve.
+    cost: Callable[[Any, catalog_pb2.Model], int]
+    #: (body, model, meta) -> the backend request (or the list of them, one per prompt).
+    request: Callable[[Any, catalog_pb2.Model, common_pb2.RequestMeta], Any]
+    #: (call, body, request) -> the response body the synchronous endpoint returns.
+    answer: Callable[[Call, Any, Any], Awaitable[dict[str, Any]]]
+
+    def checked(self, body: Any, model: catalog_pb2.Model, meta: common_pb2.RequestMeta) -> Any:
+        """The backend request, after the cost bound and the model's capability checks (ServiceError: 400)."""
+        self.cost(body, model)
+        request = self.request(body, model, meta)
+        self.endpoint.modality.check(request[0] if isinstance(request, list) else request, model.capabilities)
+        return request
 
 
 def _state(http: Request) -> EdgeState:
@@ -144,6 +168,12 @@ def background_call(state: EdgeState, endpoint: Endpoint, model_name: str, admit
     return Call(None, state, endpoint, model, admitted)
 
 
+def batch_call(state: EdgeState, endpoint: Endpoint, model: catalog_pb2.Model, admitted: Admitted) -> Call:
+    """One line of a batch, run by the batch worker: below interactive traffic (the backend is told
+    ``x-modelplex-priority: batch``), accounted with the batch's admission (its key, outside its RPM/TPM)."""
+    return Call(None, state, endpoint, model, admitted, priority=BATCH)
+
+
 class Call:
     """One admitted request on its way to a backend and back.
 
@@ -158,6 +188,7 @@ class Call:
         endpoint: Endpoint,
         model: catalog_pb2.Model,
         admitted: Admitted,
+        priority: str = "",
     ) -> None:
         self.http = http
         self.model = model
@@ -168,7 +199,11 @@ class Call:
         self._started = (http.scope.get("modelplex.start") if http else None) or time.perf_counter()
         self._labels = (model.id, endpoint.name)
         self._stub = state.backends.stub(endpoint.modality, model.backend_target)
-        self._options = state.backends.call_options(request_id_var.get())
+        self._options = state.backends.call_options(request_id_var.get(), priority)
+        # Interactive calls are counted per backend: batch lines wait while several are in flight.
+        self._interactive = not priority
+        if self._interactive:
+            state.backends.started(model.backend_target)
         self._handed_off = False
         self._finished = False
         #: A response stream is being relayed (``watched``), and whether it ran to its end.
@@ -194,6 +229,11 @@ class Call:
         if isinstance(exc, ServiceError) and exc.status in _UPSTREAM_STATUSES:
             return UPSTREAM_FAILURE
         return ""
+
+    @property
+    def state(self) -> EdgeState:
+        """What the edge shares (stores), for endpoints that keep what they answered."""
+        return self._state
 
     # -- request ----------------------------------------------------------------
     def meta(self, end_user: str | None = None) -> common_pb2.RequestMeta:
@@ -274,7 +314,7 @@ class Call:
         """The work goes on in a background job, which accounts it (``background_call`` with this
         call's ``admitted``): this request ends here without accounting anything."""
         self._handed_off = self._finished = True
-        REQUESTS_RUNNING.labels(*self._labels).dec()
+        self._done_running()
 
     def hand_off(self) -> None:
         """For custom streaming responses: the caller promises to await ``finish`` when done."""
@@ -291,6 +331,11 @@ class Call:
             raise
         self._relayed_whole = True
 
+    def _done_running(self) -> None:
+        REQUESTS_RUNNING.labels(*self._labels).dec()
+        if self._interactive:
+            self._state.backends.ended(self.model.backend_target)
+
     async def finish(self, failed: bool = False) -> None:
         if self._finished:
             return
@@ -300,7 +345,7 @@ class Call:
             self.used.ended = DRAIN if self._state.drain.fired else CLIENT_DISCONNECT
         failed = failed or self.used.ended == UPSTREAM_FAILURE  # a stream whose backend failed mid-way too
         self.used.settle()
-        REQUESTS_RUNNING.labels(*self._labels).dec()
+        self._done_running()
         E2E_REQUEST_LATENCY.labels(*self._labels).observe(time.perf_counter() - self._started)
         usage = self.used.usage
         if usage.prompt_tokens:

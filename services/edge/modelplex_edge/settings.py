@@ -87,6 +87,39 @@ class EdgeSettings(ServiceSettings):
     # How often a running background response's progress is written to the store.
     responses_background_flush_seconds: float = Field(0.1, gt=0)
 
+    # -- files and batches (/v1/files, /v1/batches)
+    # The local-directory object store of uploaded files and batch parts and results (several replicas: a
+    # shared volume, until the S3 store is switched on).
+    object_dir: str = ".modelplex/objects"
+    # An uploaded file's limit: OpenAI's for batch input files (200 MB). Larger uploads get 413.
+    files_max_bytes: int = Field(200 * 1000 * 1000, ge=1)
+    # Files of purpose batch expire this long after upload unless expires_after says otherwise (OpenAI: 30 days).
+    files_default_expiry_seconds: int = Field(30 * 24 * 3600, ge=3600)
+    # Where batch jobs are queued (modelplex_kit.jobqueue): memory (one process; tests), sqlite (one edge,
+    # survives restarts: `make run`), redis (every replica).
+    batches_store: Literal["memory", "sqlite", "redis"] = "memory"
+    batches_sqlite_path: str = ".modelplex/batches.sqlite3"
+    batches_redis_url: str = ""
+    # Batches this edge runs at once (0: this edge only queues), and lines of one batch in flight at once.
+    batches_workers: int = Field(1, ge=0)
+    batches_line_concurrency: int = Field(4, ge=1)
+    # Lines run between two durable checkpoints (a part object): a killed worker re-runs at most these.
+    batches_chunk_lines: int = Field(16, ge=1)
+    # Batch lines start only while fewer interactive requests than this are in flight to the line's backend.
+    batches_yield_in_flight: int = Field(2, ge=1)
+    # OpenAI's limits: lines per input file; queued batches per project beyond max_queue are a 429.
+    batches_max_lines: int = Field(50_000, ge=1)
+    batches_max_queue: int = Field(256, ge=1)
+    # Estimated tokens (input bytes / 4) of a project's unfinished batches; a batch beyond it is a 429 at creation.
+    batches_max_enqueued_tokens: int = Field(20_000_000, ge=1)
+    # Lease of a running batch (a worker silent this long is presumed dead) and how often it is renewed (and
+    # a cancel noticed); idle workers look for work this often.
+    batches_lease_seconds: float = Field(10.0, gt=0)
+    batches_renew_seconds: float = Field(0.5, gt=0)
+    batches_poll_seconds: float = Field(1.0, gt=0)
+    # The completion window: what is not done this long after creation is expired (OpenAI's only one: 24h).
+    batches_window_seconds: int = Field(24 * 3600, ge=1)
+
     @field_validator("cors_origins", mode="before")
     @classmethod
     def _split_origins(cls, value: object) -> object:

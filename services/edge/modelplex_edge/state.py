@@ -25,3 +25,8 @@ class EdgeState:
     #: (endpoints.responses.background.BackgroundWorker, None when it runs none).
     background: Any = None
     worker: Any = None
+    #: Files and batches: the object store (modelplex_kit.objectstore), the batch job queue and this edge's
+    #: batch workers (endpoints.batches.worker.BatchWorker, None when it runs none).
+    objects: Any = None
+    batches: Any = None
+    batch_worker: Any = None

@@ -73,3 +73,39 @@ async def test_a_body_trickled_within_the_gap_timeout_is_cut_at_the_body_deadlin
     assert 1.4 <= time.monotonic() - started < 30
     assert sent[0]["status"] == 408
     assert b"whole request body was not received within 1.5 seconds" in sent[1]["body"]
+
+
+async def test_an_upload_endpoint_with_its_own_limit_gets_it():
+    """/v1/files takes 200 MB; the other upload endpoints keep max_upload_bytes; the rest max_body_bytes."""
+
+    async def app(scope, receive, send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await Response("ok")(scope, receive, send)
+
+    edge = EdgeMiddleware(
+        app,
+        max_body_bytes=10,
+        upload_paths=frozenset({"/up", "/files"}),
+        max_upload_bytes=100,
+        body_limits={"/files": 1000},
+    )
+
+    async def status(path: str, size: int) -> int:
+        sent: list[dict] = []
+
+        async def send(message) -> None:
+            sent.append(message)
+
+        async def receive() -> dict:
+            return {"type": "http.request", "body": b"x" * size, "more_body": False}
+
+        headers = [(b"content-length", str(size).encode())]
+        await edge({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
+        return sent[0]["status"]
+
+    assert await status("/files", 900) == 200
+    assert await status("/files", 1001) == 413
+    assert await status("/up", 900) == 413
+    assert await status("/up", 90) == 200
+    assert await status("/v1/chat/completions", 90) == 413

@@ -17,4 +17,5 @@ def test_every_endpoint_folder_with_a_router_is_mounted() -> None:
 
 
 def test_upload_endpoints_get_the_upload_body_limit() -> None:
-    assert {"/v1/audio/transcriptions", "/v1/audio/translations"} == endpoints.UPLOAD_PATHS
+    assert {"/v1/audio/transcriptions", "/v1/audio/translations", "/v1/files"} == endpoints.UPLOAD_PATHS
+    assert set(endpoints.BODY_LIMITS) == {"/v1/files"}

@@ -29,6 +29,7 @@ from modelplex_gatekeeper.store import (
 )
 from modelplex_gatekeeper.store import REQUESTS as BY_REQUESTS
 from modelplex_gatekeeper.store import TOKENS as BY_TOKENS
+from modelplex_kit.priority import BATCH_CREATE_ENDPOINT, BATCH_LINE_PREFIX
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +156,10 @@ def lease_size(
     return Allowance(requests, tokens, slots)
 
 
+#: The slot a batch's ticket names: none (its lines hold no concurrency slot).
+BATCH_SLOT = "batch"
+
+
 class Gate:
     def __init__(self, keys: KeyRing, store: Store, lease_seconds: float = 1.0) -> None:
         self.keys = keys
@@ -183,6 +188,9 @@ class Gate:
         )
         if not request.model:  # identity only: report the limits, consume nothing
             reply.allowed = True
+            if request.endpoint == BATCH_CREATE_ENDPOINT:
+                # A batch's lines are accounted later with this ticket: it names the key and holds no slot.
+                reply.ticket = f"{BATCH_SLOT}|0|{key.name}"
             reply.rate_limit.CopyFrom(_rate_state(key, await self._peek(key)))
             return reply
         if not any(fnmatch.fnmatchcase(request.model, glob) for glob in key.models):
@@ -286,6 +294,8 @@ class Gate:
         reserved += request.lease_tokens  # a leased request's estimate was drawn from its lease
         usage = request.usage
         used = usage.total_tokens or usage.prompt_tokens + usage.completion_tokens
+        if request.endpoint.startswith(BATCH_LINE_PREFIX):
+            reserved = used  # batch lines are metered (usage, daily budget), never charged to TPM
         labels = (key.name, key.project, request.model)
         for kind, count in (
             ("prompt", usage.prompt_tokens),

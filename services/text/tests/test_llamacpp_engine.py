@@ -193,3 +193,31 @@ async def test_waiting_for_a_slot_is_bounded(tight):
     assert time.monotonic() - started < 3.0
     await long_one  # ended by the wall-clock limit; the slot is free again
     assert (await stub.Generate(chat("hi", max_tokens=4))).usage.completion_tokens >= 1
+
+
+@pytest.fixture(scope="module")
+async def one_slot():
+    async with serving(parallel=1, default_temperature=0.0) as pair:
+        yield pair
+
+
+async def test_interactive_sequences_are_served_before_batch_work(one_slot):
+    """x-modelplex-priority: batch waits behind interactive work that arrived after it (FIFO otherwise)."""
+    stub, engine = one_slot
+    batch = (("x-modelplex-priority", "batch"),)
+    started = time.monotonic()
+    ends: dict[str, float] = {}
+
+    async def run(name: str, request, metadata=()) -> None:
+        async for _ in stub.GenerateStream(request, metadata=metadata):
+            pass
+        ends[name] = time.monotonic() - started
+
+    busy = asyncio.create_task(run("busy", chat(STORY, max_tokens=24)))
+    await until(lambda: engine._scheduler._active(), timeout=60)
+    lines = [asyncio.create_task(run(f"batch{i}", chat(f"{STORY} {i}", max_tokens=8), batch)) for i in range(2)]
+    await until(lambda: engine._scheduler.waiting() == 2, timeout=60)
+    interactive = asyncio.create_task(run("interactive", chat("Say hi.", max_tokens=8)))
+    await until(lambda: engine._scheduler.waiting() == 3, timeout=60)
+    await asyncio.gather(busy, *lines, interactive)
+    assert ends["interactive"] < ends["batch0"] and ends["interactive"] < ends["batch1"], ends

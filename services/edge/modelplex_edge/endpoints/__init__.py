@@ -28,3 +28,5 @@ _MODULES = _router_modules()
 ROUTERS: tuple[APIRouter, ...] = tuple(module.router for module in _MODULES)
 # Endpoints taking file uploads: the edge's body limit for them is max_upload_bytes.
 UPLOAD_PATHS = frozenset(module.UPLOAD_PATH for module in _MODULES if hasattr(module, "UPLOAD_PATH"))
+# Upload endpoints with a body limit of their own (``body_limit(settings)``, e.g. /v1/files' 200 MB).
+BODY_LIMITS = {module.UPLOAD_PATH: module.body_limit for module in _MODULES if hasattr(module, "body_limit")}

@@ -26,6 +26,7 @@ from llama_cpp import Llama
 
 from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_kit.errors import ServiceError, unavailable
+from modelplex_kit.priority import is_batch
 from modelplex_text import gguf
 from modelplex_text.adapters.llamacpp_batch import (
     BatchScheduler,
@@ -114,6 +115,7 @@ class LlamaCppEngine:
                 emit=_emitter(queue),
                 context=contextvars.copy_context().run,  # the thread's log lines carry the request id
                 top_logprobs=sampling.logprobs,
+                batch=is_batch(),
             )
             async with aclosing(self._run(seq, queue)) as pieces:
                 async for piece in pieces:

@@ -92,6 +92,7 @@ class Sequence:
     abort: threading.Event = field(default_factory=threading.Event)
     generated: int = 0
     cached_tokens: int | None = None  # set when it first gets a slot (Started is emitted once, even if preempted)
+    batch: bool = False  # batch work (x-modelplex-priority: batch): a free slot goes to interactive work first
 
     def release(self) -> None:
         """Frees the matcher's native state; called by the scheduler thread, the matcher's only user."""
@@ -133,6 +134,8 @@ class BatchScheduler:
         self._batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
         self._slots = [_Slot(i) for i in range(parallel)]
         self._waiting: collections.deque[Sequence] = collections.deque()
+        # Batch sequences wait in their own line, served only when no interactive sequence waits.
+        self._waiting_batch: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
         self._pieces: dict[int, bytes] = {}
@@ -142,11 +145,14 @@ class BatchScheduler:
     # -- called from the event loop ----------------------------------------
     def submit(self, seq: Sequence) -> None:
         with self._cv:
-            self._waiting.append(seq)
+            self._line(seq).append(seq)
             self._cv.notify()
 
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._waiting_batch)
+
+    def _line(self, seq: Sequence) -> collections.deque[Sequence]:
+        return self._waiting_batch if seq.batch else self._waiting
 
     def close(self) -> None:
         with self._cv:
@@ -161,10 +167,10 @@ class BatchScheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._closing and not self._waiting and not self._active():
+                while not self._closing and not self.waiting() and not self._active():
                     self._cv.wait()
                 if self._closing:
-                    for seq in [*self._waiting, *self._active()]:
+                    for seq in [*self._waiting, *self._waiting_batch, *self._active()]:
                         seq.emit(Failed(EngineClosed()))
                         seq.release()
                     return
@@ -184,16 +190,17 @@ class BatchScheduler:
         return [slot.seq for slot in self._slots if slot.seq is not None]
 
     def _admit(self) -> None:
-        """Moves waiting sequences (oldest first) into free slots, each where its prompt's cached prefix is longest."""
-        for seq in [seq for seq in self._waiting if seq.abort.is_set()]:  # left while waiting
-            self._waiting.remove(seq)
-            seq.release()
-        while self._waiting:
+        """Moves waiting sequences (interactive ones first, then batch work; oldest first in each) into free slots,
+        each where its prompt's cached prefix is longest."""
+        for line in (self._waiting, self._waiting_batch):
+            for seq in [seq for seq in line if seq.abort.is_set()]:  # left while waiting
+                line.remove(seq)
+                seq.release()
+        while self.waiting():
             free = [slot for slot in self._slots if slot.seq is None]
             if not free:
                 return
-            seq = self._waiting[0]
-            self._waiting.popleft()
+            seq = (self._waiting or self._waiting_batch).popleft()  # interactive work first
             slot = max(free, key=lambda s: _common_prefix(s.kv, seq.tokens))
             reuse = min(_common_prefix(slot.kv, seq.tokens), len(seq.tokens) - 1)  # one token must be evaluated
             if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
@@ -356,7 +363,7 @@ class BatchScheduler:
         if len(busy) < 2:
             return self._evict_idle()
         slot = min(busy, key=lambda s: len(s.kv))  # least work lost
-        self._waiting.appendleft(slot.seq)
+        self._line(slot.seq).appendleft(slot.seq)
         slot.seq.context(log.info, "sequence preempted: the KV cache is full; it will be recomputed")
         slot.seq = None
         self._clear(slot)

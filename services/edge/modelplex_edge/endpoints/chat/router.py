@@ -1,10 +1,12 @@
 from __future__ import annotations
 
 from functools import partial
+from typing import Any
 
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from modelplex.v1 import catalog_pb2, common_pb2
 from modelplex_edge import pipeline
 from modelplex_edge.endpoints.chat import translate
 from modelplex_edge.endpoints.chat.protocol import ChatCompletionRequest
@@ -23,4 +25,17 @@ async def create_chat_completion(http: Request) -> Response:
         if body.stream:
             stream = await call.stream("GenerateStream", request)
             return call.respond_stream(translate.stream_chunks(stream, call.model.id, translate.include_usage(body)))
-        return call.respond(translate.from_proto(await call.unary("Generate", request), call.model.id))
+        return call.respond(await answer(call, body, request))
+
+
+async def answer(call: pipeline.Call, body: ChatCompletionRequest, request: Any) -> dict[str, Any]:
+    """The non-streamed completion: the route's body, and a batch line's."""
+    return translate.from_proto(await call.unary("Generate", request), call.model.id)
+
+
+def batch_request(body: ChatCompletionRequest, model: catalog_pb2.Model, meta: common_pb2.RequestMeta) -> Any:
+    """A batch line's backend request (its cost and the model's checks are the route's)."""
+    return translate.to_proto(body, model, meta)
+
+
+BATCH_LINE = pipeline.LineRoute(ENDPOINT, ChatCompletionRequest, translate.cost, batch_request, answer)

@@ -7,6 +7,7 @@ import grpc
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from modelplex.v1 import catalog_pb2, common_pb2
 from modelplex_edge import pipeline
 from modelplex_edge.endpoints.responses import background, translate
 from modelplex_edge.endpoints.responses.conversation import load_chain
@@ -86,11 +87,55 @@ async def create_response(http: Request) -> Response:
                 stream = await call.stream("GenerateStream", request)
                 events = ResponseEvents(body, response_id, int(time.time()), call.model.id)
                 return call.respond_stream(framed(generate_events(events, stream, save)), done=None)
-            result = translate.from_proto(body, await call.unary("Generate", request), response_id, call.model.id)
         except (grpc.aio.AioRpcError, ServiceError) as exc:
             raise _in_responses_terms(exc) from None
-        await save(result)
-        return call.respond(result)
+        return call.respond(await _answer(call, body, request, response_id, save))
+
+
+async def _answer(
+    call: pipeline.Call, body: CreateResponseRequest, request: Any, response_id: str, save: Saver
+) -> dict[str, Any]:
+    """The non-streamed response, stored when ``store`` says so."""
+    try:
+        result = translate.from_proto(body, await call.unary("Generate", request), response_id, call.model.id)
+    except (grpc.aio.AioRpcError, ServiceError) as exc:
+        raise _in_responses_terms(exc) from None
+    await save(result)
+    return result
+
+
+def _batch_prompt(body: CreateResponseRequest) -> translate.Prompt:
+    """A batch line's prompt: its own input (lines are independent: no stored chain, no background)."""
+    if body.previous_response_id:
+        raise invalid("Batch lines cannot continue a stored response.", "previous_response_id")
+    if body.background:
+        raise invalid("Batch lines cannot run in the background: a batch already does.", "background")
+    return translate.Prompt(body, list(body.items))
+
+
+def batch_request(body: CreateResponseRequest, model: catalog_pb2.Model, meta: common_pb2.RequestMeta) -> Any:
+    prompt = _batch_prompt(body)
+    prompt.fit(model.context_length)
+    request = translate.to_proto(body, prompt.items, model.id, meta)
+    try:
+        ENDPOINT.modality.check(request, model.capabilities)
+    except ServiceError as exc:  # in this endpoint's terms (`input`, `include`), as the route says them
+        raise _in_responses_terms(exc) from None
+    return request
+
+
+async def batch_answer(call: pipeline.Call, body: CreateResponseRequest, request: Any) -> dict[str, Any]:
+    save = Saver(call.state.responses, call.admitted.scope, body, 1)
+    return await _answer(call, body, request, translate.new_id("resp"), save)
+
+
+BATCH_LINE = pipeline.LineRoute(
+    ENDPOINT,
+    CreateResponseRequest,
+    lambda body, model: _batch_prompt(body).fit(model.context_length),
+    batch_request,
+    batch_answer,
+)
 
 
 def _resumed(state: EdgeState, scope: str, response_id: str, after: int, headers: dict[str, str]) -> Response:

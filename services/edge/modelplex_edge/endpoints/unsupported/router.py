@@ -17,8 +17,6 @@ UNSUPPORTED = {
     "/v1/threads": "The Assistants API (threads, runs) is not planned; use /v1/chat/completions with tools.",
     "/v1/images/edits": "Image editing is not supported yet; use /v1/images/generations.",
     "/v1/images/variations": "Image variations are not supported yet; use /v1/images/generations.",
-    "/v1/batches": "The Batch API is not offered; send requests individually (they are served concurrently).",
-    "/v1/files": "The Files API is not offered; send inputs inline in the request body.",
 }
 
 

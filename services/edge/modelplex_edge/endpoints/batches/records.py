@@ -1,0 +1,142 @@
+"""A batch's durable state: its job in the kit's job queue, and its Batch object and parts in the object store.
+
+The job (``BatchJob``, modelplex_kit.jobqueue: SQLite locally, Redis across replicas) is what workers claim
+under a lease and what a killed worker's successor re-claims. The Batch object the API returns lives beside
+the batch's work in the object store (``batches/<scope>/<id>/``): ``batch.json``; ``cancel``, a marker the
+cancel endpoint writes and the running worker notices; and ``parts/<first line>.jsonl``, one object per
+chunk of finished lines, each line tagged with its index, so a resumed worker skips every line already
+written and the output never repeats a ``custom_id``.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from modelplex_edge.admission import Admitted
+from modelplex_edge.endpoints.files.store import read_small, scope_key
+from modelplex_edge.settings import EdgeSettings
+from modelplex_kit import jobqueue
+from modelplex_kit.objectstore import ObjectStore
+from modelplex_kit.priority import BATCH_CREATE_ENDPOINT, BATCH_LINE_PREFIX
+
+#: The Batch statuses after which nothing changes.
+TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
+#: The endpoint name a batch is created under, and the prefix of its lines' names (see modelplex_kit.priority).
+CREATE_ENDPOINT, LINE_PREFIX = BATCH_CREATE_ENDPOINT, BATCH_LINE_PREFIX
+
+
+def new_batch_id() -> str:
+    return "batch_" + secrets.token_hex(12)
+
+
+@dataclass(slots=True)
+class BatchJob:
+    """A queued batch: what a worker needs to run and meter it (never the key)."""
+
+    id: str
+    #: The caller's scope (its project).
+    principal: str
+    #: The creating request's admission, for metering each line: the ticket names the key.
+    principal_id: str = ""
+    project: str = ""
+    ticket: str = ""
+    #: Estimated tokens of its input (bytes / 4): counted against the project's enqueued-token limit.
+    tokens: int = 0
+    #: The key's model globs, one a line: a line naming another model is refused as the key would be.
+    models: str = "*"
+    status: str = jobqueue.QUEUED
+    progress: int = 0
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    completed_at: int = 0
+    expires_at: int = 0
+    error_code: str = ""
+    error_message: str = ""
+    expired: bool = False
+    attempts: int = 0
+
+    def admitted(self, endpoint: str) -> Admitted:
+        return Admitted(
+            self.principal_id,
+            endpoint=LINE_PREFIX + endpoint,
+            ticket=self.ticket,
+            project=self.project,
+            models=tuple(self.models.splitlines()),
+        )
+
+
+BATCH_JOBS = jobqueue.JobKind(
+    record=BatchJob,
+    noun="batch",
+    id_param="batch_id",
+    gave_up="The batch's worker failed repeatedly.",
+    redis_prefix="modelplex:batches:",
+)
+
+
+def build_queue(settings: EdgeSettings) -> jobqueue.JobStore:
+    if settings.batches_store == "redis":
+        return jobqueue.RedisJobStore(BATCH_JOBS, settings.batches_redis_url, 3600, socket_timeout=5.0)
+    path = Path(settings.batches_sqlite_path) if settings.batches_store == "sqlite" else Path(":memory:")
+    return jobqueue.SQLiteJobStore(BATCH_JOBS, path, 3600)
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+@dataclass(frozen=True, slots=True)
+class Part:
+    """One chunk of finished lines: each ``{"line": i, "ok": bool, "result": {...}}``."""
+
+    first: int
+    lines: list[dict[str, Any]]
+
+
+class BatchObjects:
+    """The object-store side of batches: Batch objects, cancel markers, parts."""
+
+    def __init__(self, objects: ObjectStore) -> None:
+        self._objects = objects
+
+    @staticmethod
+    def _dir(scope: str, batch_id: str) -> str:
+        return f"batches/{scope_key(scope)}/{batch_id}/"
+
+    async def get(self, scope: str, batch_id: str) -> dict[str, Any] | None:
+        if not batch_id.startswith("batch_") or "/" in batch_id or "." in batch_id:
+            return None
+        raw = await read_small(self._objects, self._dir(scope, batch_id) + "batch.json")
+        return None if raw is None else orjson.loads(raw)
+
+    async def put(self, scope: str, batch: dict[str, Any]) -> None:
+        await self._objects.put(self._dir(scope, batch["id"]) + "batch.json", _one(orjson.dumps(batch)))
+
+    async def request_cancel(self, scope: str, batch_id: str) -> None:
+        await self._objects.put(self._dir(scope, batch_id) + "cancel", _one(b"1"))
+
+    async def cancel_requested(self, scope: str, batch_id: str) -> bool:
+        return await self._objects.stat(self._dir(scope, batch_id) + "cancel") is not None
+
+    async def put_part(self, scope: str, batch_id: str, part: Part) -> None:
+        data = b"".join(orjson.dumps(line) + b"\n" for line in part.lines)
+        await self._objects.put(self._dir(scope, batch_id) + f"parts/{part.first:08d}.jsonl", _one(data))
+
+    async def parts(self, scope: str, batch_id: str) -> AsyncIterator[Part]:
+        """The parts written so far, in line order."""
+        async for obj in self._objects.list(self._dir(scope, batch_id) + "parts/"):
+            raw = await read_small(self._objects, obj.key)
+            if raw is not None:
+                first = int(obj.key.rsplit("/", 1)[1].split(".")[0])
+                yield Part(first, [orjson.loads(line) for line in raw.splitlines() if line])
+
+    async def drop_parts(self, scope: str, batch_id: str) -> None:
+        """Once the results are assembled into files, the parts are not needed."""
+        async for obj in self._objects.list(self._dir(scope, batch_id) + "parts/"):
+            await self._objects.delete(obj.key)
