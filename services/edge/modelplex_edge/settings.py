@@ -5,10 +5,11 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
+from modelplex_kit.objectstore.settings import ObjectStoreSettings
 from modelplex_kit.settings import ServiceSettings
 
 
-class EdgeSettings(ServiceSettings):
+class EdgeSettings(ServiceSettings, ObjectStoreSettings):
     """Edge settings (env prefix ``MODELPLEX_EDGE_``)."""
 
     model_config = SettingsConfigDict(env_prefix="MODELPLEX_EDGE_", extra="ignore")
@@ -88,8 +89,9 @@ class EdgeSettings(ServiceSettings):
     responses_background_flush_seconds: float = Field(0.1, gt=0)
 
     # -- files and batches (/v1/files, /v1/batches)
-    # The local-directory object store of uploaded files and batch parts and results (several replicas: a
-    # shared volume, until the S3 store is switched on).
+    # Uploaded files and batch parts and results live in the object store (OBJECT_STORE*: local or s3, see
+    # modelplex_kit.objectstore.settings); this is the local store's directory when OBJECT_STORE_DIR is unset
+    # (several replicas: a shared volume, or s3).
     object_dir: str = ".modelplex/objects"
     # An uploaded file's limit: OpenAI's for batch input files (200 MB). Larger uploads get 413.
     files_max_bytes: int = Field(200 * 1000 * 1000, ge=1)

@@ -13,20 +13,20 @@ import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from modelplex_edge.settings import EdgeSettings
-from modelplex_kit.objectstore import LocalObjectStore, ObjectStore
+from modelplex_kit.objectstore import ObjectStore
+from modelplex_kit.objectstore.settings import open_object_store
 
 _RECORD = ".json"
 
 
 def open_objects(settings: EdgeSettings) -> ObjectStore:
-    """The edge's object store: the local directory for now (the S3 store plugs in here)."""
-    return LocalObjectStore(Path(settings.object_dir))
+    """The edge's object store: MODELPLEX_EDGE_OBJECT_STORE (local: object_store_dir or object_dir; s3)."""
+    return open_object_store(settings, default_dir=settings.object_dir)
 
 
 def new_file_id() -> str:
