@@ -8,14 +8,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings
+from pydantic import BaseModel, Field
 
 Discovery = Literal["static", "dns", "endpointslices", "inferencepool"]
 Policy = Literal["affinity", "least_loaded", "round_robin"]
 
 
-class PoolSettings(BaseSettings):
+class PoolSettings(BaseModel):
+    """A mixin of fields: each service's settings class (with its env_prefix) reads them from the environment."""
+
     # One base URL (a pool of one), or several separated by commas (a static pool), e.g.
     # http://vllm-0:8000/v1,http://vllm-1:8000/v1. With another discovery, its scheme and path
     # (and, for dns, its host and port) make each discovered host:port a base URL.

@@ -56,7 +56,7 @@ def url_template(upstream_url: str) -> UrlTemplate:
 def hostport(url: str) -> str:
     parts = urlsplit(url if "//" in url else f"//{url}")
     default = 443 if parts.scheme == "https" else 80
-    return f"{parts.hostname}:{parts.port or default}"
+    return _join(parts.hostname or "", parts.port or default)
 
 
 class StaticSource:
