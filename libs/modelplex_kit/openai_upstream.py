@@ -24,7 +24,7 @@ import aiohttp
 import orjson
 
 from modelplex.v1 import common_pb2
-from modelplex_kit.engine_health import openai_ready
+from modelplex_kit.engine_health import openai_readiness, openai_ready
 from modelplex_kit.errors import unavailable, upstream_http_error
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,10 @@ class OpenAIUpstream:
 
     async def ready(self) -> bool:
         return await openai_ready(self._session(), self.base_url)
+
+    async def readiness(self) -> bool | None:
+        """``ready``, or None when the server did not answer in time (busy, not known to be down)."""
+        return await openai_readiness(self._session(), self.base_url)
 
     async def metrics(self) -> str | None:
         """The server's Prometheus text (``/metrics`` beside ``/v1``), None if it serves none.

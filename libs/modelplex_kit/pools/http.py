@@ -25,8 +25,8 @@ class HttpReplica:
     def __init__(self, upstream: OpenAIUpstream) -> None:
         self.upstream = upstream
 
-    async def ready(self) -> bool:
-        return await self.upstream.ready()
+    async def ready(self) -> bool | None:
+        return await self.upstream.readiness()
 
     async def engine_load(self) -> EngineLoad | None:
         try:
