@@ -172,6 +172,7 @@ class FakeReplica:
         self.failing = False
         self.engine: EngineLoad | None = None
         self.served = 0
+        self.closed = False
 
     async def ready(self) -> bool | None:
         return None if self.busy else self.up
@@ -182,7 +183,7 @@ class FakeReplica:
         return self.engine
 
     async def close(self) -> None:
-        pass
+        self.closed = True
 
     async def answer(self) -> str:
         if not self.up or self.failing:
@@ -324,5 +325,43 @@ async def test_a_replica_too_busy_to_answer_its_readiness_check_is_not_ejected_b
         clients["r1:1"].up, clients["r1:1"].engine = False, None
         clients["r1:1"].engine_load = clients["r0:1"].engine_load  # its scrape still answers: only readiness fails
         await until(lambda: not pool.replicas[1].available, 10)
+    finally:
+        await pool.close()
+
+
+class Snapshots:
+    """A replica source the test drives: each put is the next snapshot."""
+
+    def __init__(self, first: set[str]) -> None:
+        self.queue: asyncio.Queue[frozenset[str]] = asyncio.Queue()
+        self.queue.put_nowait(frozenset(first))
+
+    async def snapshots(self) -> AsyncIterator[frozenset[str]]:
+        while True:
+            yield await self.queue.get()
+
+
+async def test_a_replica_leaving_the_source_finishes_its_requests_before_it_is_closed():
+    clients = {k: FakeReplica(k) for k in ("r0:1", "r1:1")}
+    source = Snapshots(set(clients))
+    pool = Pool("test", PoolSettings(upstream_url="http://r0:1/v1"), source, clients.__getitem__)
+    release = asyncio.Event()
+
+    async def slow(client: FakeReplica) -> str:
+        await release.wait()
+        return client.key
+
+    try:
+        assert await pool.ready()
+        first = asyncio.ensure_future(pool.call(PickRequest(), slow))
+        await until(lambda: sum(r.load.in_flight for r in pool.replicas) == 1, 10)
+        busy_key = next(r.key for r in pool.replicas if r.load.in_flight)
+        source.queue.put_nowait(frozenset(clients) - {busy_key})
+        await until(lambda: [r.key for r in pool.replicas] == sorted(set(clients) - {busy_key}), 10)
+        assert not clients[busy_key].closed  # its request is still running there
+        release.set()
+        assert await first == busy_key
+        await until(lambda: clients[busy_key].closed, 10)
+        assert await pool.call(PickRequest(), FakeReplica.answer) != busy_key
     finally:
         await pool.close()

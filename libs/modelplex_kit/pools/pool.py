@@ -70,10 +70,18 @@ class Replica(Generic[C]):
         self.load = ReplicaLoad()
         self.ejected_until: float | None = None
         self.failures = 0
+        self.retired = False  # gone from the source: closed once its last request ends
         self.next_ready_check = 0.0
         self.in_flight_gauge = telemetry.POOL_IN_FLIGHT.labels(pool, key)
         self.queue_gauge = telemetry.POOL_QUEUE_DEPTH.labels(pool, key)
         self.ejections = telemetry.POOL_EJECTIONS.labels(pool, key)
+        self._labels = (pool, key)
+
+    def forget_metrics(self) -> None:
+        """A replica gone for good: its series go too (pods come and go; label sets must not pile up)."""
+        for metric in (telemetry.POOL_IN_FLIGHT, telemetry.POOL_QUEUE_DEPTH, telemetry.POOL_EJECTIONS):
+            with contextlib.suppress(KeyError):
+                metric.remove(*self._labels)
 
     @property
     def available(self) -> bool:
@@ -106,6 +114,7 @@ class Pool(Generic[C]):
         self._known = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._finished = 0  # requests completed, for the drain rate
+        self._closing: set[asyncio.Task[None]] = set()
         self.drain_per_second = 0.0
 
     # -- lifecycle ------------------------------------------------------
@@ -121,7 +130,7 @@ class Pool(Generic[C]):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        await asyncio.gather(*(r.client.close() for r in self._ordered), return_exceptions=True)
+        await asyncio.gather(*(r.client.close() for r in self._ordered), *self._closing, return_exceptions=True)
         self._replicas, self._ordered = {}, []
 
     async def ready(self) -> bool:
@@ -175,6 +184,8 @@ class Pool(Generic[C]):
         finally:
             replica.load.finished()
             replica.in_flight_gauge.dec()
+            if replica.retired and replica.load.in_flight == 0:
+                self._retire(replica)
         # Only reached without an exception: the replica served the request.
         replica.failures = 0
         self._finished += 1
@@ -248,7 +259,17 @@ class Pool(Generic[C]):
         log.info("pool replicas", extra={"pool": self.name, "replicas": sorted(snapshot)})
         for replica in gone:
             self.picker.forget(replica.key)
-            await replica.client.close()
+            replica.retired = True
+            if replica.load.in_flight == 0:
+                self._retire(replica)
+            # else: its requests finish on it (a pod leaving the endpoints drains them); the last one closes it.
+
+    def _retire(self, replica: Replica[C]) -> None:
+        if replica.key not in self._replicas:  # not back under the same address meanwhile (same series)
+            replica.forget_metrics()
+        task = asyncio.create_task(replica.client.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     # -- load and health ----------------------------------------------------
     async def _scrape_forever(self) -> None:
