@@ -19,7 +19,7 @@ import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Protocol
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from modelplex_kit.pools.settings import PoolSettings
 
@@ -54,9 +54,17 @@ def url_template(upstream_url: str) -> UrlTemplate:
 
 
 def hostport(url: str) -> str:
-    parts = urlsplit(url if "//" in url else f"//{url}")
-    default = 443 if parts.scheme == "https" else 80
-    return _join(parts.hostname or "", parts.port or default)
+    """``host:port`` of a base URL, or of a gRPC target that is one already (Triton's ``triton:8001``)."""
+    parts = _split(url)
+    return _join(parts.hostname or "", parts.port or _default_port(parts.scheme))
+
+
+def _split(url: str) -> SplitResult:
+    return urlsplit(url if "//" in url else f"//{url}")
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
 
 
 class StaticSource:
@@ -111,8 +119,8 @@ def replica_source(settings: PoolSettings) -> ReplicaSource:
         case "static":
             return StaticSource([hostport(url) for url in urls])
         case "dns":
-            parts = urlsplit(urls[0])
-            port = parts.port or (443 if parts.scheme == "https" else 80)
+            parts = _split(urls[0])
+            port = parts.port or _default_port(parts.scheme)
             return DnsSource(parts.hostname or "", port, settings.dns_interval_seconds)
         case _:  # endpointslices, inferencepool
             from modelplex_kit.pools import kubernetes  # only where it runs: it needs the API server
