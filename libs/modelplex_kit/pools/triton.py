@@ -1,5 +1,5 @@
-"""Pools of KServe v2 gRPC replicas (Triton, KServe ModelServers): what the Triton adapters with unary
-calls use instead of one ``InferenceServerClient``.
+"""Pools of KServe v2 gRPC replicas (Triton, KServe ModelServers): what the Triton adapters use
+instead of one ``InferenceServerClient`` (``infer`` for unary calls, ``stream`` for ``stream_infer``).
 
 One gRPC channel per replica; the picker's load is this backend's in-flight count per replica
 (Triton publishes its queue on a separate metrics port, which the configured target does not name).
@@ -9,7 +9,8 @@ another replica; its failure is mapped once, by ``kserve_v2.upstream_error``.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from tritonclient.grpc.aio import InferenceServerClient, InferResult
 from tritonclient.utils import InferenceServerException
@@ -21,6 +22,8 @@ from modelplex_kit.pools.picker import PickRequest
 from modelplex_kit.pools.pool import Pool
 from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.pools.sources import replica_source
+
+T = TypeVar("T")
 
 
 class TritonReplica:
@@ -55,6 +58,17 @@ class TritonPool:
                 raise upstream_error(exc, self._model, param) from exc
 
         return await self.pool.call(PickRequest(), send)
+
+    async def call(self, send: Callable[[InferenceServerClient], Awaitable[T]]) -> T:
+        """Any unary call of the adapter's own on the least loaded replica's channel; ``send`` maps its failures."""
+        return await self.pool.call(PickRequest(), lambda replica: send(replica.client))
+
+    def stream(
+        self, open_: Callable[[InferenceServerClient], AsyncIterator[T]], *, pick: PickRequest | None = None
+    ) -> AsyncIterator[T]:
+        """A streamed call (``stream_infer``) of the adapter's own on the picked replica's channel,
+        retried on another until its first item; ``open_`` maps its own failures."""
+        return self.pool.stream(pick or PickRequest(), lambda replica: open_(replica.client))
 
     async def ready(self) -> bool:
         return await self.pool.ready()

@@ -75,11 +75,14 @@ class OpenAISettings(TextSettings, PoolSettings):
     upstream_max_connections: int = 256
 
 
-class TritonSettings(SamplingDefaults):
-    """engine=triton: Triton's gRPC API (vLLM backend or TRT-LLM ensemble)."""
+class TritonSettings(SamplingDefaults, PoolSettings):
+    """engine=triton: Triton's gRPC API (vLLM backend or TRT-LLM ensemble).
 
-    # host:port of Triton's gRPC endpoint.
-    upstream_url: str = ""
+    ``upstream_url``: host:port of Triton's gRPC endpoint, or several separated by commas (an engine
+    pool, modelplex_kit.pools: a channel per replica, each choice to the least loaded one or the one
+    that served its prompt prefix).
+    """
+
     # Triton's model name.
     upstream_model: str = ""
     # A deadline on each whole choice's stream (not a silence limit); beyond it the client gets 504.
