@@ -13,6 +13,7 @@ import grpc
 import pytest
 
 from modelplex_kit.errors import ServiceError, invalid, unavailable
+from modelplex_kit.pools import pool as pool_module
 from modelplex_kit.pools.load import EngineLoad, ReplicaLoad, parse_engine_load
 from modelplex_kit.pools.picker import Picker, PickRequest, Reason
 from modelplex_kit.pools.pool import Pool, ReplicaUnreachable
@@ -363,5 +364,58 @@ async def test_a_replica_leaving_the_source_finishes_its_requests_before_it_is_c
         assert await first == busy_key
         await until(lambda: clients[busy_key].closed, 10)
         assert await pool.call(PickRequest(), FakeReplica.answer) != busy_key
+    finally:
+        await pool.close()
+
+
+class Flaky:
+    """A source that fails once after its first snapshot, then yields the second."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def snapshots(self) -> AsyncIterator[frozenset[str]]:
+        self.runs += 1
+        if self.runs == 1:
+            yield frozenset({"r0:1"})
+            raise ConnectionError("watch broke")
+        yield frozenset({"r0:1", "r1:1"})
+
+
+async def test_a_failing_source_is_restarted_and_a_failing_scrape_stops_nothing():
+    clients = {k: FakeReplica(k) for k in ("r0:1", "r1:1")}
+
+    async def broken_scrape() -> EngineLoad | None:
+        raise RuntimeError("unexpected")
+
+    clients["r0:1"].engine_load = broken_scrape  # type: ignore[method-assign]
+    clients["r1:1"].engine = EngineLoad(running=1, waiting=2, kv_cache_usage=0)
+    settings = PoolSettings(upstream_url="http://r0:1/v1", pool_scrape_interval_seconds=0.02)
+    pool = Pool("test", settings, Flaky(), clients.__getitem__)
+    try:
+        assert await pool.ready()
+        await until(lambda: len(pool.replicas) == 2, 10)
+        await until(lambda: pool.replicas[1].load.engine is not None, 10)  # scrapes go on past r0's failures
+    finally:
+        await pool.close()
+
+
+async def test_a_source_that_never_answers_holds_requests_for_a_bounded_time_only(monkeypatch):
+    monkeypatch.setattr(pool_module, "_FIRST_SNAPSHOT_S", 0.5)
+
+    class Silent:
+        async def snapshots(self) -> AsyncIterator[frozenset[str]]:
+            await asyncio.Event().wait()
+            yield frozenset()
+
+    pool = Pool("test", PoolSettings(upstream_url="http://r0:1/v1"), Silent(), FakeReplica)
+    try:
+        with pytest.raises(ServiceError) as empty:
+            await asyncio.wait_for(pool.call(PickRequest(), FakeReplica.answer), 30)
+        assert empty.value.status == grpc.StatusCode.UNAVAILABLE
+        start = time.monotonic()
+        with pytest.raises(ServiceError):
+            await pool.call(PickRequest(), FakeReplica.answer)
+        assert time.monotonic() - start < 0.4  # the first wait was the pool's, not every request's
     finally:
         await pool.close()

@@ -40,6 +40,8 @@ T = TypeVar("T")
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 # How long a request waits for the source's first snapshot before the pool counts as empty.
 _FIRST_SNAPSHOT_S = 10.0
+# Pause before a failed replica source is restarted.
+_SOURCE_RESTART_S = 1.0
 # Weight of the newest sample in the drain rate's moving average.
 _DRAIN_SMOOTHING = 0.2
 
@@ -112,6 +114,7 @@ class Pool(Generic[C]):
         self._replicas: dict[str, Replica[C]] = {}
         self._ordered: list[Replica[C]] = []  # sorted by key: round robin and ties need a stable order
         self._known = asyncio.Event()
+        self._started_at = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._finished = 0  # requests completed, for the drain rate
         self._closing: set[asyncio.Task[None]] = set()
@@ -121,6 +124,7 @@ class Pool(Generic[C]):
     def _start(self) -> None:
         # On first use, not in __init__: the tasks belong to the serving event loop.
         if not self._tasks:
+            self._started_at = time.monotonic()
             self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._scrape_forever())]
 
     async def close(self) -> None:
@@ -240,15 +244,25 @@ class Pool(Generic[C]):
         return max(1, min(60, math.ceil(excess / per_replica)))
 
     async def _wait_known(self) -> None:
+        """Waits for the source's first snapshot, up to _FIRST_SNAPSHOT_S after the pool started (not
+        per request: a source that never answers must not hold every request that long)."""
         self._start()
         if not self._known.is_set():
+            remaining = self._started_at + _FIRST_SNAPSHOT_S - time.monotonic()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._known.wait(), _FIRST_SNAPSHOT_S)
+                await asyncio.wait_for(self._known.wait(), max(remaining, 0.0))
 
     # -- membership --------------------------------------------------------
     async def _watch(self) -> None:
-        async for snapshot in self._source.snapshots():
-            await self._apply(snapshot)
+        """Follows the source; one that fails is restarted after a pause (the last snapshot stands meanwhile)."""
+        while True:
+            try:
+                async for snapshot in self._source.snapshots():
+                    await self._apply(snapshot)
+                return  # a source that ends has no more changes
+            except Exception:
+                log.exception("pool replica source failed; restarting it", extra={"pool": self.name})
+                await asyncio.sleep(_SOURCE_RESTART_S)
 
     async def _apply(self, snapshot: frozenset[str]) -> None:
         gone = [self._replicas.pop(key) for key in set(self._replicas) - snapshot]
@@ -277,11 +291,18 @@ class Pool(Generic[C]):
         last, finished = time.monotonic(), self._finished
         while True:
             await asyncio.sleep(interval)
-            await asyncio.gather(*(self._scrape(r) for r in self._ordered))
+            await asyncio.gather(*(self._scrape_safely(r) for r in self._ordered))
             now = time.monotonic()
             rate = (self._finished - finished) / max(now - last, 1e-6)
             self.drain_per_second += _DRAIN_SMOOTHING * (rate - self.drain_per_second)
             last, finished = now, self._finished
+
+    async def _scrape_safely(self, replica: Replica[C]) -> None:
+        # Whatever one replica's scrape raises, the loop (every replica's load) goes on.
+        try:
+            await self._scrape(replica)
+        except Exception:
+            log.exception("pool scrape failed", extra={"replica": replica.key})
 
     async def _scrape(self, replica: Replica[C]) -> None:
         now = time.monotonic()
