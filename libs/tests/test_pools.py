@@ -204,13 +204,13 @@ class FakeReplica:
 
 def make_pool(n: int = 3, **overrides: object) -> tuple[Pool[FakeReplica], dict[str, FakeReplica]]:
     keys = [f"r{i}:1" for i in range(n)]
-    settings = PoolSettings(
-        upstream_url=",".join(f"http://{k}/v1" for k in keys),
-        pool_scrape_interval_seconds=0.02,
-        pool_ready_check_seconds=0.02,
-        pool_eject_seconds=0.2,
-        **overrides,  # type: ignore[arg-type]
-    )
+    values = {
+        "upstream_url": ",".join(f"http://{k}/v1" for k in keys),
+        "pool_scrape_interval_seconds": 0.02,
+        "pool_ready_check_seconds": 0.02,
+        "pool_eject_seconds": 0.2,
+    }
+    settings = PoolSettings(**(values | overrides))  # type: ignore[arg-type]
     clients = {k: FakeReplica(k) for k in keys}
     return Pool("test", settings, StaticSource(keys), clients.__getitem__), clients
 
@@ -417,5 +417,18 @@ async def test_a_source_that_never_answers_holds_requests_for_a_bounded_time_onl
         with pytest.raises(ServiceError):
             await pool.call(PickRequest(), FakeReplica.answer)
         assert time.monotonic() - start < 0.4  # the first wait was the pool's, not every request's
+    finally:
+        await pool.close()
+
+
+async def test_a_pool_whose_every_replica_was_down_is_ready_as_soon_as_one_is_back():
+    pool, clients = make_pool(1, pool_eject_seconds=30.0, pool_eject_max_seconds=60.0)
+    try:
+        clients["r0:1"].up = False
+        assert not await pool.ready()
+        await until(lambda: not pool.replicas[0].available, 10)
+        clients["r0:1"].up = True
+        assert await pool.ready()  # not 30 s later, when its backoff ends
+        assert pool.replicas[0].available
     finally:
         await pool.close()

@@ -138,10 +138,14 @@ class Pool(Generic[C]):
         self._replicas, self._ordered = {}, []
 
     async def ready(self) -> bool:
-        """Ready while some replica not ejected passes its readiness check."""
+        """Ready while some replica passes its readiness check. Ejected replicas are checked too when no
+        other one is ready, and taken back at once if they pass: a pool whose every replica was down
+        (a pool of one whose server restarted) serves again as soon as one is back, not after its backoff."""
         await self._wait_known()
-        for replica in [r for r in self._ordered if r.available]:
+        for replica in sorted(self._ordered, key=lambda r: not r.available):
             if await replica.client.ready():
+                if not replica.available:
+                    self._take_back(replica)
                 return True
         return False
 
@@ -286,6 +290,10 @@ class Pool(Generic[C]):
         task.add_done_callback(self._closing.discard)
 
     # -- load and health ----------------------------------------------------
+    def _take_back(self, replica: Replica[C]) -> None:
+        replica.ejected_until = None
+        log.info("pool replica back", extra={"replica": replica.key})
+
     async def _scrape_forever(self) -> None:
         interval = self._settings.pool_scrape_interval_seconds
         last, finished = time.monotonic(), self._finished
@@ -328,7 +336,6 @@ class Pool(Generic[C]):
 
     async def _probe_back(self, replica: Replica[C]) -> None:
         if await replica.client.ready():
-            replica.ejected_until = None
-            log.info("pool replica back", extra={"replica": replica.key})
+            self._take_back(replica)
         else:
             replica.eject(self._settings, "still not ready")
