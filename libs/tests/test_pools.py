@@ -135,6 +135,17 @@ def test_a_named_session_sticks_and_unrelated_prompts_spread_by_load():
     assert choose.pick(replicas, PickRequest("unrelated")).key == replicas[0].key
 
 
+def test_a_session_moving_to_another_shared_prompt_follows_the_prompt_not_its_old_replica():
+    replicas, choose = stubs(3), picker()
+    other_tenant = "You answer questions about the shipping schedule of a harbour, tersely. " * 20
+    tenant_home = choose.pick(replicas, PickRequest(other_tenant + "first")).key
+    busy(next(r for r in replicas if r.key == tenant_home), 1)  # so the session lands elsewhere
+    session_home = choose.pick(replicas, PickRequest("hello", session="user-9")).key
+    assert session_home != tenant_home
+    moved = choose.pick(replicas, PickRequest(other_tenant + "second", session="user-9"))
+    assert moved.key == tenant_home and moved.reason == Reason.PREFIX
+
+
 def test_least_loaded_and_round_robin_policies():
     replicas = stubs(3)
     busy(replicas[0], 4), busy(replicas[1], 1), busy(replicas[2], 3)

@@ -1,8 +1,9 @@
 """Which replica serves a request: the policies a pool can run.
 
-``affinity`` (the default) weighs, in order: the session the client named (``prompt_cache_key``,
-``user``) and the longest prompt prefix a replica served recently, both only among replicas whose
-load is within ``max_imbalance`` of the least loaded one's, then the least load. The bound keeps one
+``affinity`` (the default) weighs, in order: the longest prompt prefix a replica served recently, then
+the session the client named (``prompt_cache_key``, ``user``: its replica wins when it holds as much
+of the prompt as any), both only among replicas whose load is within ``max_imbalance`` of the least
+loaded one's, then the least load. The bound keeps one
 hot prefix (or one chatty session) from piling onto one replica: past it, the request goes to the
 least loaded replica, which then warms its own cache for that prefix. ``least_loaded`` and
 ``round_robin`` are there to compare against (and for engines without a prefix cache).
@@ -108,13 +109,14 @@ class Picker:
     def _affine(
         self, within: Sequence[Candidate], scores: dict[str, float], session: str, hashes: list[int]
     ) -> tuple[str | None, Reason]:
+        matched = self.prefixes.matches(hashes, (c.key for c in within)) if hashes else {}
+        longest = max(matched.values(), default=0)
         known = self.sessions.get(session) if session else None
-        if known is not None and any(c.key == known for c in within):
+        # The session's replica, unless another holds more of this prompt: a session (an end user)
+        # may move to another shared prompt, whose cache is elsewhere.
+        if known is not None and any(c.key == known for c in within) and matched.get(known, 0) == longest:
             return known, Reason.SESSION
-        if hashes:
-            matched = self.prefixes.matches(hashes, (c.key for c in within))
-            longest = max(matched.values(), default=0)
-            if longest > 0:
-                best = [key for key, depth in matched.items() if depth == longest]
-                return min(best, key=scores.__getitem__), Reason.PREFIX
+        if longest > 0:
+            best = [key for key, depth in matched.items() if depth == longest]
+            return min(best, key=scores.__getitem__), Reason.PREFIX
         return None, Reason.LOAD
