@@ -47,13 +47,14 @@ def test_no_catalog_configmap_and_the_catalog_reads_the_api(objects):
 
 
 def test_rbac_is_limited_to_reading_models_and_patching_their_status(objects):
-    (role,) = find(objects, "Role")
+    # The vLLM model's backend has its own (pool discovery): tests/deploy/test_chart_pools.py.
+    (role,) = find(objects, "Role", "modelplex-catalog")
     assert role["rules"] == [
         {"apiGroups": ["modelplex.io"], "resources": ["models"], "verbs": ["get", "list", "watch"]},
         {"apiGroups": ["modelplex.io"], "resources": ["models/status"], "verbs": ["patch"]},
     ]
     assert not find(objects, "ClusterRole") and not find(objects, "ClusterRoleBinding")
-    (binding,) = find(objects, "RoleBinding")
+    (binding,) = find(objects, "RoleBinding", "modelplex-catalog")
     assert binding["subjects"][0]["name"] == "modelplex-catalog"
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
     (account,) = find(objects, "ServiceAccount", "modelplex-catalog")

@@ -275,11 +275,25 @@ def test_gpu(overlay) -> None:
     assert c["args"][c["args"].index("--served-model-name") + 1] == "llama-3.1-8b-instruct"
     assert c["readinessProbe"]["httpGet"]["path"] == "/health"
     assert vllm["spec"]["template"]["spec"]["tolerations"]
-    assert one(objects, "Service", "modelplex-vllm-llama-3-1-8b-instruct")
+    # Headless: the backend's pool finds every ready replica in its EndpointSlices.
+    assert one(objects, "Service", "modelplex-vllm-llama-3-1-8b-instruct")["spec"]["clusterIP"] == "None"
 
     text = one(objects, "Deployment", "modelplex-text-llama-3-1-8b-instruct")
     e = env(text)
     assert e["MODELPLEX_TEXT_ENGINE"] == "openai"
+    assert e["MODELPLEX_TEXT_UPSTREAM_DISCOVERY"] == "endpointslices"
+    assert e["MODELPLEX_TEXT_UPSTREAM_SERVICE"] == "modelplex-vllm-llama-3-1-8b-instruct"
+    assert e["MODELPLEX_TEXT_UPSTREAM_PORT"] == "http"
+    pod = text["spec"]["template"]["spec"]
+    assert (pod["serviceAccountName"], pod["automountServiceAccountToken"]) == ("modelplex-pool-discovery", True)
+    role = one(objects, "Role", "modelplex-pool-discovery")
+    assert role["metadata"]["namespace"] == "modelplex"
+    assert role["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]
+    binding = one(objects, "RoleBinding", "modelplex-pool-discovery")
+    (subject,) = binding["subjects"]
+    assert subject == {"kind": "ServiceAccount", "name": "modelplex-pool-discovery", "namespace": "modelplex"}
     assert e["MODELPLEX_TEXT_UPSTREAM_URL"] == "http://modelplex-vllm-llama-3-1-8b-instruct:8000/v1"
     assert e["MODELPLEX_TEXT_UPSTREAM_MODEL"] == "llama-3.1-8b-instruct"
     assert "MODELPLEX_TEXT_MODEL_PATH" not in e

@@ -48,6 +48,7 @@ RENDERED = _chart_sets() | _overlay_sets()
 def test_every_value_set_and_overlay_is_covered() -> None:
     names = {Path(n.split(":", 1)[1]).stem for n in RENDERED}
     assert {"cpu-values", "gpu-values", "gpu-ops-values", "external-values", "redis-values", "defaults"} <= names
+    assert "pools-values" in names
     assert {"local-cpu", "gpu"} <= names
 
 
@@ -125,15 +126,67 @@ def test_images_are_pinned(name: str) -> None:
             assert (tag and tag != "latest") or "@sha256:" in image, f"{name}: {obj['metadata']['name']} {image}"
 
 
+# Services of engine replicas: their backends' pools pick a replica per request from the EndpointSlices.
+ENGINE_COMPONENTS = {"vllm", "triton", "pool"}
+
+
 @pytest.mark.parametrize("name", sorted(RENDERED))
-def test_grpc_services_are_headless(name: str) -> None:
+def test_grpc_and_engine_services_are_headless(name: str) -> None:
     for obj in RENDERED[name]:
         if obj["kind"] != "Service":
             continue
         grpc = any(p.get("name") == "grpc" or p.get("appProtocol") == "grpc" for p in obj["spec"]["ports"])
-        # The edge balances per call over every pod (round_robin over DNS); Triton's gRPC is one backend's.
-        if grpc and _component(obj) != "triton":
+        # The edge balances per call over every pod (round_robin over DNS), a backend's pool over every
+        # engine replica: a ClusterIP would spread connections, not calls.
+        if grpc or _component(obj) in ENGINE_COMPONENTS:
             assert obj["spec"].get("clusterIP") == "None", f"{name}: {obj['metadata']['name']}"
+
+
+def _names(objects: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_api_access_is_namespaced_read_only_and_only_where_used(name: str) -> None:
+    """No cluster-wide RBAC; a token only in pods whose ServiceAccount is bound to a Role; discovery reads."""
+    objects = RENDERED[name]
+    assert not [o for o in objects if o["kind"] in ("ClusterRole", "ClusterRoleBinding")], name
+    roles, bindings = _names(objects, "Role"), _names(objects, "RoleBinding")
+    bound = {s["name"]: roles[b["roleRef"]["name"]] for b in bindings.values() for s in b["subjects"]}
+    for obj, pod in _pods(objects):
+        where = f"{name}: {obj['metadata']['name']}"
+        account = pod.get("serviceAccountName", "default")
+        if pod.get("automountServiceAccountToken"):
+            assert account in bound, f"{where}: a token for an account no Role is bound to"
+        env = {e["name"]: e for c in pod["containers"] for e in c.get("env", [])}
+        discovery = next((e["value"] for k, e in env.items() if k.endswith("_UPSTREAM_DISCOVERY")), "static")
+        if discovery in ("endpointslices", "inferencepool"):
+            assert pod.get("automountServiceAccountToken") is True, where
+            assert env["POD_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace", where
+            rules = {(g, r): set(rule["verbs"]) for rule in bound[account]["rules"]
+                     for g in rule["apiGroups"] for r in rule["resources"]}  # fmt: skip
+            wanted = {("discovery.k8s.io", "endpointslices")}
+            if discovery == "inferencepool":
+                wanted |= {("inference.networking.k8s.io", "inferencepools"), ("", "pods")}
+            assert wanted <= set(rules), f"{where}: {sorted(rules)}"
+    for role in roles.values():
+        if _component(role) == "pool-discovery":
+            for rule in role["rules"]:
+                assert set(rule["verbs"]) == {"get", "list", "watch"}, f"{name}: {rule}"
+                assert set(rule["resources"]) <= {"endpointslices", "inferencepools", "pods"}, f"{name}: {rule}"
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_discovered_services_are_rendered_headless_with_the_named_port(name: str) -> None:
+    services = _names(RENDERED[name], "Service")
+    for obj, pod in _pods(RENDERED[name]):
+        env = {e["name"]: e.get("value") for c in pod["containers"] for e in c.get("env", [])}
+        prefix = next((k.removesuffix("UPSTREAM_DISCOVERY") for k in env if k.endswith("_UPSTREAM_DISCOVERY")), "")
+        if env.get(f"{prefix}UPSTREAM_DISCOVERY") != "endpointslices":
+            continue
+        service = services[env[f"{prefix}UPSTREAM_SERVICE"]]
+        assert service["spec"]["clusterIP"] == "None", f"{name}: {obj['metadata']['name']}"
+        assert env[f"{prefix}UPSTREAM_PORT"] in {p["name"] for p in service["spec"]["ports"]}, obj["metadata"]["name"]
 
 
 def _env(container: dict[str, Any]) -> dict[str, str]:

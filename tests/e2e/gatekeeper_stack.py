@@ -39,13 +39,26 @@ def start_engine() -> tuple[subprocess.Popen, int]:
 
 
 class Hanging(text_pb2_grpc.TextGenerationServiceServicer):
-    """Never answers: the request stays in flight until the client leaves."""
+    """Never answers: the request stays in flight until the client leaves.
+
+    ``waiting`` counts the calls held now (the servicer runs in the test's own event loop), so a
+    test waits until its requests got past admission instead of guessing a delay.
+    """
+
+    waiting = 0
+
+    async def _hold(self) -> None:
+        Hanging.waiting += 1
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            Hanging.waiting -= 1
 
     async def Generate(self, request, context):
-        await asyncio.sleep(3600)
+        await self._hold()
 
     async def GenerateStream(self, request, context):
-        await asyncio.sleep(3600)
+        await self._hold()
         yield  # pragma: no cover
 
 

@@ -11,8 +11,9 @@ import pytest
 import redis
 
 from modelplex_gatekeeper.keys import new_key
-from tests.e2e.gatekeeper_stack import start_engine, start_hanging, start_stack, write_catalog, write_keys
+from tests.e2e.gatekeeper_stack import Hanging, start_engine, start_hanging, start_stack, write_catalog, write_keys
 from tests.support.redis_server import RedisServer
+from tests.support.until import until
 
 pytestmark = pytest.mark.e2e
 
@@ -88,17 +89,22 @@ async def test_the_limit_is_one_count_across_edges(pair):
 
 async def test_concurrency_slots_are_shared_across_edges(pair):
     _, _, clients, _ = pair
+    await until(lambda: Hanging.waiting == 0, 30)  # none left from an earlier test
     hung = [asyncio.create_task(clients[name].post(
         "/chat/completions", json={**CHAT, "model": "hang"}, headers=auth("slots"), timeout=60))
         for name in ("open", "open", "closed", "closed")]
-    await asyncio.sleep(0.7)
+    await until(lambda: Hanging.waiting >= 4, 30)
     for client in clients.values():
         assert (await client.post("/chat/completions", json=CHAT, headers=auth("slots"))).status_code == 429
     for task in hung:
         task.cancel()
     await asyncio.gather(*hung, return_exceptions=True)
-    await asyncio.sleep(0.5)
-    assert (await clients["closed"].post("/chat/completions", json=CHAT, headers=auth("slots"))).status_code == 200
+    deadline = time.monotonic() + 10  # the slots come back once each edge has accounted its cancelled request
+    closed = clients["closed"]
+    while (again := await closed.post("/chat/completions", json=CHAT, headers=auth("slots"))).status_code == 429:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert again.status_code == 200
 
 
 async def load(client: httpx.AsyncClient, stop: asyncio.Event, statuses: list[int]) -> None:

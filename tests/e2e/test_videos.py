@@ -1,4 +1,8 @@
-"""OpenAI's video API through the official openai SDK: the whole job lifecycle, against procedural-video."""
+"""OpenAI's video API through the official openai SDK: the whole job lifecycle, against procedural-video.
+
+Everything runs twice: finished videos in a local directory, and in a bucket of a real S3-protocol
+server (moto's server mode).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import av
 import grpc
@@ -23,6 +29,7 @@ from modelplex.v1 import common_pb2, videos_pb2, videos_pb2_grpc
 from tests.e2e.visual_stack import VISUAL_KEY, start_visual_stack
 from tests.support.openapi import validate
 from tests.support.ports import free_port
+from tests.support.s3_server import S3Server
 
 # The SDK warns that OpenAI is retiring its own Sora API; the API shape is what Modelplex serves.
 pytestmark = [pytest.mark.e2e, pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")]
@@ -30,11 +37,42 @@ MODEL = "procedural-video"
 FPS = 4
 
 
+@dataclass
+class ContentStore:
+    """Where the videos backend keeps finished videos: a local directory, or a bucket of a real S3 server."""
+
+    kind: str
+    directory: Path
+    s3: S3Server | None = None
+    bucket: str = ""
+
+    def keys(self, video_id: str) -> list[str]:
+        prefix = f"videos/{video_id}/"
+        if self.s3 is not None:
+            listed = self.s3.client().list_objects_v2(Bucket=self.bucket, Prefix=prefix).get("Contents", [])
+            return sorted(item["Key"] for item in listed)
+        found = (self.directory / prefix).glob("*")
+        return sorted(f"{prefix}{path.name}" for path in found if not path.name.endswith(".meta.json"))
+
+
+@pytest.fixture(scope="module", params=["local", "s3"])
+def content_store(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("videos-content")
+    if request.param == "local":
+        yield ContentStore("local", directory)
+        return
+    server = S3Server().start()
+    yield ContentStore("s3", directory, server, server.new_bucket())
+    server.stop()
+
+
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, content_store):
     tmp = tmp_path_factory.mktemp("videos")
-    settings = {"data_dir": str(tmp / "data"), "fps": FPS, "workers": 2, "lease_seconds": 5}
-    running = start_visual_stack(tmp, videos_settings=settings)
+    settings = {"data_dir": str(tmp / "data"), "fps": FPS, "workers": 2, "lease_seconds": 5,
+                "object_store_dir": str(content_store.directory)}
+    env = content_store.s3.env("MODELPLEX_VIDEOS_", content_store.bucket) if content_store.s3 else {}
+    running = start_visual_stack(tmp, env, videos_settings=settings)
     running.start_supervising(interval=0.2)  # as `make run` does: a crashed process comes back
     yield running
     running.stop()
@@ -83,6 +121,11 @@ def test_create_and_poll_completes(stack, client, finished):
     assert finished.error is None and finished.remixed_from_video_id is None
     raw = _http(stack, "GET", f"/videos/{finished.id}")
     validate(raw.json(), "VideoResource")
+
+
+def test_content_lives_in_the_configured_store(content_store, finished):
+    assert content_store.keys(finished.id) == [
+        f"videos/{finished.id}/{name}" for name in ("spritesheet.jpg", "thumbnail.webp", "video.mp4")]
 
 
 def test_download_is_a_decodable_h264_mp4(client, finished):
@@ -139,8 +182,9 @@ def test_list_pagination(stack, client):
         _wait(client, video_id)
 
 
-def test_delete(client):
+def test_delete(client, content_store):
     video = client.videos.create_and_poll(model=MODEL, prompt="to be deleted", seconds="4", poll_interval_ms=250)
+    assert len(content_store.keys(video.id)) == 3
     deleted = client.videos.delete(video.id)
     assert (deleted.id, deleted.deleted, deleted.object) == (video.id, True, "video.deleted")
     with pytest.raises(openai.NotFoundError):
@@ -148,6 +192,7 @@ def test_delete(client):
     with pytest.raises(openai.NotFoundError):
         client.videos.download_content(video.id)
     assert video.id not in [v.id for v in client.videos.list(limit=100)]
+    assert content_store.keys(video.id) == []  # its objects are gone from the store too
 
 
 def test_seed_gives_the_same_video(client):

@@ -1,4 +1,7 @@
-"""Videos replicas sharing one Redis queue (a real redis-server): shared work, and a dead worker's job re-run."""
+"""Videos replicas sharing one Redis queue (a real redis-server): shared work, and a dead worker's job re-run.
+
+Their content on a shared volume (one local directory) or on S3 (moto's real S3-protocol server), where
+each replica has a data directory of its own: no shared volume."""
 
 from __future__ import annotations
 
@@ -7,15 +10,19 @@ import os
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable
 
 import grpc
 import pytest
 
 from modelplex.v1 import common_pb2, videos_pb2, videos_pb2_grpc
 from modelplex_videos.jobs import Job, Limits, new_job_id
+from modelplex_videos.media import decode_frames
 from modelplex_videos.redis_store import RedisJobStore
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer
+from tests.support.s3_server import S3Server
 from tests.support.until import wait_until
 
 pytestmark = pytest.mark.integration
@@ -84,12 +91,30 @@ async def test_store_idempotency_and_limits(fresh):
         await store.close()
 
 
+@pytest.fixture(scope="module")
+def s3_server():
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["shared-volume", "s3"])
+def content_env(request, tmp_path) -> Callable[[], dict[str, str]]:
+    """Each call: the content settings of one more replica."""
+    if request.param == "shared-volume":
+        return lambda: {"MODELPLEX_VIDEOS_DATA_DIR": str(tmp_path / "data")}
+    s3 = request.getfixturevalue("s3_server")
+    bucket = s3.new_bucket()
+    return lambda: {"MODELPLEX_VIDEOS_DATA_DIR": str(tmp_path / uuid.uuid4().hex),
+                    **s3.env("MODELPLEX_VIDEOS_", bucket)}
+
+
 class Replica:
-    def __init__(self, redis_url: str, data_dir: str, log) -> None:
+    def __init__(self, redis_url: str, content_env: dict[str, str], log) -> None:
         self.target = f"127.0.0.1:{free_port()}"
         env = {
             **os.environ, "MODELPLEX_VIDEOS_LISTEN": self.target, "MODELPLEX_VIDEOS_STORE": "redis",
-            "MODELPLEX_VIDEOS_REDIS_URL": redis_url, "MODELPLEX_VIDEOS_DATA_DIR": data_dir,
+            "MODELPLEX_VIDEOS_REDIS_URL": redis_url, **content_env,
             "MODELPLEX_VIDEOS_WORKERS": "1", "MODELPLEX_VIDEOS_LEASE_SECONDS": "2", "MODELPLEX_VIDEOS_FPS": "6",
             "MODELPLEX_LOG_FORMAT": "text", "MODELPLEX_GRACE_SECONDS": "5",
         }
@@ -128,19 +153,26 @@ def wait_done(stub, video_id: str, timeout: float = 180) -> videos_pb2.VideoJob:
     return wait_until(finished, timeout=timeout, interval=0.2)
 
 
-def test_two_replicas_share_the_queue_and_finish_a_dead_workers_job(fresh, tmp_path):
+def download(stub, video_id: str) -> bytes:
+    chunks = stub.DownloadVideoContent(videos_pb2.DownloadVideoContentRequest(meta=META, video_id=video_id), timeout=60)
+    return b"".join(chunk.data for chunk in chunks)
+
+
+def test_two_replicas_share_the_queue_and_finish_a_dead_workers_job(fresh, tmp_path, content_env):
     log = open(tmp_path / "replicas.log", "w")  # noqa: SIM115 - closed below
-    first = Replica(fresh.url, str(tmp_path / "data"), log)
+    first = Replica(fresh.url, content_env(), log)
     second = None
     try:
         # Shared work: one worker per replica, two jobs at once -> each replica renders one.
-        second = Replica(fresh.url, str(tmp_path / "data"), log)
+        second = Replica(fresh.url, content_env(), log)
         jobs = [create(first.stub, "shared a"), create(first.stub, "shared b")]
         done = [wait_done(second.stub, j.id) for j in jobs]
         assert all(d.status == videos_pb2.VIDEO_STATUS_COMPLETED for d in done)
         finishers = {fresh.client().hget(f"modelplex:videos:job:{j.id}", "finished_by").decode().split("-")[0]
                      for j in jobs}
         assert len(finishers) == 2, finishers
+        for rendered in jobs:  # one was rendered by the other replica: each serves both
+            assert len(decode_frames(download(first.stub, rendered.id))) == 8 * 6
         second.stop()
 
         # A dead worker's job: only `first` runs it, dies mid-render, and `second` (started after) finishes it.
@@ -148,14 +180,11 @@ def test_two_replicas_share_the_queue_and_finish_a_dead_workers_job(fresh, tmp_p
         wait_until(lambda: get(first.stub, long.id).progress > 0, timeout=60, interval=0.05)
         first.process.kill()
         first.process.wait()
-        second = Replica(fresh.url, str(tmp_path / "data"), log)
+        second = Replica(fresh.url, content_env(), log)
         finished = wait_done(second.stub, long.id)
         assert finished.status == videos_pb2.VIDEO_STATUS_COMPLETED, finished.error_message
         assert int(fresh.client().hget(f"modelplex:videos:job:{long.id}", "attempts")) == 2
-        chunks = second.stub.DownloadVideoContent(videos_pb2.DownloadVideoContentRequest(meta=META, video_id=long.id))
-        from modelplex_videos.media import decode_frames
-
-        assert len(decode_frames(b"".join(c.data for c in chunks))) == 12 * 6
+        assert len(decode_frames(download(second.stub, long.id))) == 12 * 6
     finally:
         first.stop()
         if second is not None:

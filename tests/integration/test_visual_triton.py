@@ -17,9 +17,10 @@ from modelplex_images.adapters.triton import TritonImagesEngine
 from modelplex_images.servicer import ImagesServicer
 from modelplex_images.settings import ImagesSettings
 from modelplex_kit.errors import ServiceError
+from modelplex_kit.objectstore import open_object_store
 from modelplex_videos import media
 from modelplex_videos.adapters.triton import TritonVideosEngine
-from modelplex_videos.content import LocalContentStore
+from modelplex_videos.content import VideoContent
 from modelplex_videos.engine import VideoSpec
 from modelplex_videos.jobs import Limits, SQLiteJobStore
 from modelplex_videos.servicer import VideosServicer
@@ -113,7 +114,7 @@ async def test_video_job_completes_through_the_worker_pool(kserve, tmp_path):
     settings = video_settings(kserve, tmp_path)
     engine = TritonVideosEngine(settings)
     store = SQLiteJobStore(settings.sqlite_path, 3600)
-    content = LocalContentStore(settings.content_dir)
+    content = VideoContent(open_object_store(settings, default_dir=settings.content_dir))
     pool = WorkerPool(store, content, engine, settings)
     caps = catalog_pb2.VideosCapabilities(sizes=["1280x720"], seconds=[4])
     servicer = VideosServicer(store, content, caps, Limits(8, 8), on_queued=pool.wake)

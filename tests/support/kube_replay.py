@@ -1,6 +1,8 @@
-"""A stand-in Kubernetes API server (aiohttp) that replays recorded Model list/watch traffic.
+"""A stand-in Kubernetes API server (aiohttp) that replays recorded list/watch traffic.
 
-Each GET without `watch` answers the next recorded list; each watch request plays the next
+One `Replay` per collection (Models by default; EndpointSlices, Pods, InferencePools for the
+engine pools' discovery), several served side by side. Each GET without `watch` answers the next
+recorded list; each watch request plays the next
 recorded stream: JSON lines as the API server writes them, ending in a held-open stream, a
 dropped connection or an `ERROR` 410 Gone event. Status PATCHes are recorded.
 """
@@ -16,6 +18,9 @@ from typing import Any
 from aiohttp import web
 
 PREFIX = "/apis/modelplex.io/v1alpha1/namespaces/{namespace}/models"
+ENDPOINT_SLICES = "/apis/discovery.k8s.io/v1/namespaces/{namespace}/endpointslices"
+PODS = "/api/v1/namespaces/{namespace}/pods"
+INFERENCE_POOLS = "/apis/inference.networking.k8s.io/v1/namespaces/{namespace}/inferencepools"
 
 DROP, HOLD, LIVE = "drop", "hold", "live"
 
@@ -67,12 +72,18 @@ class Replay:
     patches: list[tuple[str, dict]] = field(default_factory=list)
     closing: asyncio.Event = field(default_factory=asyncio.Event)
     live: asyncio.Queue = field(default_factory=asyncio.Queue)
+    #: the collection's URL path, with `{namespace}`
+    path: str = PREFIX
+    list_kind: str = "ModelList"
 
     def app(self) -> web.Application:
         app = web.Application()
-        app.router.add_get(PREFIX, self._get)
-        app.router.add_patch(PREFIX + "/{name}/status", self._patch)
+        self.add_routes(app)
         return app
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get(self.path, self._get)
+        app.router.add_patch(self.path + "/{name}/status", self._patch)
 
     async def _get(self, request: web.Request) -> web.StreamResponse:
         query = dict(request.query)
@@ -81,8 +92,7 @@ class Replay:
             rv, items = self.lists.pop(0)
             return web.json_response(
                 {
-                    "apiVersion": "modelplex.io/v1alpha1",
-                    "kind": "ModelList",
+                    "kind": self.list_kind,
                     "metadata": {"resourceVersion": str(rv)},
                     "items": items,
                 }
@@ -119,9 +129,12 @@ class Replay:
         return web.json_response(body)
 
 
-async def serve(replay: Replay, port: int) -> web.AppRunner:
-    """Serves ``replay``; call ``replay.closing.set()`` before ``runner.cleanup()`` to end held watches."""
-    runner = web.AppRunner(replay.app(), shutdown_timeout=1)
+async def serve(replay: Replay | list[Replay], port: int) -> web.AppRunner:
+    """Serves ``replay`` (or several collections); set each one's ``closing`` before ``runner.cleanup()``."""
+    app = web.Application()
+    for one in replay if isinstance(replay, list) else [replay]:
+        one.add_routes(app)
+    runner = web.AppRunner(app, shutdown_timeout=1)
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     return runner

@@ -78,5 +78,9 @@ async def expired(store: ObjectStore, prefix: str, now: int) -> list[StoredObjec
 
 
 from modelplex_kit.objectstore.local import LocalObjectStore  # noqa: E402  (it imports the names above)
+from modelplex_kit.objectstore.settings import ObjectStoreSettings, open_object_store  # noqa: E402
 
-__all__ = ["CHUNK_BYTES", "LocalObjectStore", "ObjectStore", "StoredObject", "TooLarge", "expired"]
+__all__ = [
+    "CHUNK_BYTES", "LocalObjectStore", "ObjectStore", "ObjectStoreSettings", "StoredObject", "TooLarge", "expired",
+    "open_object_store",
+]

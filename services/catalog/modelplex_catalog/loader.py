@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 from google.protobuf import struct_pb2
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modelplex.v1 import catalog_pb2
 from modelplex_kit.modalities import REGISTRY
@@ -23,6 +23,22 @@ class EngineSpec(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
+class PoolSpec(BaseModel):
+    """A model's engine replicas as deployed (the chart's `pool`); the backend discovers them itself."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    replicas: int | None = Field(None, ge=0)
+    selector: dict[str, str] = Field(default_factory=dict)
+    inference_pool: str = Field("", alias="inferencePool")
+    port: int | str | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> PoolSpec:
+        if self.selector and self.inference_pool:
+            raise ValueError("a pool is a selector or an InferencePool, not both")
+        return self
+
+
 class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(min_length=1)
@@ -30,6 +46,7 @@ class ModelSpec(BaseModel):
     modality: str
     backend: str = Field(min_length=1, description="gRPC target host:port")
     engine: EngineSpec
+    pool: PoolSpec | None = None
     # Written per modality (a list of flags for text, a mapping for the others).
     capabilities: Any = None
     context_length: int = Field(0, ge=0)

@@ -3,6 +3,7 @@
 import asyncio
 
 import pytest
+from pydantic import ValidationError
 
 from modelplex_catalog.kube import KubernetesSource, api_client, spec_from_resource
 from modelplex_catalog.store import CatalogStore
@@ -27,6 +28,16 @@ def test_resource_fields_map_onto_the_file_loader_model():
     assert spec.created == 1767225600  # metadata.creationTimestamp
     assert spec_from_resource(model("x", 1, id="explicit-id")).id == "explicit-id"
     assert spec_from_resource(model("x", 1, defaultMaxTokens=512)).default_max_tokens == 512
+
+
+def test_a_models_pool_is_checked_and_kept():
+    spec = spec_from_resource(model("llama", 1, pool={"inferencePool": "llama-pool", "port": "http"}))
+    assert (spec.pool.inference_pool, spec.pool.port) == ("llama-pool", "http")
+    assert spec_from_resource(model("v", 1, pool={"replicas": 3})).pool.replicas == 3
+    with pytest.raises(ValidationError, match="not both"):
+        spec_from_resource(model("x", 1, pool={"inferencePool": "p", "selector": {"app": "x"}}))
+    with pytest.raises(ValidationError):
+        spec_from_resource(model("x", 1, pool={"replica": 3}))
 
 
 async def test_list_watch_resume_relist_and_status():

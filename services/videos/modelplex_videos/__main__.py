@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from modelplex.v1 import catalog_pb2, videos_pb2, videos_pb2_grpc
 from modelplex_kit.grpc_server import run, serve
+from modelplex_kit.objectstore import open_object_store
 from modelplex_videos.adapters import load_engine
-from modelplex_videos.content import LocalContentStore
+from modelplex_videos.content import VideoContent
 from modelplex_videos.jobs import JobStore, Limits, SQLiteJobStore
 from modelplex_videos.servicer import VideosServicer
 from modelplex_videos.settings import VideosSettings
@@ -31,7 +32,7 @@ def capabilities(settings: VideosSettings) -> catalog_pb2.VideosCapabilities:
 
 async def main(settings: VideosSettings) -> None:
     engine, store = load_engine(settings), open_store(settings)
-    content = LocalContentStore(settings.content_dir)
+    content = VideoContent(open_object_store(settings, default_dir=settings.content_dir))
     pool = WorkerPool(store, content, engine, settings)
     limits = Limits(settings.max_queue, settings.max_queue_per_principal)
     servicer = VideosServicer(store, content, capabilities(settings), limits, on_queued=pool.wake)
@@ -44,6 +45,7 @@ async def main(settings: VideosSettings) -> None:
         await pool.stop()  # unfinished jobs keep their rows: re-run after the restart
         await engine.close()
         await store.close()
+        await content.close()
 
     pool.start()
     await serve("videos", settings, register, on_shutdown=shutdown, ready=getattr(engine, "ready", None))

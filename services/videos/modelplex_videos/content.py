@@ -1,79 +1,54 @@
-"""Where finished videos and their previews live: an interface and a local-directory implementation.
+"""Where finished videos, their previews and uploaded references live: objects of the kit's object store.
 
-An object store (S3, GCS) can implement the same four methods later; a mounted
-volume shared by replicas works with :class:`LocalContentStore` as is.
+Keys are ``videos/<job id>/<file>``. With an ``s3`` store (``MODELPLEX_VIDEOS_OBJECT_STORE=s3``) every
+replica reads and writes the same bucket, so replicas need no shared volume; the ``local`` store (the
+default, ``<data_dir>/content``) serves one replica, or several on a shared volume.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Protocol
+from collections.abc import AsyncIterator
+
+from modelplex_kit.objectstore import ObjectStore, StoredObject
 
 VARIANTS = {"video": ("video.mp4", "video/mp4"), "thumbnail": ("thumbnail.webp", "image/webp"),
             "spritesheet": ("spritesheet.jpg", "image/jpeg"),
             # The uploaded input_reference of a job; not downloadable.
             "reference": ("reference.bin", "application/octet-stream")}
 PUBLIC_VARIANTS = ("video", "thumbnail", "spritesheet")
-CHUNK_BYTES = 256 * 1024
 
 
-@dataclass(frozen=True, slots=True)
-class StoredObject:
-    size: int
-    etag: str
-    mime_type: str
+def _key(job_id: str, variant: str) -> str:
+    return f"videos/{job_id}/{VARIANTS[variant][0]}"
 
 
-class ContentStore(Protocol):
-    def put(self, job_id: str, variant: str, data: bytes) -> None: ...
-
-    def stat(self, job_id: str, variant: str) -> StoredObject | None: ...
-
-    def read(self, job_id: str, variant: str, offset: int, length: int) -> Iterator[bytes]:
-        """Bytes [offset, offset + length) in chunks."""
-        ...
-
-    def delete(self, job_id: str) -> None: ...
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
-class LocalContentStore:
-    """One folder per job; files are written under a temporary name and renamed (readers never see half a file)."""
+class VideoContent:
+    """A job's files on an :class:`ObjectStore`."""
 
-    def __init__(self, root: Path) -> None:
-        self._root = root
-        root.mkdir(parents=True, exist_ok=True)
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
 
-    def _path(self, job_id: str, variant: str) -> Path:
-        return self._root / job_id / VARIANTS[variant][0]
+    async def put(self, job_id: str, variant: str, data: bytes, expires_at: int = 0) -> StoredObject:
+        return await self.store.put(_key(job_id, variant), _once(data), content_type=VARIANTS[variant][1],
+                                    expires_at=expires_at)
 
-    def put(self, job_id: str, variant: str, data: bytes) -> None:
-        path = self._path(job_id, variant)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_bytes(data)
-        # The ETag is the content's hash, computed once and kept beside it.
-        path.with_suffix(".etag").write_text(hashlib.sha256(data).hexdigest()[:32])
-        os.replace(partial, path)
+    async def stat(self, job_id: str, variant: str) -> StoredObject | None:
+        return await self.store.stat(_key(job_id, variant))
 
-    def stat(self, job_id: str, variant: str) -> StoredObject | None:
-        path = self._path(job_id, variant)
-        try:
-            return StoredObject(path.stat().st_size, path.with_suffix(".etag").read_text(), VARIANTS[variant][1])
-        except FileNotFoundError:
-            return None
+    def read(self, job_id: str, variant: str, offset: int = 0, length: int = -1) -> AsyncIterator[bytes]:
+        """Bytes [offset, offset + length) (-1: to the end) in chunks; KeyError if absent."""
+        return self.store.get(_key(job_id, variant), offset, length)
 
-    def read(self, job_id: str, variant: str, offset: int, length: int) -> Iterator[bytes]:
-        with self._path(job_id, variant).open("rb") as file:
-            file.seek(offset)
-            left = length
-            while left > 0 and (chunk := file.read(min(CHUNK_BYTES, left))):
-                left -= len(chunk)
-                yield chunk
+    async def read_all(self, job_id: str, variant: str) -> bytes:
+        return b"".join([chunk async for chunk in self.read(job_id, variant)])
 
-    def delete(self, job_id: str) -> None:
-        shutil.rmtree(self._root / job_id, ignore_errors=True)
+    async def delete(self, job_id: str) -> None:
+        for variant in VARIANTS:
+            await self.store.delete(_key(job_id, variant))
+
+    async def close(self) -> None:
+        await self.store.close()

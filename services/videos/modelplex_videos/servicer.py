@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import secrets
 from collections.abc import AsyncIterator
@@ -12,7 +11,7 @@ import grpc
 from modelplex.v1 import catalog_pb2, videos_pb2, videos_pb2_grpc
 from modelplex_kit.errors import ServiceError, invalid
 from modelplex_kit.modalities.videos import check_prompt, check_video_request
-from modelplex_videos.content import PUBLIC_VARIANTS, ContentStore
+from modelplex_videos.content import PUBLIC_VARIANTS, VideoContent
 from modelplex_videos.jobs import COMPLETED, FAILED, IN_PROGRESS, QUEUED, Job, JobStore, Limits, body_hash, new_job_id
 from modelplex_videos.jobs import not_found as job_not_found
 
@@ -53,7 +52,7 @@ def _digest(request) -> str:
 
 class VideosServicer(videos_pb2_grpc.VideosServiceServicer):
     def __init__(
-        self, store: JobStore, content: ContentStore, capabilities: catalog_pb2.VideosCapabilities, limits: Limits,
+        self, store: JobStore, content: VideoContent, capabilities: catalog_pb2.VideosCapabilities, limits: Limits,
         on_queued=lambda: None,
     ) -> None:
         self._store, self._content, self._limits = store, content, limits
@@ -67,12 +66,12 @@ class VideosServicer(videos_pb2_grpc.VideosServiceServicer):
         try:
             if reference:
                 job.has_reference = True
-                await asyncio.to_thread(self._content.put, job.id, "reference", reference)
+                await self._content.put(job.id, "reference", reference)
             job = await self._store.create(job, self._limits, key)
         except BaseException:
             if key:
                 await self._store.unreserve(principal, key)
-            self._content.delete(job.id)
+            await self._content.delete(job.id)
             raise
         self._on_queued()
         return job, False
@@ -124,7 +123,7 @@ class VideosServicer(videos_pb2_grpc.VideosServiceServicer):
         if job is None:
             raise job_not_found(request.video_id)
         # A worker still rendering it notices at its next progress report and stops.
-        await asyncio.to_thread(self._content.delete, job.id)
+        await self._content.delete(job.id)
         return to_proto(job, deleted=True)
 
     async def DownloadVideoContent(self, request, context) -> AsyncIterator[videos_pb2.VideoContentChunk]:
@@ -136,7 +135,7 @@ class VideosServicer(videos_pb2_grpc.VideosServiceServicer):
             raise job_not_found(request.video_id)
         if job.status != COMPLETED:
             raise invalid(f"Video '{job.id}' is {job.status}; its content is available once completed.", "video_id")
-        stored = None if job.expired else self._content.stat(job.id, variant)
+        stored = None if job.expired else await self._content.stat(job.id, variant)
         if stored is None:
             raise ServiceError(
                 grpc.StatusCode.NOT_FOUND, f"The content of video '{job.id}' has expired.", code="content_expired"
@@ -145,7 +144,7 @@ class VideosServicer(videos_pb2_grpc.VideosServiceServicer):
         if request.suffix_length:
             offset, length = max(0, stored.size - request.suffix_length), 0
         header = videos_pb2.VideoContentChunk(
-            mime_type=stored.mime_type, total_size=stored.size, etag=stored.etag, offset=offset
+            mime_type=stored.content_type, total_size=stored.size, etag=stored.etag, offset=offset
         )
         if offset >= stored.size and stored.size:
             header.range_not_satisfiable = True
@@ -153,7 +152,7 @@ class VideosServicer(videos_pb2_grpc.VideosServiceServicer):
             return
         length = min(length or stored.size, stored.size - offset)
         first = True
-        for chunk in self._content.read(job.id, variant, offset, length):
+        async for chunk in self._content.read(job.id, variant, offset, length):
             message = videos_pb2.VideoContentChunk(data=chunk)
             if first:
                 header.data = chunk

@@ -8,14 +8,16 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from modelplex_kit.modalities.videos import OPENAI_MAX_PROMPT_CHARS, OPENAI_SECONDS, OPENAI_SIZES
+from modelplex_kit.objectstore import ObjectStoreSettings
 from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.settings import GrpcServiceSettings
 
 _DEFAULT_DATA_DIR = str(Path(tempfile.gettempdir()) / "modelplex-videos")
 
 
-class VideosSettings(GrpcServiceSettings, PoolSettings):
-    """Videos backend settings (env prefix ``MODELPLEX_VIDEOS_``)."""
+class VideosSettings(GrpcServiceSettings, ObjectStoreSettings, PoolSettings):
+    """Videos backend settings (env prefix ``MODELPLEX_VIDEOS_``); the content store's are ``OBJECT_STORE*``,
+    the triton engine's replicas ``UPSTREAM_URL`` and ``POOL_*`` (modelplex_kit.pools)."""
 
     model_config = SettingsConfigDict(env_prefix="MODELPLEX_VIDEOS_", extra="ignore")
 
@@ -31,7 +33,7 @@ class VideosSettings(GrpcServiceSettings, PoolSettings):
     # -- jobs
     # sqlite: one replica, jobs in <data_dir>/jobs.sqlite3. redis: several replicas share redis_url.
     store: Literal["sqlite", "redis"] = "sqlite"
-    # Jobs (sqlite) and finished content (a local directory or a mounted volume).
+    # Jobs (sqlite), and finished content with the local object store (object_store_dir overrides it).
     data_dir: str = _DEFAULT_DATA_DIR
     redis_url: str = ""
     # Jobs rendered at once by this replica.

@@ -11,7 +11,7 @@ import uuid
 import grpc
 
 from modelplex_kit.errors import ServiceError
-from modelplex_videos.content import ContentStore
+from modelplex_videos.content import VideoContent
 from modelplex_videos.engine import VideosEngine, VideoSpec
 from modelplex_videos.jobs import Job, JobStore
 from modelplex_videos.settings import VideosSettings
@@ -47,7 +47,7 @@ class _Claim:
 
 
 class WorkerPool:
-    def __init__(self, store: JobStore, content: ContentStore, engine: VideosEngine, settings: VideosSettings) -> None:
+    def __init__(self, store: JobStore, content: VideoContent, engine: VideosEngine, settings: VideosSettings) -> None:
         self._store, self._content, self._engine, self._settings = store, content, engine, settings
         self.worker_id = f"{uuid.uuid4().hex[:12]}"
         self._tasks: list[asyncio.Task] = []
@@ -84,7 +84,7 @@ class WorkerPool:
     async def _run(self, claim: _Claim) -> None:
         job = claim.job
         log.info("rendering video", extra={"video_id": job.id, "attempt": job.attempts})
-        reference = b"".join(self._content.read(job.id, "reference", 0, 1 << 40)) if job.has_reference else b""
+        reference = await self._content.read_all(job.id, "reference") if job.has_reference else b""
         spec = VideoSpec(job.prompt, job.width, job.height, job.seconds, job.seed, reference)
         render = asyncio.create_task(self._engine.generate(spec, claim.report))
         heartbeat = asyncio.create_task(claim.heartbeat())
@@ -119,11 +119,12 @@ class WorkerPool:
 
     async def _publish(self, claim: _Claim, artifacts) -> None:
         job = claim.job
-        for variant in ("video", "thumbnail", "spritesheet"):
-            await asyncio.to_thread(self._content.put, job.id, variant, getattr(artifacts, variant))
+        # The objects carry the job's expiry too, so a store listing shows when they go.
         expires_at = int(time.time()) + self._settings.content_ttl_seconds
+        for variant in ("video", "thumbnail", "spritesheet"):
+            await self._content.put(job.id, variant, getattr(artifacts, variant), expires_at)
         if not await self._store.complete(job.id, claim.worker, expires_at):
-            self._content.delete(job.id)  # deleted while rendering
+            await self._content.delete(job.id)  # deleted while rendering
         else:
             log.info("video completed", extra={"video_id": job.id, "bytes": len(artifacts.video)})
 
@@ -135,7 +136,7 @@ class WorkerPool:
     async def sweep_once(self) -> list[str]:
         expired = await self._store.expire_due(int(time.time()))
         for job_id in expired:
-            await asyncio.to_thread(self._content.delete, job_id)
+            await self._content.delete(job_id)
         if expired:
             log.info("video content expired", extra={"count": len(expired)})
         return expired

@@ -10,8 +10,9 @@ import pytest
 
 from modelplex.v1 import catalog_pb2, common_pb2, videos_pb2
 from modelplex_kit.errors import ServiceError
+from modelplex_kit.objectstore import open_object_store
 from modelplex_videos.adapters.procedural import ProceduralVideoEngine
-from modelplex_videos.content import LocalContentStore
+from modelplex_videos.content import VideoContent
 from modelplex_videos.jobs import QUEUED, Job, Limits, SQLiteJobStore, new_job_id
 from modelplex_videos.servicer import VideosServicer
 from modelplex_videos.settings import VideosSettings
@@ -113,7 +114,7 @@ async def service(tmp_path):
     settings = VideosSettings(data_dir=str(tmp_path), fps=2, poll_seconds=0.02, workers=1, content_ttl_seconds=1,
                               max_queue=2, max_queue_per_principal=2)
     store = SQLiteJobStore(settings.sqlite_path, 3600)
-    content = LocalContentStore(settings.content_dir)
+    content = VideoContent(open_object_store(settings, default_dir=settings.content_dir))
     pool = WorkerPool(store, content, ProceduralVideoEngine(settings), settings)
     caps = catalog_pb2.VideosCapabilities(sizes=["1280x720"], seconds=[4])
     servicer = VideosServicer(store, content, caps, Limits(2, 2), on_queued=pool.wake)
@@ -163,10 +164,10 @@ async def test_content_expires_on_schedule(service):
     servicer, pool, content = service
     pool.start()
     done = await wait(servicer, (await servicer.CreateVideo(create(), None)).id)
-    assert done.status == videos_pb2.VIDEO_STATUS_COMPLETED and content.stat(done.id, "video") is not None
+    assert done.status == videos_pb2.VIDEO_STATUS_COMPLETED and await content.stat(done.id, "video") is not None
     await asyncio.sleep(1.1)
     assert await pool.sweep_once() == [done.id]
-    assert content.stat(done.id, "video") is None
+    assert await content.stat(done.id, "video") is None
     meta = common_pb2.RequestMeta(principal_id="p1")
     with pytest.raises(ServiceError) as caught:
         await anext(servicer.DownloadVideoContent(videos_pb2.DownloadVideoContentRequest(meta=meta, video_id=done.id),
@@ -188,6 +189,6 @@ async def test_deleting_a_job_in_progress_stops_its_worker(service):
     await servicer.DeleteVideo(videos_pb2.DeleteVideoRequest(meta=meta, video_id=long.id), None)
     nxt = await servicer.CreateVideo(create(prompt="next"), None)
     assert (await wait(servicer, nxt.id)).status == videos_pb2.VIDEO_STATUS_COMPLETED
-    assert content.stat(long.id, "video") is None  # the deleted job's content never appeared
+    assert await content.stat(long.id, "video") is None  # the deleted job's content never appeared
 
 

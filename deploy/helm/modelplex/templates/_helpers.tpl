@@ -219,6 +219,15 @@ Call with (dict "root" $ "model" $m).
 {{- $_ := set $s "upstream_url" (printf "http://%s:%v/v1" (include "modelplex.serviceHost" (list .root (include "modelplex.vllmName" .))) .root.Values.engines.vllm.port) }}
 {{- else if include "modelplex.hasTriton" . }}
 {{- $_ := set $s "upstream_url" (printf "%s:%v" (include "modelplex.serviceHost" (list .root (include "modelplex.tritonName" .))) .root.Values.engines.triton.grpcPort) }}
+{{- else if and (not $s.upstream_url) (dig "pool" "selector" "" $m) }}
+{{- $host := include "modelplex.serviceHost" (list .root (include "modelplex.poolServiceName" .)) }}
+{{- $_ := set $s "upstream_url" (eq $kind "triton" | ternary (printf "%s:%v" $host $m.pool.port) (printf "http://%s:%v/v1" $host $m.pool.port)) }}
+{{- else if and (not $s.upstream_url) (dig "pool" "inferencePool" "" $m) }}
+{{- /* The scheme and path the replicas are called with; each replica's address replaces the host. */}}
+{{- $_ := set $s "upstream_url" (eq $kind "triton" | ternary $m.pool.inferencePool (printf "http://%s/v1" $m.pool.inferencePool)) }}
+{{- end }}
+{{- range $key, $value := include "modelplex.poolSettings" . | fromYaml }}
+{{- $_ := set $s $key $value }}
 {{- end }}
 {{- if and (has $kind (list "openai" "triton")) (not $s.upstream_model) }}
 {{- $_ := set $s "upstream_model" ((eq (include "modelplex.hasTriton" .) "true") | ternary (dig "triton" "modelName" "" $e) "" | default $m.id) }}
@@ -261,14 +270,25 @@ Call with (dict "root" $ "model" $m).
 {{- if and (dig "triton" "enabled" false $e) (ne $kind "triton") }}
 {{- fail (printf "model %s: engine.triton.enabled needs engine.kind triton" $m.id) }}
 {{- end }}
-{{- if and (eq $kind "openai") (not (include "modelplex.hasVllm" .)) (not $settings.upstream_url) }}
-{{- fail (printf "model %s: engine.kind openai needs engine.vllm.enabled or engine.settings.upstream_url" $m.id) }}
+{{- $pool := $m.pool | default dict }}
+{{- $pooled := or $pool.selector $pool.inferencePool }}
+{{- if and $pooled (not (has $kind (list "openai" "triton"))) }}
+{{- fail (printf "model %s: pool.selector and pool.inferencePool need engine.kind openai or triton (remote engines)" $m.id) }}
+{{- end }}
+{{- if and $pooled (or (dig "vllm" "enabled" false $e) (dig "triton" "enabled" false $e)) }}
+{{- fail (printf "model %s: the chart runs this model's engine; its replicas are pool.replicas, not pool.selector or pool.inferencePool" $m.id) }}
+{{- end }}
+{{- if and (hasKey $pool "replicas") (not (or (dig "vllm" "enabled" false $e) (dig "triton" "enabled" false $e))) }}
+{{- fail (printf "model %s: pool.replicas scales a chart-managed engine (engine.vllm.enabled or engine.triton.enabled)" $m.id) }}
+{{- end }}
+{{- if and (eq $kind "openai") (not (include "modelplex.hasVllm" .)) (not $settings.upstream_url) (not $pooled) }}
+{{- fail (printf "model %s: engine.kind openai needs engine.vllm.enabled, engine.settings.upstream_url or a pool" $m.id) }}
 {{- end }}
 {{- if and (include "modelplex.hasVllm" .) (not (dig "vllm" "hfModel" "" $e)) }}
 {{- fail (printf "model %s: engine.vllm.hfModel is required" $m.id) }}
 {{- end }}
-{{- if and (eq $kind "triton") (not (include "modelplex.hasTriton" .)) (not $settings.upstream_url) }}
-{{- fail (printf "model %s: engine.kind triton needs engine.triton.enabled or engine.settings.upstream_url" $m.id) }}
+{{- if and (eq $kind "triton") (not (include "modelplex.hasTriton" .)) (not $settings.upstream_url) (not $pooled) }}
+{{- fail (printf "model %s: engine.kind triton needs engine.triton.enabled, engine.settings.upstream_url or a pool" $m.id) }}
 {{- end }}
 {{- $dv := $row.dataVolume | default dict }}
 {{- $replicas := hasKey $m "replicaCount" | ternary $m.replicaCount $row.replicaCount | int }}
@@ -335,3 +355,56 @@ lifecycle:
       command: ["python", "-c", "import time; time.sleep({{ int .preStopSeconds }})"]
 {{- end }}
 {{- end -}}
+
+{{/* ===================== engine pools ===================== */}}
+
+{{/* The headless Service a model's `pool.selector` gets (its EndpointSlices list the pods). */}}
+{{- define "modelplex.poolServiceName" -}}
+{{- include "modelplex.componentName" (list .root (printf "pool-%s" (include "modelplex.modelSlug" .model.id))) }}
+{{- end }}
+
+{{/* The ServiceAccount (and Role) of backends that discover their engine's replicas. */}}
+{{- define "modelplex.poolDiscoveryName" -}}
+{{- include "modelplex.componentName" (list . "pool-discovery") }}
+{{- end }}
+
+{{/* Replicas of a chart-managed engine: pool.replicas, else engine.<vllm|triton>.replicaCount, else 1.
+Call with (dict "model" $m "engine" "vllm"). */}}
+{{- define "modelplex.engineReplicas" -}}
+{{- $pool := .model.pool | default dict }}
+{{- if hasKey $pool "replicas" }}{{ $pool.replicas }}{{ else }}{{ dig .engine "replicaCount" 1 (.model.engine | default dict) | default 1 }}{{ end }}
+{{- end }}
+
+{{/*
+How a model's backend finds its engine's replicas, as engine settings (so <envPrefix>UPSTREAM_*, and
+the catalog entry says the same): a chart-managed vLLM/Triton engine's headless Service, a
+`pool.selector`'s headless Service (EndpointSlices), or a `pool.inferencePool`. Empty: the one
+upstream_url (static). Call with (dict "root" $ "model" $m).
+*/}}
+{{- define "modelplex.poolSettings" -}}
+{{- $pool := .model.pool | default dict }}
+{{- $s := dict }}
+{{- if include "modelplex.hasVllm" . }}
+{{- $s = dict "upstream_discovery" "endpointslices" "upstream_service" (include "modelplex.vllmName" .) "upstream_port" "http" }}
+{{- else if include "modelplex.hasTriton" . }}
+{{- $s = dict "upstream_discovery" "endpointslices" "upstream_service" (include "modelplex.tritonName" .) "upstream_port" "grpc" }}
+{{- else if and (include "modelplex.hasBackend" .) $pool.inferencePool }}
+{{- $s = dict "upstream_discovery" "inferencepool" "upstream_inference_pool" $pool.inferencePool }}
+{{- with $pool.port }}{{ $_ := set $s "upstream_port" (toString .) }}{{ end }}
+{{- else if and (include "modelplex.hasBackend" .) $pool.selector }}
+{{- $s = dict "upstream_discovery" "endpointslices" "upstream_service" (include "modelplex.poolServiceName" .) "upstream_port" "engine" }}
+{{- end }}
+{{- toYaml $s }}
+{{- end }}
+
+{{/* "true" when some model's backend discovers replicas (the chart then renders the discovery RBAC);
+"inferencepool" when one of them uses an InferencePool. */}}
+{{- define "modelplex.poolDiscoveryKinds" -}}
+{{- $kinds := dict }}
+{{- range $m := .Values.models }}
+{{- with (include "modelplex.poolSettings" (dict "root" $ "model" $m) | fromYaml).upstream_discovery }}
+{{- $_ := set $kinds . true }}
+{{- end }}
+{{- end }}
+{{- keys $kinds | sortAlpha | join "," }}
+{{- end }}

@@ -2,7 +2,7 @@
 Environment of a backend container, the same for every modality: <P>LISTEN, <P>ENGINE and
 <P><KEY> for each key of the model's engine settings (the dict the catalog entry carries),
 <P><KEY> from a Secret for each engine.secretSettings key (never written to the catalog),
-then the shared gRPC server settings. Call with (dict "root" $ "model" $m).
+the object store's (objectStore) for a row with objectStore: true, then the shared gRPC server settings. Call with (dict "root" $ "model" $m).
 */}}
 {{- define "modelplex.backendEnv" -}}
 {{- $m := .model }}
@@ -29,6 +29,15 @@ then the shared gRPC server settings. Call with (dict "root" $ "model" $m).
 - name: {{ printf "%s%s" $p (upper .setting) }}
   value: {{ .mountPath | quote }}
 {{- end }}
+{{- end }}
+{{- if (include "modelplex.poolSettings" . | fromYaml).upstream_discovery }}
+- name: POD_NAMESPACE
+  valueFrom:
+    fieldRef:
+      fieldPath: metadata.namespace
+{{- end }}
+{{- if $row.objectStore }}
+{{ include "modelplex.objectStoreEnv" (list .root $p) }}
 {{- end }}
 - name: MODELPLEX_METRICS_PORT
   value: {{ $row.metricsPort | quote }}

@@ -1,0 +1,181 @@
+"""Engine pools in the chart: headless engine Services, replicas, the backend's discovery settings and RBAC."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import helm_python as helm
+import jsonschema
+import pytest
+import yaml
+
+from modelplex_catalog.kube import spec_from_resource
+from tests.deploy.test_helm import CHART, LLAMA_VLLM, NAMESPACE, RELEASE, SMOLLM2, find, one, render, with_test_key
+
+CRD = yaml.safe_load((CHART / "crds" / "models.modelplex.io.yaml").read_text())
+POOLS = helm.values_from_yaml((CHART / "ci" / "pools-values.yaml").read_text())
+DISCOVERY = f"{RELEASE}-pool-discovery"
+
+
+@pytest.fixture(scope="module")
+def pools() -> list[dict[str, Any]]:
+    return render(POOLS)
+
+
+def _pod(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    return one(objects, kind, name)["spec"]["template"]["spec"]
+
+
+def _env(pod: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod["containers"][0].get("env", [])}
+
+
+def test_chart_run_engines_scale_to_pool_replicas_behind_headless_services(pools):
+    vllm = one(pools, "StatefulSet", f"{RELEASE}-vllm-llama-3-1-8b-instruct")  # cache per replica
+    triton = one(pools, "Deployment", f"{RELEASE}-triton-qwen2-5-7b-instruct")
+    assert (vllm["spec"]["replicas"], triton["spec"]["replicas"]) == (3, 2)
+    for name in ("vllm-llama-3-1-8b-instruct", "triton-qwen2-5-7b-instruct"):
+        assert one(pools, "Service", f"{RELEASE}-{name}")["spec"]["clusterIP"] == "None"
+
+
+def test_backends_are_told_where_their_replicas_are(pools):
+    llama = _env(_pod(pools, "Deployment", f"{RELEASE}-text-llama-3-1-8b-instruct"))
+    assert llama["MODELPLEX_TEXT_UPSTREAM_DISCOVERY"] == "endpointslices"
+    assert llama["MODELPLEX_TEXT_UPSTREAM_SERVICE"] == f"{RELEASE}-vllm-llama-3-1-8b-instruct"
+    assert llama["MODELPLEX_TEXT_UPSTREAM_PORT"] == "http"
+    # The URL keeps the scheme and path each replica is called with.
+    url = llama["MODELPLEX_TEXT_UPSTREAM_URL"]
+    assert url.startswith("http://") and url.endswith("/v1")
+    qwen = _env(_pod(pools, "Deployment", f"{RELEASE}-text-qwen2-5-7b-instruct"))
+    assert qwen["MODELPLEX_TEXT_UPSTREAM_DISCOVERY"] == "endpointslices"
+    assert qwen["MODELPLEX_TEXT_UPSTREAM_PORT"] == "grpc"  # Triton's gRPC port, one channel per replica
+    gemma = _env(_pod(pools, "Deployment", f"{RELEASE}-text-gemma-3-27b-it"))
+    assert gemma["MODELPLEX_TEXT_UPSTREAM_DISCOVERY"] == "inferencepool"
+    assert gemma["MODELPLEX_TEXT_UPSTREAM_INFERENCE_POOL"] == "gemma-pool"
+    for env in (llama, qwen, gemma):
+        assert env["POD_NAMESPACE"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+
+
+def test_a_pool_selector_gets_a_headless_service_of_its_own(pools):
+    service = one(pools, "Service", f"{RELEASE}-pool-mistral-7b-instruct")
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["selector"] == {"app": "vllm-mistral"}
+    assert service["spec"]["ports"] == [{"name": "engine", "port": 8000, "targetPort": 8000, "protocol": "TCP"}]
+    env = _env(_pod(pools, "Deployment", f"{RELEASE}-text-mistral-7b-instruct"))
+    assert env["MODELPLEX_TEXT_UPSTREAM_SERVICE"] == service["metadata"]["name"]
+    assert env["MODELPLEX_TEXT_UPSTREAM_PORT"] == "engine"
+    host = f"{service['metadata']['name']}.{NAMESPACE}.svc.cluster.local"
+    assert env["MODELPLEX_TEXT_UPSTREAM_URL"] == f"http://{host}:8000/v1"
+
+
+def test_discovery_rbac_reads_its_namespace_only(pools):
+    read = ["get", "list", "watch"]
+    assert one(pools, "Role", DISCOVERY)["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": read},
+        {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": read},
+        {"apiGroups": [""], "resources": ["pods"], "verbs": read},
+    ]
+    binding = one(pools, "RoleBinding", DISCOVERY)
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": DISCOVERY}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": DISCOVERY, "namespace": NAMESPACE}]
+    assert not find(pools, "ClusterRole") and not find(pools, "ClusterRoleBinding")
+    for name in ("llama-3-1-8b-instruct", "gemma-3-27b-it"):
+        pod = _pod(pools, "Deployment", f"{RELEASE}-text-{name}")
+        assert (pod["serviceAccountName"], pod["automountServiceAccountToken"]) == (DISCOVERY, True)
+    # Engines never get a token.
+    assert _pod(pools, "StatefulSet", f"{RELEASE}-vllm-llama-3-1-8b-instruct")["automountServiceAccountToken"] is False
+
+
+def test_endpoint_slices_alone_need_no_pod_or_pool_access():
+    objects = render({"models": [SMOLLM2, LLAMA_VLLM]})
+    assert one(objects, "Role", DISCOVERY)["rules"] == [
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]
+    smollm2 = _pod(objects, "Deployment", f"{RELEASE}-text-smollm2-135m-instruct")
+    assert smollm2["serviceAccountName"] == RELEASE and "automountServiceAccountToken" not in smollm2
+    assert not any(k.endswith("UPSTREAM_DISCOVERY") or k == "POD_NAMESPACE" for k in _env(smollm2))
+
+
+def test_no_pool_no_discovery_objects():
+    objects = render({"models": [SMOLLM2]})
+    assert not find(objects, "Role") and not find(objects, "ServiceAccount", DISCOVERY)
+
+
+def test_the_picker_may_scrape_triton_metrics_from_the_backend(pools):
+    policy = one(pools, "NetworkPolicy", f"{RELEASE}-triton-qwen2-5-7b-instruct-ingress")
+    from_backend = policy["spec"]["ingress"][0]
+    assert {p["port"] for p in from_backend["ports"]} == {"http", "grpc", "metrics"}
+
+
+def test_models_carry_their_pool_and_the_crd_and_catalog_accept_it():
+    objects = render(POOLS | {"catalog": {"source": "kubernetes"}})
+    models = {m["spec"]["id"]: m for m in find(objects, "Model")}
+    assert models["llama-3.1-8b-instruct"]["spec"]["pool"] == {"replicas": 3}
+    assert models["gemma-3-27b-it"]["spec"]["pool"] == {"inferencePool": "gemma-pool"}
+    schema = CRD["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for model in models.values():
+        jsonschema.validate(model, schema)
+        spec_from_resource(model)
+    assert spec_from_resource(models["mistral-7b-instruct"]).pool.selector == {"app": "vllm-mistral"}
+    bad = {**models["gemma-3-27b-it"], "spec": {**models["gemma-3-27b-it"]["spec"], "pool": {"replicas": -1}}}
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def _model(**fields: Any) -> dict[str, Any]:
+    return {"models": [{"id": "m", "modality": "text", **fields}]}
+
+
+OPENAI = {"kind": "openai"}
+BAD_POOLS = {
+    "selector and inferencePool": _model(engine=OPENAI, pool={"selector": {"a": "b"}, "inferencePool": "p", "port": 1}),
+    "selector without port": _model(engine=OPENAI, pool={"selector": {"a": "b"}}),
+    "selector with a named port": _model(engine=OPENAI, pool={"selector": {"a": "b"}, "port": "http"}),
+    "empty selector": _model(engine=OPENAI, pool={"selector": {}, "port": 8000}),
+    "unknown pool field": _model(engine=OPENAI, pool={"service": "x"}),
+}
+
+
+@pytest.mark.parametrize("values", BAD_POOLS.values(), ids=BAD_POOLS.keys())
+def test_schema_rejects_bad_pools(values: dict[str, Any]) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(values)
+
+
+VLLM = {"kind": "openai", "vllm": {"enabled": True, "hfModel": "x/y"}}
+RENDER_REFUSES = {
+    "a pool on a local engine": (
+        _model(engine={"kind": "llamacpp"}, pool={"inferencePool": "p"}),
+        "need engine.kind openai or triton",
+    ),
+    "a selector for a chart-run engine": (
+        _model(engine=VLLM, pool={"selector": {"a": "b"}, "port": 8000}),
+        "its replicas are pool.replicas",
+    ),
+    "replicas without a chart-run engine": (
+        _model(engine={"kind": "openai", "settings": {"upstream_url": "http://x/v1"}}, pool={"replicas": 2}),
+        "pool.replicas scales a chart-managed engine",
+    ),
+    "replicas sharing one ReadWriteOnce cache": (
+        _model(engine={**VLLM, "vllm": {**VLLM["vllm"], "cachePersistence": True}}, pool={"replicas": 2}),
+        "Multi-Attach",
+    ),
+}
+
+
+@pytest.mark.parametrize(("values", "message"), RENDER_REFUSES.values(), ids=RENDER_REFUSES.keys())
+def test_render_refuses(values: dict[str, Any], message: str) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError, match=message):
+        chart.render(with_test_key(values), name=RELEASE, namespace=NAMESPACE)
+
+
+def test_keda_scales_every_chart_run_engine_on_the_queue_the_picker_reads():
+    objects = render(POOLS | {"autoscaling": {"keda": {"enabled": True, "maxReplicas": 6}}})
+    scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in find(objects, "ScaledObject")}
+    assert set(scaled) == {f"{RELEASE}-vllm-llama-3-1-8b-instruct", f"{RELEASE}-triton-qwen2-5-7b-instruct"}
+    vllm, triton = scaled[f"{RELEASE}-vllm-llama-3-1-8b-instruct"], scaled[f"{RELEASE}-triton-qwen2-5-7b-instruct"]
+    assert vllm["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"  # a cache claim per replica
+    assert "vllm:num_requests_waiting" in vllm["spec"]["triggers"][0]["metadata"]["query"]
+    query = triton["spec"]["triggers"][0]["metadata"]["query"]
+    assert query == f'sum(nv_inference_pending_request_count{{namespace="{NAMESPACE}",model="qwen2_5_7b_instruct"}})'
+    assert triton["spec"]["scaleTargetRef"]["kind"] == "Deployment" and triton["spec"]["maxReplicaCount"] == 6
