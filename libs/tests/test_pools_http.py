@@ -17,7 +17,9 @@ from aiohttp import web
 
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.pools.http import OpenAIPool
+from modelplex_kit.pools.pool import ReplicaUnreachable
 from modelplex_kit.pools.settings import PoolSettings
+from modelplex_kit.pools.triton import TritonReplica
 from tests.support.ports import free_port
 from tests.support.until import until
 
@@ -140,3 +142,33 @@ async def test_a_replica_without_metrics_is_judged_by_in_flight_and_a_dead_one_i
             assert by_port[str(quiet.port)].load.engine is None
         finally:
             await pool.close()
+
+
+async def test_a_triton_replicas_queue_is_read_from_its_metrics_port():
+    async def metrics(_: web.Request) -> web.Response:
+        text = (
+            "# TYPE nv_inference_pending_request_count gauge\n"
+            'nv_inference_pending_request_count{model="whisper",version="1"} 7\n'
+            'nv_inference_pending_request_count{model="other",version="1"} 2\n'
+        )
+        return web.Response(text=text, content_type="text/plain")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    replica = TritonReplica(f"127.0.0.1:{free_port()}", "whisper", port)
+    without = TritonReplica(f"127.0.0.1:{free_port()}", "whisper", 0)
+    gone = TritonReplica(f"127.0.0.1:{free_port()}", "whisper", free_port())
+    try:
+        load = await replica.engine_load()
+        assert load is not None and load.waiting == 9  # the server's whole queue: every model's
+        assert await without.engine_load() is None  # no metrics port: in-flight counts only
+        with pytest.raises(ReplicaUnreachable):
+            await gone.engine_load()
+    finally:
+        for r in (replica, without, gone):
+            await r.close()
+        await runner.cleanup()

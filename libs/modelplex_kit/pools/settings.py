@@ -38,6 +38,10 @@ class PoolSettings(BaseModel):
     # How often each replica's /metrics is read, and how long one read may take.
     pool_scrape_interval_seconds: float = Field(0.25, gt=0)
     pool_scrape_timeout_seconds: float = Field(1.0, gt=0)
+    # Triton pools: the port of each replica's Prometheus metrics (Triton's is 8002), read for its
+    # queue (nv_inference_pending_request_count); 0: in-flight counts only. HTTP pools read /metrics
+    # beside each replica's /v1 and ignore it.
+    pool_metrics_port: int = Field(0, ge=0, le=65535)
     # How often each replica's readiness check (/health, /v1/models) runs besides the scrape.
     pool_ready_check_seconds: float = Field(2.0, gt=0)
     # A replica whose load exceeds the least loaded one's by this factor (load + 1 on both sides)
