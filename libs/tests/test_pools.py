@@ -66,6 +66,21 @@ def test_the_index_matches_leading_blocks_per_replica_and_stays_bounded():
     assert index.matches(hashes, ["b:1"]) == {"b:1": 0}
 
 
+def test_with_a_known_cache_size_a_replica_forgets_the_prefixes_its_engine_must_have_evicted():
+    index = PrefixIndex(max_blocks=1000, replica_blocks=8)
+    first = block_hashes("first tenant's long system prompt. " * 20, 64)[:6]
+    second = block_hashes("second tenant's other system prompt. " * 20, 64)[:6]
+    index.record(first, "a:1")
+    index.record(first, "b:1")
+    index.record(second, "a:1")  # 12 blocks through a's cache of 8: first's oldest are gone there
+    assert index.matches(first, ["a:1", "b:1"]) == {"a:1": 0, "b:1": 6}
+    assert index.matches(second, ["a:1"]) == {"a:1": 6}
+    unbounded = PrefixIndex(max_blocks=1000)
+    unbounded.record(first, "a:1")
+    unbounded.record(second, "a:1")
+    assert unbounded.matches(first, ["a:1"]) == {"a:1": 6}
+
+
 # -- load -------------------------------------------------------------------------
 VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge

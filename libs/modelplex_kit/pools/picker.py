@@ -61,11 +61,19 @@ class Pick:
 
 
 class Picker:
-    def __init__(self, policy: Policy, *, max_imbalance: float, block_chars: int, index_blocks: int) -> None:
+    def __init__(
+        self,
+        policy: Policy,
+        *,
+        max_imbalance: float,
+        block_chars: int,
+        index_blocks: int,
+        replica_cache_chars: int = 0,
+    ) -> None:
         self._policy = policy
         self._max_imbalance = max_imbalance
         self._block_chars = block_chars
-        self.prefixes = PrefixIndex(index_blocks)
+        self.prefixes = PrefixIndex(index_blocks, replica_cache_chars // block_chars)
         self.sessions = SessionIndex(_MAX_SESSIONS)
         self._turn = itertools.count()
 

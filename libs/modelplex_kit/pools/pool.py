@@ -110,6 +110,7 @@ class Pool(Generic[C]):
             max_imbalance=settings.pool_max_imbalance,
             block_chars=settings.pool_prefix_block_chars,
             index_blocks=settings.pool_prefix_index_blocks,
+            replica_cache_chars=settings.pool_prefix_replica_cache_chars,
         )
         self._replicas: dict[str, Replica[C]] = {}
         self._ordered: list[Replica[C]] = []  # sorted by key: round robin and ties need a stable order

@@ -32,9 +32,15 @@ def block_hashes(prompt: str, block_chars: int) -> list[int]:
 
 
 class PrefixIndex:
-    def __init__(self, max_blocks: int) -> None:
+    """``max_blocks``: blocks remembered in all. ``replica_blocks``: blocks one replica's cache holds
+    (0: unknown); past it, the replica's least recently served blocks are taken as evicted, as its
+    engine's LRU cache does, so a prefix it no longer holds draws no requests to it."""
+
+    def __init__(self, max_blocks: int, replica_blocks: int = 0) -> None:
         self._max = max_blocks
+        self._replica_blocks = replica_blocks
         self._blocks: OrderedDict[int, tuple[str, ...]] = OrderedDict()
+        self._held: dict[str, OrderedDict[int, None]] = {}
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -59,9 +65,31 @@ class PrefixIndex:
             self._blocks[block] = (replica, *(r for r in holders if r != replica))[:_REPLICAS_PER_BLOCK]
         while len(self._blocks) > self._max:
             self._blocks.popitem(last=False)
+        if self._replica_blocks:
+            self._evict_beyond_capacity(hashes, replica)
+
+    def _evict_beyond_capacity(self, hashes: list[int], replica: str) -> None:
+        held = self._held.setdefault(replica, OrderedDict())
+        for block in hashes:
+            held.pop(block, None)
+            held[block] = None
+        while len(held) > self._replica_blocks:
+            evicted, _ = held.popitem(last=False)
+            self._drop(evicted, replica)
+
+    def _drop(self, block: int, replica: str) -> None:
+        holders = self._blocks.get(block)
+        if holders is None or replica not in holders:
+            return
+        kept = tuple(r for r in holders if r != replica)
+        if kept:
+            self._blocks[block] = kept
+        else:
+            del self._blocks[block]
 
     def forget(self, replica: str) -> None:
         """A replica left the pool (or restarted): its cache is gone."""
+        self._held.pop(replica, None)
         for block, holders in list(self._blocks.items()):
             if replica in holders:
                 kept = tuple(r for r in holders if r != replica)

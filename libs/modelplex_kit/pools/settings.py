@@ -50,6 +50,10 @@ class PoolSettings(BaseModel):
     # Prompt characters per hashed block of the prefix index, and blocks the index remembers.
     pool_prefix_block_chars: int = Field(256, gt=0)
     pool_prefix_index_blocks: int = Field(65536, gt=0)
+    # How many prompt characters one replica's prefix cache holds (about 4 per token: vLLM's
+    # num_gpu_blocks x block_size tokens, less what running sequences take); past it the index
+    # takes the replica's least recently served blocks as evicted. 0: unknown, never evicted.
+    pool_prefix_replica_cache_chars: int = Field(0, ge=0)
     # Requests waiting in a replica's queue beyond which it counts as saturated; when every
     # replica is, requests get 503 with Retry-After at once. 0: never.
     pool_max_queue: int = Field(64, ge=0)
