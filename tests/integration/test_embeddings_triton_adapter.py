@@ -11,10 +11,13 @@ import asyncio
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 
 from modelplex.v1 import embeddings_pb2 as pb
 from modelplex_embeddings.adapters.local import LocalEngine
@@ -31,6 +34,19 @@ SENTENCES = ["The weather is lovely today.", "It's so sunny outside!", "He drove
 
 @pytest.fixture(scope="module")
 def kserve(tmp_path_factory):
+    with kserve_minilm(tmp_path_factory) as target:
+        yield target
+
+
+@pytest.fixture(scope="module")
+def kserve_replica(tmp_path_factory):
+    """A second server, for an engine pool of two."""
+    with kserve_minilm(tmp_path_factory) as target:
+        yield target
+
+
+@contextmanager
+def kserve_minilm(tmp_path_factory) -> Iterator[str]:
     grpc_port, http_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("kserve") / "kserve.log"
     with log.open("wb") as out:
@@ -102,3 +118,32 @@ async def test_an_unreachable_server_is_503():
         await engine.embed(engine.prepare([pb.EmbedInput(text="x")]))
     assert err.value.http.status == 503
     await engine.close()
+
+
+async def test_a_pool_of_servers_shares_the_batches_and_a_dead_one_costs_no_error(kserve, kserve_replica):
+    dead = f"127.0.0.1:{free_port()}"
+    engine = TritonEngine(triton_settings(f"{kserve},{kserve_replica},{dead}", pool_policy="least_loaded"))
+    local = LocalEngine(LocalSettings())
+    expected = await local.embed(local.prepare([pb.EmbedInput(text=s) for s in SENTENCES]))
+
+    def picks(target: str) -> float:
+        return sum(
+            REGISTRY.get_sample_value(
+                "modelplex_pool_picks_total", {"pool": "embeddings", "replica": target, "reason": reason}
+            )
+            or 0.0
+            for reason in ("load", "retry")
+        )
+
+    before = {t: picks(t) for t in (kserve, kserve_replica)}
+    try:
+        for _ in range(3):
+            batches = await asyncio.gather(
+                *(engine.embed(engine.prepare([pb.EmbedInput(text=s) for s in SENTENCES])) for _ in range(4))
+            )
+            for vectors in batches:
+                np.testing.assert_allclose(vectors, expected, atol=1e-6)
+        assert all(picks(t) - before[t] >= 2 for t in (kserve, kserve_replica))
+        assert not next(r for r in engine._pool.pool.replicas if r.key == dead).available
+    finally:
+        await engine.close()

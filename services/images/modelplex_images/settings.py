@@ -4,6 +4,7 @@ from pydantic import BaseModel, Field
 from pydantic_settings import SettingsConfigDict
 
 from modelplex_kit.modalities.images import OPENAI_MAX_PROMPT_CHARS, OPENAI_SIZES
+from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.settings import GrpcServiceSettings
 
 
@@ -16,7 +17,7 @@ class TritonSettings(BaseModel):
     upstream_timeout_seconds: float = 300.0
 
 
-class ImagesSettings(GrpcServiceSettings):
+class ImagesSettings(GrpcServiceSettings, PoolSettings):
     """Images backend settings (env prefix ``MODELPLEX_IMAGES_``)."""
 
     model_config = SettingsConfigDict(env_prefix="MODELPLEX_IMAGES_", extra="ignore")
@@ -37,7 +38,7 @@ class ImagesSettings(GrpcServiceSettings):
     max_queue: int = Field(64, ge=0)
 
     # triton only; flat variables as the launcher writes them (MODELPLEX_IMAGES_UPSTREAM_URL ...).
-    upstream_url: str = ""
+    # upstream_url (PoolSettings'): host:port, or several separated by commas (an engine pool).
     upstream_model: str = ""
     upstream_timeout_seconds: float = 300.0
 

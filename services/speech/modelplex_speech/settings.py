@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.settings import GrpcServiceSettings
 
 
@@ -42,11 +43,11 @@ class EspeakSettings(SpeechSettings):
     )
 
 
-class TritonSettings(SpeechSettings):
+class TritonSettings(SpeechSettings, PoolSettings):
     """engine=triton: a TTS model on Triton (or any KServe v2 server): BYTES text in, PCM out."""
 
-    # host:port of the gRPC endpoint, and the model's name there.
-    upstream_url: str = ""
+    # The model's name; its host:port is upstream_url (PoolSettings': several, separated by
+    # commas, make an engine pool).
     upstream_model: str = ""
     upstream_timeout_seconds: float = 120.0
     # The model's voices (its `voice` input's values); empty `triton_voice_input` = a single-voice model.

@@ -27,3 +27,26 @@ def test_an_unknown_engine_is_a_clear_startup_error():
 def test_an_engine_missing_its_upstream_says_which_variable():
     with pytest.raises(ValueError, match="MODELPLEX_TEXT_UPSTREAM_URL"):
         load_engine(OpenAISettings(engine="openai"))
+
+
+def test_the_openai_engine_reads_its_pool_from_the_text_variables(monkeypatch):
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_URL", "http://vllm-0:8000/v1,http://vllm-1:8000/v1")
+    monkeypatch.setenv("MODELPLEX_TEXT_POOL_POLICY", "least_loaded")
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_DISCOVERY", "dns")
+    monkeypatch.setenv("MODELPLEX_TEXT_CONTEXT_LENGTH", "2048")
+    settings = OpenAISettings()
+    assert settings.upstream_url.count(",") == 1 and settings.context_length == 2048
+    assert (settings.pool_policy, settings.upstream_discovery) == ("least_loaded", "dns")
+
+
+def test_kubernetes_discovery_is_reached_through_the_pools_sources(monkeypatch):
+    from modelplex_kit.pools.kubernetes import EndpointSliceSource
+    from modelplex_kit.pools.sources import replica_source
+
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_URL", "http://vllm-llama:8000/v1")
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_DISCOVERY", "endpointslices")
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_SERVICE", "modelplex-vllm-llama")
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_NAMESPACE", "ml")
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_KUBE_API_URL", "http://127.0.0.1:1")
+    source = replica_source(OpenAISettings())
+    assert isinstance(source, EndpointSliceSource) and source._port == "8000"

@@ -9,13 +9,15 @@ from pydantic_settings import SettingsConfigDict
 
 from modelplex_kit.modalities.videos import OPENAI_MAX_PROMPT_CHARS, OPENAI_SECONDS, OPENAI_SIZES
 from modelplex_kit.objectstore import ObjectStoreSettings
+from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.settings import GrpcServiceSettings
 
 _DEFAULT_DATA_DIR = str(Path(tempfile.gettempdir()) / "modelplex-videos")
 
 
-class VideosSettings(GrpcServiceSettings, ObjectStoreSettings):
-    """Videos backend settings (env prefix ``MODELPLEX_VIDEOS_``); the content store's are ``OBJECT_STORE*``."""
+class VideosSettings(GrpcServiceSettings, ObjectStoreSettings, PoolSettings):
+    """Videos backend settings (env prefix ``MODELPLEX_VIDEOS_``); the content store's are ``OBJECT_STORE*``,
+    the triton engine's replicas ``UPSTREAM_URL`` and ``POOL_*`` (modelplex_kit.pools)."""
 
     model_config = SettingsConfigDict(env_prefix="MODELPLEX_VIDEOS_", extra="ignore")
 
@@ -51,8 +53,8 @@ class VideosSettings(GrpcServiceSettings, ObjectStoreSettings):
     # -- procedural engine
     fps: int = Field(8, ge=1, le=60)
 
-    # -- triton engine: host:port of Triton's gRPC endpoint and the model name there.
-    upstream_url: str = ""
+    # -- triton engine: host:port of Triton's gRPC endpoint (upstream_url, PoolSettings': several,
+    # separated by commas, make an engine pool) and the model name there.
     upstream_model: str = ""
     upstream_timeout_seconds: float = 600.0
 

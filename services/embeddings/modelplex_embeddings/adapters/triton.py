@@ -13,22 +13,20 @@ from collections.abc import Sequence
 
 import numpy as np
 import tritonclient.grpc.aio as triton
-from tritonclient.utils import InferenceServerException
 
 from modelplex.v1 import embeddings_pb2
 from modelplex_embeddings.adapters.openai_http import remote_capabilities, remote_tokenizer
 from modelplex_embeddings.engine import Item
 from modelplex_embeddings.settings import RemoteSettings
-from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import invalid, unavailable
-from modelplex_kit.kserve_v2 import upstream_error
+from modelplex_kit.pools.triton import TritonPool
 
 
 class TritonEngine:
     def __init__(self, settings: RemoteSettings) -> None:
         if not settings.upstream_url or not settings.upstream_model:
             raise ValueError("engine=triton needs MODELPLEX_EMBEDDINGS_UPSTREAM_URL (host:port) and _UPSTREAM_MODEL")
-        self._client = triton.InferenceServerClient(settings.upstream_url)
+        self._pool = TritonPool("embeddings", settings, settings.upstream_model)
         self._settings = settings
         self._tokenizer = remote_tokenizer(settings)
         self.capabilities = remote_capabilities(settings)
@@ -44,23 +42,20 @@ class TritonEngine:
         texts = np.array([[item.text.encode()] for item in items], dtype=np.object_)
         tensor = triton.InferInput(s.triton_input, list(texts.shape), "BYTES")
         tensor.set_data_from_numpy(texts)
-        try:
-            result = await self._client.infer(
-                s.upstream_model,
-                [tensor],
-                outputs=[triton.InferRequestedOutput(s.triton_output)],
-                client_timeout=s.upstream_timeout_seconds,
-            )
-        except InferenceServerException as exc:
-            raise upstream_error(exc, self._settings.upstream_model) from exc
+        result = await self._pool.infer(
+            s.upstream_model,
+            [tensor],
+            outputs=[triton.InferRequestedOutput(s.triton_output)],
+            client_timeout=s.upstream_timeout_seconds,
+        )
         vectors = result.as_numpy(s.triton_output)
         if vectors is None or vectors.shape[0] != len(items):
             raise unavailable("The model server's answer does not hold one vector per input.")
         return vectors.astype(np.float32, copy=False)
 
     async def ready(self) -> bool:
-        return await triton_ready(self._client, self._settings.upstream_model)
+        return await self._pool.ready()
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._pool.close()
 

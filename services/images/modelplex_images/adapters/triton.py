@@ -18,14 +18,12 @@ from collections.abc import AsyncIterator
 import grpc
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tritonclient.grpc.aio import InferenceServerClient
-from tritonclient.utils import InferenceServerException
 
 from modelplex_images.engine import ImageSpec, Rendered
 from modelplex_images.settings import ImagesSettings
-from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import ServiceError
-from modelplex_kit.kserve_v2 import tensor, upstream_error
+from modelplex_kit.kserve_v2 import tensor
+from modelplex_kit.pools.triton import TritonPool
 
 OUTPUT = "image"
 
@@ -68,17 +66,14 @@ class TritonImagesEngine:
         if not upstream.upstream_url or not upstream.upstream_model:
             raise SystemExit("images: engine triton needs upstream_url and upstream_model")
         self._model, self._timeout = upstream.upstream_model, upstream.upstream_timeout_seconds
-        self._client = InferenceServerClient(upstream.upstream_url)
+        self._pool = TritonPool("images", settings, self._model)
 
     async def render(self, spec: ImageSpec) -> AsyncIterator[Rendered]:
-        try:
-            result = await self._client.infer(self._model, image_inputs(spec), client_timeout=self._timeout)
-        except InferenceServerException as exc:
-            raise upstream_error(exc, self._model) from None
+        result = await self._pool.infer(self._model, image_inputs(spec), client_timeout=self._timeout)
         yield Rendered(to_image(result.as_numpy(OUTPUT), spec, self._model), final=True)
 
     async def ready(self) -> bool:
-        return await triton_ready(self._client, self._model)
+        return await self._pool.ready()
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._pool.close()

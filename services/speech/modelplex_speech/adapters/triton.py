@@ -22,9 +22,9 @@ import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
 from modelplex.v1 import catalog_pb2
-from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import unavailable
 from modelplex_kit.kserve_v2 import upstream_error
+from modelplex_kit.pools.triton import TritonPool
 from modelplex_speech.audio import Tempo
 from modelplex_speech.settings import TritonSettings
 
@@ -33,7 +33,7 @@ class TritonEngine:
     def __init__(self, settings: TritonSettings) -> None:
         if not settings.upstream_url or not settings.upstream_model:
             raise ValueError("engine=triton needs MODELPLEX_SPEECH_UPSTREAM_URL (host:port) and _UPSTREAM_MODEL")
-        self._client = triton.InferenceServerClient(settings.upstream_url)
+        self._pool = TritonPool("speech", settings, settings.upstream_model)
         self._settings = settings
         self._decoupled = settings.triton_decoupled
         self.sample_rate = settings.upstream_sample_rate
@@ -69,29 +69,34 @@ class TritonEngine:
     async def _is_decoupled(self) -> bool:
         """Asked once: Triton reports it in the model config; servers without ModelConfig (KServe) are not."""
         if self._decoupled is None:
-            try:
-                config = await self._client.get_model_config(
-                    self._settings.upstream_model, client_timeout=self._settings.upstream_timeout_seconds
-                )
-                self._decoupled = config.config.model_transaction_policy.decoupled
-            except InferenceServerException as exc:
-                if "UNIMPLEMENTED" not in (exc.status() or ""):
-                    raise upstream_error(exc, self._settings.upstream_model, "input") from exc
-                self._decoupled = False
+            self._decoupled = await self._pool.call(self._config_is_decoupled)
         return self._decoupled
 
-    async def _infer(self, request: dict[str, Any]) -> AsyncIterator[np.ndarray]:
+    async def _config_is_decoupled(self, client: triton.InferenceServerClient) -> bool:
         try:
-            result = await self._client.infer(**request, client_timeout=self._settings.upstream_timeout_seconds)
+            config = await client.get_model_config(
+                self._settings.upstream_model, client_timeout=self._settings.upstream_timeout_seconds
+            )
         except InferenceServerException as exc:
-            raise upstream_error(exc, self._settings.upstream_model, "input") from exc
-        yield self._pcm(result)
+            if "UNIMPLEMENTED" not in (exc.status() or ""):
+                raise upstream_error(exc, self._settings.upstream_model, "input") from exc
+            return False
+        return config.config.model_transaction_policy.decoupled
 
-    async def _stream(self, request: dict[str, Any]) -> AsyncIterator[np.ndarray]:
+    async def _infer(self, request: dict[str, Any]) -> AsyncIterator[np.ndarray]:
+        timeout = self._settings.upstream_timeout_seconds
+        yield self._pcm(await self._pool.infer(**request, client_timeout=timeout, param="input"))
+
+    def _stream(self, request: dict[str, Any]) -> AsyncIterator[np.ndarray]:
+        return self._pool.stream(lambda client: self._stream_on(client, request))
+
+    async def _stream_on(
+        self, client: triton.InferenceServerClient, request: dict[str, Any]
+    ) -> AsyncIterator[np.ndarray]:
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield request  # then half-close: Triton ends the stream after the last response
 
-        responses = self._client.stream_infer(
+        responses = client.stream_infer(
             inputs_iterator=one_request(), stream_timeout=self._settings.upstream_timeout_seconds
         )
         try:
@@ -118,14 +123,13 @@ class TritonEngine:
         return audio.astype(np.int16, copy=False)
 
     async def ready(self) -> bool:
-        return await triton_ready(self._client, self._settings.upstream_model)
+        return await self._pool.ready()
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._pool.close()
 
 
 def _tensor(name: str, data: np.ndarray, datatype: str) -> triton.InferInput:
     tensor = triton.InferInput(name, list(data.shape), datatype)
     tensor.set_data_from_numpy(data)
     return tensor
-

@@ -42,8 +42,9 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import np_to_triton_dtype
 
 from modelplex.v1 import catalog_pb2, text_pb2
-from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.kserve_v2 import upstream_error
+from modelplex_kit.pools.picker import PickRequest
+from modelplex_kit.pools.triton import TritonPool
 from modelplex_text import gguf
 from modelplex_text.choices import ChoiceEnd, ChoicePiece, ChoiceText, completion_budget, refuse_suffix, stream_choices
 from modelplex_text.engine import EngineEvent
@@ -183,7 +184,7 @@ class TritonEngine:
         # Triton has no max_tokens "until the context is full"; this is the model's context length.
         self._context_length = settings.context_length
         self._defaults = (settings.default_temperature, settings.default_top_p)
-        self._client: InferenceServerClient | None = None
+        self._pool = TritonPool("text", settings, self._model)
         self.capabilities = catalog_pb2.TextCapabilities(
             chat=True,
             completions=True,
@@ -194,18 +195,11 @@ class TritonEngine:
         )
         log.info("triton engine ready", extra={"url": self._url, "model": self._model, "tokenizer": path})
 
-    def _connection(self) -> InferenceServerClient:
-        # Created on first use: a grpc.aio channel binds to the event loop it is made in.
-        if self._client is None:
-            self._client = InferenceServerClient(self._url)
-        return self._client
-
     async def ready(self) -> bool:
-        return await triton_ready(self._connection(), self._model)
+        return await self._pool.ready()
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.close()
+        await self._pool.close()
 
     def _count(self, text: str) -> int:
         return len(self._tokenizer.tokenize(text.encode(), add_bos=False, special=True)) if text else 0
@@ -223,9 +217,11 @@ class TritonEngine:
         prompt = plan.prompt.removeprefix(self._bos)
         prompt_tokens = self._count(prompt) + bool(self._bos)
         params = self._params(request, prompt_tokens)
+        # The rendered prompt itself: the engine's prefix cache holds exactly its blocks.
+        pick = PickRequest(prompt=prompt, session=request.prompt_cache_key or request.user)
 
         def generate(index: int, seed: int | None, deadline: float | None) -> AsyncIterator[ChoicePiece]:
-            return self._choice(prompt, plan.constraint, dataclasses.replace(params, seed=seed), deadline)
+            return self._choice(prompt, plan.constraint, dataclasses.replace(params, seed=seed), deadline, pick)
 
         choices = stream_choices(
             request,
@@ -239,12 +235,21 @@ class TritonEngine:
                 yield event
 
     async def _choice(
-        self, prompt: str, constraint: OutputConstraint | None, params: SamplingParams, deadline: float | None
+        self,
+        prompt: str,
+        constraint: OutputConstraint | None,
+        params: SamplingParams,
+        deadline: float | None,
+        pick: PickRequest,
     ) -> AsyncIterator[ChoicePiece]:
         """One choice: Triton's text deltas, then how it ended (tokens counted with the model's tokenizer)."""
         generated: list[str] = []
         timed_out = False
-        async with aclosing(self._generate(prompt, constraint, params)) as pieces:
+
+        def on(client: InferenceServerClient) -> AsyncIterator[ChoiceText]:
+            return self._generate(client, prompt, constraint, params)
+
+        async with aclosing(self._pool.stream(on, pick=pick)) as pieces:
             while True:
                 try:
                     # Bounded per wait, not by a timeout around the yields: that would cancel our consumer.
@@ -261,7 +266,7 @@ class TritonEngine:
         yield ChoiceEnd("length" if ran_out else "stop", completion_tokens, timed_out=timed_out)
 
     async def _generate(
-        self, prompt: str, constraint: OutputConstraint | None, params: SamplingParams
+        self, client: InferenceServerClient, prompt: str, constraint: OutputConstraint | None, params: SamplingParams
     ) -> AsyncIterator[ChoiceText]:
         """Streams one choice's text deltas (with their tokens' logprobs, when asked) from one Triton stream."""
         outputs = [InferRequestedOutput("text_output")]
@@ -279,7 +284,7 @@ class TritonEngine:
 
         # Deltas may split a multi-byte character (TRT-LLM detokenizes per token).
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        responses = self._connection().stream_infer(inputs_iterator=one_request(), stream_timeout=self._timeout)
+        responses = client.stream_infer(inputs_iterator=one_request(), stream_timeout=self._timeout)
         try:
             async for result, error in responses:
                 if error is not None:

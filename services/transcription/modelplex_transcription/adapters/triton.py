@@ -15,12 +15,10 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 import tritonclient.grpc.aio as triton
-from tritonclient.utils import InferenceServerException
 
 from modelplex.v1 import transcription_pb2 as pb
-from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import unavailable
-from modelplex_kit.kserve_v2 import upstream_error
+from modelplex_kit.pools.triton import TritonPool
 from modelplex_transcription.adapters.upstream import Decoding, upstream_capabilities
 from modelplex_transcription.decode import SAMPLE_RATE, AudioSource
 from modelplex_transcription.engine import EngineEvent, Finished
@@ -42,7 +40,7 @@ class TritonEngine:
             raise ValueError(
                 "engine=triton needs MODELPLEX_TRANSCRIPTION_UPSTREAM_URL (host:port) and _UPSTREAM_MODEL"
             )
-        self._client = triton.InferenceServerClient(settings.upstream_url)
+        self._pool = TritonPool("transcription", settings, settings.upstream_model)
         self._settings = settings
         self._decoding = Decoding(settings, "triton-decode")
         # One transcript per window: no word timings whatever the settings say.
@@ -75,15 +73,13 @@ class TritonEngine:
             inputs.append(_tensor(s.triton_lengths_input, np.array([[len(pcm)]], dtype=np.int32), "INT32"))
         if s.triton_prefix_input:
             inputs.append(_tensor(s.triton_prefix_input, np.array([[prefix.encode()]], dtype=np.object_), "BYTES"))
-        try:
-            result = await self._client.infer(
-                s.upstream_model,
-                inputs,
-                outputs=[triton.InferRequestedOutput(s.triton_text_output)],
-                client_timeout=s.upstream_timeout_seconds,
-            )
-        except InferenceServerException as exc:
-            raise upstream_error(exc, self._settings.upstream_model, "file") from exc
+        result = await self._pool.infer(
+            s.upstream_model,
+            inputs,
+            outputs=[triton.InferRequestedOutput(s.triton_text_output)],
+            client_timeout=s.upstream_timeout_seconds,
+            param="file",
+        )
         texts = result.as_numpy(s.triton_text_output)
         if texts is None or texts.size != 1:
             raise unavailable("The model server's answer holds no transcript.")
@@ -91,10 +87,10 @@ class TritonEngine:
         return value.decode() if isinstance(value, bytes) else str(value)
 
     async def ready(self) -> bool:
-        return await triton_ready(self._client, self._settings.upstream_model)
+        return await self._pool.ready()
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._pool.close()
         self._decoding.close()
 
 

@@ -17,12 +17,10 @@ import asyncio
 import av
 import grpc
 import numpy as np
-from tritonclient.grpc.aio import InferenceServerClient
-from tritonclient.utils import InferenceServerException
 
-from modelplex_kit.engine_health import triton_ready
 from modelplex_kit.errors import ServiceError
-from modelplex_kit.kserve_v2 import tensor, upstream_error
+from modelplex_kit.kserve_v2 import tensor
+from modelplex_kit.pools.triton import TritonPool
 from modelplex_videos import media
 from modelplex_videos.engine import Progress, VideoArtifacts, VideoSpec
 from modelplex_videos.settings import VideosSettings
@@ -56,15 +54,10 @@ class TritonVideosEngine:
         if not settings.upstream_url or not settings.upstream_model:
             raise SystemExit("videos: engine triton needs upstream_url and upstream_model")
         self._model, self._timeout, self._fps = settings.upstream_model, settings.upstream_timeout_seconds, settings.fps
-        self._client = InferenceServerClient(settings.upstream_url)
+        self._pool = TritonPool("videos", settings, self._model)
 
     async def generate(self, spec: VideoSpec, progress: Progress) -> VideoArtifacts:
-        try:
-            result = await self._client.infer(
-                self._model, video_inputs(spec, self._fps), client_timeout=self._timeout
-            )
-        except InferenceServerException as exc:
-            raise upstream_error(exc, self._model) from None
+        result = await self._pool.infer(self._model, video_inputs(spec, self._fps), client_timeout=self._timeout)
         output = result.as_numpy(OUTPUT)
         if output is None or output.dtype != np.object_:
             raise ServiceError(grpc.StatusCode.INTERNAL, f"Model `{self._model}` returned no `{OUTPUT}` bytes.")
@@ -73,7 +66,7 @@ class TritonVideosEngine:
         return artifacts
 
     async def ready(self) -> bool:
-        return await triton_ready(self._client, self._model)
+        return await self._pool.ready()
 
     async def close(self) -> None:
-        await self._client.close()
+        await self._pool.close()
