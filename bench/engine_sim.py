@@ -11,11 +11,15 @@ simulates is what decides time to first token on a real engine:
 - a bound on **running sequences** and a **FIFO queue** behind it;
 - **service time** = ``prefill_seconds_per_token`` x the prompt tokens not found in the cache +
   ``decode_seconds_per_token`` x the output tokens; the first token leaves after the prefill and
-  one decode step. Time passes in ``asyncio.sleep``, so a replica costs almost no CPU.
+  one decode step. Prefills take turns, one at a time per replica (a **prefill lane**): prefill
+  is compute-bound, so on a GPU one sequence's long prefill delays the next one's first token,
+  which is how a cache miss costs other requests too. Decoding sequences run side by side.
+  Time passes in ``asyncio.sleep``, so a replica costs almost no CPU.
 
-Simplifications, stated: running sequences do not slow each other (no shared batch step), and
-the prefix cache is a pool apart from the blocks running sequences hold (``kv_cache_usage_perc`` is
-the share of ``kv_blocks`` that running sequences' tokens fill), so nothing is ever preempted.
+Simplifications, stated: decoding sequences do not slow each other or the prefills (no shared
+batch step), and the prefix cache is a pool apart from the blocks running sequences hold
+(``kv_cache_usage_perc`` is the share of ``kv_blocks`` that running sequences' tokens fill), so
+nothing is ever preempted.
 
 Every replica runs in one process, one free port each: ``python -m bench.engine_sim --replicas 8``
 prints ``READY <port> <port> ...`` once all listen (``--max-running 4`` etc. set SimParams).
@@ -53,17 +57,24 @@ class SimParams:
     #: Sized so that ``max_running`` of the benchmark's longest sequences fit (nothing is preempted).
     kv_blocks: int = 1024
     #: Sequences generating at once (vLLM's --max-num-seqs); more wait in FIFO order.
-    max_running: int = 4
+    max_running: int = 8
     #: Requests waiting beyond this many get 503 at once (memory stays bounded).
     max_waiting: int = 4096
-    prefill_seconds_per_token: float = 0.00025
-    decode_seconds_per_token: float = 0.005
+    #: ~10k prompt tokens/s and ~100 output tokens/s per sequence: an 8B model on one current GPU,
+    #: to an order of magnitude (what matters here is prefill's cost relative to decode's).
+    prefill_seconds_per_token: float = 0.0001
+    decode_seconds_per_token: float = 0.01
     #: Output tokens per streamed chunk (vLLM's --stream-interval): fewer writes, same timing.
     stream_interval: int = 8
 
     def service_seconds(self, uncached_prompt_tokens: float, output_tokens: float) -> float:
-        """How long a sequence holds its slot: the whole formula the simulator sleeps by."""
+        """How long a sequence holds its slot once running (the prefill part of it also holds the lane)."""
         return self.prefill_seconds_per_token * uncached_prompt_tokens + self.decode_seconds_per_token * output_tokens
+
+    def requests_per_second(self, uncached_prompt_tokens: float, output_tokens: float) -> float:
+        """One replica's throughput for requests of this mean shape: the lane or the slots, whichever binds."""
+        lane = 1 / (self.prefill_seconds_per_token * uncached_prompt_tokens)
+        return min(lane, self.max_running / self.service_seconds(uncached_prompt_tokens, output_tokens))
 
 
 def tokens_of(text: str) -> list[str]:
@@ -130,6 +141,10 @@ class Admission:
     prompt_tokens: int
     cached_tokens: int
 
+    @property
+    def uncached_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
 
 class Replica:
     """One simulated engine: slots, a FIFO queue, the prefix cache and vLLM's metrics."""
@@ -140,6 +155,7 @@ class Replica:
         self.running = 0
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._held_tokens = 0
+        self._prefill_lane = asyncio.Lock()
         self.port = 0  # set by serve()
         self.runner: web.AppRunner | None = None
         self.registry = CollectorRegistry()
@@ -180,20 +196,19 @@ class Replica:
         return len(self._waiting)
 
     async def generate(self, prompt: list[str], max_tokens: int) -> AsyncIterator[Admission | int]:
-        """Yields the Admission once scheduled, then counts of tokens as they are generated."""
+        """Yields the Admission once its prefill starts, then counts of tokens as they are generated."""
         await self._acquire_slot()
         held = len(prompt) + max_tokens
         self._hold(held)
         try:
-            admission = self._schedule(prompt)
-            yield admission
-            uncached = admission.prompt_tokens - admission.cached_tokens
-            await asyncio.sleep(self.params.service_seconds(uncached, 1))
-            self.cache.insert(block_hashes(prompt, self.params.block_tokens))
-            yield 1
-            left = max_tokens - 1
-            while left > 0:
-                step = min(left, self.params.stream_interval)
+            async with self._prefill_lane:  # asyncio.Lock wakes its waiters in FIFO order
+                admission = self._schedule(prompt)
+                yield admission
+                await asyncio.sleep(self.params.prefill_seconds_per_token * admission.uncached_tokens)
+                self.cache.insert(block_hashes(prompt, self.params.block_tokens))
+            left = max_tokens
+            while left > 0:  # the first token alone (time to first token), then stream_interval at a time
+                step = 1 if left == max_tokens else min(left, self.params.stream_interval)
                 await asyncio.sleep(self.params.decode_seconds_per_token * step)
                 left -= step
                 yield step
@@ -202,7 +217,7 @@ class Replica:
             self._release_slot()
 
     def _schedule(self, prompt: list[str]) -> Admission:
-        """vLLM looks the prefix up when the sequence is scheduled, not when it arrives."""
+        """The prefix is looked up when the prefill starts (as vLLM's scheduler does), not on arrival."""
         matched = self.cache.match(block_hashes(prompt, self.params.block_tokens))
         # As vLLM: the last prompt token is always computed (its logits give the first output token).
         cached = min(matched * self.params.block_tokens, max(0, len(prompt) - 1))

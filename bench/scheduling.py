@@ -9,11 +9,12 @@ multi-tenant: each request is one tenant's long system prompt (tenants Zipf-dist
 unique user message, from one of many end users (``user``; no ``prompt_cache_key``, so the picker
 must find shared prefixes itself).
 
-Capacity, from the simulator's parameters: replicas x running slots / the mean service time of a
-request none of whose prompt is cached (prefill of every prompt token + decode of every output
-token). That is what the fleet serves with no cache at all, so every policy is stable at every
-load measured here and each figure is a steady state, not a function of the run's length; cache
-hits turn into headroom below it. The prefix cache of a replica holds about two tenants' system
+Capacity, from the simulator's parameters: what the fleet serves when nothing is cached, replicas x
+the lesser of one replica's prefill lane (1 / the prefill time of the mean prompt) and its running
+slots (slots / the mean service time: prefill of every prompt token + decode of every output
+token); with the default parameters the lane binds. As nothing cached is assumed, every policy is
+stable at every load measured here and each figure is a steady state, not a function of the run's
+length; cache hits turn into headroom below it. The prefix cache of a replica holds about two tenants' system
 prompts: the regime where placement matters (a fleet whose every replica holds every shared
 prefix needs no affinity).
 
@@ -121,8 +122,7 @@ def arrivals(workload: Workload, rate: float, warmup: float, seconds: float, see
 
 def capacity(params: SimParams, workload: Workload, replicas: int) -> float:
     """Requests per second the fleet serves with no cache hit at all (see the module docstring)."""
-    service = params.service_seconds(workload.mean_prompt_tokens(), workload.mean_output_tokens())
-    return replicas * params.max_running / service
+    return replicas * params.requests_per_second(workload.mean_prompt_tokens(), workload.mean_output_tokens())
 
 
 # -- processes ---------------------------------------------------------------
@@ -348,7 +348,8 @@ def picker_cost_us() -> str:
 def report(results: list[RunResult], args, wall: float, picker_us: str) -> str:
     params, workload = SimParams(), Workload()
     cap = capacity(params, workload, args.replicas)
-    service = params.service_seconds(workload.mean_prompt_tokens(), workload.mean_output_tokens())
+    prompt, out = workload.mean_prompt_tokens(), workload.mean_output_tokens()
+    service, lane_s = params.service_seconds(prompt, out), params.prefill_seconds_per_token * prompt
     lines = [
         HEADING,
         "",
@@ -358,7 +359,8 @@ def report(results: list[RunResult], args, wall: float, picker_us: str) -> str:
         f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
         f"{time.strftime('%Y-%m-%d')}; whole run {wall:.0f} s.",
         f"- Engines: bench/engine_sim.py, a procedural stand-in for vLLM (not a model): per replica "
-        f"{params.max_running} running sequences and a FIFO queue, a prefix cache of {params.cache_blocks} blocks "
+        f"{params.max_running} running sequences, a FIFO queue and one prefill at a time, a prefix cache of "
+        f"{params.cache_blocks} blocks "
         f"of {params.block_tokens} tokens (LRU), prefill {params.prefill_seconds_per_token * 1e3:g} ms per uncached "
         f"prompt token, decode {params.decode_seconds_per_token * 1e3:g} ms per output token; vLLM's metric names.",
         f"- Workload: {workload.tenants} tenants' system prompts of {workload.system_tokens[0]}-"
@@ -366,9 +368,9 @@ def report(results: list[RunResult], args, wall: float, picker_us: str) -> str:
         f"message of {workload.tail_tokens[0]}-{workload.tail_tokens[1]} tokens and {workload.output_tokens[0]}-"
         f"{workload.output_tokens[1]} output tokens, `user` one of {workload.end_users} end users, no "
         "`prompt_cache_key`; open-loop Poisson arrivals; the same arrivals for every policy at one load.",
-        f"- Capacity: {args.replicas} replicas x {params.max_running} slots / {service:.3f} s (the mean service time "
-        f"of a request with nothing cached: {workload.mean_prompt_tokens():.0f} prompt tokens prefilled, "
-        f"{workload.mean_output_tokens():.0f} decoded) = {cap:.1f} requests/s. Loads are shares of that.",
+        f"- Capacity, with nothing cached (mean prompt {prompt:.0f} tokens, {out:.0f} output tokens): per replica "
+        f"the lesser of the prefill lane, 1 / {lane_s:.3f} s, and {params.max_running} slots / {service:.3f} s; "
+        f"x {args.replicas} = {cap:.1f} requests/s. Loads are shares of that; cache hits are headroom below it.",
         f"- Each run: {args.warmup:g} s of warm-up arrivals, then {args.seconds:g} s measured; TTFT from the "
         "scheduled arrival to the first streamed text, through the real text backend over gRPC; hit rate = the "
         "simulators' `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` (tokens) over the measured window.",

@@ -68,6 +68,16 @@ async def test_a_cached_prefix_skips_its_prefill() -> None:
     assert metrics["vllm:prefix_cache_hits"] == ("counter", 63)
 
 
+async def test_prefills_take_turns_on_a_replica() -> None:
+    # Two cold 64-token prompts at once, 10 ms per token: one prefill waits for the other's 0.64 s.
+    replica, client = _replica(SimParams(prefill_seconds_per_token=0.01, decode_seconds_per_token=0.001))
+    try:
+        firsts = await asyncio.gather(_ttft(client, WORDS), _ttft(client, WORDS.replace("w", "v")))
+    finally:
+        replica.stop()
+    assert max(t for t, _ in firsts) >= 2 * 64 * 0.01
+
+
 async def test_a_saturated_replica_queues_in_order_and_reports_it() -> None:
     replica, client = _replica(SimParams(max_running=1, decode_seconds_per_token=0.05))
     try:

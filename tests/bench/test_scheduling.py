@@ -9,12 +9,14 @@ from bench.platform_overhead import KEEP_MARKER
 from bench.scheduling import HEADING, Workload, arrivals, capacity, write_section
 
 
-def test_capacity_is_slots_over_the_uncached_service_time() -> None:
-    params = SimParams(max_running=4, prefill_seconds_per_token=0.001, decode_seconds_per_token=0.01)
+def test_capacity_is_the_uncached_prefill_lane_or_the_slots_whichever_binds() -> None:
     workload = Workload(tenants=1, system_tokens=(98, 98), tail_tokens=(100, 100), output_tokens=(10, 30))
     # "<|system|> " + 98 words + " <|user|> " + 100 words: 200 prompt tokens, 20 output tokens on average.
     assert workload.mean_prompt_tokens() == 200
-    assert capacity(params, workload, replicas=8) == 8 * 4 / (200 * 0.001 + 20 * 0.01)
+    slots_bind = SimParams(max_running=1, prefill_seconds_per_token=0.001, decode_seconds_per_token=0.01)
+    assert capacity(slots_bind, workload, replicas=8) == 8 * 1 / (200 * 0.001 + 20 * 0.01)
+    lane_binds = SimParams(max_running=64, prefill_seconds_per_token=0.001, decode_seconds_per_token=0.01)
+    assert capacity(lane_binds, workload, replicas=8) == 8 / (200 * 0.001)
 
 
 def test_arrivals_are_poisson_at_the_rate_and_only_after_the_warmup_measured() -> None:
