@@ -69,6 +69,16 @@ class OpenAIUpstream:
     async def ready(self) -> bool:
         return await openai_ready(self._session(), self.base_url)
 
+    async def metrics(self) -> str | None:
+        """The server's Prometheus text (``/metrics`` beside ``/v1``), None if it serves none.
+
+        Transport failures are raised as aiohttp's: a pool tells a refused connection (down) from
+        a slow one.
+        """
+        url = f"{self.base_url.removesuffix('/v1')}/metrics"
+        async with self._session().get(url, allow_redirects=False) as response:
+            return await response.text(errors="replace") if response.status == 200 else None
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()

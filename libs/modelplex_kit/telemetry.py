@@ -81,6 +81,25 @@ REQUEST_UNITS = Counter(
     ["model", "kind"],
 )
 
+# Engine pools (modelplex_kit.pools): where each request went and why, and each replica's state.
+POOL_PICKS = Counter(
+    "modelplex_pool_picks_total",
+    "Requests sent to a replica of an engine pool, by why it was picked (session, prefix, load, retry...)",
+    ["pool", "replica", "reason"],
+)
+POOL_IN_FLIGHT = Gauge(
+    "modelplex_pool_in_flight", "Requests this backend has in flight on a replica", ["pool", "replica"]
+)
+POOL_QUEUE_DEPTH = Gauge(
+    "modelplex_pool_queue_depth", "Requests waiting in a replica's engine queue, as last known", ["pool", "replica"]
+)
+POOL_EJECTIONS = Counter(
+    "modelplex_pool_ejections_total", "Replicas left out for a backoff after a failure", ["pool", "replica"]
+)
+POOL_SATURATED = Counter(
+    "modelplex_pool_saturated_total", "Requests refused with 503 because every replica's queue was full", ["pool"]
+)
+
 
 def configure_tracing(service: str, exporter: str = "none") -> None:
     if exporter == "none":

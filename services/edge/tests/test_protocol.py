@@ -133,3 +133,25 @@ def test_admission_reserves_the_output_bound_or_the_rest_of_the_context():
     assert 8000 < unbounded <= 8192 + 10  # prompt estimate + what the engine may still generate
     bounded = body.model_copy(update={"max_tokens": 100, "n": 2})
     assert chat_tr.cost(bounded, model) < 250
+
+
+def test_the_session_a_request_names_reaches_the_backend_for_replica_affinity():
+    from modelplex_edge.endpoints.completions import translate as completions_tr
+    from modelplex_edge.endpoints.completions.protocol import CompletionRequest
+    from modelplex_edge.endpoints.responses import translate as responses_tr
+    from modelplex_edge.endpoints.responses.protocol import CreateResponseRequest
+
+    keyed = parse_body(ChatCompletionRequest, body(prompt_cache_key="tenant-7", user="u1"))
+    proto = chat_tr.to_proto(keyed, catalog_pb2.Model(id="m"), META)
+    assert (proto.prompt_cache_key, proto.user) == ("tenant-7", "u1")
+    safety = parse_body(ChatCompletionRequest, body(safety_identifier="hashed-u2"))
+    assert chat_tr.to_proto(safety, catalog_pb2.Model(id="m"), META).user == "hashed-u2"
+
+    legacy = parse_body(CompletionRequest, json.dumps({"model": "m", "prompt": ["a", "b"], "user": "u3"}).encode())
+    assert [p.user for p in completions_tr.to_protos(legacy, "m", META)] == ["u3", "u3"]
+
+    responses = parse_body(
+        CreateResponseRequest, json.dumps({"model": "m", "input": "hi", "prompt_cache_key": "k", "user": "u4"}).encode()
+    )
+    proto = responses_tr.to_proto(responses, responses.items, "m", META)
+    assert (proto.prompt_cache_key, proto.user) == ("k", "u4")

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.settings import GrpcServiceSettings
 
 
@@ -50,11 +51,14 @@ class LocalSettings(EmbeddingsSettings):
     forward_batch: int = Field(32, ge=1)
 
 
-class RemoteSettings(EmbeddingsSettings):
-    """engine=openai (a vLLM pooling model's /v1/embeddings) or triton (KServe v2 gRPC)."""
+class RemoteSettings(EmbeddingsSettings, PoolSettings):
+    """engine=openai (a vLLM pooling model's /v1/embeddings) or triton (KServe v2 gRPC).
 
-    # openai: base URL, e.g. http://vllm:8000/v1. triton: host:port of the gRPC endpoint.
-    upstream_url: str = ""
+    ``upstream_url``: openai: a base URL, e.g. http://vllm:8000/v1, or several separated by commas
+    (an engine pool, modelplex_kit.pools, whose other settings apply too); triton: host:port of
+    the gRPC endpoint.
+    """
+
     # The model's name upstream (vLLM's served model name, Triton's model name).
     upstream_model: str = ""
     upstream_api_key: SecretStr = SecretStr("")

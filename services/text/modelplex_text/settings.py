@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.settings import GrpcServiceSettings
 
 
@@ -58,11 +59,13 @@ class LlamaCppSettings(SamplingDefaults):
     max_queue_wait_seconds: float = 30.0
 
 
-class OpenAISettings(TextSettings):
-    """engine=openai: an OpenAI-compatible server (a vLLM pod)."""
+class OpenAISettings(TextSettings, PoolSettings):
+    """engine=openai: OpenAI-compatible servers (vLLM pods), one or a pool of replicas.
 
-    # Base URL, e.g. http://vllm:8000/v1.
-    upstream_url: str = ""
+    ``upstream_url`` (a base URL, e.g. http://vllm:8000/v1, or several separated by commas),
+    the discovery and the picker's settings are PoolSettings' (modelplex_kit.pools).
+    """
+
     # The model name upstream (vLLM's served model name); empty: the catalog's id.
     upstream_model: str = ""
     upstream_api_key: SecretStr = SecretStr("")

@@ -27,3 +27,13 @@ def test_an_unknown_engine_is_a_clear_startup_error():
 def test_an_engine_missing_its_upstream_says_which_variable():
     with pytest.raises(ValueError, match="MODELPLEX_TEXT_UPSTREAM_URL"):
         load_engine(OpenAISettings(engine="openai"))
+
+
+def test_the_openai_engine_reads_its_pool_from_the_text_variables(monkeypatch):
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_URL", "http://vllm-0:8000/v1,http://vllm-1:8000/v1")
+    monkeypatch.setenv("MODELPLEX_TEXT_POOL_POLICY", "least_loaded")
+    monkeypatch.setenv("MODELPLEX_TEXT_UPSTREAM_DISCOVERY", "dns")
+    monkeypatch.setenv("MODELPLEX_TEXT_CONTEXT_LENGTH", "2048")
+    settings = OpenAISettings()
+    assert settings.upstream_url.count(",") == 1 and settings.context_length == 2048
+    assert (settings.pool_policy, settings.upstream_discovery) == ("least_loaded", "dns")

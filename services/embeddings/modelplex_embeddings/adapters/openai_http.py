@@ -1,7 +1,9 @@
 """engine=openai: a vLLM pooling model's OpenAI-compatible ``/v1/embeddings``.
 
 The transport and the mapping of failures are the shared upstream client's
-(``modelplex_kit.openai_upstream``), the same as the text adapter's.
+(``modelplex_kit.openai_upstream``), one per replica of the engine pool
+(``modelplex_kit.pools.http``: each batch to the least loaded replica), the same as
+the text adapter's.
 
 Inputs are tokenized here with the upstream model's tokenizer.json first: usage
 is exact per request even when the batcher merges requests (vLLM reports only
@@ -21,7 +23,7 @@ from modelplex_embeddings.engine import Item
 from modelplex_embeddings.settings import RemoteSettings
 from modelplex_embeddings.tokenization import InputTokenizer, packaged_minilm
 from modelplex_kit.errors import unavailable
-from modelplex_kit.openai_upstream import OpenAIUpstream
+from modelplex_kit.pools.http import OpenAIPool
 
 
 def remote_tokenizer(settings: RemoteSettings) -> InputTokenizer:
@@ -43,8 +45,9 @@ class OpenAIHttpEngine:
         if not settings.upstream_url:
             raise ValueError("engine=openai needs MODELPLEX_EMBEDDINGS_UPSTREAM_URL (e.g. http://vllm:8000/v1)")
         self._model = settings.upstream_model
-        self._upstream = OpenAIUpstream(
-            settings.upstream_url,
+        self._upstream = OpenAIPool(
+            "embeddings",
+            settings,
             settings.upstream_api_key.get_secret_value(),
             timeout_seconds=settings.upstream_timeout_seconds,
             what="embeddings model server",

@@ -1,11 +1,12 @@
-"""The remote engine: an OpenAI-compatible HTTP server (a vLLM pod).
+"""The remote engine: OpenAI-compatible HTTP servers (vLLM pods), one or a pool of replicas.
 
 The upstream already speaks our API's dialect, so the adapter only re-encodes the
 request as OpenAI JSON (``openai_wire``), streamed for GenerateStream and one
-non-streaming call for Generate, over the shared upstream client
-(``modelplex_kit.openai_upstream``: pool, SSE, error mapping). Closing the HTTP
-response is how an abandoned request gets aborted upstream: vLLM stops generating
-when its client disconnects.
+non-streaming call for Generate, over the shared pool of upstream clients
+(``modelplex_kit.pools.http``: the replica picked by load, prompt prefix and session;
+each replica's ``modelplex_kit.openai_upstream``: connections, SSE, error mapping).
+Closing the HTTP response is how an abandoned request gets aborted upstream: vLLM
+stops generating when its client disconnects.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from contextlib import aclosing
 
 from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_kit.errors import unavailable
-from modelplex_kit.openai_upstream import OpenAIUpstream, usage_of
-from modelplex_text.adapters.openai_wire import ChoiceTranslator, as_chunk_choice, upstream_request
+from modelplex_kit.openai_upstream import usage_of
+from modelplex_kit.pools.http import OpenAIPool
+from modelplex_text.adapters.openai_wire import ChoiceTranslator, as_chunk_choice, pick_request, upstream_request
 from modelplex_text.engine import EngineEvent
 from modelplex_text.settings import OpenAISettings
 
@@ -38,8 +40,9 @@ class OpenAIHttpEngine:
         if not settings.upstream_url:
             raise ValueError("engine=openai needs MODELPLEX_TEXT_UPSTREAM_URL (e.g. http://vllm:8000/v1)")
         self._model = settings.upstream_model
-        self._upstream = OpenAIUpstream(
-            settings.upstream_url,
+        self._upstream = OpenAIPool(
+            "text",
+            settings,
             settings.upstream_api_key.get_secret_value(),
             max_connections=settings.upstream_max_connections,
             timeout_seconds=settings.upstream_timeout_seconds,
@@ -61,7 +64,7 @@ class OpenAIHttpEngine:
         path, body = upstream_request(request, self._model or request.model)
         translate = ChoiceTranslator(request)
         usage, streamed = None, 0
-        async with aclosing(self._upstream.events(path, body)) as events:
+        async with aclosing(self._upstream.events(path, body, pick=pick_request(request))) as events:
             async for event in events:
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or ():
@@ -73,7 +76,7 @@ class OpenAIHttpEngine:
     async def _complete(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
         """One non-streaming upstream call: a whole answer costs one JSON parse, not one per token."""
         path, body = upstream_request(request, self._model or request.model, stream=False)
-        answer = await self._upstream.call(path, body)
+        answer = await self._upstream.call(path, body, pick=pick_request(request))
         if not isinstance(answer.get("choices"), list):
             raise unavailable("The model server sent a malformed answer; retry shortly.")
         translate = ChoiceTranslator(request)

@@ -22,6 +22,7 @@ from typing import Any
 
 from modelplex.v1 import text_pb2
 from modelplex_kit.errors import invalid
+from modelplex_kit.pools.picker import PickRequest
 from modelplex_text.assembler import ChoiceAssembler, finish_reason
 from modelplex_text.prompting import (
     constrained_output_instructions,
@@ -49,9 +50,30 @@ def upstream_request(request: text_pb2.GenerateRequest, model: str, stream: bool
         body["n"] = request.n
     if request.meta.end_user:
         body["user"] = request.meta.end_user
+    if request.prompt_cache_key:
+        body["prompt_cache_key"] = request.prompt_cache_key  # vLLM ignores it; OpenAI-compatible caches key on it
     if request.WhichOneof("input") == "completion":
         return "completions", body | _completion_fields(request)
     return "chat/completions", body | _chat_fields(request)
+
+
+def pick_request(request: text_pb2.GenerateRequest) -> PickRequest:
+    """What an engine pool's picker weighs: the prompt as the engine will see its prefix, and the session."""
+    return PickRequest(prompt=canonical_prompt(request), session=request.prompt_cache_key or request.user)
+
+
+def canonical_prompt(request: text_pb2.GenerateRequest) -> str:
+    """The prompt in a fixed rendering, so requests that an engine's chat template renders with the
+    same prefix get the same prefix here: tool definitions first (templates put them in the system
+    turn), then each message's role, name and parts in order."""
+    if request.WhichOneof("input") == "completion":
+        return request.completion.prompt
+    rendered = [f"\x1etool\x1f{t.name}\x1f{t.description}\x1f{t.parameters_json}" for t in request.tools]
+    for m in request.chat.messages:
+        parts = [p.text if p.WhichOneof("part") == "text" else p.image.url for p in m.content]
+        calls = [f"{c.id}\x1f{c.name}\x1f{c.arguments}" for c in m.tool_calls]
+        rendered.append(f"\x1e{m.role}\x1f{m.name}\x1f{m.tool_call_id}\x1f" + "\x1d".join(parts + calls))
+    return "".join(rendered)
 
 
 def _sampling(request: text_pb2.GenerateRequest) -> dict[str, Any]:

@@ -105,6 +105,8 @@ def to_proto(
         meta=meta,
         model=model.id,
         chat=text_pb2.ChatInput(messages=[_message(m) for m in body.messages]),
+        prompt_cache_key=body.prompt_cache_key or "",
+        user=body.user or body.safety_identifier or "",
         sampling=sampling(
             temperature=body.temperature,
             top_p=body.top_p,

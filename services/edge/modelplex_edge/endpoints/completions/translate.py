@@ -45,6 +45,7 @@ def to_protos(body: CompletionRequest, model_id: str, meta: common_pb2.RequestMe
             meta=meta,
             model=model_id,
             completion=text_pb2.CompletionInput(prompt=prompt, echo=bool(body.echo), suffix=body.suffix or ""),
+            user=body.user or "",
             sampling=params,
             n=body.n or 1,
             # logprobs=0 still asks for the chosen tokens' logprobs (OpenAI, vLLM): only no alternatives.

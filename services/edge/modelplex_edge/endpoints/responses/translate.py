@@ -131,6 +131,8 @@ def to_proto(
         meta=meta,
         model=model_id,
         chat=text_pb2.ChatInput(messages=chat_messages(body.instructions, items)),
+        prompt_cache_key=body.prompt_cache_key or "",
+        user=body.user or body.safety_identifier or "",
         sampling=sampling(
             temperature=body.temperature,
             top_p=body.top_p,

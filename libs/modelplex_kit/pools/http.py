@@ -1,0 +1,83 @@
+"""Pools of OpenAI-compatible HTTP replicas (vLLM pods, llama.cpp servers): what every backend's
+``openai`` adapter calls instead of one ``OpenAIUpstream``.
+
+Each replica has its own ``OpenAIUpstream`` (its own keep-alive connection pool), its load is read
+from its ``/metrics`` and the calls keep ``OpenAIUpstream``'s shape (``call``, ``events``) with the
+request's ``PickRequest`` added. One configured URL is a pool of one: today's single upstream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from modelplex_kit.openai_upstream import OpenAIUpstream
+from modelplex_kit.pools.load import EngineLoad, parse_engine_load
+from modelplex_kit.pools.picker import PickRequest
+from modelplex_kit.pools.pool import Pool, ReplicaUnreachable
+from modelplex_kit.pools.settings import PoolSettings
+from modelplex_kit.pools.sources import replica_source, url_template
+
+
+class HttpReplica:
+    def __init__(self, upstream: OpenAIUpstream) -> None:
+        self.upstream = upstream
+
+    async def ready(self) -> bool:
+        return await self.upstream.ready()
+
+    async def engine_load(self) -> EngineLoad | None:
+        try:
+            text = await self.upstream.metrics()
+        except aiohttp.ClientConnectorError as exc:  # refused, unresolved: nothing listens there
+            raise ReplicaUnreachable(str(exc)) from exc
+        except aiohttp.ClientError as exc:
+            raise OSError(str(exc)) from exc
+        return parse_engine_load(text) if text is not None else None
+
+    async def close(self) -> None:
+        await self.upstream.close()
+
+
+class OpenAIPool:
+    def __init__(
+        self,
+        name: str,
+        settings: PoolSettings,
+        api_key: str = "",
+        *,
+        max_connections: int = 256,
+        timeout_seconds: float = 600.0,
+        what: str = "model server",
+    ) -> None:
+        template = url_template(settings.upstream_url)
+
+        def replica(hostport: str) -> HttpReplica:
+            upstream = OpenAIUpstream(
+                template.base_url(hostport),
+                api_key,
+                max_connections=max_connections,
+                timeout_seconds=timeout_seconds,
+                what=what,
+            )
+            return HttpReplica(upstream)
+
+        self.pool: Pool[HttpReplica] = Pool(name, settings, replica_source(settings), replica)
+
+    async def call(
+        self, path: str, body: dict[str, Any], *, param: str | None = None, pick: PickRequest | None = None
+    ) -> dict[str, Any]:
+        """``OpenAIUpstream.call`` on the picked replica, retried on another one if it fails."""
+        return await self.pool.call(pick or PickRequest(), lambda r: r.upstream.call(path, body, param=param))
+
+    def events(self, path: str, body: dict[str, Any], *, pick: PickRequest | None = None) -> AsyncIterator[dict]:
+        """``OpenAIUpstream.events`` on the picked replica, retried elsewhere until the first event arrives."""
+        return self.pool.stream(pick or PickRequest(), lambda r: r.upstream.events(path, body))
+
+    async def ready(self) -> bool:
+        return await self.pool.ready()
+
+    async def close(self) -> None:
+        await self.pool.close()

@@ -1,0 +1,106 @@
+"""A replica's load: what its own metrics endpoint says, corrected by this backend's in-flight count.
+
+Engines publish their queue in Prometheus text: vLLM (``vllm:num_requests_waiting``,
+``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc``), llama.cpp's server when started with
+``--metrics`` (``llamacpp:requests_deferred``, ``llamacpp:requests_processing``,
+``llamacpp:kv_cache_usage_ratio``), Triton (``nv_inference_pending_request_count``). A scrape is a few
+hundred ms old when read; the backend's own count of requests it has in flight on the replica is
+exact for its share, so a replica's load is the scrape plus what this backend started there since,
+and never less than this backend's own in-flight count (a failed or stale scrape cannot make a busy
+replica look idle).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Series (summed over their label sets, e.g. vLLM's per-engine ones) -> which figure they give.
+_WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred", "nv_inference_pending_request_count")
+_RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
+_KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio")
+_WANTED = frozenset(_WAITING + _RUNNING + _KV_USAGE)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """One scrape of a replica's metrics."""
+
+    running: float
+    waiting: float
+    # 0..1: how full the KV cache is (a full one preempts, so it weighs as queueing soon).
+    kv_cache_usage: float
+
+
+def parse_engine_load(text: str) -> EngineLoad | None:
+    """The load figures in a Prometheus text exposition; None when it has none of them (an engine
+    whose metrics say nothing of its queue is judged by in-flight counts alone)."""
+    sums: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        brace = line.find("{")
+        name = line[:brace] if brace >= 0 else line.split(" ", 1)[0]
+        if name not in _WANTED:
+            continue
+        rest = line[line.rfind("}") + 1 :] if brace >= 0 else line[len(name) :]
+        try:
+            sums[name] = sums.get(name, 0.0) + float(rest.split()[0])
+        except (IndexError, ValueError):
+            continue
+    if not sums:
+        return None
+    return EngineLoad(
+        running=sum(sums.get(n, 0.0) for n in _RUNNING),
+        waiting=sum(sums.get(n, 0.0) for n in _WAITING),
+        kv_cache_usage=max((sums[n] for n in _KV_USAGE if n in sums), default=0.0),
+    )
+
+
+class ReplicaLoad:
+    """The load figures of one replica, as the picker reads them."""
+
+    __slots__ = ("_in_flight_at_scrape", "_scraped", "in_flight")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self._scraped: EngineLoad | None = None
+        self._in_flight_at_scrape = 0
+
+    def started(self) -> None:
+        self.in_flight += 1
+
+    def finished(self) -> None:
+        self.in_flight -= 1
+
+    def scraped(self, load: EngineLoad | None) -> None:
+        """A fresh scrape (None: the engine publishes no queue figures)."""
+        self._scraped = load
+        self._in_flight_at_scrape = self.in_flight
+
+    @property
+    def engine(self) -> EngineLoad | None:
+        return self._scraped
+
+    def requests(self) -> float:
+        """Requests the replica is running or queueing, as best known now."""
+        if self._scraped is None:
+            return float(self.in_flight)
+        # The scrape counted this backend's requests of then; what it started or finished since
+        # moves the figure by as much. Never below what this backend alone has there.
+        total = self._scraped.running + self._scraped.waiting + self._since_scrape()
+        return max(float(self.in_flight), total)
+
+    def queue(self) -> float:
+        """Requests waiting for the engine to start them (in-flight ones where the engine does not say)."""
+        if self._scraped is None:
+            return float(self.in_flight)
+        return max(self._scraped.waiting + self._since_scrape(), 0.0)
+
+    def _since_scrape(self) -> int:
+        return self.in_flight - self._in_flight_at_scrape
+
+    def score(self) -> float:
+        """What the picker minimises: requests, with a nearly full KV cache counting as more
+        (the engine will preempt or queue the next one)."""
+        usage = self._scraped.kv_cache_usage if self._scraped is not None else 0.0
+        return self.requests() + (4.0 * (usage - 0.9) / 0.1 if usage > 0.9 else 0.0)

@@ -1,0 +1,55 @@
+"""The settings every pooled remote engine reads, mixed into each backend's upstream settings.
+
+The service's own ``env_prefix`` applies, so the text backend reads ``MODELPLEX_TEXT_UPSTREAM_URL``,
+``MODELPLEX_TEXT_POOL_POLICY`` and so on; embeddings reads ``MODELPLEX_EMBEDDINGS_...``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+Discovery = Literal["static", "dns", "endpointslices", "inferencepool"]
+Policy = Literal["affinity", "least_loaded", "round_robin"]
+
+
+class PoolSettings(BaseModel):
+    """A mixin of fields: each service's settings class (with its env_prefix) reads them from the environment."""
+
+    # One base URL (a pool of one), or several separated by commas (a static pool), e.g.
+    # http://vllm-0:8000/v1,http://vllm-1:8000/v1. With another discovery, its scheme and path
+    # (and, for dns, its host and port) make each discovered host:port a base URL.
+    upstream_url: str = ""
+    # Where the replicas come from: the list above; the addresses a (headless Service) name
+    # resolves to, re-resolved every dns_interval_seconds; a Service's EndpointSlices; an
+    # InferencePool's pods (the last two: modelplex_kit.pools.kubernetes).
+    upstream_discovery: Discovery = "static"
+    # endpointslices: the engine Service's name; inferencepool: the InferencePool's name;
+    # both: the port's name or number (empty: the configured URL's port).
+    upstream_service: str = ""
+    upstream_inference_pool: str = ""
+    upstream_port: str = ""
+    dns_interval_seconds: float = Field(5.0, gt=0)
+    # affinity: least load, but requests sharing a prompt prefix or a session (prompt_cache_key,
+    # user) go to the replica that served it while it is not much busier than the least loaded;
+    # least_loaded; round_robin (what a ClusterIP Service does per connection, for comparison).
+    pool_policy: Policy = "affinity"
+    # How often each replica's /metrics is read, and how long one read may take.
+    pool_scrape_interval_seconds: float = Field(0.25, gt=0)
+    pool_scrape_timeout_seconds: float = Field(1.0, gt=0)
+    # A replica whose load exceeds the least loaded one's by this factor (load + 1 on both sides)
+    # loses its affinity: one hot prefix cannot pile everything onto one replica.
+    pool_max_imbalance: float = Field(2.0, ge=1.0)
+    # Prompt characters per hashed block of the prefix index, and blocks the index remembers.
+    pool_prefix_block_chars: int = Field(256, gt=0)
+    pool_prefix_index_blocks: int = Field(65536, gt=0)
+    # Requests waiting in a replica's queue beyond which it counts as saturated; when every
+    # replica is, requests get 503 with Retry-After at once. 0: never.
+    pool_max_queue: int = Field(64, ge=0)
+    # A replica that failed (refused, cut before the first byte, not ready) is left out this
+    # long, doubling on each further failure up to the max, then probed back.
+    pool_eject_seconds: float = Field(1.0, gt=0)
+    pool_eject_max_seconds: float = Field(30.0, gt=0)
+    # Tries per request on distinct replicas before a failure reaches the client.
+    pool_max_attempts: int = Field(3, ge=1)
