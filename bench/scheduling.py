@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
+import functools
 import os
 import platform
 import random
@@ -85,14 +85,23 @@ class Workload:
     def messages(self, tenant: int, tail: str, prompts: list[str]) -> list[dict]:
         return [{"role": "system", "content": prompts[tenant]}, {"role": "user", "content": tail}]
 
+    def system_prompt_tokens(self) -> list[int]:
+        """Each tenant's prompt tokens without the user message, as the simulator renders and counts them."""
+        return _system_prompt_tokens(self)
+
     def mean_prompt_tokens(self) -> float:
-        """Exact for the system prompts (rendered as the simulator renders them), the mean for the tails."""
-        prompts = self.system_prompts()
-        rendered = [len(tokens_of(chat_text(self.messages(t, "", prompts)))) for t in range(self.tenants)]
+        """Exact for the system prompts, the mean for the tails."""
+        rendered = self.system_prompt_tokens()
         return sum(w * n for w, n in zip(self.popularity(), rendered, strict=True)) + sum(self.tail_tokens) / 2
 
     def mean_output_tokens(self) -> float:
         return sum(self.output_tokens) / 2
+
+
+@functools.cache
+def _system_prompt_tokens(workload: Workload) -> list[int]:
+    prompts = workload.system_prompts()
+    return [len(tokens_of(chat_text(workload.messages(t, "", prompts)))) for t in range(workload.tenants)]
 
 
 @dataclass(frozen=True)
@@ -165,16 +174,40 @@ class Simulators:
         self.popen.wait(10)
 
 
+@dataclass(frozen=True)
+class Picks:
+    """The backend's ``modelplex_pool_picks_total``, summed by reason and by replica."""
+
+    by_reason: dict[str, float]
+    by_replica: dict[str, float]
+
+    def __sub__(self, earlier: Picks) -> Picks:
+        return Picks(
+            {k: v - earlier.by_reason.get(k, 0.0) for k, v in self.by_reason.items()},
+            {k: v - earlier.by_replica.get(k, 0.0) for k, v in self.by_replica.items()},
+        )
+
+    def summary(self) -> str:
+        """Shares of picks by reason, and the busiest replica's share (1/replicas when even)."""
+        total = sum(self.by_reason.values())
+        if not total:
+            return "-"
+        reasons = ", ".join(f"{k} {v / total:.0%}" for k, v in sorted(self.by_reason.items(), key=lambda kv: -kv[1]))
+        return f"{reasons}; busiest replica {max(self.by_replica.values()) / total:.0%}"
+
+
 @dataclass
 class Backend:
     popen: subprocess.Popen
     target: str
     log: Path
+    metrics_port: int
 
     @classmethod
     def start(cls, urls: list[str], policy: str, log_dir: Path) -> Backend:
-        target = f"127.0.0.1:{free_port()}"
+        target, metrics_port = f"127.0.0.1:{free_port()}", free_port()
         env = os.environ | {
+            "MODELPLEX_METRICS_PORT": str(metrics_port),
             "MODELPLEX_TEXT_LISTEN": target,
             "MODELPLEX_TEXT_ENGINE": "openai",
             "MODELPLEX_TEXT_UPSTREAM_URL": ",".join(urls),
@@ -191,7 +224,7 @@ class Backend:
                 stderr=subprocess.STDOUT,
                 **tied_to_parent(),
             )
-        backend = cls(popen, target, log)
+        backend = cls(popen, target, log, metrics_port)
         backend.wait_serving(timeout=120)
         return backend
 
@@ -213,6 +246,21 @@ class Backend:
                 time.sleep(0.2)
         raise TimeoutError(f"text backend not serving on {self.target}")
 
+    def picks(self) -> Picks:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as reply:
+            families = text_string_to_metric_families(reply.read().decode())
+        by_reason: dict[str, float] = {}
+        by_replica: dict[str, float] = {}
+        for family in families:
+            if family.name != "modelplex_pool_picks":
+                continue
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    reason, replica = sample.labels["reason"], sample.labels["replica"]
+                    by_reason[reason] = by_reason.get(reason, 0.0) + sample.value
+                    by_replica[replica] = by_replica.get(replica, 0.0) + sample.value
+        return Picks(by_reason, by_replica)
+
     def cpu_seconds(self) -> float:
         """User + system CPU time of the backend process so far."""
         fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rpartition(")")[2].split()
@@ -232,6 +280,7 @@ class Backend:
 class Outcome:
     ttft: float | None = None  # seconds, None: failed
     error: str = ""
+    cached_tokens: int = 0  # as the engine reported them in the final usage
 
 
 @dataclass
@@ -242,7 +291,10 @@ class RunResult:
     ttfts_ms: list[float]
     errors: int
     hit_rate: float
+    #: Share of requests whose tenant's system prompt was not (wholly) cached where they ran.
+    prefix_miss_rate: float
     backend_cpu_ms_per_request: float
+    picks: Picks
     error_examples: list[str] = field(default_factory=list)
 
     def percentile(self, q: float) -> float:
@@ -257,6 +309,7 @@ def _request(arrival: Arrival, prompts: list[str], workload: Workload, index: in
     ]
     return text_pb2.GenerateRequest(
         meta=common_pb2.RequestMeta(request_id=f"sched-{index}", end_user=arrival.user),
+        user=arrival.user,  # as the edge sets it from the body's `user`
         model=MODEL,
         chat=text_pb2.ChatInput(messages=messages),
         sampling=text_pb2.SamplingParams(max_tokens=arrival.max_tokens),
@@ -269,6 +322,8 @@ async def _one(stub, request: text_pb2.GenerateRequest, due: float) -> Outcome:
         async for message in stub.GenerateStream(request, timeout=120):
             if outcome.ttft is None and any(d.text for d in message.deltas):
                 outcome.ttft = time.perf_counter() - due
+            if message.HasField("usage"):
+                outcome.cached_tokens = message.usage.cached_prompt_tokens
     except grpc.aio.AioRpcError as exc:
         return Outcome(error=f"{exc.code().name}: {exc.details()}")
     return outcome if outcome.ttft is not None else Outcome(error="no text streamed")
@@ -295,6 +350,12 @@ async def drive(target: str, plan: list[Arrival], workload: Workload, on_warm) -
     return list(zip(plan, outcomes, strict=True))
 
 
+def _missed_prefix(arrival: Arrival, outcome: Outcome, workload: Workload) -> bool:
+    """Fewer tokens cached than the system prompt's full blocks: its prefill (or part of it) was paid again."""
+    system = workload.system_prompt_tokens()[arrival.tenant]
+    return outcome.ttft is not None and outcome.cached_tokens < system - SimParams().block_tokens
+
+
 def run_one(policy: str, load: float, args, log_dir: Path) -> RunResult:
     params, workload = SimParams(), Workload()
     rate = load * capacity(params, workload, args.replicas)
@@ -306,11 +367,15 @@ def run_one(policy: str, load: float, args, log_dir: Path) -> RunResult:
             marks: dict[str, float | dict] = {}
 
             def on_warm() -> None:
-                marks["counters"], marks["cpu"] = sims.counters(), backend.cpu_seconds()
+                marks["counters"], marks["cpu"], marks["picks"] = (
+                    sims.counters(),
+                    backend.cpu_seconds(),
+                    backend.picks(),
+                )
 
             results = asyncio.run(drive(backend.target, plan, workload, on_warm))
             cpu = backend.cpu_seconds() - marks["cpu"]
-            after = sims.counters()
+            after, picks = sims.counters(), backend.picks() - marks["picks"]
         finally:
             backend.stop()
     finally:
@@ -327,25 +392,57 @@ def run_one(policy: str, load: float, args, log_dir: Path) -> RunResult:
         ttfts_ms=[o.ttft * 1e3 for _, o in measured if o.ttft is not None],
         errors=len(failed),
         hit_rate=hits / queries if queries else 0.0,
+        prefix_miss_rate=sum(_missed_prefix(a, o, workload) for a, o in measured) / max(1, len(measured)),
         backend_cpu_ms_per_request=cpu * 1e3 / max(1, len(measured)),
+        picks=picks,
         error_examples=sorted(set(failed))[:3],
     )
 
 
 # -- the picker's own cost -------------------------------------------------------
-def picker_cost_us() -> str:
-    """µs per pick, timed in-process, if the pool module offers a way (``pools.bench.pick_cost_us``)."""
-    if importlib.util.find_spec("modelplex_kit.pools") is None:
-        return ""
+@dataclass
+class _Candidate:
+    """A replica as the picker sees it: its key and load (scraped figures as under this benchmark's load)."""
+
+    key: str
+    load: object
+
+
+def picker_cost_us(args, picks: int = 3000) -> dict[str, float]:
+    """µs of CPU per pick, per policy, timed in-process on this workload's requests: what the text
+    backend does per request to choose (rendering the prompt for the prefix index, then the pick)
+    with the pool's default settings, over ``args.replicas`` replicas. Empty without engine pools."""
     try:
-        from modelplex_kit.pools import bench as pool_bench  # type: ignore[attr-defined]
+        from modelplex_kit.pools.load import EngineLoad, ReplicaLoad
+        from modelplex_kit.pools.picker import Picker
+        from modelplex_kit.pools.settings import PoolSettings
+        from modelplex_text.adapters.openai_wire import pick_request
     except ImportError:
-        return ""
-    return f"{pool_bench.pick_cost_us(replicas=8):.1f}"
+        return {}
+    workload, settings = Workload(), PoolSettings()
+    prompts = workload.system_prompts()
+    plan = arrivals(workload, rate=50.0, warmup=0.0, seconds=picks / 50.0, seed=1)[:picks]
+    requests = [_request(a, prompts, workload, i) for i, a in enumerate(plan)]
+    out = {}
+    for policy in args.policies:
+        candidates = [_Candidate(f"10.0.0.{i}:8000", ReplicaLoad()) for i in range(args.replicas)]
+        for i, c in enumerate(candidates):
+            c.load.scraped(EngineLoad(running=i % 4, waiting=i % 2, kv_cache_usage=0.3))
+        picker = Picker(
+            policy,
+            max_imbalance=settings.pool_max_imbalance,
+            block_chars=settings.pool_prefix_block_chars,
+            index_blocks=settings.pool_prefix_index_blocks,
+        )
+        start = time.process_time()
+        for request in requests:
+            picker.pick(candidates, pick_request(request))
+        out[policy] = (time.process_time() - start) / len(requests) * 1e6
+    return out
 
 
 # -- report ----------------------------------------------------------------------
-def report(results: list[RunResult], args, wall: float, picker_us: str) -> str:
+def report(results: list[RunResult], args, wall: float, picker_us: dict[str, float]) -> str:
     params, workload = SimParams(), Workload()
     cap = capacity(params, workload, args.replicas)
     prompt, out = workload.mean_prompt_tokens(), workload.mean_output_tokens()
@@ -375,21 +472,25 @@ def report(results: list[RunResult], args, wall: float, picker_us: str) -> str:
         "scheduled arrival to the first streamed text, through the real text backend over gRPC; hit rate = the "
         "simulators' `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` (tokens) over the measured window.",
         "",
-        "| load | policy | req/s | TTFT p50 ms | TTFT p99 ms | cache hit rate | backend CPU ms/req | errors |",
-        "|---|---|---|---|---|---|---|---|",
+        "| load | policy | req/s | TTFT p50 ms | TTFT p99 ms | cache hit rate | prefix missed | backend CPU ms/req "
+        "| errors | picks |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.load:.0%} | {r.policy} | {r.rate:.1f} | {r.percentile(0.5):.0f} | {r.percentile(0.99):.0f} | "
-            f"{r.hit_rate:.1%} | {r.backend_cpu_ms_per_request:.2f} | {r.errors} |"
+            f"{r.hit_rate:.1%} | {r.prefix_miss_rate:.1%} | {r.backend_cpu_ms_per_request:.2f} | {r.errors} | "
+            f"{r.picks.summary()} |"
         )
     lines += ["", _bar(results)]
     lines += [
         "",
-        f"The picker's own cost: {picker_us} µs per pick (in-process)."
+        "The picker's own cost, CPU per request in-process (the prompt rendered for the prefix index, then the "
+        f"pick over {args.replicas} replicas; pool defaults): "
+        + ", ".join(f"{policy} {us:.1f} µs" for policy, us in picker_us.items())
+        + ". The backend's CPU per request in the table includes it and everything else the backend does."
         if picker_us
-        else "The picker's own cost: no in-process timing offered by the pool module; the backend's CPU per "
-        "request above includes it (compare a policy's row with round_robin's at the same load).",
+        else "The picker's own cost: the text backend has no engine pools to time.",
     ]
     examples = sorted({e for r in results for e in r.error_examples})
     if examples:
@@ -447,7 +548,7 @@ def main() -> None:
                 flush=True,
             )
             results.append(result)
-    section = report(results, args, time.monotonic() - started, picker_cost_us())
+    section = report(results, args, time.monotonic() - started, picker_cost_us(args))
     print(section)
     if args.write:
         write_section(args.write, section)
