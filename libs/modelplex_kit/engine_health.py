@@ -27,12 +27,22 @@ async def openai_ready(session: aiohttp.ClientSession, base_url: str) -> bool:
     is judged by ``/v1/models`` alone, which every OpenAI-compatible server has; a 401 (wrong key)
     reads as not ready either.
     """
+    return await openai_readiness(session, base_url) is True
+
+
+async def openai_readiness(session: aiohttp.ClientSession, base_url: str) -> bool | None:
+    """``openai_ready``, telling a server that did not answer in time (None) from one that is not
+    ready (False): a server that handles one request at a time (llama-cpp-python's) is busy, not
+    down, while it generates, and an engine pool must not eject it for that."""
     base = base_url.rstrip("/")
     root = base.removesuffix("/v1")
     try:
         health = await _status(session, f"{root}/health")
         return health in (200, 404) and await _status(session, f"{base}/models") == 200
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except TimeoutError:
+        log.debug("upstream readiness unknown: no answer in time", extra={"url": base_url})
+        return None
+    except aiohttp.ClientError as exc:
         log.debug("upstream not ready", extra={"url": base_url, "error": type(exc).__name__})
         return False
 

@@ -110,7 +110,12 @@ class ServiceError(Exception):
         # Always sent: its presence tells the edge the message was written for clients. A status
         # without it comes from gRPC itself (a connection refused, a crashed backend), whose text
         # names internal addresses and must not reach clients.
-        detail = common_pb2.ErrorDetail(param=self.param or "", code=self.code or "")
+        retry_after = self.headers.get("retry-after", "")
+        detail = common_pb2.ErrorDetail(
+            param=self.param or "",
+            code=self.code or "",
+            retry_after_seconds=int(retry_after) if retry_after.isdigit() else 0,
+        )
         return ((ERROR_DETAIL_KEY, detail.SerializeToString()),)
 
     @classmethod
@@ -123,7 +128,7 @@ class ServiceError(Exception):
         param, code = detail.param or None, detail.code or None
         # Worth retrying soon: a restarting backend, a full queue (the SDKs honour Retry-After).
         retry = status in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        headers = {"retry-after": "1"} if retry else {}
+        headers = {"retry-after": str(detail.retry_after_seconds or 1)} if retry else {}
         return cls(status, message, param=param, code=code, headers=headers)
 
 

@@ -13,10 +13,9 @@ generating when its client disconnects.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
@@ -24,7 +23,7 @@ import aiohttp
 import orjson
 
 from modelplex.v1 import common_pb2
-from modelplex_kit.engine_health import openai_ready
+from modelplex_kit.engine_health import openai_readiness, openai_ready
 from modelplex_kit.errors import unavailable, upstream_http_error
 
 log = logging.getLogger(__name__)
@@ -33,6 +32,7 @@ log = logging.getLogger(__name__)
 # does, which makes reusing one it has just closed (see _send's retry) rarer.
 _KEEPALIVE_S = 4.0
 # How a reused keep-alive connection the server had just closed fails before any response.
+_JSON = {"Content-Type": "application/json"}
 _STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError)
 
 
@@ -49,9 +49,7 @@ class OpenAIUpstream:
         what: str = "model server",
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        self._headers = {"Content-Type": "application/json"} | (
-            {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        )
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._connections = max_connections
         # Bounds on waiting (for a connection, then for each read), not on the whole request:
         # a long generation that keeps streaming must not be cut off at a fixed total.
@@ -68,6 +66,10 @@ class OpenAIUpstream:
 
     async def ready(self) -> bool:
         return await openai_ready(self._session(), self.base_url)
+
+    async def readiness(self) -> bool | None:
+        """``ready``, or None when the server did not answer in time (busy, not known to be down)."""
+        return await openai_readiness(self._session(), self.base_url)
 
     async def metrics(self) -> str | None:
         """The server's Prometheus text (``/metrics`` beside ``/v1``), None if it serves none.
@@ -104,12 +106,24 @@ class OpenAIUpstream:
                     yield event
 
     @asynccontextmanager
-    async def post(self, path: str, body: dict[str, Any]) -> AsyncIterator[aiohttp.ClientResponse]:
-        """A POST whose body the caller reads; transport failures become UNAVAILABLE."""
-        # Compact, non-ASCII kept and NaN refused: the bytes httpx used to send.
-        payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+    async def post(
+        self, path: str, body: dict[str, Any] | Callable[[], aiohttp.FormData]
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """A POST whose answer the caller reads; transport failures become UNAVAILABLE.
+
+        ``body``: a JSON object, or a function making a multipart form (made anew for a retry:
+        a form is consumed by sending it).
+        """
+        if callable(body):
+            make_data: Callable[[], Any] = body
+            headers = None  # aiohttp writes the multipart Content-Type with its boundary
+        else:
+            # Compact, non-ASCII kept and NaN refused: the bytes httpx used to send.
+            payload = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+            make_data = lambda: payload  # noqa: E731 - the same bytes for a retry
+            headers = _JSON
         try:
-            response = await self._send(f"{self.base_url}/{path}", payload)
+            response = await self._send(f"{self.base_url}/{path}", make_data, headers)
             try:
                 yield response
             finally:
@@ -126,9 +140,13 @@ class OpenAIUpstream:
             log.warning("upstream unreachable: %r", exc)
             raise unavailable(f"The {self._what} is unreachable; retry shortly.") from exc
 
-    async def _send(self, url: str, payload: bytes) -> aiohttp.ClientResponse:
+    async def _send(
+        self, url: str, make_data: Callable[[], Any], headers: dict[str, str] | None
+    ) -> aiohttp.ClientResponse:
         # A redirect is answered as it stands: following it would turn the POST into a GET.
-        post = functools.partial(self._session().post, url, data=payload, allow_redirects=False)
+        def post() -> Any:
+            return self._session().post(url, data=make_data(), headers=headers, allow_redirects=False)
+
         try:
             return await post()
         except aiohttp.ClientConnectorError:

@@ -1,7 +1,7 @@
 import grpc
 import pytest
 
-from modelplex_kit.errors import GRPC_TO_HTTP, ServiceError, invalid, model_not_found
+from modelplex_kit.errors import GRPC_TO_HTTP, ServiceError, invalid, model_not_found, unavailable
 
 
 def test_every_grpc_status_has_an_http_meaning():
@@ -73,3 +73,12 @@ def test_a_backend_unavailable_error_keeps_its_message_and_retry_after():
     )
     back = ServiceError.from_rpc_error(wire)
     assert back.message == original.message and back.headers["retry-after"] == "1"
+
+
+def test_a_backends_own_retry_after_reaches_the_edge():
+    original = unavailable("Every replica of the model server is saturated; retry shortly.", retry_after=7)
+    wire = grpc.aio.AioRpcError(
+        original.status, grpc.aio.Metadata(), grpc.aio.Metadata(*original.trailing_metadata()), original.message
+    )
+    back = ServiceError.from_rpc_error(wire)
+    assert back.http.status == 503 and back.headers["retry-after"] == "7"

@@ -1,6 +1,6 @@
 """Engine pools: the prefix index, the load figures, the picker's policies and cost, and the pool's
 retries, ejections and saturation, over in-process replica clients (the HTTP path against real
-llama.cpp servers is services/text/tests/test_pool_integration.py)."""
+llama.cpp servers is tests/integration/test_engine_pool.py)."""
 
 from __future__ import annotations
 
@@ -168,12 +168,13 @@ class FakeReplica:
     def __init__(self, key: str) -> None:
         self.key = key
         self.up = True
+        self.busy = False  # its readiness check does not answer in time
         self.failing = False
         self.engine: EngineLoad | None = None
         self.served = 0
 
-    async def ready(self) -> bool:
-        return self.up
+    async def ready(self) -> bool | None:
+        return None if self.busy else self.up
 
     async def engine_load(self) -> EngineLoad | None:
         if not self.up:
@@ -204,6 +205,7 @@ def make_pool(n: int = 3, **overrides: object) -> tuple[Pool[FakeReplica], dict[
     settings = PoolSettings(
         upstream_url=",".join(f"http://{k}/v1" for k in keys),
         pool_scrape_interval_seconds=0.02,
+        pool_ready_check_seconds=0.02,
         pool_eject_seconds=0.2,
         **overrides,  # type: ignore[arg-type]
     )
@@ -306,5 +308,21 @@ async def test_a_replica_whose_scrape_is_refused_is_ejected_before_any_request_f
         await until(lambda: not pool.replicas[0].available, timeout=10)
         assert {await pool.call(PickRequest(), FakeReplica.answer) for _ in range(4)} == {"r1:1"}
         assert await pool.ready()
+    finally:
+        await pool.close()
+
+
+async def test_a_replica_too_busy_to_answer_its_readiness_check_is_not_ejected_but_one_not_ready_is():
+    pool, clients = make_pool(2)
+    try:
+        assert await pool.ready()
+        clients["r0:1"].busy = True
+        checks = [r.next_ready_check for r in pool.replicas]
+        await until(lambda: all(r.next_ready_check > c for r, c in zip(pool.replicas, checks, strict=True)), 10)
+        await until(lambda: all(r.next_ready_check > c + 0.1 for r, c in zip(pool.replicas, checks, strict=True)), 10)
+        assert pool.replicas[0].available
+        clients["r1:1"].up, clients["r1:1"].engine = False, None
+        clients["r1:1"].engine_load = clients["r0:1"].engine_load  # its scrape still answers: only readiness fails
+        await until(lambda: not pool.replicas[1].available, 10)
     finally:
         await pool.close()

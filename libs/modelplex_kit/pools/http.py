@@ -8,8 +8,8 @@ request's ``PickRequest`` added. One configured URL is a pool of one: today's si
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import aiohttp
 
@@ -20,13 +20,15 @@ from modelplex_kit.pools.pool import Pool, ReplicaUnreachable
 from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.pools.sources import replica_source, url_template
 
+T = TypeVar("T")
+
 
 class HttpReplica:
     def __init__(self, upstream: OpenAIUpstream) -> None:
         self.upstream = upstream
 
-    async def ready(self) -> bool:
-        return await self.upstream.ready()
+    async def ready(self) -> bool | None:
+        return await self.upstream.readiness()
 
     async def engine_load(self) -> EngineLoad | None:
         try:
@@ -74,7 +76,14 @@ class OpenAIPool:
 
     def events(self, path: str, body: dict[str, Any], *, pick: PickRequest | None = None) -> AsyncIterator[dict]:
         """``OpenAIUpstream.events`` on the picked replica, retried elsewhere until the first event arrives."""
-        return self.pool.stream(pick or PickRequest(), lambda r: r.upstream.events(path, body))
+        return self.stream(lambda upstream: upstream.events(path, body), pick=pick)
+
+    def stream(
+        self, open_: Callable[[OpenAIUpstream], AsyncIterator[T]], *, pick: PickRequest | None = None
+    ) -> AsyncIterator[T]:
+        """Any call of an adapter's own shape (a multipart upload, say) on the picked replica's
+        upstream, retried elsewhere until its first item."""
+        return self.pool.stream(pick or PickRequest(), lambda r: open_(r.upstream))
 
     async def ready(self) -> bool:
         return await self.pool.ready()

@@ -38,8 +38,6 @@ T = TypeVar("T")
 
 # Failures worth another replica: the upstream was unreachable or failing (UNAVAILABLE) or full (429).
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
-# Readiness is checked once per this many scrapes of a replica (the scrape itself shows it is up).
-_READY_EVERY_S = 2.0
 # How long a request waits for the source's first snapshot before the pool counts as empty.
 _FIRST_SNAPSHOT_S = 10.0
 # Weight of the newest sample in the drain rate's moving average.
@@ -51,7 +49,9 @@ class ReplicaUnreachable(Exception):
 
 
 class ReplicaClient(Protocol):
-    async def ready(self) -> bool: ...
+    async def ready(self) -> bool | None:
+        """Its readiness check: None when it did not answer in time (busy: not a reason to eject)."""
+        ...
 
     async def engine_load(self) -> EngineLoad | None:
         """One scrape; raises ReplicaUnreachable when down, TimeoutError or OSError when it could not tell."""
@@ -280,8 +280,8 @@ class Pool(Generic[C]):
         engine = replica.load.engine
         replica.queue_gauge.set(engine.waiting if engine is not None else replica.load.queue())
         if now >= replica.next_ready_check:
-            replica.next_ready_check = now + _READY_EVERY_S
-            if not await replica.client.ready():
+            replica.next_ready_check = now + self._settings.pool_ready_check_seconds
+            if await replica.client.ready() is False:
                 replica.eject(self._settings, "not ready")
 
     async def _probe_back(self, replica: Replica[C]) -> None:

@@ -38,6 +38,8 @@ class PoolSettings(BaseModel):
     # How often each replica's /metrics is read, and how long one read may take.
     pool_scrape_interval_seconds: float = Field(0.25, gt=0)
     pool_scrape_timeout_seconds: float = Field(1.0, gt=0)
+    # How often each replica's readiness check (/health, /v1/models) runs besides the scrape.
+    pool_ready_check_seconds: float = Field(2.0, gt=0)
     # A replica whose load exceeds the least loaded one's by this factor (load + 1 on both sides)
     # loses its affinity: one hot prefix cannot pile everything onto one replica.
     pool_max_imbalance: float = Field(2.0, ge=1.0)

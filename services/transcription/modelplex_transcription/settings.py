@@ -3,6 +3,7 @@ from __future__ import annotations
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
+from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.settings import GrpcServiceSettings
 
 
@@ -35,11 +36,14 @@ class PocketsphinxSettings(TranscriptionSettings):
     max_utterance_seconds: float = 20.0
 
 
-class UpstreamSettings(TranscriptionSettings):
-    """engine=openai (vLLM serving Whisper, /v1/audio/transcriptions) or triton (Whisper on Triton, KServe v2)."""
+class UpstreamSettings(TranscriptionSettings, PoolSettings):
+    """engine=openai (vLLM serving Whisper, /v1/audio/transcriptions) or triton (Whisper on Triton, KServe v2).
 
-    # openai: base URL, e.g. http://vllm-whisper:8000/v1. triton: host:port of the gRPC endpoint.
-    upstream_url: str = ""
+    ``upstream_url``: openai: a base URL, e.g. http://vllm-whisper:8000/v1, or several separated by
+    commas (an engine pool, modelplex_kit.pools, whose other settings apply too); triton: host:port
+    of the gRPC endpoint.
+    """
+
     # The model's name upstream (vLLM's served model name, Triton's model name).
     upstream_model: str = ""
     upstream_api_key: SecretStr = SecretStr("")

@@ -7,21 +7,25 @@ Two ways to call it:
   ours, so srt/vtt/verbose_json keep Whisper's own timing;
 - incremental (``TranscribeStream``, when ``upstream_stream``): ``stream=true``; vLLM's
   ``transcription.chunk`` deltas are yielded as text-only segments as they arrive.
-The file is decoded here first (adapters/upstream.py says why); the original bytes are uploaded.
+The file is decoded here first (adapters/upstream.py says why); the original bytes are uploaded,
+to a replica of the engine pool (``modelplex_kit.pools``: the least loaded; another one if it
+fails before answering).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import aiohttp
 import orjson
 
 from modelplex.v1 import transcription_pb2 as pb
-from modelplex_kit.engine_health import openai_ready
 from modelplex_kit.errors import unavailable, upstream_http_error
+from modelplex_kit.openai_upstream import OpenAIUpstream
+from modelplex_kit.pools.http import OpenAIPool
 from modelplex_transcription.adapters.upstream import Decoding, upstream_capabilities
 from modelplex_transcription.decode import AudioSource
 from modelplex_transcription.engine import EngineEvent, Finished
@@ -37,13 +41,15 @@ class OpenAIHttpEngine:
     def __init__(self, settings: UpstreamSettings) -> None:
         if not settings.upstream_url:
             raise ValueError("engine=openai needs MODELPLEX_TRANSCRIPTION_UPSTREAM_URL (e.g. http://vllm:8000/v1)")
-        self._base = settings.upstream_url.rstrip("/")
         self._model = settings.upstream_model
-        key = settings.upstream_api_key.get_secret_value()
-        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self._timeout = aiohttp.ClientTimeout(total=settings.upstream_timeout_seconds)
+        self._upstream = OpenAIPool(
+            "transcription",
+            settings,
+            settings.upstream_api_key.get_secret_value(),
+            timeout_seconds=settings.upstream_timeout_seconds,
+            what="transcription model server",
+        )
         self._stream = settings.upstream_stream
-        self._session: aiohttp.ClientSession | None = None
         self._decoding = Decoding(settings, "openai-decode")
         self.capabilities = upstream_capabilities(settings)
 
@@ -52,27 +58,40 @@ class OpenAIHttpEngine:
     ) -> AsyncIterator[EngineEvent]:
         seconds = await self._decoding.measure(audio)
         streamed = incremental and self._stream and not request.word_timestamps
-        path = "/audio/translations" if request.translate else "/audio/transcriptions"
-        form = self._form(request, streamed)
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        language = request.language
+
+        def call(upstream: OpenAIUpstream) -> AsyncIterator[EngineEvent]:
+            return self._call(upstream, request, streamed, seconds)
+
+        async with aclosing(self._upstream.stream(call)) as events:
+            async for event in events:
+                if isinstance(event, Finished):
+                    language = event.language or language
+                else:
+                    yield event
+        yield Finished(language=language, duration_seconds=seconds)
+
+    async def _call(
+        self, upstream: OpenAIUpstream, request: pb.TranscribeRequest, streamed: bool, seconds: float
+    ) -> AsyncIterator[EngineEvent]:
+        """One upload to one replica: its segments, then a Finished carrying the language it detected."""
+        path = "audio/translations" if request.translate else "audio/transcriptions"
         try:
-            async with self._session.post(self._base + path, data=form) as response:
+            async with upstream.post(path, lambda: self._form(request, streamed)) as response:
                 if response.status != 200:
                     raise upstream_http_error(response.status, await _json_or_empty(response), "file")
                 if streamed:
                     async for segment in _stream_segments(response):
                         yield segment
-                    language = request.language
+                    yield Finished(language=request.language, duration_seconds=seconds)
                 else:
                     body = await response.json(content_type=None)
                     for event in verbose_events(body, request.word_timestamps, seconds):
                         yield event
-                    language = body.get("language") or request.language
+                    yield Finished(language=body.get("language") or request.language, duration_seconds=seconds)
         except _UNREACHABLE as exc:
             log.warning("transcription upstream unreachable: %s", type(exc).__name__)
             raise unavailable("The transcription model server is unreachable; retry shortly.") from exc
-        yield Finished(language=language, duration_seconds=seconds)
 
     def _form(self, request: pb.TranscribeRequest, streamed: bool) -> aiohttp.FormData:
         form = aiohttp.FormData()
@@ -99,13 +118,10 @@ class OpenAIHttpEngine:
         return form
 
     async def ready(self) -> bool:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
-        return await openai_ready(self._session, self._base)
+        return await self._upstream.ready()
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
+        await self._upstream.close()
         self._decoding.close()
 
 
