@@ -21,7 +21,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export MODELPLEX_VLLM_ENV := $(CURDIR)/build/$(shell scripts/vllm-env.sh id)
 VLLM_STAMP := $(MODELPLEX_VLLM_ENV)/.ready
 
-.PHONY: help venv vllm protos lint run test test-fast test-e2e test-engines bench bench-peers clean
+.PHONY: help venv vllm protos lint run test test-fast test-e2e test-engines bench bench-peers bench-scheduling clean
 
 help:
 	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines)"
@@ -30,6 +30,7 @@ help:
 	@echo "make test-engines  the real-vLLM suite alone (tests/vllm/)"
 	@echo "make bench      measure what the platform adds (writes docs/benchmarks.md)"
 	@echo "make bench-peers  LiteLLM's proxy side by side on the same core (installs it under build/)"
+	@echo "make bench-scheduling  pool policies over 8 simulated vLLM replicas (also part of make bench)"
 	@echo "make protos     regenerate gRPC stubs;  make lint: ruff + buf lint"
 
 venv: $(STAMP)
@@ -92,6 +93,11 @@ test-engines: $(GEN_STAMP) $(VLLM_STAMP)
 # Every section (bench/report.py lists them) into docs/benchmarks.md: a benchmark, not a test.
 bench: $(GEN_STAMP)
 	$(PY) -m bench.report docs/benchmarks.md
+
+# The scheduling section alone (make bench runs it too): 8 simulated vLLM replicas behind the text
+# backend, once per pool policy and load (bench/scheduling.py, about 3 minutes); rewrites its section.
+bench-scheduling: $(GEN_STAMP)
+	$(PY) -m bench.scheduling --write docs/benchmarks.md
 
 # Opt-in: LiteLLM's proxy (pinned, in its own venv under build/) against Modelplex's default stack,
 # both on core 0, one mock upstream on core 1 (bench/peers.py); its section goes into docs/benchmarks.md.

@@ -23,6 +23,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("bench.embeddings", []),
     ("bench.audio", []),
     ("bench.visual", []),
+    ("bench.scheduling", []),
 ]
 
 

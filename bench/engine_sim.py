@@ -1,0 +1,429 @@
+"""A procedural stand-in for a fleet of vLLM replicas: the scheduling benchmark's engine.
+
+Not a model. Each replica speaks OpenAI HTTP (``/v1/chat/completions``, ``/v1/completions``,
+streamed or not, ``/v1/models``, ``/health``) and exposes vLLM's scheduler metrics under
+vLLM's names and types on ``/metrics``, so a picker reads it as it would read vLLM. What it
+simulates is what decides time to first token on a real engine:
+
+- a **prefix cache** over fixed-size blocks of prompt tokens (a token is a whitespace-separated
+  word; each block's hash chains its predecessor's, as vLLM's do, so a block matches only after
+  the same prefix), LRU-evicted beyond a bound of blocks;
+- a bound on **running sequences** and a **FIFO queue** behind it;
+- **service time** = ``prefill_seconds_per_token`` x the prompt tokens not found in the cache +
+  ``decode_seconds_per_token`` x the output tokens; the first token leaves after the prefill and
+  one decode step. Prefills take turns, one at a time per replica (a **prefill lane**): prefill
+  is compute-bound, so on a GPU one sequence's long prefill delays the next one's first token,
+  which is how a cache miss costs other requests too. Decoding sequences run side by side.
+  Time passes in ``asyncio.sleep``, so a replica costs almost no CPU.
+
+Simplifications, stated: decoding sequences do not slow each other or the prefills (no shared
+batch step), and the prefix cache is a pool apart from the blocks running sequences hold
+(``kv_cache_usage_perc`` is the share of ``kv_blocks`` that running sequences' tokens fill), so
+nothing is ever preempted.
+
+Every replica runs in one process, one free port each: ``python -m bench.engine_sim --replicas 8``
+prints ``READY <port> <port> ...`` once all listen (``--max-running 4`` etc. set SimParams).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+MODEL = "sim"
+# Output tokens of a request that sets no max_tokens.
+DEFAULT_MAX_TOKENS = 16
+
+
+@dataclass(frozen=True)
+class SimParams:
+    """One replica's engine, in the units vLLM's own knobs use."""
+
+    #: Tokens per KV block (vLLM's --block-size).
+    block_tokens: int = 16
+    #: Blocks the prefix cache keeps before evicting the least recently used.
+    cache_blocks: int = 256
+    #: Blocks running sequences' tokens may fill: the denominator of ``vllm:kv_cache_usage_perc``.
+    #: Sized so that ``max_running`` of the benchmark's longest sequences fit (nothing is preempted).
+    kv_blocks: int = 1024
+    #: Sequences generating at once (vLLM's --max-num-seqs); more wait in FIFO order.
+    max_running: int = 8
+    #: Requests waiting beyond this many get 503 at once (memory stays bounded).
+    max_waiting: int = 4096
+    #: ~10k prompt tokens/s and ~100 output tokens/s per sequence: an 8B model on one current GPU,
+    #: to an order of magnitude (what matters here is prefill's cost relative to decode's).
+    prefill_seconds_per_token: float = 0.0001
+    decode_seconds_per_token: float = 0.01
+    #: Output tokens per streamed chunk (vLLM's --stream-interval): fewer writes, same timing.
+    stream_interval: int = 8
+
+    def service_seconds(self, uncached_prompt_tokens: float, output_tokens: float) -> float:
+        """How long a sequence holds its slot once running (the prefill part of it also holds the lane)."""
+        return self.prefill_seconds_per_token * uncached_prompt_tokens + self.decode_seconds_per_token * output_tokens
+
+    def requests_per_second(self, uncached_prompt_tokens: float, output_tokens: float) -> float:
+        """One replica's throughput for requests of this mean shape: the lane or the slots, whichever binds."""
+        lane = 1 / (self.prefill_seconds_per_token * uncached_prompt_tokens)
+        return min(lane, self.max_running / self.service_seconds(uncached_prompt_tokens, output_tokens))
+
+
+def tokens_of(text: str) -> list[str]:
+    """The simulator's tokenizer: whitespace-separated words."""
+    return text.split()
+
+
+def chat_text(messages: Iterable[dict]) -> str:
+    """A chat rendered the way a chat template does: each message after its role marker, in order."""
+    parts = []
+    for message in messages:
+        content = message.get("content") or ""
+        if isinstance(content, list):
+            content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
+        parts.append(f"<|{message.get('role', 'user')}|> {content}")
+    return " ".join(parts)
+
+
+def block_hashes(tokens: list[str], block_tokens: int) -> list[int]:
+    """One hash per full block, each chained to the one before (a block is only reused after the same prefix)."""
+    hashes, previous = [], 0
+    for start in range(0, len(tokens) - block_tokens + 1, block_tokens):
+        previous = hash((previous, *tokens[start : start + block_tokens]))
+        hashes.append(previous)
+    return hashes
+
+
+class PrefixCache:
+    """Block hashes, least recently used first; bounded in blocks."""
+
+    def __init__(self, capacity_blocks: int) -> None:
+        self.capacity = capacity_blocks
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def match(self, hashes: list[int]) -> int:
+        """How many leading blocks are cached (those are touched, as a hit keeps a block warm)."""
+        matched = 0
+        for h in hashes:
+            if h not in self._blocks:
+                break
+            self._blocks.move_to_end(h)
+            matched += 1
+        return matched
+
+    def insert(self, hashes: list[int]) -> None:
+        for h in hashes:
+            self._blocks[h] = None
+            self._blocks.move_to_end(h)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+
+class Saturated(Exception):
+    """The replica's queue is full."""
+
+
+@dataclass
+class Admission:
+    """What the scheduler decided for one sequence once it got a slot."""
+
+    prompt_tokens: int
+    cached_tokens: int
+
+    @property
+    def uncached_tokens(self) -> int:
+        return self.prompt_tokens - self.cached_tokens
+
+
+class Replica:
+    """One simulated engine: slots, a FIFO queue, the prefix cache and vLLM's metrics."""
+
+    def __init__(self, params: SimParams) -> None:
+        self.params = params
+        self.cache = PrefixCache(params.cache_blocks)
+        self.running = 0
+        self._waiting: deque[asyncio.Future[None]] = deque()
+        self._held_tokens = 0
+        self._prefill_lane = asyncio.Lock()
+        self.port = 0  # set by serve()
+        self.runner: web.AppRunner | None = None
+        self.registry = CollectorRegistry()
+        labels = {"model_name": MODEL, "engine": "0"}
+        self.m_running = Gauge(
+            "vllm:num_requests_running",
+            "Number of requests in model execution batches.",
+            list(labels),
+            registry=self.registry,
+        ).labels(**labels)
+        self.m_waiting = Gauge(
+            "vllm:num_requests_waiting",
+            "Number of requests waiting to be processed.",
+            list(labels),
+            registry=self.registry,
+        ).labels(**labels)
+        self.m_kv = Gauge(
+            "vllm:kv_cache_usage_perc",
+            "KV-cache usage. 1 means 100 percent usage.",
+            list(labels),
+            registry=self.registry,
+        ).labels(**labels)
+        self.m_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            list(labels),
+            registry=self.registry,
+        ).labels(**labels)
+        self.m_hits = Counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            list(labels),
+            registry=self.registry,
+        ).labels(**labels)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    async def generate(self, prompt: list[str], max_tokens: int) -> AsyncIterator[Admission | int]:
+        """Yields the Admission once its prefill starts, then counts of tokens as they are generated."""
+        await self._acquire_slot()
+        held = len(prompt) + max_tokens
+        self._hold(held)
+        try:
+            async with self._prefill_lane:  # asyncio.Lock wakes its waiters in FIFO order
+                admission = self._schedule(prompt)
+                yield admission
+                await asyncio.sleep(self.params.prefill_seconds_per_token * admission.uncached_tokens)
+                self.cache.insert(block_hashes(prompt, self.params.block_tokens))
+            left = max_tokens
+            while left > 0:  # the first token alone (time to first token), then stream_interval at a time
+                step = 1 if left == max_tokens else min(left, self.params.stream_interval)
+                await asyncio.sleep(self.params.decode_seconds_per_token * step)
+                left -= step
+                yield step
+        finally:
+            self._hold(-held)
+            self._release_slot()
+
+    def _schedule(self, prompt: list[str]) -> Admission:
+        """The prefix is looked up when the prefill starts (as vLLM's scheduler does), not on arrival."""
+        matched = self.cache.match(block_hashes(prompt, self.params.block_tokens))
+        # As vLLM: the last prompt token is always computed (its logits give the first output token).
+        cached = min(matched * self.params.block_tokens, max(0, len(prompt) - 1))
+        self.m_queries.inc(len(prompt))
+        self.m_hits.inc(cached)
+        return Admission(prompt_tokens=len(prompt), cached_tokens=cached)
+
+    async def _acquire_slot(self) -> None:
+        if self.running < self.params.max_running and not self._waiting:
+            self.running += 1
+            self._publish()
+            return
+        if len(self._waiting) >= self.params.max_waiting:
+            raise Saturated
+        turn = asyncio.get_running_loop().create_future()
+        self._waiting.append(turn)
+        self._publish()
+        try:
+            await turn  # the slot is handed over by _release_slot, already counted as running
+        except asyncio.CancelledError:
+            if turn.done() and not turn.cancelled():
+                self._release_slot()  # handed a slot just as the client left: pass it on
+            else:
+                self._waiting.remove(turn)
+                self._publish()
+            raise
+
+    def _release_slot(self) -> None:
+        while self._waiting:
+            turn = self._waiting.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                self._publish()
+                return
+        self.running -= 1
+        self._publish()
+
+    def _hold(self, tokens: int) -> None:
+        self._held_tokens += tokens
+        blocks = math.ceil(self._held_tokens / self.params.block_tokens)
+        self.m_kv.set(min(1.0, blocks / self.params.kv_blocks))
+
+    def _publish(self) -> None:
+        self.m_running.set(self.running)
+        self.m_waiting.set(len(self._waiting))
+
+
+# -- OpenAI HTTP -------------------------------------------------------------
+def _usage(admission: Admission, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": admission.prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": admission.prompt_tokens + completion_tokens,
+        # vLLM's --enable-prompt-tokens-details
+        "prompt_tokens_details": {"cached_tokens": admission.cached_tokens},
+    }
+
+
+def _sse(payload: dict) -> bytes:
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
+
+
+def _error(status: int, message: str, kind: str) -> web.Response:
+    return web.json_response({"error": {"message": message, "type": kind, "param": None, "code": None}}, status=status)
+
+
+class ReplicaApp:
+    """The HTTP face of one Replica."""
+
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self.chat)
+        self.app.router.add_post("/v1/completions", self.completions)
+        self.app.router.add_get("/v1/models", self.models)
+        self.app.router.add_get("/health", self.health)
+        self.app.router.add_get("/metrics", self.metrics)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200)
+
+    async def models(self, request: web.Request) -> web.Response:
+        model = {"id": MODEL, "object": "model", "created": 0, "owned_by": "engine_sim"}
+        return web.json_response({"object": "list", "data": [model]})
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.replica.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._answer(request, chat=False)
+
+    async def _answer(self, request: web.Request, *, chat: bool) -> web.StreamResponse:
+        try:
+            body = await request.json()
+            text = chat_text(body["messages"]) if chat else str(body["prompt"])
+            limit = body.get("max_tokens", body.get("max_completion_tokens"))
+            max_tokens = DEFAULT_MAX_TOKENS if limit is None else int(limit)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return _error(400, f"bad request: {exc!r}", "invalid_request_error")
+        if max_tokens < 1:
+            return _error(400, "max_tokens must be at least 1", "invalid_request_error")
+        run = Run(chat=chat, model=body.get("model") or MODEL)
+        generation = self.replica.generate(tokens_of(text), max_tokens)
+        try:
+            if body.get("stream"):
+                return await run.stream(request, generation)
+            return await run.whole(generation)
+        except Saturated:
+            return _error(503, "the simulated engine's queue is full", "server_error")
+        finally:
+            await generation.aclose()
+
+
+@dataclass
+class Run:
+    """One request's answer, in chat or legacy-completions shape."""
+
+    chat: bool
+    model: str
+
+    def _choice(self, text: str, finish: str | None, *, delta: bool) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        key = "delta" if delta else "message"
+        return {"index": 0, key: {"role": "assistant", "content": text}, "logprobs": None, "finish_reason": finish}
+
+    def _object(self, *, chunk: bool) -> str:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return kind + (".chunk" if chunk and self.chat else "")
+
+    def _frame(self, choices: list, usage: dict | None = None) -> dict:
+        out = {"id": "cmpl-sim", "object": self._object(chunk=True), "created": int(time.time()), "model": self.model}
+        return out | {"choices": choices} | ({"usage": usage} if usage is not None else {})
+
+    async def whole(self, generation: AsyncIterator[Admission | int]) -> web.Response:
+        admission, produced = None, 0
+        async for event in generation:
+            if isinstance(event, Admission):
+                admission = event
+            else:
+                produced += event
+        assert admission is not None
+        return web.json_response(
+            {
+                "id": "cmpl-sim",
+                "object": self._object(chunk=False),
+                "created": int(time.time()),
+                "model": self.model,
+                "choices": [self._choice("tok " * produced, "length", delta=False)],
+                "usage": _usage(admission, produced),
+            }
+        )
+
+    async def stream(self, request: web.Request, generation: AsyncIterator[Admission | int]) -> web.StreamResponse:
+        first = await anext(generation)  # queued until scheduled; Saturated before any byte is sent
+        assert isinstance(first, Admission)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        produced = 0
+        async for step in generation:
+            assert isinstance(step, int)
+            produced += step
+            await response.write(_sse(self._frame([self._choice("tok " * step, None, delta=True)])))
+        await response.write(_sse(self._frame([self._choice("", "length", delta=True)])))
+        await response.write(_sse(self._frame([], _usage(first, produced))))
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+
+async def serve(params: SimParams, replicas: int, host: str = "127.0.0.1") -> list[Replica]:
+    """Starts ``replicas`` replicas in this event loop, each on a free port (``Replica.port``)."""
+    started = []
+    for _ in range(replicas):
+        replica = Replica(params)
+        runner = web.AppRunner(ReplicaApp(replica).app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, 0).start()
+        replica.port = runner.addresses[0][1]
+        replica.runner = runner
+        started.append(replica)
+    return started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--replicas", type=int, default=8)
+    defaults = SimParams()
+    for name in SimParams.__dataclass_fields__:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)), default=None)
+    args = parser.parse_args()
+    chosen = {name: getattr(args, name) for name in SimParams.__dataclass_fields__ if getattr(args, name) is not None}
+    params = SimParams(**chosen)
+    disable_created_metrics()  # no *_created series: a scraper reads only what vLLM's /metrics has
+
+    async def run() -> None:
+        replicas = await serve(params, args.replicas)
+        print("READY " + " ".join(str(r.port) for r in replicas), flush=True)
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
