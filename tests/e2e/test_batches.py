@@ -21,6 +21,7 @@ from modelplex_kit.devstack import Stack
 from tests.e2e.gatekeeper_stack import write_keys
 from tests.support.openapi import validate
 from tests.support.ports import free_port
+from tests.support.s3_server import S3Server
 
 pytestmark = pytest.mark.e2e
 
@@ -400,3 +401,27 @@ def test_the_completion_window_expires_what_is_left(stack, tmp_path):
         assert len(ids) == len(set(ids)) == batch.request_counts.completed < len(rows)
     finally:
         short.stop()
+
+
+def test_a_batch_runs_with_its_files_in_s3(tmp_path):
+    """The same lifecycle with every object (input, parts, results) in a bucket of a real S3-protocol server."""
+    server = S3Server().start()
+    bucket = server.new_bucket()
+    s3 = start_stack(tmp_path, **server.env("MODELPLEX_EDGE_", bucket))
+    try:
+        client = _client(s3, ALPHA)
+        rows = [chat_line(f"s{i}", f"Name a color, {i}.") for i in range(3)]
+        created = client.batches.create(
+            input_file_id=upload(client, rows), endpoint="/v1/chat/completions", completion_window="24h"
+        )
+        batch = poll(client, created.id, finished)
+        assert batch.status == "completed", batch.errors
+        lines = results(client, batch.output_file_id)
+        assert sorted(line["custom_id"] for line in lines) == ["s0", "s1", "s2"]
+        assert all(line["response"]["status_code"] == 200 for line in lines)
+        stored = server.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+        assert any(obj["Key"].startswith("files/") for obj in stored), stored
+        assert not list((tmp_path / "objects").glob("**/*"))  # nothing went to the local directory
+    finally:
+        s3.stop()
+        server.stop()
