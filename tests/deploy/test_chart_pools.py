@@ -49,6 +49,8 @@ def test_backends_are_told_where_their_replicas_are(pools):
     qwen = _env(_pod(pools, "Deployment", f"{RELEASE}-text-qwen2-5-7b-instruct"))
     assert qwen["MODELPLEX_TEXT_UPSTREAM_DISCOVERY"] == "endpointslices"
     assert qwen["MODELPLEX_TEXT_UPSTREAM_PORT"] == "grpc"  # Triton's gRPC port, one channel per replica
+    assert qwen["MODELPLEX_TEXT_POOL_METRICS_PORT"] == "8002"  # its queue, read by the picker (and KEDA)
+    assert "MODELPLEX_TEXT_POOL_METRICS_PORT" not in llama  # vLLM's metrics are on its HTTP port
     gemma = _env(_pod(pools, "Deployment", f"{RELEASE}-text-gemma-3-27b-it"))
     assert gemma["MODELPLEX_TEXT_UPSTREAM_DISCOVERY"] == "inferencepool"
     assert gemma["MODELPLEX_TEXT_UPSTREAM_INFERENCE_POOL"] == "gemma-pool"

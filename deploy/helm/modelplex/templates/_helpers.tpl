@@ -387,7 +387,8 @@ upstream_url (static). Call with (dict "root" $ "model" $m).
 {{- if include "modelplex.hasVllm" . }}
 {{- $s = dict "upstream_discovery" "endpointslices" "upstream_service" (include "modelplex.vllmName" .) "upstream_port" "http" }}
 {{- else if include "modelplex.hasTriton" . }}
-{{- $s = dict "upstream_discovery" "endpointslices" "upstream_service" (include "modelplex.tritonName" .) "upstream_port" "grpc" }}
+{{- /* The picker reads each Triton replica's queue (nv_inference_pending_request_count) from its metrics port. */}}
+{{- $s = dict "upstream_discovery" "endpointslices" "upstream_service" (include "modelplex.tritonName" .) "upstream_port" "grpc" "pool_metrics_port" (toString .root.Values.engines.triton.metricsPort) }}
 {{- else if and (include "modelplex.hasBackend" .) $pool.inferencePool }}
 {{- $s = dict "upstream_discovery" "inferencepool" "upstream_inference_pool" $pool.inferencePool }}
 {{- with $pool.port }}{{ $_ := set $s "upstream_port" (toString .) }}{{ end }}
