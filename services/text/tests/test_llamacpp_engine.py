@@ -117,6 +117,18 @@ async def test_completion_tokens_are_exact_and_choices_seeded(backend):
     assert alone.choices[0].text == first.choices[1].text  # choice 1 of seed 5 is seed 6
 
 
+async def test_an_empty_completions_prompt_is_answered(backend):
+    # OpenAI accepts prompt "" (the model starts from its document-start token); SmolLM2 adds no BOS, so
+    # "" was zero tokens and llama.cpp failed: a 500 for a valid request.
+    stub, _ = backend
+    request = text_pb2.GenerateRequest(
+        model="smollm2", completion=text_pb2.CompletionInput(prompt=""),
+        sampling=text_pb2.SamplingParams(temperature=0.0, max_tokens=4),
+    )
+    answer = await stub.Generate(request)
+    assert answer.usage.prompt_tokens == 1 and 0 < answer.usage.completion_tokens <= 4
+
+
 async def test_a_repeated_prompt_reports_its_cached_prefix(backend):
     stub, _ = backend
     await stub.Generate(chat("Name a colour.", max_tokens=2))

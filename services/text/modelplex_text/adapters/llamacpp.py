@@ -156,7 +156,10 @@ class LlamaCppEngine:
             return self._llm.tokenize(prompt.encode("utf-8"), add_bos=False, special=True)
         # A raw prompt is user text: "<|im_start|>" in it must stay text, not become a control
         # token; BOS is added when the model wants one.
-        return self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        tokens = self._llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=False)
+        # An empty prompt is valid (OpenAI's model starts from its document-start token); a model that
+        # adds no BOS would have nothing to evaluate, so it starts from its BOS or, lacking one, its EOS.
+        return tokens or [self._llm.token_bos() if self._llm.token_bos() >= 0 else self._llm.token_eos()]
 
     async def _run(self, seq: Sequence, queue: asyncio.Queue[SequenceEvent]) -> AsyncIterator[ChoicePiece]:
         """Queues one sequence for the scheduler and relays its events until it ends."""
