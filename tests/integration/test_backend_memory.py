@@ -417,4 +417,7 @@ def test_memory_is_bounded_and_released_request_after_request(backends, case: Ca
     report = f"{case.backend} {case.name}: baseline {backend.baseline_mb:.0f} MB, growth {growth} MB"
     print(f"{report} ({time.monotonic() - started:.1f} s)")
     assert max(after) - backend.baseline_mb <= case.budget_mb, report
-    assert after[-1] - after[min(1, len(after) - 1)] <= case.accumulation_mb, report
+    # Accumulation: the floor rises request after request. One sample against another is allocator noise
+    # (a 24 MB case swung 27-88 MB between repeats with no trend); the lows of each half are not.
+    half = max(1, len(after) // 2)
+    assert min(after[half:]) - min(after[:half]) <= case.accumulation_mb, report
