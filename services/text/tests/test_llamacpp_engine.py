@@ -194,16 +194,38 @@ async def test_the_wall_clock_limit_ends_generation_with_length(tight, caplog):
     assert any("wall-clock limit" in record.getMessage() for record in caplog.records)
 
 
-async def test_waiting_for_a_slot_is_bounded(tight):
-    stub, engine = tight
-    long_one = asyncio.ensure_future(stub.Generate(chat(STORY, max_tokens=400, temperature=1.0)))
-    await until(lambda: engine._scheduler._active(), timeout=60)
+@pytest.fixture(scope="module")
+async def one_busy_slot():
+    """One slot and a short wait for it, with room for a request to hold that slot for many seconds."""
+    async with serving(parallel=1, max_queue_wait_seconds=0.3, max_request_seconds=60.0) as pair:
+        yield pair
+
+
+# A schema whose only valid answers are long: the sequence holding the slot cannot end early (a free
+# sampled story may emit EOS at any step, and did in CI, which freed the slot for the request that was
+# meant to wait).
+LONG_ANSWER = text_pb2.ResponseFormat(
+    type=text_pb2.ResponseFormat.TYPE_JSON_SCHEMA,
+    schema_name="long",
+    schema_json=json.dumps(
+        {"type": "object", "properties": {"story": {"type": "string", "minLength": 4000}}, "required": ["story"]}
+    ),
+)
+
+
+async def test_waiting_for_a_slot_is_bounded(one_busy_slot):
+    stub, engine = one_busy_slot
+    holder = stub.GenerateStream(chat(STORY, max_tokens=400, temperature=1.0, response_format=LONG_ANSWER))
+    await anext(aiter(holder))
+    await until(lambda: engine._scheduler._active(), timeout=60)  # the one slot is held
     started = time.monotonic()
     error = await rpc_error(stub.Generate(chat("hi", max_tokens=4)))
     assert error.status == grpc.StatusCode.UNAVAILABLE
     assert error.headers.get("retry-after") == "1"
     assert time.monotonic() - started < 3.0
-    await long_one  # ended by the wall-clock limit; the slot is free again
+    assert engine._scheduler._active(), "the holding sequence ended while the other request waited"
+    holder.cancel()  # the slot is freed between two steps
+    await until(lambda: engine._scheduler._active() == [], timeout=60)
     assert (await stub.Generate(chat("hi", max_tokens=4))).usage.completion_tokens >= 1
 
 
