@@ -200,6 +200,25 @@ async def test_concurrent_readers_never_see_half_an_object(store):
     assert seen and await read(store, "hot") == versions[2]
 
 
+async def test_an_object_being_replaced_is_never_missing(store):
+    # A batch's record is rewritten at every step while clients poll it: no poll may find it absent.
+    await store.put("record", stream(b"{}"))
+    writing = True
+
+    async def writer() -> None:
+        nonlocal writing
+        for n in range(150):
+            await store.put("record", stream(b"x" * (1 + n % 7) * 100), content_type="application/json")
+        writing = False
+
+    async def poller() -> None:
+        while writing:
+            assert await store.stat("record") is not None, "the object vanished while it was being replaced"
+            await asyncio.sleep(0)
+
+    await asyncio.wait_for(asyncio.gather(writer(), poller(), poller()), timeout=120)
+
+
 def test_settings_open_the_named_store(s3_server, tmp_path):
     local = open_object_store(ObjectStoreSettings(), default_dir=tmp_path / "content")
     assert isinstance(local, LocalObjectStore) and (tmp_path / "content").is_dir()

@@ -1,7 +1,7 @@
 """The local-directory object store: one file per object, its metadata in a sidecar JSON file.
 
 A write goes to a temporary name and is renamed into place, so a reader never sees half an
-object. Blocking file calls run in a worker thread, one chunk at a time.
+object (nor half its metadata). Blocking file calls run in a worker thread, one chunk at a time.
 """
 
 from __future__ import annotations
@@ -59,9 +59,17 @@ class LocalObjectStore:
         await asyncio.to_thread(file.close)
         stored = StoredObject(key, size, digest.hexdigest()[:32], content_type, expires_at)
         meta = {"etag": stored.etag, "content_type": content_type, "expires_at": expires_at}
-        await asyncio.to_thread(path.with_name(path.name + _META).write_text, json.dumps(meta))
+        await asyncio.to_thread(self._replace_meta, path, json.dumps(meta))
         await asyncio.to_thread(os.replace, partial, path)
         return stored
+
+    @staticmethod
+    def _replace_meta(path: Path, text: str) -> None:
+        # Renamed into place as the object is: rewriting the file itself would let a reader of an object being
+        # replaced (a batch record polled while its worker updates it) find it empty, and the object absent.
+        partial = path.with_name(f"{path.name}{_PARTIAL}meta-{uuid.uuid4().hex}")
+        partial.write_text(text)
+        os.replace(partial, path.with_name(path.name + _META))
 
     def _stat(self, key: str, path: Path) -> StoredObject | None:
         try:
