@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,27 +29,35 @@ from modelplex_kit.errors import ServiceError
 QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "failed"
 # A job whose worker died this many times is failed rather than retried forever.
 MAX_ATTEMPTS = 3
-#: Fields every job dataclass has (its other fields are its user's own: str, int or bool).
-BASE_FIELDS = (
-    "id",
-    "principal",
-    "status",
-    "progress",
-    "created_at",
-    "completed_at",
-    "expires_at",
-    "error_code",
-    "error_message",
-    "expired",
-    "attempts",
-)
+@dataclass(slots=True, kw_only=True)
+class JobRecord:
+    """What the queue keeps for every job. A user's job dataclass inherits it and adds its own fields
+    (``@dataclass(slots=True, kw_only=True)``; str, int or bool), so the bookkeeping is declared once."""
+
+    id: str
+    #: The caller's scope: only it sees the job.
+    principal: str
+    status: str = QUEUED
+    progress: int = 0
+    created_at: int = field(default_factory=lambda: int(time.time()))
+    completed_at: int = 0
+    expires_at: int = 0
+    error_code: str = ""
+    error_message: str = ""
+    expired: bool = False
+    #: How many workers claimed it (a lapsed lease is a worker that died).
+    attempts: int = 0
+
+
+#: Fields every job dataclass has (its other fields are its user's own).
+BASE_FIELDS = tuple(f.name for f in fields(JobRecord))
 
 
 @dataclass(frozen=True, slots=True)
 class JobKind:
     """One user of the queue: its job dataclass and the words its errors and keys use."""
 
-    #: The job dataclass (``BASE_FIELDS`` plus its own), constructed with keyword arguments.
+    #: The job dataclass (a :class:`JobRecord` plus its own fields), constructed with keyword arguments.
     record: type
     #: "video": in "No video found with id ..." and "Too many video jobs are queued ...".
     noun: str

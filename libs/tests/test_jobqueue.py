@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 
@@ -13,22 +13,11 @@ from modelplex_kit import jobqueue
 from modelplex_kit.errors import ServiceError
 
 
-@dataclass(slots=True)
-class Chore:
-    id: str
-    principal: str
+@dataclass(slots=True, kw_only=True)
+class Chore(jobqueue.JobRecord):
     payload: str
     urgent: bool = False
     weight: int = 0
-    status: str = jobqueue.QUEUED
-    progress: int = 0
-    created_at: int = field(default_factory=lambda: int(time.time()))
-    completed_at: int = 0
-    expires_at: int = 0
-    error_code: str = ""
-    error_message: str = ""
-    expired: bool = False
-    attempts: int = 0
 
 
 CHORES = jobqueue.JobKind(
@@ -47,16 +36,17 @@ def test_a_record_without_the_job_fields_is_refused():
 
 
 async def contract(store: jobqueue.JobStore) -> None:
-    await store.create(Chore("c1", "alice", '{"x": 1}', urgent=True, weight=7), LIMITS)
-    await store.create(Chore("c2", "alice", "{}"), LIMITS)
+    await store.create(Chore(id="c1", principal="alice", payload='{"x": 1}', urgent=True, weight=7), LIMITS)
+    await store.create(Chore(id="c2", principal="alice", payload="{}"), LIMITS)
     with pytest.raises(ServiceError) as full:
-        await store.create(Chore("c3", "alice", "{}"), LIMITS)
+        await store.create(Chore(id="c3", principal="alice", payload="{}"), LIMITS)
     assert full.value.http.status == 429 and full.value.headers["retry-after"]
     assert await store.get("bob", "c1") is None  # another principal's job is invisible
 
     claimed = await store.claim("w1", lease_seconds=0.2)
     assert claimed == Chore(
-        "c1", "alice", '{"x": 1}', True, 7, jobqueue.IN_PROGRESS, 0, claimed.created_at, attempts=1
+        id="c1", principal="alice", payload='{"x": 1}', urgent=True, weight=7, status=jobqueue.IN_PROGRESS,
+        created_at=claimed.created_at, attempts=1,
     )  # its own fields, typed, come back
     assert await store.renew("c1", "w1", 10, lease_seconds=0.2)
     assert not await store.renew("c1", "w2", 10, lease_seconds=0.2)  # not w2's

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from modelplex_kit import jobqueue
@@ -32,27 +31,18 @@ from modelplex_kit.jobqueue import (  # noqa: F401  (re-exported: the videos ser
 )
 
 
-@dataclass(slots=True)
-class Job:
-    id: str
-    principal: str
+@dataclass(slots=True, kw_only=True)
+class Job(jobqueue.JobRecord):
+    """One video render."""
+
     model: str
     prompt: str
     width: int
     height: int
     seconds: int
     seed: int
-    status: str = QUEUED
-    progress: int = 0
-    created_at: int = field(default_factory=lambda: int(time.time()))
-    completed_at: int = 0
-    expires_at: int = 0
-    error_code: str = ""
-    error_message: str = ""
     remixed_from: str = ""
-    expired: bool = False
     has_reference: bool = False
-    attempts: int = 0
 
 
 VIDEO_JOBS = jobqueue.JobKind(

@@ -11,9 +11,8 @@ written and the output never repeats a ``custom_id``.
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +35,10 @@ def new_batch_id() -> str:
     return "batch_" + secrets.token_hex(12)
 
 
-@dataclass(slots=True)
-class BatchJob:
+@dataclass(slots=True, kw_only=True)
+class BatchJob(jobqueue.JobRecord):
     """A queued batch: what a worker needs to run and meter it (never the key)."""
 
-    id: str
-    #: The caller's scope (its project).
-    principal: str
     #: The creating request's admission, for metering each line: the ticket names the key.
     principal_id: str = ""
     project: str = ""
@@ -51,15 +47,6 @@ class BatchJob:
     tokens: int = 0
     #: The key's model globs, one a line: a line naming another model is refused as the key would be.
     models: str = "*"
-    status: str = jobqueue.QUEUED
-    progress: int = 0
-    created_at: int = field(default_factory=lambda: int(time.time()))
-    completed_at: int = 0
-    expires_at: int = 0
-    error_code: str = ""
-    error_message: str = ""
-    expired: bool = False
-    attempts: int = 0
 
     def admitted(self, endpoint: str) -> Admitted:
         return Admitted(

@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,14 +48,11 @@ TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
 _CANCELLED = translate.Outcome("cancelled")
 
 
-@dataclass(slots=True)
-class BackgroundJob:
-    """One queued background response: what a worker needs to run and account it (never the key)."""
+@dataclass(slots=True, kw_only=True)
+class BackgroundJob(jobqueue.JobRecord):
+    """One queued background response: what a worker needs to run and account it (never the key).
+    Its ``id`` is the response id; its ``principal`` the caller's scope, where the response is stored."""
 
-    #: The response id.
-    id: str
-    #: The caller's scope (its project): where the response is stored.
-    principal: str
     #: The catalog model it was admitted for.
     model: str
     #: The request body as the client sent it (JSON), parsed again by the worker.
@@ -64,15 +61,6 @@ class BackgroundJob:
     principal_id: str = ""
     project: str = ""
     ticket: str = ""
-    status: str = jobqueue.QUEUED
-    progress: int = 0
-    created_at: int = field(default_factory=lambda: int(time.time()))
-    completed_at: int = 0
-    expires_at: int = 0
-    error_code: str = ""
-    error_message: str = ""
-    expired: bool = False
-    attempts: int = 0
 
     def admitted(self, endpoint: str) -> Admitted:
         return Admitted(
