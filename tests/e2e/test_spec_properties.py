@@ -23,10 +23,13 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 
+from modelplex_edge.endpoints.batches.protocol import CreateBatchRequest
 from modelplex_edge.endpoints.chat.protocol import ChatCompletionRequest
 from modelplex_edge.endpoints.completions.protocol import CompletionRequest
 from modelplex_edge.endpoints.embeddings.protocol import EmbeddingRequest
+from modelplex_edge.endpoints.files.protocol import UploadForm
 from modelplex_edge.endpoints.images.protocol import ImageGenerationRequest
+from modelplex_edge.endpoints.responses.protocol import CreateResponseRequest
 from modelplex_edge.endpoints.speech.protocol import SpeechRequest
 from modelplex_edge.endpoints.transcriptions.protocol import TranscriptionForm, TranslationForm
 from modelplex_edge.endpoints.videos.protocol import VideoCreateRequest, VideoRemixRequest
@@ -66,6 +69,20 @@ OPERATIONS = [
     ("POST", "/videos/{video_id}/remix", [], VideoRemixRequest),
     ("GET", "/models", [], None),
     ("GET", "/models/{model}", [], None),
+    ("POST", "/responses", TEXT, CreateResponseRequest),
+    ("GET", "/responses/{response_id}", [], None),
+    ("DELETE", "/responses/{response_id}", [], None),
+    ("POST", "/responses/{response_id}/cancel", [], None),
+    ("GET", "/responses/{response_id}/input_items", [], None),
+    ("POST", "/files", [], UploadForm),
+    ("GET", "/files", [], None),
+    ("GET", "/files/{file_id}", [], None),
+    ("DELETE", "/files/{file_id}", [], None),
+    ("GET", "/files/{file_id}/content", [], None),
+    ("POST", "/batches", [], CreateBatchRequest),
+    ("GET", "/batches", [], None),
+    ("GET", "/batches/{batch_id}", [], None),
+    ("POST", "/batches/{batch_id}/cancel", [], None),
 ]
 
 # Values at the edges of what the backends' 32- and 64-bit fields and size strings hold, and beyond: one of
