@@ -333,6 +333,21 @@ async def test_chains_beyond_the_depth_bound_are_refused():
         assert len(small.engine.requests) == before
 
 
+async def test_chains_beyond_the_token_bound_are_refused():
+    async with scripted_edge(dev_api_key=KEY, responses_max_chain_tokens=1) as small:
+        client = openai.AsyncOpenAI(base_url=small.base_url, api_key=KEY, max_retries=0)
+        first = await client.responses.create(model="scripted", input="one")
+        assert first.usage.total_tokens > 1
+        before = len(small.engine.requests)
+        with pytest.raises(openai.BadRequestError) as refused:
+            await client.responses.create(model="scripted", input="two", previous_response_id=first.id)
+        assert refused.value.body["param"] == "previous_response_id"
+        assert f"its last turn used {first.usage.total_tokens} tokens" in refused.value.body["message"]
+        assert len(small.engine.requests) == before  # refused before the engine is called
+        # a conversation started anew is served
+        assert (await client.responses.create(model="scripted", input="two")).output_text
+
+
 async def test_stored_responses_are_visible_to_their_project_only(tmp_path, monkeypatch):
     from modelplex_gatekeeper.keys import KeyRecord, KeysFile
 
