@@ -56,6 +56,30 @@ async def test_two_edges_sharing_redis_continue_each_others_conversations(redis_
         assert (await on_a.responses.retrieve(second.id)).previous_response_id == first.id
 
 
+async def test_another_projects_key_finds_nothing_on_either_edge(redis_server, tmp_path, monkeypatch):
+    from modelplex_gatekeeper.keys import KeyRecord, KeysFile
+
+    keys = KeysFile()
+    keys.add("sk-ada-1", KeyRecord(name="ada-1", hash="", project="alpha"))
+    keys.add("sk-bob-1", KeyRecord(name="bob-1", hash="", project="beta"))
+    keys.save(tmp_path / "keys.yaml")
+    monkeypatch.setenv("MODELPLEX_KEYS_FILE", str(tmp_path / "keys.yaml"))
+    monkeypatch.setenv("MODELPLEX_GATEKEEPER_USAGE_FILE", str(tmp_path / "usage.jsonl"))
+    shared = {"gatekeeper_target": "embedded", "responses_store": "redis", "responses_redis_url": redis_server.url}
+    async with scripted_edge(**shared) as edge_a, scripted_edge(**shared) as edge_b:
+        ada_on_a = openai.AsyncOpenAI(base_url=edge_a.base_url, api_key="sk-ada-1", max_retries=0)
+        created = await ada_on_a.responses.create(model="scripted", input="alpha's secret")
+        for edge in (edge_a, edge_b):
+            bob = openai.AsyncOpenAI(base_url=edge.base_url, api_key="sk-bob-1", max_retries=0)
+            with pytest.raises(openai.NotFoundError):
+                await bob.responses.retrieve(created.id)
+            with pytest.raises(openai.BadRequestError) as refused:
+                await bob.responses.create(model="scripted", input="steal", previous_response_id=created.id)
+            assert refused.value.body["param"] == "previous_response_id"
+        ada_on_b = openai.AsyncOpenAI(base_url=edge_b.base_url, api_key="sk-ada-1", max_retries=0)
+        assert (await ada_on_b.responses.retrieve(created.id)).output_text == "echo: alpha's secret"
+
+
 async def _until(predicate, timeout: float = 60.0):
     deadline = time.monotonic() + timeout
     while not (value := await predicate()):
