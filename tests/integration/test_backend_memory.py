@@ -9,10 +9,11 @@ memory (VmRSS in /proc/PID/status) after each answer. Two bounds, asserted per c
   budgets are about twice what was measured (see each case), so a loaded machine does not fail them,
   and well below what the defect cost: the embeddings backend grew ~200 MB *per* refused request of
   2048 inputs x 600 words (183 MB -> 1.1 GB after three in the issue's probe, ~3 GB after seven).
-- **No accumulation: after the last repetition <= after the second + ``ACCUMULATION_MB``** (60 for
-  the 24 MB uploads, whose copies jitter the reading). A refused or finished request must release
-  what it held. (The first repetition of a size warms the allocator's arenas up to it; the second
-  starts warm.) RSS is read once it stops moving after each answer.
+- **No accumulation: the lowest reading over the second half of the repetitions <= the lowest over
+  the first half + ``ACCUMULATION_MB``** (60 for the 24 MB uploads, whose copies jitter the reading).
+  A refused or finished request must release what it held, so the floor must not rise request after
+  request; comparing floors, not two single readings, keeps allocator noise out. RSS is read once it
+  stops moving after each answer.
 
 The requests are the largest each backend accepts within a test's time (the context, input count,
 characters, audio seconds, image and video sizes of the settings below) and the largest it must
