@@ -8,7 +8,7 @@ import openai
 import pytest
 import yaml
 
-from modelplex_kit.devstack import Stack
+from tests.support import stacks
 from tests.support.ports import free_port
 
 DEV_KEY = "sk-modelplex-e2e"
@@ -72,8 +72,7 @@ def _catalog(tmp: Path) -> Path:
             "created": 1730419200,
         },
     ]
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    path = stacks.write_catalog(tmp, models)
     return path
 
 
@@ -91,9 +90,7 @@ def stack(tmp_path_factory):
         "MODELPLEX_EDGE_BODY_DEADLINE_SECONDS": str(BODY_DEADLINE_SECONDS),
         "MODELPLEX_LOG_LEVEL": "info",
     }
-    running = Stack(
-        catalog, catalog_listen=f"127.0.0.1:{free_port()}", edge_port=free_port(), env=env, log_dir=tmp
-    ).start()
+    running = stacks.start_stack(catalog, tmp, env=env)
     running.logs = tmp  # type: ignore[attr-defined]
     running.targets = {m["id"]: m["backend"] for m in yaml.safe_load(catalog.read_text())["models"]}  # type: ignore[attr-defined]
     yield running

@@ -15,11 +15,11 @@ import urllib.request
 from pathlib import Path
 
 import grpc
-import yaml
 
 from modelplex.v1 import text_pb2_grpc
 from modelplex_gatekeeper.keys import KeyRecord, KeysFile
 from modelplex_kit.devstack import Stack
+from tests.support import stacks
 from tests.support.ports import free_port
 
 USED_PER_REQUEST = 44
@@ -88,8 +88,7 @@ def write_catalog(tmp: Path, engine_port: int, hanging_target: str) -> Path:
         {"id": "other-model", "modality": "text", "backend": hanging_target, "capabilities": ["chat"],
          "engine": {"kind": "external"}},
     ]
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"models": models}))
+    path = stacks.write_catalog(tmp, models)
     return path
 
 
@@ -106,13 +105,5 @@ def write_keys(path: Path, keys: dict[str, dict]) -> None:
 def start_stack(
     catalog: Path, keys_file: Path, log_dir: Path, env: dict | None = None, mode: str = "sidecar"
 ) -> Stack:
-    log_dir.mkdir(parents=True, exist_ok=True)
-    return Stack(
-        catalog,
-        catalog_listen=f"127.0.0.1:{free_port()}",
-        edge_port=free_port(),
-        keys_file=keys_file,
-        gatekeeper=mode,
-        log_dir=log_dir,
-        env={"MODELPLEX_LOG_LEVEL": "info", **(env or {})},
-    ).start()
+    env = {"MODELPLEX_LOG_LEVEL": "info", **(env or {})}
+    return stacks.start_stack(catalog, log_dir, keys_file=keys_file, gatekeeper=mode, env=env)

@@ -11,7 +11,7 @@ import openai
 import pytest
 import yaml
 
-from modelplex_kit.devstack import Stack
+from tests.support import stacks
 from tests.support.openapi import validate
 from tests.support.ports import free_port
 
@@ -62,21 +62,14 @@ def _catalog(tmp) -> str:
             "created": 1730419200,
         },
     ]
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    path = stacks.write_catalog(tmp, models)
     return path
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("audio")
-    stack = Stack(
-        _catalog(tmp),
-        catalog_listen=f"127.0.0.1:{free_port()}",
-        edge_port=free_port(),
-        env={"MODELPLEX_DEV_API_KEY": KEY},
-        log_dir=tmp,
-    ).start()
+    stack = stacks.start_stack(_catalog(tmp), tmp, env={"MODELPLEX_DEV_API_KEY": KEY})
     yield openai.OpenAI(base_url=stack.base_url, api_key=KEY, max_retries=0, timeout=120)
     stack.stop()
 

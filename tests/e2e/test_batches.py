@@ -15,10 +15,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
-import yaml
 
 from modelplex_kit.devstack import Stack
 from tests.e2e.gatekeeper_stack import write_keys
+from tests.support import stacks
 from tests.support.openapi import validate
 from tests.support.ports import free_port
 from tests.support.s3_server import S3Server
@@ -33,7 +33,6 @@ MAX_ENQUEUED_TOKENS = 6000
 
 
 def start_stack(tmp, **settings: str) -> Stack:
-    catalog = tmp / "catalog.yaml"
     model = {
         "id": MODEL,
         "aliases": ["smollm2"],
@@ -46,7 +45,7 @@ def start_stack(tmp, **settings: str) -> Stack:
         "context_length": 2048,
         "created": 1730419200,
     }
-    catalog.write_text(yaml.safe_dump({"models": [model]}))
+    catalog = stacks.write_catalog(tmp, [model])
     keys = tmp / "keys.yaml"
     write_keys(
         keys,
@@ -69,15 +68,7 @@ def start_stack(tmp, **settings: str) -> Stack:
         "MODELPLEX_EDGE_BATCHES_MAX_ENQUEUED_TOKENS": str(MAX_ENQUEUED_TOKENS),
         "MODELPLEX_TEXT_MAX_QUEUE": "64",
     }
-    running = Stack(
-        catalog,
-        catalog_listen=f"127.0.0.1:{free_port()}",
-        edge_port=free_port(),
-        keys_file=keys,
-        gatekeeper="embedded",
-        log_dir=tmp,
-        env={**env, **settings},
-    ).start()
+    running = stacks.start_stack(catalog, tmp, keys_file=keys, gatekeeper="embedded", env={**env, **settings})
     running.usage = tmp / "usage.jsonl"  # type: ignore[attr-defined]
     return running
 

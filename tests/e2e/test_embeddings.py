@@ -9,9 +9,8 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import yaml
 
-from modelplex_kit.devstack import Stack
+from tests.support import stacks
 from tests.support.openapi import validate
 from tests.support.ports import free_port
 
@@ -54,21 +53,14 @@ def _catalog(tmp) -> str:
             "created": 1730419200,
         },
     ]
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    path = stacks.write_catalog(tmp, models)
     return path
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("embeddings-stack")
-    running = Stack(
-        _catalog(tmp),
-        catalog_listen=f"127.0.0.1:{free_port()}",
-        edge_port=free_port(),
-        env={"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_LOG_LEVEL": "info"},
-        log_dir=tmp,
-    ).start()
+    running = stacks.start_stack(_catalog(tmp), tmp, env={"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_LOG_LEVEL": "info"})
     yield running
     running.stop()
 

@@ -10,9 +10,9 @@ import time
 import httpx
 import openai
 import pytest
-import yaml
 
-from modelplex_kit.devstack import Stack, free_port
+from modelplex_kit.devstack import free_port
+from tests.support import stacks
 from tests.support.until import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -24,7 +24,6 @@ GRACE = 5
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("faults")
-    catalog = tmp / "catalog.yaml"
     backend = f"127.0.0.1:{free_port()}"
     entry = {
         "id": "smollm2",
@@ -33,7 +32,7 @@ def stack(tmp_path_factory):
         "engine": {"kind": "llamacpp", "settings": {"context_length": 2048}},
         "capabilities": ["chat", "json_schema"],
     }
-    catalog.write_text(yaml.safe_dump({"models": [entry]}))
+    catalog = stacks.write_catalog(tmp, [entry])
     # One sequence at a time and one waiting: a third request finds the queue full.
     env = {
         "MODELPLEX_DEV_API_KEY": KEY,
@@ -41,9 +40,7 @@ def stack(tmp_path_factory):
         "MODELPLEX_TEXT_PARALLEL": "1",
         "MODELPLEX_TEXT_MAX_QUEUE": "1",
     }
-    running = Stack(
-        catalog, catalog_listen=f"127.0.0.1:{free_port()}", edge_port=free_port(), env=env, log_dir=tmp
-    ).start()
+    running = stacks.start_stack(catalog, tmp, env=env)
     running.start_supervising(interval=0.2)
     running.backend = f"text@{backend}"  # type: ignore[attr-defined]
     yield running

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from modelplex_gatekeeper.keys import new_key
 from tests.e2e.gatekeeper_stack import start_stack, write_keys
+from tests.support import stacks
 from tests.support.ports import free_port
 from tests.support.until import wait_until
 
@@ -33,9 +33,7 @@ def _catalog(tmp: Path) -> Path:
          "engine": {"kind": "pocketsphinx", "settings": {"max_audio_seconds": 600, "max_concurrency": 1}},
          "capabilities": {"languages": ["en"], "max_audio_seconds": 600}},
     ]
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"models": models}))
-    return path
+    return stacks.write_catalog(tmp, models)
 
 
 @pytest.fixture(scope="module")

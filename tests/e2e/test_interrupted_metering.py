@@ -19,6 +19,7 @@ import yaml
 
 from modelplex_gatekeeper.keys import new_key
 from tests.e2e.gatekeeper_stack import start_stack, write_keys
+from tests.support import stacks
 from tests.support.ports import free_port
 from tests.support.until import wait_until
 
@@ -44,8 +45,7 @@ def _catalog(tmp: Path) -> Path:
         {"id": "doomed", "modality": "text", "backend": f"127.0.0.1:{free_port()}", "engine": llamacpp,
          "capabilities": ["completions"], "context_length": 2048},
     ]
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"models": models}))
+    path = stacks.write_catalog(tmp, models)
     return path
 
 

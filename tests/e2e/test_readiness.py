@@ -12,10 +12,9 @@ import time
 import grpc
 import openai
 import pytest
-import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from modelplex_kit.devstack import Stack
+from tests.support import stacks
 from tests.support.llama_server import llama_server, smollm2_gguf
 from tests.support.ports import free_port
 
@@ -52,7 +51,6 @@ def _eventually(check, seconds: float, what: str):
 def late(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("readiness")
     upstream_port, backend = free_port(), f"127.0.0.1:{free_port()}"
-    catalog = tmp / "catalog.yaml"
     entry = {
         "id": "late-llama",
         "modality": "text",
@@ -64,16 +62,9 @@ def late(tmp_path_factory):
         "capabilities": ["chat"],
         "context_length": 2048,
     }
-    catalog.write_text(yaml.safe_dump({"models": [entry]}))
+    catalog = stacks.write_catalog(tmp, [entry])
     env = {"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_READY_POLL_SECONDS": "0.2"}
-    stack = Stack(
-        catalog,
-        catalog_listen=f"127.0.0.1:{free_port()}",
-        edge_port=free_port(),
-        env=env,
-        log_dir=tmp,
-        wait_for_engines=False,
-    ).start()
+    stack = stacks.start_stack(catalog, tmp, env=env, wait_for_engines=False)
     try:
         yield stack, backend, upstream_port, tmp
     finally:

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-import yaml
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -33,7 +32,7 @@ from modelplex_edge.endpoints.responses.protocol import CreateResponseRequest
 from modelplex_edge.endpoints.speech.protocol import SpeechRequest
 from modelplex_edge.endpoints.transcriptions.protocol import TranscriptionForm, TranslationForm
 from modelplex_edge.endpoints.videos.protocol import VideoCreateRequest, VideoRemixRequest
-from modelplex_kit.devstack import Stack
+from tests.support import stacks
 from tests.support.openapi import SPEC
 from tests.support.ports import free_port
 
@@ -134,21 +133,14 @@ def _catalog(tmp: Path) -> Path:
          "engine": {"kind": "procedural"},
          "capabilities": {"sizes": ["64x64"], "seconds": [4], "max_prompt_chars": 200, "input_reference": True}},
     ]
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    path = stacks.write_catalog(tmp, models)
     return path
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("properties")
-    stack = Stack(
-        _catalog(tmp),
-        catalog_listen=f"127.0.0.1:{free_port()}",
-        edge_port=free_port(),
-        env={"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_LOG_LEVEL": "info"},
-        log_dir=tmp,
-    ).start()
+    stack = stacks.start_stack(_catalog(tmp), tmp, env={"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_LOG_LEVEL": "info"})
     yield stack
     stack.stop()
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import yaml
-
 from modelplex_kit.devstack import Stack
+from tests.support import stacks
 from tests.support.ports import free_port
 
 VISUAL_KEY = "sk-modelplex-visual"
@@ -36,17 +35,10 @@ def visual_catalog(tmp: Path, videos_settings: dict | None = None, videos_backen
             "created": 1764028800,
         },
     ]
-    path = tmp / "catalog.yaml"
-    path.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    path = stacks.write_catalog(tmp, models)
     return path
 
 
 def start_visual_stack(tmp: Path, env: dict[str, str] | None = None, **catalog_kwargs) -> Stack:
-    stack = Stack(
-        visual_catalog(tmp, **catalog_kwargs),
-        catalog_listen=f"127.0.0.1:{free_port()}",
-        edge_port=free_port(),
-        env={"MODELPLEX_DEV_API_KEY": VISUAL_KEY, "MODELPLEX_LOG_LEVEL": "info", **(env or {})},
-        log_dir=tmp,
-    )
-    return stack.start()
+    env = {"MODELPLEX_DEV_API_KEY": VISUAL_KEY, "MODELPLEX_LOG_LEVEL": "info", **(env or {})}
+    return stacks.start_stack(visual_catalog(tmp, **catalog_kwargs), tmp, env=env)

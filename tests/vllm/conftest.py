@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from modelplex_kit.devstack import Stack
+from tests.support import stacks
 from tests.support.ports import free_port
 from tests.support.vllm_server import VllmServer, chart_pod, minilm_folder, smollm2_folder
 
@@ -135,12 +136,9 @@ def text_models(server: VllmServer) -> list[dict]:
 
 
 def start_stack(tmp: Path, models: list[dict], key: str) -> Stack:
-    catalog = tmp / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"models": models}, sort_keys=False))
+    catalog = stacks.write_catalog(tmp, models)
     env = {"MODELPLEX_DEV_API_KEY": key, "MODELPLEX_LOG_LEVEL": "info"}
-    return Stack(
-        catalog, catalog_listen=f"127.0.0.1:{free_port()}", edge_port=free_port(), env=env, log_dir=tmp
-    ).start()
+    return stacks.start_stack(catalog, tmp, env=env)
 
 
 @pytest.fixture(scope="package")
