@@ -31,6 +31,7 @@ from tests.support.kube_replay import (
     serve,
 )
 from tests.support.ports import free_port
+from tests.support.until import until
 
 FAST = WatchTiming(watch_timeout_seconds=240, backoff_max_seconds=0.2)
 
@@ -104,13 +105,6 @@ class Snapshots:
         await self._iterator.aclose()
 
 
-async def _until(predicate, what: str, seconds: float = 20.0) -> None:
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.02)
-
-
 def _watches(replay: Replay) -> list[dict[str, str]]:
     return [r for r in replay.requests if r.get("watch")]
 
@@ -175,14 +169,14 @@ async def test_endpoint_slices_adds_removals_not_ready_resume_and_relist():
         await replay.live.put(event("ADDED", b))
         await snapshots.until({"10.0.0.1:8000", "10.0.0.2:8000", "10.0.0.3:8000"})  # a slice added
         await replay.live.put(None)  # the connection drops: the watch resumes from rv 12
-        await _until(lambda: len(_watches(replay)) == 2, "the resumed watch")
+        await until(lambda: len(_watches(replay)) == 2, 20, what="the resumed watch")
         await replay.live.put(event("DELETED", endpoint_slice("vllm-llama-def", 13)))
         await snapshots.until({"10.0.0.1:8000", "10.0.0.2:8000"})  # a slice removed
         await replay.live.put(event("MODIFIED", a3))
         await snapshots.until({"10.0.0.2:8000"})  # an endpoint removed
         await replay.live.put(None)  # then 410 Gone: a fresh list
         await snapshots.until({"10.0.0.1:8000", "10.0.0.2:8000"})
-        await _until(lambda: len(_watches(replay)) == 3, "the watch after the relist")
+        await until(lambda: len(_watches(replay)) == 3, 20, what="the watch after the relist")
         assert [r.get("resourceVersion") for r in _watches(replay)] == ["10", "12", "30"]
         assert len(replay.requests) == 5  # two lists, three watches
         assert {r["labelSelector"] for r in replay.requests} == {"kubernetes.io/service-name=vllm-llama"}
@@ -336,7 +330,7 @@ async def test_a_silent_watch_is_abandoned_and_resumed():
     snapshots = Snapshots(EndpointSliceSource(api_client(f"http://127.0.0.1:{port}"), "ml", "svc", "http", timing))
     try:
         await snapshots.until({"10.0.0.1:8000"})
-        await _until(lambda: len(_watches(replay)) >= 2, "a new watch after the silent one", seconds=30)
+        await until(lambda: len(_watches(replay)) >= 2, 30, what="a new watch after the silent one")
         assert [r["resourceVersion"] for r in _watches(replay)][:2] == ["10", "10"]
         assert [r["timeoutSeconds"] for r in _watches(replay)][:2] == ["1", "1"]
     finally:

@@ -12,6 +12,7 @@ import pytest
 from modelplex_edge.endpoints.responses.store import RedisStore, StoredResponse
 from tests.support.redis_server import RedisServer
 from tests.support.scripted_text import scripted_edge
+from tests.support.until import until
 
 pytestmark = pytest.mark.integration
 KEY = "sk-responses-redis"
@@ -80,14 +81,6 @@ async def test_another_projects_key_finds_nothing_on_either_edge(redis_server, t
         assert (await ada_on_b.responses.retrieve(created.id)).output_text == "echo: alpha's secret"
 
 
-async def _until(predicate, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := await predicate()):
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)
-    return value
-
-
 async def test_a_background_response_queued_on_a_killed_edge_completes_on_another(redis_server):
     """Edge A (its own process) starts a background response and is SIGKILLed mid-generation; edge B,
     sharing the Redis, takes the job over once A's lease lapses and completes it."""
@@ -116,14 +109,14 @@ async def test_a_background_response_queued_on_a_killed_edge_completes_on_anothe
                 except httpx.HTTPError:
                     return False
 
-            await _until(ready)
+            await until(ready, 60)
             on_a = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
             created = await on_a.responses.create(model="scripted", input="SLOW survive the kill", background=True)
 
             async def running_on_a():
                 return backend.engine.requests and (await on_a.responses.retrieve(created.id)).status == "in_progress"
 
-            await _until(running_on_a)
+            await until(running_on_a, 60)
             os.kill(edge_a.pid, signal.SIGKILL)  # no shutdown: its claim is simply never renewed
             edge_a.wait(timeout=30)
         finally:
@@ -136,7 +129,7 @@ async def test_a_background_response_queued_on_a_killed_edge_completes_on_anothe
                 response = await on_b.responses.retrieve(created.id)
                 return response if response.status == "completed" else None
 
-            done = await _until(completed)
+            done = await until(completed, 60)
             assert done.output_text == "echo: SLOW survive the kill"
             assert len(backend.engine.requests) == 2  # started on A, re-run from the start on B
             # Its stream, resumed on B from the start, is the re-run's: numbered without gaps to the end.

@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 T = TypeVar("T")
 
 
-async def until(predicate: Callable[[], T], timeout: float, interval: float = 0.05) -> T:
-    """Polls ``predicate`` until it returns something true (returned), or fails after ``timeout`` seconds."""
+async def until(
+    predicate: Callable[[], T | Awaitable[T]], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Polls ``predicate`` (plain or async) until it returns something true (returned), or fails after
+    ``timeout`` seconds naming ``what`` was awaited."""
     deadline = time.monotonic() + timeout
-    while not (value := predicate()):
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
+            raise AssertionError(f"{what} not met within {timeout} s")
         await asyncio.sleep(interval)
-    return value
 
 
 def wait_until(predicate: Callable[[], T], timeout: float, interval: float = 0.1) -> T:

@@ -9,13 +9,7 @@ from modelplex_catalog.kube import KubernetesSource, api_client, spec_from_resou
 from modelplex_catalog.store import CatalogStore
 from tests.support.kube_replay import DROP, HOLD, Replay, event, gone, model, serve
 from tests.support.ports import free_port
-
-
-async def _until(predicate, what: str, seconds: float = 10.0):
-    deadline = asyncio.get_running_loop().time() + seconds
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.02)
+from tests.support.until import until
 
 
 def _ids(store: CatalogStore) -> set[str]:
@@ -66,15 +60,17 @@ async def test_list_watch_resume_relist_and_status():
     task = asyncio.create_task(source.run())
     try:
         assert not await source.ready()
-        await _until(lambda: _ids(store) == {"m1", "m3"} and store.view.resolve("first") is not None, "final catalog")
+        final = {"m1", "m3"}
+        await until(lambda: _ids(store) == final and store.view.resolve("first") is not None, 10, what="final catalog")
         assert await source.ready()
         assert store.view.resolve("first").id == "m1"  # the older Model keeps a contested alias
-        await _until(lambda: len([r for r in replay.requests if r.get("watch")]) == 4, "the resumed watch")
+        await until(lambda: len([r for r in replay.requests if r.get("watch")]) == 4, 10, what="the resumed watch")
         watches = [r.get("resourceVersion") for r in replay.requests if r.get("watch")]
         lists = [r for r in replay.requests if not r.get("watch")]
         # list@10, watch 10, drop -> resume 12, 410 -> relist@20, watch 20, clean end -> resume 30 (bookmark)
         assert watches == ["10", "12", "20", "30"] and len(lists) == 2
-        await _until(lambda: {"bad", "thief", "m1", "m3"} <= {name for name, _ in replay.patches}, "status writes")
+        patched = {"bad", "thief", "m1", "m3"}
+        await until(lambda: patched <= {name for name, _ in replay.patches}, 10, what="status writes")
         last = {name: body["status"] for name, body in replay.patches}
         assert (
             last["bad"]["conditions"][0]["reason"] == "InvalidSpec"
@@ -87,7 +83,7 @@ async def test_list_watch_resume_relist_and_status():
         # No backend answers here and no follower runs: readiness is not known yet.
         assert last["m1"]["conditions"][0]["status"] == "Unknown"
         store.set_readiness("m3:50061", False, "backend NOT_SERVING")
-        await _until(lambda: replay.patches[-1][0] == "m3", "status after a readiness change")
+        await until(lambda: replay.patches[-1][0] == "m3", 10, what="status after a readiness change")
         assert replay.patches[-1][1]["status"]["conditions"][0]["reason"] == "BackendNotReady"
     finally:
         task.cancel()
@@ -118,7 +114,7 @@ async def test_api_errors_back_off_and_retry(status):
     source = KubernetesSource(store, api_client(f"http://127.0.0.1:{port}"), "ml", backoff_max_seconds=0.1)
     task = asyncio.create_task(source.run())
     try:
-        await _until(lambda: _ids(store) == {"late"}, "catalog after the API recovered")
+        await until(lambda: _ids(store) == {"late"}, 10, what="catalog after the API recovered")
         assert calls[:3] == [None, None, None]
     finally:
         task.cancel()

@@ -3,15 +3,13 @@ tests/integration/test_responses_redis.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import grpc
 import pytest
 
 from modelplex_edge.endpoints.responses.store import MemoryStore, RedisStore, SQLiteStore, StoredResponse
 from modelplex_kit.errors import ServiceError
 from tests.support.ports import free_port
+from tests.support.until import until
 
 RESPONSE = {"id": "resp_1", "output": [], "usage": {"total_tokens": 3}}
 
@@ -28,13 +26,6 @@ def make_store(request, tmp_path):
         return SQLiteStore(str(tmp_path / "nested" / "responses.sqlite3"), retention_seconds, sweep_seconds=0)
 
     return make
-
-
-async def until(predicate, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def test_a_record_round_trips(make_store):
@@ -70,7 +61,7 @@ async def test_records_expire_after_the_retention(make_store):
     async def expired() -> bool:
         return await store.get("project-a", "resp_1") is None
 
-    await until(expired)
+    await until(expired, 15)
     assert await store.delete("project-a", "resp_1") is False
     await store.close()
 
