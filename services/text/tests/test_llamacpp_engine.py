@@ -255,3 +255,26 @@ async def test_interactive_sequences_are_served_before_batch_work(one_slot):
     await until(lambda: engine._scheduler.waiting() == 3, timeout=60)
     await asyncio.gather(busy, *lines, interactive)
     assert ends["interactive"] < ends["batch0"] and ends["interactive"] < ends["batch1"], ends
+
+
+async def test_interactive_work_takes_a_slot_from_running_batch_work(one_slot):
+    """Every slot busy with batch work: an interactive request preempts it instead of waiting for it to end; the
+    preempted line resumes afterwards and still produces all its tokens."""
+    stub, engine = one_slot
+    batch = (("x-modelplex-priority", "batch"),)
+    started = time.monotonic()
+    ends: dict[str, float] = {}
+    answers: dict[str, text_pb2.GenerateResponse] = {}
+
+    async def run(name: str, request, metadata=()) -> None:
+        answers[name] = await stub.Generate(request, metadata=metadata)
+        ends[name] = time.monotonic() - started
+
+    long_line = chat(STORY, max_tokens=160, response_format=LONG_ANSWER)  # cannot end before max_tokens
+    line = asyncio.create_task(run("batch", long_line, batch))
+    await until(lambda: engine._scheduler._active(), timeout=60)
+    interactive = asyncio.create_task(run("interactive", chat("Say hi.", max_tokens=8)))
+    await asyncio.gather(line, interactive)
+    assert ends["interactive"] < ends["batch"], ends
+    assert answers["batch"].usage.completion_tokens == 160
+    assert answers["batch"].choices[0].finish_reason == text_pb2.FINISH_REASON_LENGTH

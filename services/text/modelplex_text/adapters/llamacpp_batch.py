@@ -198,8 +198,9 @@ class BatchScheduler:
                 seq.release()
         while self.waiting():
             free = [slot for slot in self._slots if slot.seq is None]
-            if not free:
+            if not free and not (self._waiting and self._preempt_batch_work()):
                 return
+            free = free or [slot for slot in self._slots if slot.seq is None]
             seq = (self._waiting or self._waiting_batch).popleft()  # interactive work first
             slot = max(free, key=lambda s: _common_prefix(s.kv, seq.tokens))
             reuse = min(_common_prefix(slot.kv, seq.tokens), len(seq.tokens) - 1)  # one token must be evaluated
@@ -355,6 +356,19 @@ class BatchScheduler:
         if not idle:
             return False
         self._clear(max(idle, key=lambda slot: len(slot.kv)))
+        return True
+
+    def _preempt_batch_work(self) -> bool:
+        """Interactive work is waiting and every slot is busy: the batch sequence with the least work done gives
+        its slot up and goes back first in the batch line (recomputed from its tokens when a slot frees), so a
+        batch never makes an interactive request wait for a slot longer than one step."""
+        batch = [slot for slot in self._slots if slot.seq is not None and slot.seq.batch]
+        if not batch:
+            return False
+        slot = min(batch, key=lambda s: len(s.kv))
+        self._waiting_batch.appendleft(slot.seq)
+        slot.seq.context(log.info, "batch sequence preempted: interactive work needs its slot")
+        slot.seq = None
         return True
 
     def _preempt_least_progressed(self) -> bool:
