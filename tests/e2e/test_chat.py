@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema
+import openai
 import pytest
 
 from tests.support.openapi import validate
@@ -307,3 +309,34 @@ def test_json_schema_falls_back_to_json_object_on_a_model_without_schema_support
     )
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].message.content), dict)
+
+
+def test_max_completion_tokens_bounds_the_answer_as_max_tokens_does(client):
+    story = [{"role": "user", "content": "Tell me a very long story about a lighthouse keeper."}]
+    completion = client.chat.completions.create(model=MODEL, messages=story, max_completion_tokens=5, temperature=0)
+    assert completion.usage.completion_tokens == 5
+    assert completion.choices[0].finish_reason == "length"
+
+
+def test_penalties_make_a_repetitive_answer_less_repetitive_and_are_bounded(client):
+    counting = [{"role": "user", "content": "Write the word 'apple' twenty times, separated by spaces."}]
+
+    def answer(**penalties) -> str:
+        completion = client.chat.completions.create(
+            model=MODEL, messages=counting, max_tokens=30, temperature=0, **penalties
+        )
+        return completion.choices[0].message.content
+
+    def distinct_share(text: str) -> float:
+        words = re.findall(r"[a-z0-9]+", text.lower())
+        return len(set(words)) / max(1, len(words))
+
+    plain = answer()
+    # A frequency penalty grows with each repetition, so it breaks a loop; a presence penalty is one flat
+    # step per token seen, which a small model's peaked logits can outweigh: it changes the answer.
+    less_repetitive = answer(frequency_penalty=2.0)
+    assert distinct_share(less_repetitive) > distinct_share(plain), (plain, less_repetitive)
+    assert answer(presence_penalty=2.0) != plain
+    with pytest.raises(openai.BadRequestError) as refused:
+        answer(frequency_penalty=2.5)
+    assert refused.value.body["param"] == "frequency_penalty"
