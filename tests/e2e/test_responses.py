@@ -10,7 +10,6 @@ import openai
 import pytest
 from pydantic import BaseModel
 
-from tests.e2e.conftest import DEV_KEY
 from tests.support.openapi import validate, validate_event
 
 pytestmark = pytest.mark.e2e
@@ -156,7 +155,7 @@ def test_hosted_tools_and_unknown_items_are_400s(client):
     assert unknown.value.body["param"] == "input[0].type"
 
 
-async def test_an_agents_sdk_agent_uses_its_tool_and_answers(stack):
+async def test_an_agents_sdk_agent_uses_its_tool_and_answers(client):
     from agents import Agent, ModelSettings, OpenAIResponsesModel, Runner, function_tool, set_tracing_disabled
 
     set_tracing_disabled(True)
@@ -168,12 +167,13 @@ async def test_an_agents_sdk_agent_uses_its_tool_and_answers(stack):
         calls.append(city)
         return f"It is sunny and 24 C in {city}."
 
-    client = openai.AsyncOpenAI(base_url=stack.base_url, api_key=DEV_KEY, max_retries=0, timeout=120)
+    # The stack's own address and key (the engine suite runs this test against vLLM with its own).
+    aclient = openai.AsyncOpenAI(base_url=str(client.base_url), api_key=client.api_key, max_retries=0, timeout=300)
     agent = Agent(
         name="weather",
         instructions="Use get_weather, then answer in one sentence.",
         tools=[get_weather],
-        model=OpenAIResponsesModel(model=MODEL, openai_client=client),
+        model=OpenAIResponsesModel(model=MODEL, openai_client=aclient),
         # The first turn must call the tool; the SDK then resets tool_choice so the model can answer.
         # Greedy: at temperature 0.2 the 135M model sometimes called the tool again on every turn.
         model_settings=ModelSettings(tool_choice="required", max_tokens=48, temperature=0),
