@@ -169,14 +169,32 @@ class JobStore(Protocol):
 _TEXT_COLUMNS = {"id": "TEXT UNIQUE NOT NULL", "principal": "TEXT NOT NULL", "status": "TEXT NOT NULL"}
 
 
+def _column(kind: JobKind, name: str) -> str:
+    ints = kind.kinds_of("int") | kind.kinds_of("bool")
+    return _TEXT_COLUMNS.get(name) or ("INTEGER DEFAULT 0" if name in ints else "TEXT DEFAULT ''")
+
+
+def _add_new_columns(db: sqlite3.Connection, kind: JobKind) -> None:
+    """A job field added since the file was created becomes a column; old rows read the field's default."""
+    existing = {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+    for spec in fields(kind.record):
+        if spec.name in existing:
+            continue
+        column = _column(kind, spec.name)
+        if isinstance(spec.default, bool | int | str):
+            column = column.split(" DEFAULT ")[0] + " DEFAULT " + _sql_literal(spec.default)
+        db.execute(f"ALTER TABLE jobs ADD COLUMN {spec.name} {column}")
+
+
+def _sql_literal(value: bool | int | str) -> str:
+    if isinstance(value, str):
+        return "'" + value.replace("'", "''") + "'"
+    return str(int(value))
+
+
 def _schema(kind: JobKind) -> str:
     """The videos service's original table, generalised: one column per job field."""
-    ints = kind.kinds_of("int") | kind.kinds_of("bool")
-
-    def column(name: str) -> str:
-        return _TEXT_COLUMNS.get(name) or ("INTEGER DEFAULT 0" if name in ints else "TEXT DEFAULT ''")
-
-    columns = [f"{name} {column(name)}" for name in kind.names]
+    columns = [f"{name} {_column(kind, name)}" for name in kind.names]
     return f"""
 CREATE TABLE IF NOT EXISTS jobs (
   seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -211,6 +229,7 @@ class SQLiteJobStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_schema(kind))
+        _add_new_columns(self._db, kind)
         self._idempotency_ttl = idempotency_ttl_seconds
         self._db.execute("UPDATE jobs SET status=?, worker='', lease_until=0 WHERE status=?", (QUEUED, IN_PROGRESS))
 
@@ -438,7 +457,9 @@ def _decode(kind: JobKind, raw: dict[bytes, bytes]) -> Any | None:
     bools, ints = kind.kinds_of("bool"), kind.kinds_of("int")
     job: dict[str, Any] = {}
     for name in kind.names:
-        value = values.get(name, "")
+        if name not in values:
+            continue  # a field added since the job was written: its default
+        value = values[name]
         if name in bools:
             job[name] = value == "1"
         elif name in ints:

@@ -81,3 +81,23 @@ async def test_the_redis_queue_keeps_any_job_type():
         await contract(jobqueue.RedisJobStore(CHORES, server.url, 60))
     finally:
         server.stop()
+
+
+@dataclass(slots=True, kw_only=True)
+class LaterChore(Chore):
+    """Chore with a field added in a later release."""
+
+    priority: int = 5
+
+
+async def test_a_field_added_later_becomes_a_column_of_an_existing_file(tmp_path):
+    path = tmp_path / "chores.sqlite3"
+    old = jobqueue.SQLiteJobStore(CHORES, path, idempotency_ttl_seconds=60)
+    await old.create(Chore(id="c1", principal="alice", payload="{}"), LIMITS)
+    later = jobqueue.JobKind(
+        record=LaterChore, noun="chore", id_param="chore_id", gave_up="x", redis_prefix="test:later:"
+    )
+    new = jobqueue.SQLiteJobStore(later, path, idempotency_ttl_seconds=60)
+    assert (await new.get("alice", "c1")).priority == 5  # old rows read the field's default
+    await new.create(LaterChore(id="c2", principal="alice", payload="{}", priority=9), LIMITS)
+    assert (await new.get("alice", "c2")).priority == 9
