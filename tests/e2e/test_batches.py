@@ -191,6 +191,7 @@ def test_batch_completes_with_the_synchronous_answers(stack, alpha, beta):
         endpoint="/v1/chat/completions",
         completion_window="24h",
         metadata={"purpose": "e2e"},
+        output_expires_after={"anchor": "created_at", "seconds": 7200},
     )
     validate(created.model_dump(exclude_unset=True), "Batch")
     assert created.status == "validating" and created.metadata == {"purpose": "e2e"}
@@ -214,6 +215,16 @@ def test_batch_completes_with_the_synchronous_answers(stack, alpha, beta):
         assert answer["message"]["content"] == sync.choices[0].message.content
         assert answer["finish_reason"] == sync.choices[0].finish_reason
         assert line["response"]["body"]["usage"]["prompt_tokens"] == sync.usage.prompt_tokens
+    # The Batch's usage sums its lines' (OpenAI's shape), and it names the model its lines used.
+    validate(batch.model_dump(exclude_unset=True), "Batch")
+    usages = [line["response"]["body"]["usage"] for line in lines]
+    assert batch.usage.input_tokens == sum(u["prompt_tokens"] for u in usages) > 0
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in usages) > 0
+    assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
+    assert batch.model == MODEL
+    # output_expires_after: the output file expires that long after its creation.
+    output = alpha.files.retrieve(batch.output_file_id)
+    assert output.expires_at == output.created_at + 7200
     listed = alpha.batches.list(limit=100)
     validate(listed.model_dump(exclude_unset=True), "ListBatchesResponse")
     assert created.id in [b.id for b in listed.data]
@@ -256,6 +267,14 @@ def test_endpoint_and_input_file_are_checked_at_creation(alpha, beta):
     with pytest.raises(openai.BadRequestError) as refused:
         alpha.batches.create(input_file_id=file_id, endpoint="/v1/moderations", completion_window="24h")
     assert refused.value.body["param"] == "endpoint"
+    with pytest.raises(openai.BadRequestError) as refused:
+        alpha.batches.create(
+            input_file_id=file_id,
+            endpoint="/v1/chat/completions",
+            completion_window="24h",
+            output_expires_after={"anchor": "created_at", "seconds": 60},  # under OpenAI's one hour
+        )
+    assert refused.value.body["param"] == "output_expires_after.seconds"
 
 
 def test_cancel_mid_run_finalizes_partial_output(alpha):
@@ -318,6 +337,9 @@ def test_killed_worker_resumes_with_each_custom_id_once(stack, alpha):
     ids = [line["custom_id"] for line in lines]
     assert sorted(ids) == sorted(row["custom_id"] for row in rows)  # each exactly once
     assert batch.request_counts.completed + batch.request_counts.failed == 12
+    # The resumed worker's usage counts the lines the killed one wrote too, each once.
+    answered = [line["response"]["body"]["usage"] for line in lines if line["response"]["status_code"] == 200]
+    assert batch.usage.output_tokens == sum(u["completion_tokens"] for u in answered) > 0
 
 
 def test_bad_upload_forms_are_400_and_401(stack):

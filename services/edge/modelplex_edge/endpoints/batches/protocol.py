@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from modelplex_edge.endpoints.files.protocol import ExpiresAfter
 from modelplex_edge.wire import Lenient, Query, Strict
 
 #: The endpoints a batch's lines may call.
@@ -18,7 +19,8 @@ class CreateBatchRequest(Strict):
     completion_window: Literal["24h"]
     # OpenAI's Metadata: at most 16 pairs, keys up to 64 characters, values up to 512.
     metadata: dict[str, str] | None = Field(None, max_length=16)
-    output_expires_after: dict[str, Any] | None = None
+    # When the output and error files expire, from their creation (OpenAI's BatchFileExpirationAfter).
+    output_expires_after: ExpiresAfter | None = None
 
 
 class ListBatchesQuery(Query):

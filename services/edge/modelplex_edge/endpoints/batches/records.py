@@ -47,6 +47,8 @@ class BatchJob(jobqueue.JobRecord):
     tokens: int = 0
     #: The key's model globs, one a line: a line naming another model is refused as the key would be.
     models: str = "*"
+    #: output_expires_after.seconds: how long the output and error files live (0: the files' default).
+    output_expiry_seconds: int = 0
 
     def admitted(self, endpoint: str) -> Admitted:
         return Admitted(
@@ -56,6 +58,36 @@ class BatchJob(jobqueue.JobRecord):
             project=self.project,
             models=tuple(self.models.splitlines()),
         )
+
+
+@dataclass(slots=True)
+class BatchUsage:
+    """The tokens of a batch's finished lines, summed into the Batch object's ``usage`` as OpenAI reports it."""
+
+    input_tokens: int = 0
+    cached_tokens: int = 0
+    output_tokens: int = 0
+
+    def add(self, output_line: dict[str, Any]) -> None:
+        """One output line's usage: chat and completions name prompt/completion tokens, embeddings prompt
+        tokens only, the Responses API input/output tokens."""
+        body = (output_line.get("response") or {}).get("body") or {}
+        usage = body.get("usage") if isinstance(body, dict) else None
+        if not isinstance(usage, dict):
+            return
+        self.input_tokens += int(usage.get("prompt_tokens", usage.get("input_tokens", 0)) or 0)
+        self.output_tokens += int(usage.get("completion_tokens", usage.get("output_tokens", 0)) or 0)
+        details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+        self.cached_tokens += int(details.get("cached_tokens", 0) or 0)
+
+    def as_openai(self) -> dict[str, Any]:
+        return {
+            "input_tokens": self.input_tokens,
+            "input_tokens_details": {"cached_tokens": self.cached_tokens},
+            "output_tokens": self.output_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": self.input_tokens + self.output_tokens,
+        }
 
 
 BATCH_JOBS = jobqueue.JobKind(

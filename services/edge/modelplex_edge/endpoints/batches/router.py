@@ -112,6 +112,7 @@ async def create_batch(http: Request) -> Response:
         ticket=admitted.ticket,
         tokens=tokens,
         models="\n".join(admitted.models),
+        output_expiry_seconds=body.output_expires_after.seconds if body.output_expires_after else 0,
         created_at=now,
     )
     await state.batches.create(job, _limits(state))  # 429 when the queue is full (the record stays unlisted)

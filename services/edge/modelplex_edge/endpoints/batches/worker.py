@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 
 from modelplex_edge.endpoints.batches import lines
-from modelplex_edge.endpoints.batches.records import TERMINAL, BatchJob, BatchObjects, Part
+from modelplex_edge.endpoints.batches.records import TERMINAL, BatchJob, BatchObjects, BatchUsage, Part
 from modelplex_edge.endpoints.files.store import FileStore
 from modelplex_edge.state import EdgeState
 from modelplex_kit import jobqueue
@@ -128,6 +128,7 @@ class _Run:
         self.batch: dict[str, Any] = {}
         self.done: set[int] = set()
         self.counts = {"completed": 0, "failed": 0}
+        self.usage = BatchUsage()
 
     async def heartbeat(self) -> None:
         every = min(self._settings.batches_renew_seconds, self._settings.batches_lease_seconds / 3)
@@ -157,8 +158,7 @@ class _Run:
                 return
             async for part in self._objects.parts(scope, self.job.id):
                 for each in part.lines:
-                    self.done.add(each["line"])
-                    self.counts["completed" if each["ok"] else "failed"] += 1
+                    self._count(each)
             await self._until_reachable(self.run_lines)
         except _Stop:
             pass
@@ -187,7 +187,7 @@ class _Run:
 
     async def validate(self) -> bool:
         """Checks every line; a batch with any invalid line is failed with ``errors`` naming them."""
-        endpoint, seen, errors, total = self.batch["endpoint"], set(), [], 0
+        endpoint, seen, errors, total, models = self.batch["endpoint"], set(), [], 0, []
         async for raw in self._input():
             total += 1
             try:
@@ -198,6 +198,8 @@ class _Run:
                     continue
                 seen.add(checked.line.custom_id)
                 lines.check_line(self._state, self.job, checked, endpoint)
+                if not models:
+                    models.append(getattr(checked.body, "model", ""))
             except ServiceError as exc:
                 errors.append(_line_error(raw.number, exc))
                 del errors[MAX_LISTED_ERRORS:]  # bounded, however many lines are wrong
@@ -216,7 +218,10 @@ class _Run:
             )
             return False
         await self._save(
-            status="in_progress", in_progress_at=now, request_counts={"total": total, "completed": 0, "failed": 0}
+            status="in_progress",
+            in_progress_at=now,
+            request_counts={"total": total, "completed": 0, "failed": 0},
+            model=models[0],  # the model of the first line, as OpenAI reports one per batch
         )
         return True
 
@@ -252,14 +257,19 @@ class _Run:
             finished.sort(key=lambda each: each["line"])
             await self._objects.put_part(self.job.principal, self.job.id, Part(finished[0]["line"], finished))
             for each in finished:
-                self.done.add(each["line"])
-                self.counts["completed" if each["ok"] else "failed"] += 1
+                self._count(each)
             await self._save_counts()
         for result in results:
             if isinstance(result, BaseException):
                 raise result  # NotYet: the batch is retried later, after the lines already written
         if self._must_stop():
             raise _Stop()
+
+    def _count(self, finished: dict[str, Any]) -> None:
+        """One finished line (from a part written now or by an earlier worker) in the counts and the usage."""
+        self.done.add(finished["line"])
+        self.counts["completed" if finished["ok"] else "failed"] += 1
+        self.usage.add(finished["result"])
 
     def _must_stop(self) -> bool:
         return self.cancelled or time.time() >= self.batch["expires_at"]
@@ -291,14 +301,14 @@ class _Run:
 
     async def _save_counts(self) -> None:
         total = self.batch.get("request_counts", {}).get("total", 0)
-        await self._save(request_counts={"total": total, **self.counts})
+        await self._save(request_counts={"total": total, **self.counts}, usage=self.usage.as_openai())
 
     async def finalize(self, status: str) -> None:
         """Assembles the parts into the output and error files and writes the final Batch object."""
         scope, now = self.job.principal, int(time.time())
         if status == "completed":
             await self._save(status="finalizing", finalizing_at=now)
-        expires_at = now + self._settings.files_default_expiry_seconds
+        expires_at = now + (self.job.output_expiry_seconds or self._settings.files_default_expiry_seconds)
         output_id = await self._assemble(True, "output", expires_at)
         error_id = await self._assemble(False, "error", expires_at)
         final: dict[str, Any] = {"status": status, f"{status}_at": int(time.time())}
@@ -308,6 +318,7 @@ class _Run:
             final["error_file_id"] = error_id
         total = self.batch.get("request_counts", {}).get("total", 0)
         final["request_counts"] = {"total": total, **self.counts}
+        final["usage"] = self.usage.as_openai()
         current = await self._objects.get(scope, self.job.id) or self.batch
         self.batch = {**current, **final}
         await self._objects.put(scope, self.batch)
