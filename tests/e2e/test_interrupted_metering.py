@@ -31,7 +31,9 @@ READ_CHUNKS = 150
 # A legacy completion continuing a repetitive text: it runs to max_tokens (a chat answer may end first).
 PROMPT = "The quick brown fox jumps over the lazy dog. " * 50
 TPM = 2400
-KEYS = {name: {"key": new_key(), "rpm": 1000, "tpm": TPM} for name in ("disconnect", "killed", "drain")}
+KEYS = {
+    name: {"key": new_key(), "rpm": 1000, "tpm": TPM} for name in ("disconnect", "killed", "drain", "responses")
+}
 # The edge closes streams still open this long after SIGTERM minus 2 s (its drain margin).
 GRACE_SECONDS = 5
 
@@ -40,7 +42,7 @@ def _catalog(tmp: Path) -> Path:
     llamacpp = {"kind": "llamacpp", "settings": {"context_length": 2048}}
     models = [
         {"id": "smollm2", "modality": "text", "backend": f"127.0.0.1:{free_port()}", "engine": llamacpp,
-         "capabilities": ["completions"], "context_length": 2048},
+         "capabilities": ["completions", "chat"], "context_length": 2048},
         # Its own backend process, killed mid-stream by one test.
         {"id": "doomed", "modality": "text", "backend": f"127.0.0.1:{free_port()}", "engine": llamacpp,
          "capabilities": ["completions"], "context_length": 2048},
@@ -173,3 +175,34 @@ def _ready(stack) -> bool:
             return response.status == 200
     except OSError:
         return False
+
+
+def test_a_responses_stream_the_client_leaves_is_accounted_what_was_generated(stack):
+    """The Responses API's stream goes through the same pipeline: a hang-up is metered what was generated."""
+    started = time.monotonic()
+    body = {
+        "model": "smollm2",
+        "instructions": "Repeat the user's text again and again.",
+        "input": PROMPT,
+        "max_output_tokens": 400,
+        "temperature": 0,
+        "stream": True,
+    }
+    headers = {"Authorization": f"Bearer {KEYS['responses']['key']}", "x-request-id": "responses-cut"}
+    deltas = 0
+    with httpx.Client(timeout=120) as http, http.stream(
+        "POST", f"{stack.base_url}/responses", json=body, headers=headers
+    ) as response:
+        assert response.status_code == 200, response.read()
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["type"] == "response.output_text.delta":
+                deltas += 1
+                if deltas == READ_CHUNKS:
+                    break  # hang up mid-stream
+    assert deltas == READ_CHUNKS, "the model finished before the stream could be cut"
+    cut = Cut(stack, "responses", "smollm2", "responses-cut", max_tokens=400)
+    cut.started, cut.chunks = started, deltas
+    record = cut.record()
+    assert_real_counts(record, cut, "client_disconnect")
+    assert record["endpoint"] == "responses", record
+    cut.assert_tpm_charged(record)
