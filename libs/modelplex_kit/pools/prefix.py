@@ -67,15 +67,19 @@ class PrefixIndex:
 
     def record(self, hashes: list[int], replica: str) -> None:
         """The replica is serving this prompt: its blocks are (about to be) in its cache."""
+        blocks, held = self._blocks, self._held.setdefault(replica, OrderedDict())
         for block in hashes:
-            holders = self._blocks.pop(block, ())
-            self._blocks[block] = (replica, *(r for r in holders if r != replica))[:_REPLICAS_PER_BLOCK]
-        while len(self._blocks) > self._max:
-            self._blocks.popitem(last=False)
-        held = self._held.setdefault(replica, OrderedDict())
-        for block in hashes:
-            held.pop(block, None)
+            holders = blocks.get(block)
+            if holders is None:
+                blocks[block] = (replica,)
+            else:
+                if holders[0] != replica:  # else (a prefix served again where it was) nothing moves but its age
+                    blocks[block] = (replica, *(r for r in holders if r != replica))[:_REPLICAS_PER_BLOCK]
+                blocks.move_to_end(block)
             held[block] = None
+            held.move_to_end(block)
+        while len(blocks) > self._max:
+            blocks.popitem(last=False)
         self._evict_beyond_horizon(replica)
 
     def recency(self, block: int, replica: str) -> int:
