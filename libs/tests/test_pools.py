@@ -15,7 +15,7 @@ import pytest
 from modelplex_kit.errors import ServiceError, invalid, unavailable
 from modelplex_kit.pools import pool as pool_module
 from modelplex_kit.pools.http import cache_use_of
-from modelplex_kit.pools.load import EngineLoad, QueuedPrefill, ReplicaLoad, parse_engine_load
+from modelplex_kit.pools.load import EngineLoad, Prefill, ReplicaLoad, parse_engine_load
 from modelplex_kit.pools.picker import CacheUse, Picker, PickRequest, Reason
 from modelplex_kit.pools.pool import Pool, ReplicaUnreachable
 from modelplex_kit.pools.prefix import PrefixIndex, block_hashes
@@ -239,7 +239,7 @@ def test_the_bound_weighs_requests_waiting_for_their_first_token_not_those_alrea
     assert choose.pick(replicas, PickRequest(SYSTEM + "q2")).reason == Reason.LOAD
     busy(warm, 0)
     for _ in range(3):  # this backend's own requests sent there, not answering yet
-        QueuedPrefill(warm.load, 1000)
+        Prefill(warm.load)
     assert warm.load.pending() == 3
     assert choose.pick(replicas, PickRequest(SYSTEM + "q3")).key != warm.key
 
@@ -256,19 +256,6 @@ def test_an_answer_with_fewer_cached_tokens_than_the_index_credited_lowers_that_
     choose.observed(again, CacheUse(prompt_tokens=prompt_tokens, cached_tokens=0))  # evicted
     assert choose.prefixes.horizon(again.key) < default
     assert choose.prefixes.horizon(next(r.key for r in replicas if r.key != again.key)) == default
-
-
-def test_among_replicas_holding_the_prefix_the_one_with_less_prefill_queued_gets_it():
-    replicas, choose = stubs(3), picker()
-    a, b, c = replicas
-    busy(c, 0), busy(a, 0), busy(b, 5)  # c idle but cold; a and b warm below
-    for replica in (a, b):
-        choose.prefixes.record(block_hashes(SYSTEM, 128), replica.key)
-    busy(b, 1)
-    a.load.queued_prefill = 20_000  # a has fewer requests but two long prefills ahead
-    pick = choose.pick(replicas, PickRequest(SYSTEM + "question"))
-    assert pick.key == b.key and pick.reason == Reason.PREFIX
-    assert pick.uncached_chars == len(SYSTEM + "question") - len(SYSTEM) // 128 * 128
 
 
 # -- pool -------------------------------------------------------------------------
@@ -484,28 +471,27 @@ def answer_with_usage(cached_tokens: int, prompt_tokens: int = 500):
     return send
 
 
-async def test_a_prefill_counts_on_its_replica_until_the_first_item_or_the_answer():
+async def test_a_request_counts_as_prefilling_on_its_replica_until_its_first_item_or_its_answer():
     pool, _ = make_pool(1)
-    prompt = PickRequest(SYSTEM + "q")
-    queued: list[int] = []
+    counted: list[int] = []
 
-    def load() -> ReplicaLoad:
-        return pool.replicas[0].load
+    def prefilling() -> int:
+        return pool.replicas[0].load.prefilling
 
     async def tokens(client: FakeReplica) -> AsyncIterator[str]:
-        queued.append(load().queued_prefill)  # sent, nothing back yet
+        counted.append(prefilling())  # sent, nothing back yet
         async for item in client.tokens():
             yield item
 
     async def answer(client: FakeReplica) -> str:
-        queued.append(load().queued_prefill)
+        counted.append(prefilling())
         return await client.answer()
 
     try:
-        async for _ in pool.stream(prompt, tokens):
-            queued.append(load().queued_prefill)
-        await pool.call(prompt, answer)
-        assert queued == [len(prompt.prompt), 0, 0, 0, len(prompt.prompt)] and load().queued_prefill == 0
+        async for _ in pool.stream(PickRequest(SYSTEM), tokens):
+            counted.append(prefilling())
+        await pool.call(PickRequest(SYSTEM), answer)
+        assert counted == [1, 0, 0, 0, 1] and prefilling() == 0
     finally:
         await pool.close()
 

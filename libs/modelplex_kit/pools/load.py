@@ -59,15 +59,12 @@ def parse_engine_load(text: str) -> EngineLoad | None:
 class ReplicaLoad:
     """The load figures of one replica, as the picker reads them."""
 
-    __slots__ = ("_in_flight_at_scrape", "_scraped", "in_flight", "prefilling", "queued_prefill")
+    __slots__ = ("_in_flight_at_scrape", "_scraped", "in_flight", "prefilling")
 
     def __init__(self) -> None:
         self.in_flight = 0
-        # Prompt characters this backend sent that the replica was not credited with caching, of
-        # requests not yet answering: the prefill work queued there (an engine prefills one long
-        # prompt at a time, so this, more than a count of requests, says when a new one starts).
-        self.queued_prefill = 0
-        self.prefilling = 0  # those requests, counted
+        # This backend's requests there not yet answering (queued, or in their prefill).
+        self.prefilling = 0
         self._scraped: EngineLoad | None = None
         self._in_flight_at_scrape = 0
 
@@ -126,19 +123,17 @@ class ReplicaLoad:
         return 4.0 * (usage - 0.9) / 0.1 if usage > 0.9 else 0.0
 
 
-class QueuedPrefill:
-    """One request's prefill, counted in its replica's ``queued_prefill`` until ``done`` (its first
-    answer item, or its end: idempotent)."""
+class Prefill:
+    """One request counted in its replica's ``prefilling`` until ``done``: its first answer item, or
+    its end (idempotent)."""
 
-    __slots__ = ("_chars", "_load", "_open")
+    __slots__ = ("_load",)
 
-    def __init__(self, load: ReplicaLoad, chars: int) -> None:
-        self._load, self._chars, self._open = load, chars, True
-        load.queued_prefill += chars
+    def __init__(self, load: ReplicaLoad) -> None:
+        self._load: ReplicaLoad | None = load
         load.prefilling += 1
 
     def done(self) -> None:
-        if self._open:
-            self._open = False
-            self._load.queued_prefill -= self._chars
+        if self._load is not None:
             self._load.prefilling -= 1
+            self._load = None

@@ -4,8 +4,7 @@
 still holds, as far as its engine's answers taught the index: ``observed``), then the session the
 client named (``prompt_cache_key``, ``user``: its replica wins when it holds as much of the prompt as
 any), both only among replicas whose backlog (requests waiting for their first token) is within
-``max_imbalance`` of the least backlogged one's; among replicas holding as much of the prompt, the one
-with the least prefill queued; then the least load. The bound keeps one hot prefix (or one chatty
+``max_imbalance`` of the least backlogged one's, then the least load. The bound keeps one hot prefix (or one chatty
 session) from piling onto one replica: past it, the request goes to the least loaded replica, which
 then warms its own cache for that prefix. It counts requests that would delay a new one's first token,
 not requests already decoding: spilling a prefix to a cold replica costs a whole prefill there, which
@@ -62,8 +61,6 @@ class Candidate(Protocol):
 class Pick:
     key: str
     reason: Reason
-    #: Prompt characters the chosen replica is not credited with caching: the prefill it is sent.
-    uncached_chars: int = 0
     #: Leading prompt blocks the index credited the chosen replica with, and how recently (in
     #: distinct blocks it served since) it had served the oldest of them: what ``observed`` checks.
     credited_blocks: int = 0
@@ -107,7 +104,7 @@ class Picker:
             chosen, reason = self._least_loaded(candidates), Reason.LOAD
         else:
             return self._by_affinity(candidates, request)
-        return Pick(chosen, reason, uncached_chars=len(request.prompt))
+        return Pick(chosen, reason)
 
     def observed(self, pick: Pick, use: CacheUse) -> None:
         """The engine's answer to a pick: where the index credited the replica with a prefix, whether
@@ -148,8 +145,7 @@ class Picker:
         self.prefixes.record(hashes, chosen)
         if request.session:
             self.sessions.record(request.session, chosen)
-        uncached = max(len(request.prompt) - credited * self._block_chars, 0)
-        return Pick(chosen, reason, uncached, credited, recency, len(request.prompt))
+        return Pick(chosen, reason, credited, recency, len(request.prompt))
 
     def _affine(
         self, within: Sequence[Candidate], scores: dict[str, float], session: str, matched: dict[str, int]
@@ -161,8 +157,8 @@ class Picker:
         if known is not None and any(c.key == known for c in within) and matched.get(known, 0) == longest:
             return known, Reason.SESSION
         if longest > 0:
-            best = [c for c in within if matched[c.key] == longest]
-            # Among replicas holding as much of the prompt, the one with the least prefill queued
-            # starts this one soonest (the hot prefix's misses go where a long prefill fits), then load.
-            return min(best, key=lambda c: (c.load.queued_prefill, scores[c.key])).key, Reason.PREFIX
+            best = [key for key, depth in matched.items() if depth == longest]
+            # The least loaded of them, ties to the first in key order: a tie-break by queued prefill
+            # spread the hot prefix over more replicas' caches and missed more (docs/benchmarks.md).
+            return min(best, key=scores.__getitem__), Reason.PREFIX
         return None, Reason.LOAD

@@ -27,7 +27,7 @@ from opentelemetry import trace
 
 from modelplex_kit import telemetry
 from modelplex_kit.errors import ServiceError, unavailable
-from modelplex_kit.pools.load import EngineLoad, QueuedPrefill, ReplicaLoad
+from modelplex_kit.pools.load import EngineLoad, Prefill, ReplicaLoad
 from modelplex_kit.pools.picker import CacheUse, Pick, Picker, PickRequest, Reason
 from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.pools.sources import ReplicaSource
@@ -209,7 +209,7 @@ class Pool(Generic[C]):
         """The request runs on the replica; the callable it yields marks its prefill done."""
         replica.load.started()
         replica.in_flight_gauge.inc()
-        prefill = QueuedPrefill(replica.load, pick.uncached_chars)
+        prefill = Prefill(replica.load)
         try:
             yield prefill.done
         finally:
