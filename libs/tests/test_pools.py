@@ -104,6 +104,17 @@ def test_an_engine_that_evicted_a_credited_prefix_teaches_the_index_how_long_tha
     assert index.matches(tenant, ["a:1", "b:1"]) == {"a:1": 0, "b:1": 6}  # b was never seen to evict
 
 
+def test_a_replicas_lru_order_is_bounded_by_the_index_whether_or_not_a_horizon_was_learned():
+    index = PrefixIndex(max_blocks=64)
+    for i in range(100):
+        index.record(unique_blocks(i), "a:1")
+    assert len(index) <= 64 and index.held("a:1") <= 64
+    for replica in ("b:1", "c:1", "d:1", "e:1"):  # a fifth holder of a's last prompt: a is dropped from it
+        index.record(unique_blocks(99), replica)
+    assert index.matches(unique_blocks(99), ["a:1", "e:1"]) == {"a:1": 0, "e:1": 6}
+    assert index.held("a:1") <= 64 - 6
+
+
 def test_a_learned_horizon_moves_halfway_on_later_evictions_and_grows_on_prefixes_kept_near_it():
     index = PrefixIndex(max_blocks=10_000)
     index.record(unique_blocks(0), "a:1")

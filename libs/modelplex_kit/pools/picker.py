@@ -4,12 +4,12 @@
 still holds, as far as its engine's answers taught the index: ``observed``), then the session the
 client named (``prompt_cache_key``, ``user``: its replica wins when it holds as much of the prompt as
 any), both only among replicas whose backlog (requests waiting for their first token) is within
-``max_imbalance`` of the least backlogged one's, then the least load. The bound keeps one hot prefix (or one chatty
-session) from piling onto one replica: past it, the request goes to the least loaded replica, which
-then warms its own cache for that prefix. It counts requests that would delay a new one's first token,
-not requests already decoding: spilling a prefix to a cold replica costs a whole prefill there, which
-pays only when the warm replica's queue costs more. ``least_loaded`` and ``round_robin`` are there to
-compare against (and for engines without a prefix cache).
+``max_imbalance`` of the least backlogged one's, then the least load. The bound keeps one hot prefix
+(or one chatty session) from piling onto one replica: past it, the request goes to the least loaded
+replica, which then warms its own cache for that prefix. It counts requests that would delay a new
+one's first token, not requests already decoding: spilling a prefix to a cold replica costs a whole
+prefill there, which pays only when the warm replica's queue costs more. ``least_loaded`` and
+``round_robin`` are there to compare against (and for engines without a prefix cache).
 
 A pick costs a few microseconds per replica plus one hash per prompt block (the pool tests measure it).
 """

@@ -23,6 +23,9 @@ from collections.abc import Iterable
 _REPLICAS_PER_BLOCK = 4
 # The shortest horizon learned: one noisy answer cannot make a replica forget everything at once.
 _MIN_HORIZON = 8
+# How deep a pick looks for its prefix in a replica's LRU order (a bound on the pick's CPU where
+# nothing was learned yet and a replica's order is long); deeper counts as this deep.
+_MAX_RECENCY = 4096
 
 
 def block_hashes(prompt: str, block_chars: int) -> list[int]:
@@ -74,22 +77,37 @@ class PrefixIndex:
                 blocks[block] = (replica,)
             else:
                 if holders[0] != replica:  # else (a prefix served again where it was) nothing moves but its age
-                    blocks[block] = (replica, *(r for r in holders if r != replica))[:_REPLICAS_PER_BLOCK]
+                    kept = (replica, *(r for r in holders if r != replica))
+                    blocks[block] = kept[:_REPLICAS_PER_BLOCK]
+                    self._unhold(block, kept[_REPLICAS_PER_BLOCK:])
                 blocks.move_to_end(block)
             held[block] = None
             held.move_to_end(block)
         while len(blocks) > self._max:
-            blocks.popitem(last=False)
+            self._unhold(*blocks.popitem(last=False))
         self._evict_beyond_horizon(replica)
+
+    def _unhold(self, block: int, replicas: tuple[str, ...]) -> None:
+        """The index forgot these replicas for this block: so do their LRU orders (memory stays
+        bounded by the index's, whether or not a horizon was learned)."""
+        for replica in replicas:
+            held = self._held.get(replica)
+            if held is not None:
+                held.pop(block, None)
+
+    def held(self, replica: str) -> int:
+        """Blocks in the replica's LRU order."""
+        return len(self._held.get(replica, ()))
 
     def recency(self, block: int, replica: str) -> int:
         """How many distinct blocks the replica served since it last served this one (its position
-        from the recent end of the replica's LRU order; the horizon when it is not held)."""
-        horizon = self.horizon(replica)
+        from the recent end of the replica's LRU order; the horizon when it is not held, at most
+        _MAX_RECENCY)."""
+        deepest = min(self.horizon(replica), _MAX_RECENCY)
         for position, held in enumerate(reversed(self._held.get(replica, {}))):
-            if held == block or position >= horizon:
+            if held == block or position >= deepest:
                 return position
-        return horizon
+        return deepest
 
     def horizon(self, replica: str) -> int:
         """Blocks the replica is taken to keep (what its engine's cache holds, as far as known)."""
