@@ -488,9 +488,14 @@ def report(results: list[RunResult], args, wall: float, picker_us: dict[str, flo
         "Reading the numbers: *prefix missed* is the share of requests whose tenant's system prompt was not "
         "cached on the replica that ran them (from each answer's `cached_tokens`): those pay its whole prefill "
         "and hold the replica's prefill lane meanwhile, so once more than 1 % of requests miss, p99 TTFT is a "
-        "miss's TTFT whatever the policy. *picks*: the backend's `modelplex_pool_picks_total` by reason, and the "
-        "busiest replica's share of all picks (1/8 = 13 % when even). The shared 2-core machine adds tens of "
-        "ms of jitter to every figure; p99 rests on the few slowest of a few hundred requests per run.",
+        "miss's TTFT whatever the policy. Affinity keeps misses rare in two ways (README, 'what the picker "
+        "weighs'): its prefix index credits a replica only within the cache horizon learned from the same "
+        "`cached_tokens` (a prefix the engine had evicted teaches it how long that replica keeps one), and its "
+        "imbalance bound counts requests waiting for their first token, not those decoding, so the hot tenant "
+        "spills to a cold replica only when its queue costs more than a prefill there. *picks*: the backend's "
+        "`modelplex_pool_picks_total` by reason, and the busiest replica's share of all picks (1/8 = 13 % when "
+        "even). The shared 2-core machine adds tens of ms of jitter to every figure; p99 rests on the few "
+        "slowest of a few hundred requests per run, so a run with 1 % of misses or more shows one in its p99.",
     ]
     lines += [
         "",

@@ -14,8 +14,9 @@ import pytest
 
 from modelplex_kit.errors import ServiceError, invalid, unavailable
 from modelplex_kit.pools import pool as pool_module
-from modelplex_kit.pools.load import EngineLoad, ReplicaLoad, parse_engine_load
-from modelplex_kit.pools.picker import Picker, PickRequest, Reason
+from modelplex_kit.pools.http import cache_use_of
+from modelplex_kit.pools.load import EngineLoad, Prefill, ReplicaLoad, parse_engine_load
+from modelplex_kit.pools.picker import CacheUse, Picker, PickRequest, Reason
 from modelplex_kit.pools.pool import Pool, ReplicaUnreachable
 from modelplex_kit.pools.prefix import PrefixIndex, block_hashes
 from modelplex_kit.pools.settings import PoolSettings
@@ -81,6 +82,53 @@ def test_with_a_known_cache_size_a_replica_forgets_the_prefixes_its_engine_must_
     assert unbounded.matches(first, ["a:1"]) == {"a:1": 6}
 
 
+def unique_blocks(i: int, blocks: int = 6) -> list[int]:
+    return block_hashes(f"unique prompt {i:06d} " * (blocks * 64 // 21 + 1), 64)[:blocks]
+
+
+def test_an_engine_that_evicted_a_credited_prefix_teaches_the_index_how_long_that_replica_keeps_one():
+    index = PrefixIndex(max_blocks=10_000)
+    tenant = block_hashes(SYSTEM, 64)[:6]
+    index.record(tenant, "a:1")
+    index.record(tenant, "b:1")
+    for i in range(5):  # 30 other blocks through a's cache since
+        index.record(unique_blocks(i), "a:1")
+    depth = index.recency(tenant[0], "a:1")
+    assert depth == 35  # the tenant's other 5 blocks, then 30
+    index.learn("a:1", depth, kept=False)  # a's engine had evicted it: a keeps fewer than 35 blocks
+    assert index.horizon("a:1") == 35 and index.horizon("b:1") == 10_000
+    index.record(tenant, "a:1")
+    for i in range(5, 11):  # 36 blocks since: past what a keeps
+        index.record(unique_blocks(i), "a:1")
+        index.record(unique_blocks(i), "b:1")
+    assert index.matches(tenant, ["a:1", "b:1"]) == {"a:1": 0, "b:1": 6}  # b was never seen to evict
+
+
+def test_a_replicas_lru_order_is_bounded_by_the_index_whether_or_not_a_horizon_was_learned():
+    index = PrefixIndex(max_blocks=64)
+    for i in range(100):
+        index.record(unique_blocks(i), "a:1")
+    assert len(index) <= 64 and index.held("a:1") <= 64
+    for replica in ("b:1", "c:1", "d:1", "e:1"):  # a fifth holder of a's last prompt: a is dropped from it
+        index.record(unique_blocks(99), replica)
+    assert index.matches(unique_blocks(99), ["a:1", "e:1"]) == {"a:1": 0, "e:1": 6}
+    assert index.held("a:1") <= 64 - 6
+
+
+def test_a_learned_horizon_moves_halfway_on_later_evictions_and_grows_on_prefixes_kept_near_it():
+    index = PrefixIndex(max_blocks=10_000)
+    index.record(unique_blocks(0), "a:1")
+    index.learn("a:1", 100, kept=False)
+    index.learn("a:1", 40, kept=False)
+    assert index.horizon("a:1") == 70  # one eviction seen early (two prefills at once) is not the rule
+    index.learn("a:1", 20, kept=True)  # kept well inside: nothing learned
+    assert index.horizon("a:1") == 70
+    index.learn("a:1", 69, kept=True)  # kept at the horizon's edge: the replica may keep more
+    assert index.horizon("a:1") == 71
+    index.learn("gone:1", 5, kept=False)  # a replica the index does not know (it left the pool)
+    assert index.horizon("gone:1") == 10_000
+
+
 # -- load -------------------------------------------------------------------------
 VLLM_METRICS = """# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
@@ -123,6 +171,10 @@ def busy(replica: Stub, requests: int) -> None:
     replica.load.scraped(EngineLoad(running=requests, waiting=0, kv_cache_usage=0))
 
 
+def queued(replica: Stub, requests: int) -> None:
+    replica.load.scraped(EngineLoad(running=8, waiting=requests, kv_cache_usage=0))
+
+
 def picker(policy: str = "affinity") -> Picker:
     return Picker(policy, max_imbalance=2.0, block_chars=128, index_blocks=10_000)  # type: ignore[arg-type]
 
@@ -134,8 +186,8 @@ def test_requests_sharing_a_prefix_stick_to_one_replica_while_it_is_not_much_bus
     for i in range(1, 6):
         again = choose.pick(replicas, PickRequest(SYSTEM + f"question {i}"))
         assert again.key == first.key and again.reason == Reason.PREFIX
-    # The warm replica gets far busier than the others: the bound sends the prefix elsewhere.
-    busy(next(r for r in replicas if r.key == first.key), 10)
+    # The warm replica gets a long queue: the bound sends the prefix elsewhere.
+    queued(next(r for r in replicas if r.key == first.key), 10)
     moved = choose.pick(replicas, PickRequest(SYSTEM + "q7"))
     assert moved.key != first.key and moved.reason == Reason.LOAD
 
@@ -186,6 +238,35 @@ def test_a_pick_costs_microseconds():
     per_pick_us = (time.perf_counter() - start) / len(prompts) * 1e6
     print(f"affinity pick over 8 replicas: {per_pick_us:.1f} us")
     assert per_pick_us < 500  # a loaded 2-core CI machine; measured ~20 us idle
+
+
+def test_the_bound_weighs_requests_waiting_for_their_first_token_not_those_already_answering():
+    replicas, choose = stubs(3), picker()
+    warm = replicas[0]
+    choose.prefixes.record(block_hashes(SYSTEM, 128), warm.key)
+    busy(warm, 6)  # six requests decoding there, none waiting: a new one starts at once
+    assert choose.pick(replicas, PickRequest(SYSTEM + "q1")).key == warm.key
+    queued(warm, 3)  # three waiting for a slot while the others are idle: past the bound
+    assert choose.pick(replicas, PickRequest(SYSTEM + "q2")).reason == Reason.LOAD
+    busy(warm, 0)
+    for _ in range(3):  # this backend's own requests sent there, not answering yet
+        Prefill(warm.load)
+    assert warm.load.pending() == 3
+    assert choose.pick(replicas, PickRequest(SYSTEM + "q3")).key != warm.key
+
+
+def test_an_answer_with_fewer_cached_tokens_than_the_index_credited_lowers_that_replicas_horizon():
+    replicas, choose = stubs(2), picker()
+    first = choose.pick(replicas, PickRequest(SYSTEM + "q0"))
+    again = choose.pick(replicas, PickRequest(SYSTEM + "q1"))
+    assert again.key == first.key and again.reason == Reason.PREFIX and again.credited_blocks == len(SYSTEM) // 128
+    default = choose.prefixes.horizon(again.key)
+    prompt_tokens = (len(SYSTEM) + 2) // 4
+    choose.observed(again, CacheUse(prompt_tokens=prompt_tokens, cached_tokens=prompt_tokens - 40))  # kept
+    assert choose.prefixes.horizon(again.key) == default
+    choose.observed(again, CacheUse(prompt_tokens=prompt_tokens, cached_tokens=0))  # evicted
+    assert choose.prefixes.horizon(again.key) < default
+    assert choose.prefixes.horizon(next(r.key for r in replicas if r.key != again.key)) == default
 
 
 # -- pool -------------------------------------------------------------------------
@@ -390,6 +471,65 @@ async def test_a_replica_leaving_the_source_finishes_its_requests_before_it_is_c
         assert await first == busy_key
         await until(lambda: clients[busy_key].closed, 10)
         assert await pool.call(PickRequest(), FakeReplica.answer) != busy_key
+    finally:
+        await pool.close()
+
+
+def answer_with_usage(cached_tokens: int, prompt_tokens: int = 500):
+    async def send(client: FakeReplica) -> dict:
+        return {"usage": {"prompt_tokens": prompt_tokens, "prompt_tokens_details": {"cached_tokens": cached_tokens}}}
+
+    return send
+
+
+async def test_a_request_counts_as_prefilling_on_its_replica_until_its_first_item_or_its_answer():
+    pool, _ = make_pool(1)
+    counted: list[int] = []
+
+    def prefilling() -> int:
+        return pool.replicas[0].load.prefilling
+
+    async def tokens(client: FakeReplica) -> AsyncIterator[str]:
+        counted.append(prefilling())  # sent, nothing back yet
+        async for item in client.tokens():
+            yield item
+
+    async def answer(client: FakeReplica) -> str:
+        counted.append(prefilling())
+        return await client.answer()
+
+    try:
+        async for _ in pool.stream(PickRequest(SYSTEM), tokens):
+            counted.append(prefilling())
+        await pool.call(PickRequest(SYSTEM), answer)
+        assert counted == [1, 0, 0, 0, 1] and prefilling() == 0
+    finally:
+        await pool.close()
+
+
+async def test_a_replica_removed_while_its_request_runs_has_its_late_answer_ignored():
+    """The race: the source drops a replica while a request on it is still running; its answer
+    (whose usage says the engine had evicted the prefix) arrives after the picker forgot it."""
+    clients = {k: FakeReplica(k) for k in ("r0:1", "r1:1")}
+    source = Snapshots(set(clients))
+    pool = Pool("test", PoolSettings(upstream_url="http://r0:1/v1"), source, clients.__getitem__)
+    release = asyncio.Event()
+
+    async def slow_miss(client: FakeReplica) -> dict:
+        await release.wait()
+        return await answer_with_usage(cached_tokens=0)(client)
+
+    try:
+        assert await pool.ready()
+        await pool.call(PickRequest(SYSTEM + "q0"), answer_with_usage(0), cache_use_of)
+        running = asyncio.ensure_future(pool.call(PickRequest(SYSTEM + "q1"), slow_miss, cache_use_of))
+        await until(lambda: sum(r.load.in_flight for r in pool.replicas) == 1, 10)
+        busy_key = next(r.key for r in pool.replicas if r.load.in_flight)
+        source.queue.put_nowait(frozenset(clients) - {busy_key})
+        await until(lambda: [r.key for r in pool.replicas] == sorted(set(clients) - {busy_key}), 10)
+        release.set()
+        assert (await running)["usage"]["prompt_tokens"] == 500  # no error reached the caller
+        assert pool.picker.prefixes.horizon(busy_key) == PoolSettings().pool_prefix_index_blocks
     finally:
         await pool.close()
 

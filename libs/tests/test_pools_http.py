@@ -16,7 +16,8 @@ import pytest
 from aiohttp import web
 
 from modelplex_kit.errors import ServiceError
-from modelplex_kit.pools.http import OpenAIPool
+from modelplex_kit.pools.http import OpenAIPool, cache_use_of
+from modelplex_kit.pools.picker import CacheUse
 from modelplex_kit.pools.pool import ReplicaUnreachable
 from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.pools.triton import TritonReplica
@@ -172,3 +173,11 @@ async def test_a_triton_replicas_queue_is_read_from_its_metrics_port():
         for r in (replica, without, gone):
             await r.close()
         await runner.cleanup()
+
+
+def test_an_answers_cached_tokens_are_read_where_the_engine_reports_them():
+    usage = {"prompt_tokens": 100, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 64}}
+    assert cache_use_of({"choices": [], "usage": usage}) == CacheUse(prompt_tokens=100, cached_tokens=64)
+    assert cache_use_of({"usage": {"prompt_tokens": 100, "completion_tokens": 4}}) is None  # llama.cpp's server
+    assert cache_use_of({"usage": {"prompt_tokens": 100, "prompt_tokens_details": None}}) is None
+    assert cache_use_of({"choices": [{"delta": {"content": "a"}}]}) is None  # a stream's other events

@@ -137,7 +137,14 @@ def delta(after: list[float], before: list[float]) -> list[float]:
 
 
 def replica_state(engine, replicas: Replicas, i: int):
-    return next(r for r in engine._upstream.pool.replicas if r.key == replicas.key(i))
+    """The pool's state of server i; None while the pool does not list it (before its source's first
+    snapshot, which comes once a request starts the pool: a test run alone gets there first)."""
+    return next((r for r in engine._upstream.pool.replicas if r.key == replicas.key(i)), None)
+
+
+def in_flight(engine, replicas: Replicas, i: int) -> int:
+    state = replica_state(engine, replicas, i)
+    return state.load.in_flight if state is not None else 0
 
 
 # -- the tests, in order: the last two kill and restart a server -------------------------------
@@ -199,7 +206,7 @@ async def test_a_replica_killed_mid_load_costs_no_client_error(stub, engine, rep
     server are retried on the others."""
     retries_before = sum(picks(replicas, "retry"))
     pending = [asyncio.ensure_future(stub.Generate(chat(f"Count to ten, take {i}.", max_tokens=24))) for i in range(9)]
-    await until(lambda: replica_state(engine, replicas, 1).load.in_flight >= 2, timeout=60, interval=0.01)
+    await until(lambda: in_flight(engine, replicas, 1) >= 2, timeout=60, interval=0.01)
     replicas.servers[1].process.kill()
     answers = await asyncio.gather(*pending)
     assert all(a.choices[0].text for a in answers)
@@ -211,7 +218,7 @@ async def test_a_replica_killed_mid_load_costs_no_client_error(stub, engine, rep
 
 async def test_a_replica_that_comes_back_is_used_again(stub, engine, replicas):
     await asyncio.to_thread(replicas.restart, 1)
-    await until(lambda: replica_state(engine, replicas, 1).available, timeout=60)
+    await until(lambda: (state := replica_state(engine, replicas, 1)) is not None and state.available, timeout=60)
     before = replicas.served()
     await asyncio.gather(*(stub.Generate(chat(f"Name a fruit, number {i}.")) for i in range(6)))
     assert delta(replicas.served(), before)[1] >= 1

@@ -15,12 +15,27 @@ import aiohttp
 
 from modelplex_kit.openai_upstream import OpenAIUpstream
 from modelplex_kit.pools.load import EngineLoad, parse_engine_load
-from modelplex_kit.pools.picker import PickRequest
+from modelplex_kit.pools.picker import CacheUse, PickRequest
 from modelplex_kit.pools.pool import Pool, ReplicaUnreachable
 from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.pools.sources import replica_source, url_template
 
 T = TypeVar("T")
+
+
+def cache_use_of(answer: dict[str, Any]) -> CacheUse | None:
+    """What an OpenAI answer (or a stream's usage event) says the engine found in its prefix cache:
+    vLLM's ``usage.prompt_tokens_details.cached_tokens``. None where the engine does not say
+    (llama.cpp's server; vLLM without prompt-token details): the picker then learns nothing."""
+    usage = answer.get("usage")
+    if not isinstance(usage, dict):
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else None
+    prompt = usage.get("prompt_tokens")
+    if not isinstance(cached, int) or not isinstance(prompt, int) or prompt <= 0:
+        return None
+    return CacheUse(prompt_tokens=prompt, cached_tokens=cached)
 
 
 class HttpReplica:
@@ -72,11 +87,13 @@ class OpenAIPool:
         self, path: str, body: dict[str, Any], *, param: str | None = None, pick: PickRequest | None = None
     ) -> dict[str, Any]:
         """``OpenAIUpstream.call`` on the picked replica, retried on another one if it fails."""
-        return await self.pool.call(pick or PickRequest(), lambda r: r.upstream.call(path, body, param=param))
+        return await self.pool.call(
+            pick or PickRequest(), lambda r: r.upstream.call(path, body, param=param), cache_use_of
+        )
 
     def events(self, path: str, body: dict[str, Any], *, pick: PickRequest | None = None) -> AsyncIterator[dict]:
         """``OpenAIUpstream.events`` on the picked replica, retried elsewhere until the first event arrives."""
-        return self.stream(lambda upstream: upstream.events(path, body), pick=pick)
+        return self.pool.stream(pick or PickRequest(), lambda r: r.upstream.events(path, body), cache_use_of)
 
     def stream(
         self, open_: Callable[[OpenAIUpstream], AsyncIterator[T]], *, pick: PickRequest | None = None

@@ -59,10 +59,12 @@ def parse_engine_load(text: str) -> EngineLoad | None:
 class ReplicaLoad:
     """The load figures of one replica, as the picker reads them."""
 
-    __slots__ = ("_in_flight_at_scrape", "_scraped", "in_flight")
+    __slots__ = ("_in_flight_at_scrape", "_scraped", "in_flight", "prefilling")
 
     def __init__(self) -> None:
         self.in_flight = 0
+        # This backend's requests there not yet answering (queued, or in their prefill).
+        self.prefilling = 0
         self._scraped: EngineLoad | None = None
         self._in_flight_at_scrape = 0
 
@@ -96,11 +98,42 @@ class ReplicaLoad:
             return float(self.in_flight)
         return max(self._scraped.waiting + self._since_scrape(), 0.0)
 
+    def pending(self) -> float:
+        """Requests ahead of a new one's first token: the engine's queue, or this backend's requests
+        there not yet answering, whichever says more. Requests already decoding are left out: they
+        hold a slot but do not hold back the next prefill."""
+        if self._scraped is None:
+            return float(self.in_flight)
+        return max(float(self.prefilling), self.queue())
+
     def _since_scrape(self) -> int:
         return self.in_flight - self._in_flight_at_scrape
 
     def score(self) -> float:
         """What the picker minimises: requests, with a nearly full KV cache counting as more
         (the engine will preempt or queue the next one)."""
+        return self.requests() + self._kv_pressure()
+
+    def backlog(self) -> float:
+        """What the imbalance bound compares: pending requests, a nearly full KV cache counting as more."""
+        return self.pending() + self._kv_pressure()
+
+    def _kv_pressure(self) -> float:
         usage = self._scraped.kv_cache_usage if self._scraped is not None else 0.0
-        return self.requests() + (4.0 * (usage - 0.9) / 0.1 if usage > 0.9 else 0.0)
+        return 4.0 * (usage - 0.9) / 0.1 if usage > 0.9 else 0.0
+
+
+class Prefill:
+    """One request counted in its replica's ``prefilling`` until ``done``: its first answer item, or
+    its end (idempotent)."""
+
+    __slots__ = ("_load",)
+
+    def __init__(self, load: ReplicaLoad) -> None:
+        self._load: ReplicaLoad | None = load
+        load.prefilling += 1
+
+    def done(self) -> None:
+        if self._load is not None:
+            self._load.prefilling -= 1
+            self._load = None

@@ -1,11 +1,14 @@
 """Which replica serves a request: the policies a pool can run.
 
-``affinity`` (the default) weighs, in order: the longest prompt prefix a replica served recently, then
-the session the client named (``prompt_cache_key``, ``user``: its replica wins when it holds as much
-of the prompt as any), both only among replicas whose load is within ``max_imbalance`` of the least
-loaded one's, then the least load. The bound keeps one
-hot prefix (or one chatty session) from piling onto one replica: past it, the request goes to the
-least loaded replica, which then warms its own cache for that prefix. ``least_loaded`` and
+``affinity`` (the default) weighs, in order: the longest prompt prefix a replica served recently (and
+still holds, as far as its engine's answers taught the index: ``observed``), then the session the
+client named (``prompt_cache_key``, ``user``: its replica wins when it holds as much of the prompt as
+any), both only among replicas whose backlog (requests waiting for their first token) is within
+``max_imbalance`` of the least backlogged one's, then the least load. The bound keeps one hot prefix
+(or one chatty session) from piling onto one replica: past it, the request goes to the least loaded
+replica, which then warms its own cache for that prefix. It counts requests that would delay a new
+one's first token, not requests already decoding: spilling a prefix to a cold replica costs a whole
+prefill there, which pays only when the warm replica's queue costs more. ``least_loaded`` and
 ``round_robin`` are there to compare against (and for engines without a prefix cache).
 
 A pick costs a few microseconds per replica plus one hash per prompt block (the pool tests measure it).
@@ -58,6 +61,20 @@ class Candidate(Protocol):
 class Pick:
     key: str
     reason: Reason
+    #: Leading prompt blocks the index credited the chosen replica with, and how recently (in
+    #: distinct blocks it served since) it had served the oldest of them: what ``observed`` checks.
+    credited_blocks: int = 0
+    recency: int = 0
+    prompt_chars: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CacheUse:
+    """What the engine says it found in its prefix cache for a request (an OpenAI answer's
+    ``usage.prompt_tokens`` and ``usage.prompt_tokens_details.cached_tokens``)."""
+
+    prompt_tokens: int
+    cached_tokens: int
 
 
 class Picker:
@@ -86,8 +103,19 @@ class Picker:
         elif self._policy == "least_loaded":
             chosen, reason = self._least_loaded(candidates), Reason.LOAD
         else:
-            chosen, reason = self._by_affinity(candidates, request)
+            return self._by_affinity(candidates, request)
         return Pick(chosen, reason)
+
+    def observed(self, pick: Pick, use: CacheUse) -> None:
+        """The engine's answer to a pick: where the index credited the replica with a prefix, whether
+        the engine still held it teaches the index how long that replica keeps prefixes."""
+        if pick.credited_blocks == 0 or use.prompt_tokens <= 0 or pick.prompt_chars <= 0:
+            return
+        # Tokens to characters by the prompt's own ratio; one block of slack for the engine's
+        # block boundaries and the last prompt token, which an engine always computes.
+        cached_chars = use.cached_tokens * pick.prompt_chars / use.prompt_tokens
+        kept = cached_chars >= (pick.credited_blocks - 1) * self._block_chars
+        self.prefixes.learn(pick.key, pick.recency, kept=kept)
 
     def forget(self, key: str) -> None:
         """A replica left the pool: whatever was cached on it is gone."""
@@ -101,23 +129,27 @@ class Picker:
         # Ties taken in turn: equal replicas (all idle, no metrics yet) share the work evenly.
         return tied[next(self._turn) % len(tied)].key
 
-    def _by_affinity(self, candidates: Sequence[Candidate], request: PickRequest) -> tuple[str, Reason]:
+    def _by_affinity(self, candidates: Sequence[Candidate], request: PickRequest) -> Pick:
         scores = {c.key: c.load.score() for c in candidates}
-        bound = self._max_imbalance * (min(scores.values()) + 1.0)
-        within = [c for c in candidates if scores[c.key] <= bound]
+        backlogs = [c.load.backlog() for c in candidates]
+        bound = self._max_imbalance * (min(backlogs) + 1.0)
+        within = [c for c, backlog in zip(candidates, backlogs, strict=True) if backlog <= bound]
         hashes = block_hashes(request.prompt, self._block_chars) if request.prompt else []
-        chosen, reason = self._affine(within, scores, request.session, hashes)
+        matched = self.prefixes.matches(hashes, (c.key for c in within)) if hashes else {}
+        chosen, reason = self._affine(within, scores, request.session, matched)
         if chosen is None:
             chosen, reason = self._least_loaded(candidates), Reason.LOAD
+        credited = matched.get(chosen, 0)
+        # Before record(), which makes every block of this prompt the replica's most recent.
+        recency = self.prefixes.recency(hashes[0], chosen) if credited else 0
         self.prefixes.record(hashes, chosen)
         if request.session:
             self.sessions.record(request.session, chosen)
-        return chosen, reason
+        return Pick(chosen, reason, credited, recency, len(request.prompt))
 
     def _affine(
-        self, within: Sequence[Candidate], scores: dict[str, float], session: str, hashes: list[int]
+        self, within: Sequence[Candidate], scores: dict[str, float], session: str, matched: dict[str, int]
     ) -> tuple[str | None, Reason]:
-        matched = self.prefixes.matches(hashes, (c.key for c in within)) if hashes else {}
         longest = max(matched.values(), default=0)
         known = self.sessions.get(session) if session else None
         # The session's replica, unless another holds more of this prompt: a session (an end user)
@@ -126,5 +158,7 @@ class Picker:
             return known, Reason.SESSION
         if longest > 0:
             best = [key for key, depth in matched.items() if depth == longest]
+            # The least loaded of them, ties to the first in key order: a tie-break by queued prefill
+            # spread the hot prefix over more replicas' caches and missed more (docs/benchmarks.md).
             return min(best, key=scores.__getitem__), Reason.PREFIX
         return None, Reason.LOAD

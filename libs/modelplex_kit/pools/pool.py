@@ -27,8 +27,8 @@ from opentelemetry import trace
 
 from modelplex_kit import telemetry
 from modelplex_kit.errors import ServiceError, unavailable
-from modelplex_kit.pools.load import EngineLoad, ReplicaLoad
-from modelplex_kit.pools.picker import Pick, Picker, PickRequest, Reason
+from modelplex_kit.pools.load import EngineLoad, Prefill, ReplicaLoad
+from modelplex_kit.pools.picker import CacheUse, Pick, Picker, PickRequest, Reason
 from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.pools.sources import ReplicaSource
 
@@ -63,6 +63,8 @@ class ReplicaClient(Protocol):
 
 
 C = TypeVar("C", bound=ReplicaClient)
+#: What an answer (or a streamed item) says the engine found in its prefix cache; None: it does not say.
+CacheUseOf = Callable[[T], CacheUse | None]
 
 
 class Replica(Generic[C]):
@@ -155,28 +157,40 @@ class Pool(Generic[C]):
         return self._ordered
 
     # -- a request ---------------------------------------------------------
-    async def call(self, request: PickRequest, send: Callable[[C], Awaitable[T]]) -> T:
-        """``send`` on a picked replica's client, on another one if it fails before answering."""
+    async def call(
+        self, request: PickRequest, send: Callable[[C], Awaitable[T]], cache_use: CacheUseOf[T] | None = None
+    ) -> T:
+        """``send`` on a picked replica's client, on another one if it fails before answering.
+        ``cache_use``: what the answer says the engine found cached (the picker learns from it)."""
         tried: set[str] = set()
         while True:
-            replica = await self._choose(request, tried)
+            replica, pick = await self._choose(request, tried)
             try:
-                with self._running(replica):
-                    return await send(replica.client)
+                with self._running(replica, pick):
+                    answer = await send(replica.client)
             except ServiceError as exc:
                 self._after_failure(replica, exc, tried)
+                continue
+            self._observe(pick, answer, cache_use)
+            return answer
 
-    async def stream(self, request: PickRequest, open_: Callable[[C], AsyncIterator[T]]) -> AsyncIterator[T]:
-        """The items of ``open_`` on a picked replica; retried elsewhere only before its first item."""
+    async def stream(
+        self, request: PickRequest, open_: Callable[[C], AsyncIterator[T]], cache_use: CacheUseOf[T] | None = None
+    ) -> AsyncIterator[T]:
+        """The items of ``open_`` on a picked replica; retried elsewhere only before its first item.
+        ``cache_use``: which item says what the engine found cached, and what (the picker learns from it)."""
         tried: set[str] = set()
         while True:
-            replica = await self._choose(request, tried)
+            replica, pick = await self._choose(request, tried)
             produced = False
             try:
-                with self._running(replica):
+                with self._running(replica, pick) as prefilled:
                     async with aclosing(open_(replica.client)) as items:
                         async for item in items:
-                            produced = True
+                            if not produced:
+                                produced = True
+                                prefilled()  # the first item: the engine is past this prompt's prefill
+                            self._observe(pick, item, cache_use)
                             yield item
                 return
             except ServiceError as exc:
@@ -184,13 +198,22 @@ class Pool(Generic[C]):
                     raise
                 self._after_failure(replica, exc, tried)
 
+    def _observe(self, pick: Pick, item: T, cache_use: CacheUseOf[T] | None) -> None:
+        use = cache_use(item) if cache_use is not None else None
+        if use is not None:
+            # The picker ignores a replica it no longer knows (one the source removed meanwhile).
+            self.picker.observed(pick, use)
+
     @contextlib.contextmanager
-    def _running(self, replica: Replica[C]) -> Iterator[None]:
+    def _running(self, replica: Replica[C], pick: Pick) -> Iterator[Callable[[], None]]:
+        """The request runs on the replica; the callable it yields marks its prefill done."""
         replica.load.started()
         replica.in_flight_gauge.inc()
+        prefill = Prefill(replica.load)
         try:
-            yield
+            yield prefill.done
         finally:
+            prefill.done()
             replica.load.finished()
             replica.in_flight_gauge.dec()
             if replica.retired and replica.load.in_flight == 0:
@@ -209,7 +232,7 @@ class Pool(Generic[C]):
         if len(tried) >= self._settings.pool_max_attempts or len(tried) >= len(self._ordered):
             raise exc
 
-    async def _choose(self, request: PickRequest, tried: set[str]) -> Replica[C]:
+    async def _choose(self, request: PickRequest, tried: set[str]) -> tuple[Replica[C], Pick]:
         await self._wait_known()
         untried = [r for r in self._ordered if r.key not in tried]
         candidates = [r for r in untried if r.available] or untried
@@ -220,7 +243,7 @@ class Pool(Generic[C]):
         pick = self.picker.pick(candidates, request)
         reason = Reason.RETRY if tried else pick.reason
         self._record(pick, reason)
-        return self._replicas[pick.key]
+        return self._replicas[pick.key], pick
 
     def _record(self, pick: Pick, reason: Reason) -> None:
         telemetry.POOL_PICKS.labels(self.name, pick.key, reason.value).inc()

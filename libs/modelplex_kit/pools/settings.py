@@ -44,15 +44,18 @@ class PoolSettings(BaseModel):
     pool_metrics_port: int = Field(0, ge=0, le=65535)
     # How often each replica's readiness check (/health, /v1/models) runs besides the scrape.
     pool_ready_check_seconds: float = Field(2.0, gt=0)
-    # A replica whose load exceeds the least loaded one's by this factor (load + 1 on both sides)
-    # loses its affinity: one hot prefix cannot pile everything onto one replica.
+    # A replica whose backlog (requests waiting for their first token: the engine's queue, or this
+    # backend's requests there not yet answering) exceeds the least backlogged one's by this factor
+    # (backlog + 1 on both sides) loses its affinity: one hot prefix cannot pile onto one replica.
     pool_max_imbalance: float = Field(2.0, ge=1.0)
     # Prompt characters per hashed block of the prefix index, and blocks the index remembers.
     pool_prefix_block_chars: int = Field(256, gt=0)
     pool_prefix_index_blocks: int = Field(65536, gt=0)
     # How many prompt characters one replica's prefix cache holds (about 4 per token: vLLM's
     # num_gpu_blocks x block_size tokens, less what running sequences take); past it the index
-    # takes the replica's least recently served blocks as evicted. 0: unknown, never evicted.
+    # takes the replica's least recently served blocks as evicted. 0: unknown, learned instead
+    # from the engine's answers (vLLM's usage.prompt_tokens_details.cached_tokens; where the
+    # engine does not report it, as llama.cpp's server and Triton, nothing is evicted).
     pool_prefix_replica_cache_chars: int = Field(0, ge=0)
     # Requests waiting in a replica's queue beyond which it counts as saturated; when every
     # replica is, requests get 503 with Retry-After at once. 0: never.
