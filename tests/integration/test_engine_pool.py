@@ -12,22 +12,20 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from modelplex.v1 import text_pb2, text_pb2_grpc
-from modelplex_kit.grpc_server import ObservingInterceptor
+from modelplex.v1 import text_pb2
 from modelplex_text.adapters.openai_http import OpenAIHttpEngine
-from modelplex_text.servicer import TextGenerationServicer
 from modelplex_text.settings import OpenAISettings
 from tests.support.llama_server import LlamaServer, llama_server
 from tests.support.ports import free_port
+from tests.support.text_service import text_service
 from tests.support.until import until
 
 pytestmark = pytest.mark.integration
@@ -82,20 +80,6 @@ async def engine(replicas):
     engine = OpenAIHttpEngine(settings)
     yield engine
     await engine.close()
-
-
-@asynccontextmanager
-async def text_service(engine):
-    server = grpc.aio.server(interceptors=[ObservingInterceptor()])
-    text_pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationServicer(engine), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield text_pb2_grpc.TextGenerationServiceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 @pytest.fixture(scope="module")

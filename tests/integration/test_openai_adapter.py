@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import grpc
@@ -20,14 +20,14 @@ import pytest
 from aiohttp import web
 from multidict import CIMultiDict
 
-from modelplex.v1 import common_pb2, text_pb2, text_pb2_grpc
+from modelplex.v1 import common_pb2, text_pb2
 from modelplex_kit.errors import ServiceError
-from modelplex_kit.grpc_server import ObservingInterceptor
 from modelplex_text.adapters.openai_http import OpenAIHttpEngine
-from modelplex_text.servicer import TextGenerationServicer, merge_delta
+from modelplex_text.servicer import merge_delta
 from modelplex_text.settings import OpenAISettings
 from tests.support.llama_server import llama_server
 from tests.support.ports import free_port
+from tests.support.text_service import text_service
 
 pytestmark = pytest.mark.integration
 
@@ -61,21 +61,6 @@ async def engine(llama):
     engine = OpenAIHttpEngine(settings_for(llama))
     yield engine
     await engine.close()
-
-
-@asynccontextmanager
-async def text_service(engine):
-    """The real servicer (with the production interceptor that maps errors) on a free port."""
-    server = grpc.aio.server(interceptors=[ObservingInterceptor()])
-    text_pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationServicer(engine), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    try:
-        yield text_pb2_grpc.TextGenerationServiceStub(channel)
-    finally:
-        await channel.close()
-        await server.stop(None)
 
 
 @pytest.fixture(scope="session")

@@ -9,23 +9,21 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-from contextlib import asynccontextmanager
 
 import grpc
 import numpy as np
 import pytest
 from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 
-from modelplex.v1 import common_pb2, text_pb2, text_pb2_grpc
+from modelplex.v1 import common_pb2, text_pb2
 from modelplex_kit.errors import ServiceError
-from modelplex_kit.grpc_server import ObservingInterceptor
 from modelplex_text.adapters.triton import TritonEngine, trtllm_inputs, vllm_inputs, vllm_logprobs
 from modelplex_text.engine import Progress
 from modelplex_text.prompting import OutputConstraint
 from modelplex_text.sampling import SamplingParams
-from modelplex_text.servicer import TextGenerationServicer
 from modelplex_text.settings import TritonSettings
 from tests.support.ports import free_port
+from tests.support.text_service import text_service
 from tests.support.triton_server import TritonStandIn, read_inputs
 
 pytestmark = pytest.mark.integration
@@ -69,23 +67,9 @@ async def engine(triton):
     await engine.close()
 
 
-@asynccontextmanager
-async def serving(engine: TritonEngine):
-    """The text backend's gRPC service over ``engine``, in process."""
-    server = grpc.aio.server(interceptors=[ObservingInterceptor()])
-    text_pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationServicer(engine), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield text_pb2_grpc.TextGenerationServiceStub(channel)
-    finally:
-        await server.stop(None)
-
-
 @pytest.fixture(scope="session")
 async def stub(engine):
-    async with serving(engine) as stub:
+    async with text_service(engine) as stub:
         yield stub
 
 
@@ -285,7 +269,7 @@ async def test_unknown_triton_model_is_unavailable(triton):
         with pytest.raises(ServiceError) as caught:
             await collected(engine.stream(chat("Hi")))
         assert caught.value.status == grpc.StatusCode.UNAVAILABLE and "no-such-model" in caught.value.message
-        async with serving(engine) as stub:
+        async with text_service(engine) as stub:
             with pytest.raises(grpc.aio.AioRpcError) as rpc:
                 await stub.Generate(chat("Hi"), timeout=30)
         assert rpc.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -296,7 +280,7 @@ async def test_unknown_triton_model_is_unavailable(triton):
 async def test_triton_down_is_unavailable():
     engine = TritonEngine(settings(f"127.0.0.1:{free_port()}"))
     try:
-        async with serving(engine) as stub:
+        async with text_service(engine) as stub:
             with pytest.raises(grpc.aio.AioRpcError) as rpc:
                 async for _ in stub.GenerateStream(chat("Hi"), timeout=30):
                     pass
@@ -361,7 +345,7 @@ async def test_trtllm_flavor_end_to_end(triton):
         assert not engine.capabilities.json_schema and not engine.capabilities.logprobs
         request = chat("What is the capital of France?", max_tokens=12)
         request.sampling.seed = 3
-        async with serving(engine) as stub:
+        async with text_service(engine) as stub:
             response = await stub.Generate(request, timeout=60)
         assert response.choices[0].text.strip() and 0 < response.usage.completion_tokens <= 12
         inputs = sent_inputs(triton)

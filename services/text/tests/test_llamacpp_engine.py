@@ -11,12 +11,11 @@ from contextlib import asynccontextmanager
 import grpc
 import pytest
 
-from modelplex.v1 import text_pb2, text_pb2_grpc
+from modelplex.v1 import text_pb2
 from modelplex_kit.errors import ServiceError
-from modelplex_kit.grpc_server import ObservingInterceptor
 from modelplex_text.adapters.llamacpp import LlamaCppEngine
-from modelplex_text.servicer import TextGenerationServicer
 from modelplex_text.settings import LlamaCppSettings
+from tests.support.text_service import text_service
 from tests.support.until import until
 
 # A loaded model: kept out of `make test-fast`.
@@ -40,16 +39,10 @@ def chat(text: str, max_tokens: int | None = 16, temperature: float = 0.0, **fie
 async def serving(**settings):
     """A real TextGenerationService over a llama.cpp engine, on a free loopback port."""
     engine = LlamaCppEngine(LlamaCppSettings(context_length=CONTEXT, **settings))
-    server = grpc.aio.server(interceptors=[ObservingInterceptor()])
-    text_pb2_grpc.add_TextGenerationServiceServicer_to_server(TextGenerationServicer(engine), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield text_pb2_grpc.TextGenerationServiceStub(channel), engine
+        async with text_service(engine) as stub:
+            yield stub, engine
     finally:
-        await channel.close()
-        await server.stop(0)
         await engine.close()
 
 
