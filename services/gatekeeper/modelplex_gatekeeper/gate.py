@@ -32,6 +32,7 @@ from modelplex_gatekeeper.store import (
 from modelplex_gatekeeper.store import REQUESTS as BY_REQUESTS
 from modelplex_gatekeeper.store import TOKENS as BY_TOKENS
 from modelplex_kit.priority import BATCH_CREATE_ENDPOINT, BATCH_LINE_PREFIX
+from modelplex_kit.telemetry import labelled
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +174,6 @@ class Gate:
         # Slot names are unique across replicas sharing Redis: a random prefix per process.
         self._slot_prefix = secrets.token_hex(4)
         self._slots = itertools.count(1)
-        self._children: dict[tuple, object] = {}
 
     async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
         key = self.keys.find(request.api_key)
@@ -219,7 +219,7 @@ class Gate:
             REQUESTS.labels(key.name, key.project, request.model, decision.denied_by).inc()
             reply.denial.CopyFrom(limit_denial(key, request.model, cost, decision))
             return reply
-        self._counter(REQUESTS, key.name, key.project, request.model, "admitted").inc()
+        labelled(REQUESTS, key.name, key.project, request.model, "admitted").inc()
         reply.allowed = True
         reply.ticket = f"{decision.slot}|{cost}|{key.name}"
         if request.HasField("lease"):
@@ -265,13 +265,6 @@ class Gate:
             name, _, key = parsed
             await self.store.give_back(key, name, Allowance(returned.requests, returned.tokens, returned.slots))
 
-    def _counter(self, metric, *labels: str):
-        """A labelled child, cached: prometheus_client's labels() is the costliest part of a decision."""
-        child = self._children.get((metric, labels))
-        if child is None:
-            child = self._children[(metric, labels)] = metric.labels(*labels)
-        return child
-
     async def _peek(self, key: KeyRecord) -> Decision:
         try:
             return await self.store.peek(key)
@@ -316,7 +309,7 @@ class Gate:
             ("cached_prompt", usage.cached_prompt_tokens),
         ):
             if count:
-                self._counter(TOKENS, *labels, kind).inc(count)
+                labelled(TOKENS, *labels, kind).inc(count)
         if request.units:
             UNITS.labels(*labels, request.unit_kind).inc(request.units)
         record = {
