@@ -126,8 +126,12 @@ class EdgeMiddleware:
             if deadline is None:
                 deadline = loop.time() + self.body_deadline
             left = deadline - loop.time()
+            if left <= 0:
+                raise BodyTimeout(self.body_deadline, "The whole request body")
             try:
-                message = await asyncio.wait_for(receive(), min(self.body_timeout, max(left, 0)))
+                # asyncio.timeout, not wait_for: wait_for runs receive() in a task of its own, per call.
+                async with asyncio.timeout(min(self.body_timeout, left)):
+                    message = await receive()
             except TimeoutError:
                 if left < self.body_timeout:
                     raise BodyTimeout(self.body_deadline, "The whole request body") from None
