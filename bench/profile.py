@@ -32,7 +32,10 @@ PLACES = (
     ("quota leases (in-process admission)", "leases.py"),
     ("gRPC stream writes to the gatekeeper", "_write (modelplex_edge/gatekeeper_client.py"),
     ("backend call (grpc aio unary)", "grpc_calls.py"),
-    ("FastAPI / Starlette routing", "starlette/routing.py"),
+    # Inclusive of everything under the router: with the hot routes, the endpoints run beneath it too.
+    ("Starlette router (inclusive)", "starlette/routing.py"),
+    # FastAPI's own route matching and request handling (parameters, exit stacks): what hot routes skip.
+    ("FastAPI routing and request handling", "fastapi/routing.py"),
     ("the pipeline", "pipeline.py"),
 )
 

@@ -28,7 +28,7 @@ from modelplex_kit.logging import configure_logging, request_id_var
 from modelplex_kit.memory import tune_malloc
 from modelplex_kit.priority import incoming_priority, priority_var
 from modelplex_kit.settings import GrpcServiceSettings
-from modelplex_kit.telemetry import GRPC_HANDLED, GRPC_LATENCY, configure_tracing, incoming_context
+from modelplex_kit.telemetry import GRPC_HANDLED, GRPC_LATENCY, configure_tracing, incoming_context, labelled
 
 log = logging.getLogger(__name__)
 _tracer = trace.get_tracer("modelplex.grpc")
@@ -58,8 +58,8 @@ class _Observation:
         try:
             return await self._map_error(exc)
         finally:
-            GRPC_LATENCY.labels(self.method).observe(time.perf_counter() - self._start)
-            GRPC_HANDLED.labels(self.method, self.code.name).inc()
+            labelled(GRPC_LATENCY, self.method).observe(time.perf_counter() - self._start)
+            labelled(GRPC_HANDLED, self.method, self.code.name).inc()
             self._span.set_attribute("rpc.grpc.status_code", self.code.value[0])
             self._span.end()
             request_id_var.reset(self._token)

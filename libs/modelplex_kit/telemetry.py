@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -99,6 +100,20 @@ POOL_EJECTIONS = Counter(
 POOL_SATURATED = Counter(
     "modelplex_pool_saturated_total", "Requests refused with 503 because every replica's queue was full", ["pool"]
 )
+
+
+_CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+
+def labelled(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, cached: prometheus_client's labels() (label checks, string
+    conversion, a lock) costs more than the observation itself, and the edge makes several per
+    request. Only for metrics whose children are never removed (the pools' are: they call labels())."""
+    key = (metric, labels)
+    child = _CHILDREN.get(key)
+    if child is None:
+        child = _CHILDREN[key] = metric.labels(*labels)
+    return child
 
 
 def configure_tracing(service: str, exporter: str = "none") -> None:

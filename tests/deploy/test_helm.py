@@ -572,6 +572,29 @@ def test_gatekeeper_with_redis_and_own_keys_secret() -> None:
     assert "keys.yaml" not in secret["data"]
 
 
+def test_gatekeeper_lease_values_reach_the_edge_and_the_sidecar(default_objects: list[dict[str, Any]]) -> None:
+    from modelplex_gatekeeper.settings import GatekeeperSettings
+
+    def envs(objects: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+        dep = one(objects, "Deployment", f"{RELEASE}-edge")
+        return env(container(dep, "edge")), env(container(dep, "gatekeeper"))
+
+    edge, gk = envs(default_objects)
+    # The chart's defaults are the services' own.
+    assert (edge["MODELPLEX_EDGE_GATEKEEPER_LEASES"], edge["MODELPLEX_EDGE_GATEKEEPER_FAILURE"]) == ("true", "closed")
+    assert EdgeSettings().gatekeeper_leases and EdgeSettings().gatekeeper_failure == "closed"
+    assert float(gk["MODELPLEX_GATEKEEPER_LEASE_SECONDS"]) == GatekeeperSettings().lease_seconds
+    edge, gk = envs(render({"gatekeeper": {"leases": {"enabled": False, "seconds": 2.5, "sidecarFailure": "open"}}}))
+    assert (edge["MODELPLEX_EDGE_GATEKEEPER_LEASES"], edge["MODELPLEX_EDGE_GATEKEEPER_FAILURE"]) == ("false", "open")
+    assert gk["MODELPLEX_GATEKEEPER_LEASE_SECONDS"] == "2.5"
+    # ...and the services read them as such.
+    settings = EdgeSettings(gatekeeper_leases=edge["MODELPLEX_EDGE_GATEKEEPER_LEASES"],
+                            gatekeeper_failure=edge["MODELPLEX_EDGE_GATEKEEPER_FAILURE"])
+    assert settings.gatekeeper_leases is False and settings.gatekeeper_failure == "open"
+    with pytest.raises(Exception, match="sidecarFailure"):
+        render({"gatekeeper": {"leases": {"sidecarFailure": "sometimes"}}})
+
+
 def test_gatekeeper_embedded_and_disabled() -> None:
     dep = one(render({"gatekeeper": {"mode": "embedded"}}), "Deployment", f"{RELEASE}-edge")
     edge = container(dep)  # no sidecar

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from modelplex_edge import ops
+from modelplex_edge import hot_routes, ops
 from modelplex_edge.admission import Admission, DevKeyAdmission
 from modelplex_edge.backends import Backends, channel
 from modelplex_edge.catalog_client import CatalogWatcher
@@ -96,6 +96,7 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
     )
     for router in (*ROUTERS, ops.router):
         app.include_router(router)
+    hot_routes.install(app, ROUTERS)
     install_error_handlers(app)
     if settings.cors_origins:
         app.add_middleware(

@@ -5,8 +5,9 @@ a unary call per request would cost a whole gRPC round trip each time. Admits
 and accounts are queued; whoever finds no write in flight writes everything
 queued as one message (so under load many decisions share a write), and one
 reader task hands each reply to the request waiting on its id. Accounts are
-fire-and-forget and batched (per turn of the event loop). If the stream breaks, waiting requests
-get 503 + Retry-After, unsent accounts are kept for the next stream, and the next request reconnects.
+fire-and-forget and batched (what finishes within ACCOUNT_DELAY_SECONDS). If the stream
+breaks, waiting requests get 503 + Retry-After, unsent accounts are kept for the next stream,
+and the next request reconnects.
 A stream that ends while admitted requests still run (the gatekeeper's server aged
 the connection out, or it broke) is re-opened at once, naming those requests'
 tickets (``resumed``), so the gatekeeper keeps their concurrency slots: nothing is
@@ -43,9 +44,14 @@ _STATUS = {code.value[0]: code for code in grpc.StatusCode}
 _UNREACHABLE = "The API gateway's access control is unavailable; please retry shortly."
 # Accounts kept while the gatekeeper is unreachable (beyond this, the oldest are dropped and logged).
 _MAX_UNSENT_ACCOUNTS = 10_000
-# Accounts go to the gatekeeper in batches: everything queued by the end of the event loop's turn
-# (or this many at once); what queues while a write is in flight goes with the next write.
+# Accounts go to the gatekeeper in batches: everything queued within ACCOUNT_DELAY_SECONDS of the
+# first (or this many at once, or sooner with an admission that needs the sidecar); what queues while a
+# write is in flight goes with the next write.
 FLUSH_BATCH = 256
+# Long enough that sequential requests share a stream write (each write costs the edge more CPU than a
+# leased request's own admission: it landed on the next request's latency), short against everything a
+# limit or a meter reads (a lease lasts a second).
+ACCOUNT_DELAY_SECONDS = 0.005
 
 
 def rate_headers(reply: pb.AdmitReply) -> dict[str, str]:
@@ -219,7 +225,7 @@ class StreamTransport:
         self._ids = itertools.count(1)
         self._queue = pb.GateBatch()
         self._writing = False
-        self._flush: asyncio.Handle | None = None
+        self._flush: asyncio.TimerHandle | asyncio.Handle | None = None
         self._flushing: set[asyncio.Task] = set()
         #: Told the names of keys the gatekeeper says were edited or revoked.
         self.on_revoked: Callable[[list[str]], None] | None = None
@@ -245,14 +251,14 @@ class StreamTransport:
         return await self.admit(request)
 
     async def account(self, request: pb.AccountRequest) -> None:
-        """Queued, and sent in a batch: with the next admission, or at the end of this turn of the event
-        loop (or at once when the batch is full). A crash loses at most the batch not yet sent."""
+        """Queued, and sent in a batch: with the next admission, or ACCOUNT_DELAY_SECONDS after the first
+        queued (or at once when the batch is full). A crash loses at most the batch not yet sent."""
         self._running.discard(request.ticket)
         self._queue.accounts.append(request)
         if len(self._queue.accounts) >= FLUSH_BATCH:
             await self._send_queued()
         elif self._flush is None:
-            self._flush = asyncio.get_running_loop().call_soon(self._flush_now)
+            self._flush = asyncio.get_running_loop().call_later(ACCOUNT_DELAY_SECONDS, self._flush_now)
 
     def give_back(self, returned: pb.LeaseReturn) -> None:
         """The unused rest of a lease: sent with the next batch."""

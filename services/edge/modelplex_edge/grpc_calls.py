@@ -26,25 +26,39 @@ async def _disconnected(request: Request) -> None:
 
 async def until_disconnect(request: Request | None, awaitable: Awaitable[T]) -> T:
     """Awaits backend work, cancelling it (and so its gRPC calls) if the HTTP client leaves first.
-    Without a request (a background job's call) it only maps gRPC errors; cancelling the task cancels it."""
+    Without a request (a background job's call) it only maps gRPC errors; cancelling the task cancels it.
+
+    The work runs in the request's own task and only the watcher gets a task of its own (one task per
+    call, not two plus asyncio.wait's bookkeeping): a disconnect cancels the request's task, and that
+    cancellation becomes a CANCELLED ServiceError here."""
     if request is None:
         try:
             return await awaitable
         except grpc.aio.AioRpcError as exc:
             raise ServiceError.from_rpc_error(exc) from None
+    task = asyncio.current_task()
+    assert task is not None
+    watching, left = True, False
+
+    def client_left(watcher: asyncio.Future) -> None:
+        nonlocal left
+        if watching and not watcher.cancelled() and watcher.exception() is None:
+            left = True
+            task.cancel()
+
     watcher = asyncio.ensure_future(_disconnected(request))
-    work = asyncio.ensure_future(awaitable)
+    watcher.add_done_callback(client_left)
     try:
-        await asyncio.wait((work, watcher), return_when=asyncio.FIRST_COMPLETED)
-        if not work.done():
-            work.cancel()
-            raise ServiceError(grpc.StatusCode.CANCELLED, "The client closed the request.")
-        return work.result()
+        return await awaitable
+    except asyncio.CancelledError:
+        if not left or task.uncancel():
+            raise  # cancelled by someone else (the server's shutdown), or by someone else too
+        raise ServiceError(grpc.StatusCode.CANCELLED, "The client closed the request.") from None
     except grpc.aio.AioRpcError as exc:
         raise ServiceError.from_rpc_error(exc) from None
     finally:
+        watching = False  # a watcher finishing from here on must not cancel the task's later work
         watcher.cancel()
-        work.cancel()  # no-op once done; stops the backend calls if we were cancelled ourselves
 
 
 async def all_of(calls: list[Awaitable[T]]) -> list[T]:

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 
 from modelplex_edge.errors import BodyTimeout, BodyTooLarge, http_only_error, internal_error
 from modelplex_kit.logging import request_id_var
-from modelplex_kit.telemetry import HTTP_LATENCY, HTTP_REQUESTS
+from modelplex_kit.telemetry import HTTP_LATENCY, HTTP_REQUESTS, labelled
 
 _tracer = trace.get_tracer("modelplex.edge")
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ class EdgeMiddleware:
             label = route.path if route is not None else "unmatched"
             span.update_name(f"{scope['method']} {label}")  # the route, not the raw path: few names
             span.end()
-            HTTP_LATENCY.labels(label).observe(time.perf_counter() - start)
-            HTTP_REQUESTS.labels(label, str(status)).inc()
+            labelled(HTTP_LATENCY, label).observe(time.perf_counter() - start)
+            labelled(HTTP_REQUESTS, label, str(status)).inc()
             request_id_var.reset(token)
 
     def _declared_too_large(self, scope) -> bool:
@@ -126,8 +126,12 @@ class EdgeMiddleware:
             if deadline is None:
                 deadline = loop.time() + self.body_deadline
             left = deadline - loop.time()
+            if left <= 0:
+                raise BodyTimeout(self.body_deadline, "The whole request body")
             try:
-                message = await asyncio.wait_for(receive(), min(self.body_timeout, max(left, 0)))
+                # asyncio.timeout, not wait_for: wait_for runs receive() in a task of its own, per call.
+                async with asyncio.timeout(min(self.body_timeout, left)):
+                    message = await receive()
             except TimeoutError:
                 if left < self.body_timeout:
                     raise BodyTimeout(self.body_deadline, "The whole request body") from None

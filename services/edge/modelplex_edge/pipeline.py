@@ -49,6 +49,7 @@ from modelplex_kit.telemetry import (
     REQUEST_UNITS,
     REQUESTS_RUNNING,
     TIME_TO_FIRST_TOKEN,
+    labelled,
 )
 
 M = TypeVar("M", bound=BaseModel)
@@ -209,7 +210,7 @@ class Call:
         #: A response stream is being relayed (``watched``), and whether it ran to its end.
         self._relaying = False
         self._relayed_whole = False
-        REQUESTS_RUNNING.labels(*self._labels).inc()
+        labelled(REQUESTS_RUNNING, *self._labels).inc()
 
     async def __aenter__(self) -> Call:
         return self
@@ -283,7 +284,7 @@ class Call:
         return messages()
 
     async def _observed(self, messages: AsyncIterator[Any]) -> AsyncIterator[Any]:
-        ttft, itl = TIME_TO_FIRST_TOKEN.labels(*self._labels), INTER_TOKEN_LATENCY.labels(*self._labels)
+        ttft, itl = labelled(TIME_TO_FIRST_TOKEN, *self._labels), labelled(INTER_TOKEN_LATENCY, *self._labels)
         last = None
         async for message in messages:
             now = time.perf_counter()
@@ -332,7 +333,7 @@ class Call:
         self._relayed_whole = True
 
     def _done_running(self) -> None:
-        REQUESTS_RUNNING.labels(*self._labels).dec()
+        labelled(REQUESTS_RUNNING, *self._labels).dec()
         if self._interactive:
             self._state.backends.ended(self.model.backend_target)
 
@@ -346,12 +347,12 @@ class Call:
         failed = failed or self.used.ended == UPSTREAM_FAILURE  # a stream whose backend failed mid-way too
         self.used.settle()
         self._done_running()
-        E2E_REQUEST_LATENCY.labels(*self._labels).observe(time.perf_counter() - self._started)
+        labelled(E2E_REQUEST_LATENCY, *self._labels).observe(time.perf_counter() - self._started)
         usage = self.used.usage
         if usage.prompt_tokens:
-            PROMPT_TOKENS.labels(self.model.id).inc(usage.prompt_tokens)
+            labelled(PROMPT_TOKENS, self.model.id).inc(usage.prompt_tokens)
         if usage.completion_tokens:
-            GENERATION_TOKENS.labels(self.model.id).inc(usage.completion_tokens)
+            labelled(GENERATION_TOKENS, self.model.id).inc(usage.completion_tokens)
         if self.used.units:
-            REQUEST_UNITS.labels(self.model.id, self.used.unit_kind).inc(self.used.units)
+            labelled(REQUEST_UNITS, self.model.id, self.used.unit_kind).inc(self.used.units)
         await self._state.admission.account(self.admitted, self.used, failed)

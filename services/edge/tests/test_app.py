@@ -109,3 +109,38 @@ async def test_an_upload_endpoint_with_its_own_limit_gets_it():
     assert await status("/up", 900) == 413
     assert await status("/up", 90) == 200
     assert await status("/v1/chat/completions", 90) == 413
+
+
+async def test_the_body_is_read_in_the_requests_own_task_and_a_slow_piece_is_a_408():
+    """The body's read timeouts add no task per receive() (wait_for would run each in one of its own)."""
+    tasks: set = set()
+
+    async def app(scope, receive, send) -> None:
+        tasks.add(asyncio.current_task())
+        while (await receive()).get("more_body"):
+            pass
+        await Response("read it all")(scope, receive, send)
+
+    def pieces(gap: float):
+        left = [b"a", b"b", b"c"]
+
+        async def receive() -> dict:
+            tasks.add(asyncio.current_task())
+            await asyncio.sleep(gap)
+            body = left.pop(0)
+            return {"type": "http.request", "body": body, "more_body": bool(left)}
+
+        return receive
+
+    sent: list[dict] = []
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    edge = EdgeMiddleware(app, max_body_bytes=10**6, body_timeout_seconds=0.5, body_deadline_seconds=30)
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    await edge(scope, pieces(0.01), send)
+    assert sent[0]["status"] == 200 and len(tasks) == 1
+    sent.clear()
+    await asyncio.wait_for(edge(scope, pieces(2.0), send), 30)
+    assert sent[0]["status"] == 408

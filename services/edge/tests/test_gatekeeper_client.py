@@ -126,3 +126,26 @@ async def until_admitted(admission: GatekeeperAdmission, timeout: float = 10) ->
         except ServiceError:
             assert time.monotonic() < deadline, "never admitted"
             await asyncio.sleep(0.05)
+
+
+async def test_accounts_finishing_within_the_delay_share_one_stream_message(ageing_gatekeeper):
+    """Sequential requests (c=1) each used to cost the edge a stream write of its own after the response."""
+    from modelplex_edge.gatekeeper_client import ACCOUNT_DELAY_SECONDS
+
+    admission, usage = ageing_gatekeeper
+    first = await until_admitted(admission, 30)
+    stream = admission._transport._stream()
+    write, writes = stream.write, []
+
+    async def counted(batch):
+        writes.append((len(batch.admits), len(batch.accounts)))
+        await write(batch)
+
+    stream.write = counted
+    await admission.account(first, Consumption(), failed=False)
+    for i in range(2):  # two more requests end a little apart, each well within the delay
+        await asyncio.sleep(ACCOUNT_DELAY_SECONDS / 10)
+        ended = Admitted("one", endpoint="chat.completions", model="m", ticket=f"batch|0|one-{i}")
+        await admission.account(ended, Consumption(), failed=False)
+    await until(lambda: usage.exists() and len(usage.read_text().splitlines()) == 3, 10)
+    assert writes == [(0, 3)]

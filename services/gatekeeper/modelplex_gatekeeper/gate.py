@@ -12,6 +12,7 @@ import logging
 import math
 import secrets
 import time
+from collections.abc import Iterable
 
 import grpc
 
@@ -21,6 +22,7 @@ from modelplex_gatekeeper.metrics import REQUESTS, TOKENS, UNITS
 from modelplex_gatekeeper.store import (
     CONCURRENCY,
     DAILY,
+    Accounting,
     Allowance,
     Decision,
     MemoryStore,
@@ -30,6 +32,7 @@ from modelplex_gatekeeper.store import (
 from modelplex_gatekeeper.store import REQUESTS as BY_REQUESTS
 from modelplex_gatekeeper.store import TOKENS as BY_TOKENS
 from modelplex_kit.priority import BATCH_CREATE_ENDPOINT, BATCH_LINE_PREFIX
+from modelplex_kit.telemetry import labelled
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +174,6 @@ class Gate:
         # Slot names are unique across replicas sharing Redis: a random prefix per process.
         self._slot_prefix = secrets.token_hex(4)
         self._slots = itertools.count(1)
-        self._children: dict[tuple, object] = {}
 
     async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
         key = self.keys.find(request.api_key)
@@ -217,7 +219,7 @@ class Gate:
             REQUESTS.labels(key.name, key.project, request.model, decision.denied_by).inc()
             reply.denial.CopyFrom(limit_denial(key, request.model, cost, decision))
             return reply
-        self._counter(REQUESTS, key.name, key.project, request.model, "admitted").inc()
+        labelled(REQUESTS, key.name, key.project, request.model, "admitted").inc()
         reply.allowed = True
         reply.ticket = f"{decision.slot}|{cost}|{key.name}"
         if request.HasField("lease"):
@@ -263,13 +265,6 @@ class Gate:
             name, _, key = parsed
             await self.store.give_back(key, name, Allowance(returned.requests, returned.tokens, returned.slots))
 
-    def _counter(self, metric, *labels: str):
-        """A labelled child, cached: prometheus_client's labels() is the costliest part of a decision."""
-        child = self._children.get((metric, labels))
-        if child is None:
-            child = self._children[(metric, labels)] = metric.labels(*labels)
-        return child
-
     async def _peek(self, key: KeyRecord) -> Decision:
         try:
             return await self.store.peek(key)
@@ -287,9 +282,20 @@ class Gate:
         return slot, reserved_tokens, self.keys.named(name) or KeyRecord(name=name, hash="")
 
     async def account(self, request: pb.AccountRequest) -> None:
+        await self.account_many([request])
+
+    async def account_many(self, requests: Iterable[pb.AccountRequest]) -> None:
+        """Accounts finished requests in one store call (with Redis: one round trip for all of them)."""
+        items = [item for item in map(self._accounting, requests) if item is not None]
+        if items:
+            await self.store.account_many(items)
+
+    def _accounting(self, request: pb.AccountRequest) -> Accounting | None:
+        """What the store accounts for one finished request (its metrics counted here), or None for a
+        malformed ticket."""
         parsed = self._ticket_key(request.ticket)
         if parsed is None:
-            return
+            return None
         slot, reserved, key = parsed
         reserved += request.lease_tokens  # a leased request's estimate was drawn from its lease
         usage = request.usage
@@ -303,7 +309,7 @@ class Gate:
             ("cached_prompt", usage.cached_prompt_tokens),
         ):
             if count:
-                self._counter(TOKENS, *labels, kind).inc(count)
+                labelled(TOKENS, *labels, kind).inc(count)
         if request.units:
             UNITS.labels(*labels, request.unit_kind).inc(request.units)
         record = {
@@ -323,7 +329,7 @@ class Gate:
             "ended": request.ended,
             "request_id": request.meta.request_id,
         }
-        await self.store.account(key, slot, reserved, used, record)
+        return Accounting(key, slot, reserved, used, record)
 
     async def release(self, ticket: str) -> None:
         parsed = self._ticket_key(ticket)

@@ -17,7 +17,7 @@ from redis.exceptions import BusyLoadingError, ConnectionError, NoScriptError, R
 
 from modelplex_gatekeeper.keys import KeyRecord
 from modelplex_gatekeeper.metrics import REDIS_FAILURES, REDIS_UP
-from modelplex_gatekeeper.store import DENIED_BY, Allowance, Decision, MemoryStore, StoreUnavailable
+from modelplex_gatekeeper.store import DENIED_BY, Accounting, Allowance, Decision, MemoryStore, StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -93,27 +93,34 @@ return result(1, 0, 0, 0)
 """
 )
 
-# KEYS: tokens tat, slots zset, daily hash, usage stream
-# ARGV: tpm, reserved, used, slot, then the usage record's field/value pairs
-ACCOUNT = (
+# Accounts many finished requests in one call (a stream batch's, or one event-loop turn's).
+# KEYS: the usage stream, then per request: its key's tokens tat, slots zset, daily hash
+# ARGV: per request: tpm, reserved, used, slot, n, then the n field/value strings of its usage record
+ACCOUNT_MANY = (
     _COMMON
     + """
-local tpm, reserved, used, slot = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-if slot ~= '' then redis.call('ZREM', KEYS[2], slot) end
-if tpm > 0 and used ~= reserved then
-  local tat = tonumber(redis.call('GET', KEYS[1]) or '0') + (used - reserved) * window / tpm
-  if tat > now then
-    redis.call('SET', KEYS[1], fmt(tat), 'PX', math.ceil(tat - now) + window)
-  else
-    redis.call('DEL', KEYS[1])
+local day = tostring(math.floor(now / 86400000))
+local a = 1
+for k = 2, #KEYS, 3 do
+  local tpm, reserved, used, slot = tonumber(ARGV[a]), tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3]
+  local n = tonumber(ARGV[a + 4])
+  if slot ~= '' then redis.call('ZREM', KEYS[k + 1], slot) end
+  if tpm > 0 and used ~= reserved then
+    local tat = tonumber(redis.call('GET', KEYS[k]) or '0') + (used - reserved) * window / tpm
+    if tat > now then
+      redis.call('SET', KEYS[k], fmt(tat), 'PX', math.ceil(tat - now) + window)
+    else
+      redis.call('DEL', KEYS[k])
+    end
   end
+  if used > 0 then
+    redis.call('HINCRBY', KEYS[k + 2], day, used)
+    redis.call('EXPIRE', KEYS[k + 2], 172800)
+  end
+  if n > 0 then redis.call('XADD', KEYS[1], '*', unpack(ARGV, a + 5, a + 4 + n)) end
+  a = a + 5 + n
 end
-if used > 0 then
-  redis.call('HINCRBY', KEYS[3], tostring(math.floor(now / 86400000)), used)
-  redis.call('EXPIRE', KEYS[3], 172800)
-end
-if #ARGV > 4 then redis.call('XADD', KEYS[4], '*', unpack(ARGV, 5)) end
-return 1
+return (#KEYS - 1) / 3
 """
 )
 
@@ -249,7 +256,7 @@ class RedisStore:
         )
         self._admit = self._client.register_script(ADMIT)
         self._pipe = DecisionPipe(self._client, timeout)  # decisions and accounts
-        self._account = self._client.register_script(ACCOUNT)
+        self._account = self._client.register_script(ACCOUNT_MANY)
         self._give_back = self._client.register_script(GIVE_BACK)
         self._slot_ttl_ms = int(slot_ttl_seconds * 1000)
         self._stream = stream
@@ -274,10 +281,18 @@ class RedisStore:
         return await self._run_admit(key, 0, "", True)
 
     async def account(self, key: KeyRecord, slot: str, reserved: int, used: int, record: dict) -> None:
-        _, tpm_key, slots_key, daily_key = _keys(key)
-        fields = [str(part) for pair in record.items() for part in pair]
-        keys = [tpm_key, slots_key, daily_key, self._stream]
-        args = [key.tpm, reserved, used, slot, *fields]
+        await self.account_many([Accounting(key, slot, reserved, used, record)])
+
+    async def account_many(self, items: list[Accounting]) -> None:
+        """One EVALSHA for all of them: one round trip per batch instead of one per request."""
+        if not items:
+            return
+        keys: list[str] = [self._stream]
+        args: list[object] = []
+        for item in items:
+            keys += _keys(item.key)[1:]
+            fields = [str(part) for pair in item.record.items() for part in pair]
+            args += [item.key.tpm, item.reserved, item.used, item.slot, len(fields), *fields]
         try:
             await self._pipe.call("EVALSHA", self._account.sha, len(keys), *keys, *args)
         except NoScriptError:  # a restarted Redis: load the script again
@@ -382,15 +397,22 @@ class FailoverStore:
         return await self.local.peek(key)
 
     async def account(self, key: KeyRecord, slot: str, reserved: int, used: int, record: dict) -> None:
-        if not slot.startswith("r"):
-            await self.local.account(key, slot, reserved, used, record)
+        await self.account_many([Accounting(key, slot, reserved, used, record)])
+
+    async def account_many(self, items: list[Accounting]) -> None:
+        remote = [item for item in items if item.slot.startswith("r")]
+        for item in items:
+            if not item.slot.startswith("r"):
+                await self.local.account(item.key, item.slot, item.reserved, item.used, item.record)
+        if not remote:
             return
         try:
-            await self.remote.account(key, slot, reserved, used, record)
+            await self.remote.account_many(remote)
         except OUTAGES as exc:
             self._failed(exc)
-            # The record is not lost: the local append-only file takes it.
-            await self.local.account(key, slot, 0, 0, record)
+            # The records are not lost: the local append-only file takes them.
+            for item in remote:
+                await self.local.account(item.key, item.slot, 0, 0, item.record)
 
     async def release(self, key: KeyRecord, slot: str) -> None:
         try:

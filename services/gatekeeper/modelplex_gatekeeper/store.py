@@ -44,6 +44,18 @@ class Decision:
     slot: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class Accounting:
+    """One finished request, as the store accounts it (see ``Store.account``)."""
+
+    key: KeyRecord
+    slot: str
+    reserved: int
+    used: int
+    #: The usage record stored for it (the usage stream, or the usage file).
+    record: dict
+
+
 class StoreUnavailable(Exception):
     """Limits cannot be checked (Redis is down and the policy is to fail closed)."""
 
@@ -63,6 +75,10 @@ class Store(Protocol):
 
     async def account(self, key: KeyRecord, slot: str, reserved: int, used: int, record: dict) -> None:
         """Releases the slot, charges ``used - reserved`` tokens, adds to the day, stores the usage record."""
+        ...
+
+    async def account_many(self, items: list[Accounting]) -> None:
+        """``account`` for each, in order, in one call (one round trip for a remote store)."""
         ...
 
     async def release(self, key: KeyRecord, slot: str) -> None:
@@ -219,6 +235,10 @@ class MemoryStore:
             state.day_used += used
         if self._usage is not None:
             self._usage.write(record)
+
+    async def account_many(self, items: list[Accounting]) -> None:
+        for item in items:
+            await self.account(item.key, item.slot, item.reserved, item.used, item.record)
 
     async def release(self, key: KeyRecord, slot: str) -> None:
         self._state(key).slots.pop(slot, None)
