@@ -143,6 +143,26 @@ async def test_completions_integers_beyond_the_wire_types_are_a_400(edge, body):
     assert_invalid(response, next(iter(body)))
 
 
+@pytest.mark.parametrize("kind", [[], {}, ["text"], 3])
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", lambda kind: chat(messages=[{"role": "user", "content": [{"type": kind}]}]),
+         "messages"),
+        ("/v1/responses", lambda kind: {"model": "tiny", "input": [{"role": "user", "content": [{"type": kind}]}]},
+         "input[0].content[0].type"),
+        ("/v1/responses", lambda kind: {"model": "tiny", "input": [{"type": kind}]}, "input[0].type"),
+        ("/v1/responses", lambda kind: {"model": "tiny", "input": "Hi", "tools": [{"type": kind}]}, "tools[0].type"),
+    ],
+    ids=["chat part", "responses part", "responses item", "responses tool"],
+)
+async def test_a_type_that_is_not_a_string_is_a_400_naming_it(edge, path, body, param, kind):
+    # Schemathesis found these: a list or an object where a part's, item's or tool's type goes was a 500.
+    response = await edge.post(path, json=body(kind), headers=AUTH)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"].startswith(param), response.text
+
+
 @pytest.mark.parametrize("key", ["None", "Model", "str"])
 async def test_an_unknown_argument_is_named_whatever_it_looks_like(edge, key):
     # Found by the spec property test: keys that look like pydantic's type tags were dropped from `param`.

@@ -42,6 +42,8 @@ class RefusalPart(Lenient):
 
 def _part_tag(value: Any) -> str | None:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
+    if not isinstance(kind, str):  # a list or an object as the type: no part's tag (a 400, not a TypeError)
+        return None
     return {"text": "TextPart", "image_url": "ImagePart", "refusal": "RefusalPart"}.get(kind)
 
 

@@ -87,6 +87,17 @@ class FunctionCallOutputItem(Lenient):
 
 
 InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem
+def _type_of(raw: Any, default: str | None = None) -> str | None:
+    """A part's, item's or tool's ``type`` when it is a string: anything else names no known type (a 400
+    naming it, never a lookup of an unhashable value)."""
+    kind = raw.get("type", default) if isinstance(raw, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
+def _shown(raw: Any) -> str:
+    return repr(raw.get("type") if isinstance(raw, dict) else None)[:100]
+
+
 _ITEM_TYPES: dict[str, type[Lenient]] = {
     "message": MessageItem,
     "function_call": FunctionCallItem,
@@ -101,11 +112,11 @@ def _parts(item: dict[str, Any], where: str) -> None:
     if not isinstance(content, list):
         return
     for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
+        kind = _type_of(part)
         if kind not in _PART_TYPES:
             raise param_error(
                 f"{where}.content[{j}].type",
-                f"Content parts of type {kind!r} are not supported; use 'input_text' or 'input_image'.",
+                f"Content parts of type {_shown(part)} are not supported; use 'input_text' or 'input_image'.",
             )
         if kind == "input_image" and not part.get("image_url"):
             raise param_error(
@@ -118,11 +129,11 @@ def parse_item(raw: Any, i: int) -> InputItem:
     where = f"input[{i}]"
     if not isinstance(raw, dict):
         raise param_error(where, "Each input item must be an object.")
-    kind = raw.get("type", "message" if "role" in raw else None)
+    kind = _type_of(raw, "message" if "role" in raw else None)
     if kind not in _ITEM_TYPES:
         raise param_error(
             f"{where}.type",
-            f"Input items of type {kind!r} are not supported; use 'message', 'function_call' or "
+            f"Input items of type {_shown(raw)} are not supported; use 'message', 'function_call' or "
             "'function_call_output'.",
         )
     _parts(raw, where)
@@ -217,12 +228,12 @@ class CreateResponseRequest(Strict):
             return None
         tools = []
         for i, raw in enumerate(value):
-            kind = raw.get("type") if isinstance(raw, dict) else None
+            kind = _type_of(raw)
             if kind != "function":
                 what = "Hosted tools" if kind in HOSTED_TOOLS else "Tools"
                 raise param_error(
                     f"tools[{i}].type",
-                    f"{what} of type {kind!r} are not supported by Modelplex; only 'function' tools are.",
+                    f"{what} of type {_shown(raw)} are not supported by Modelplex; only 'function' tools are.",
                 )
             try:
                 tools.append(FunctionTool.model_validate(raw))
