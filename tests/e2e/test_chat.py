@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import jsonschema
 import openai
@@ -319,24 +318,24 @@ def test_max_completion_tokens_bounds_the_answer_as_max_tokens_does(client):
 
 
 def test_penalties_make_a_repetitive_answer_less_repetitive_and_are_bounded(client):
-    counting = [{"role": "user", "content": "Write the word 'apple' twenty times, separated by spaces."}]
+    echo = [{"role": "user", "content": "Write the word 'apple' twenty times, separated by spaces."}]
 
-    def answer(**penalties) -> str:
+    def tokens(**penalties) -> list[str]:
         completion = client.chat.completions.create(
-            model=MODEL, messages=counting, max_tokens=30, temperature=0, **penalties
+            model=MODEL, messages=echo, max_tokens=24, temperature=0, logprobs=True, **penalties
         )
-        return completion.choices[0].message.content
+        return [entry.token for entry in completion.choices[0].logprobs.content]
 
-    def distinct_share(text: str) -> float:
-        words = re.findall(r"[a-z0-9]+", text.lower())
-        return len(set(words)) / max(1, len(words))
+    def distinct_share(generated: list[str]) -> float:
+        return len(set(generated)) / max(1, len(generated))
 
-    plain = answer()
-    # A frequency penalty grows with each repetition, so it breaks a loop; a presence penalty is one flat
-    # step per token seen, which a small model's peaked logits can outweigh: it changes the answer.
-    less_repetitive = answer(frequency_penalty=2.0)
+    plain = tokens()
+    # The penalties act on the generated tokens themselves: a frequency penalty lowers a token's logit by
+    # 2.0 for each time it was generated, so greedy decoding repeats fewer of them; a presence penalty is one
+    # flat step per token seen (a small model's peaked logits can outweigh it): it changes the answer.
+    less_repetitive = tokens(frequency_penalty=2.0)
     assert distinct_share(less_repetitive) > distinct_share(plain), (plain, less_repetitive)
-    assert answer(presence_penalty=2.0) != plain
+    assert tokens(presence_penalty=2.0) != plain
     with pytest.raises(openai.BadRequestError) as refused:
-        answer(frequency_penalty=2.5)
+        tokens(frequency_penalty=2.5)
     assert refused.value.body["param"] == "frequency_penalty"
