@@ -22,17 +22,15 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import psutil
-import yaml
 
 from bench.gatekeeper import BODY, stack, start_redis
+from bench.grpc_floor import start_floor
 from bench.platform_overhead import HttpClient
-from modelplex_kit.devstack import Stack, free_port
+from modelplex_kit.devstack import Stack
 
 PATH = "/v1/chat/completions"
 
@@ -89,13 +87,8 @@ def source_env(tree: Path) -> dict[str, str]:
 
 async def run(args) -> dict[str, list[dict[str, float]]]:
     tmp = Path(tempfile.mkdtemp(prefix="modelplex-bench-cpu-"))
-    floor_port = free_port()
-    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(floor_port)])
-    catalog = tmp / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"models": [{
-        "id": "bench-floor", "modality": "text", "backend": f"127.0.0.1:{floor_port}",
-        "capabilities": ["chat"], "engine": {"kind": "external"},
-    }]}))
+    floor = start_floor(tmp)
+    catalog = floor.catalog
     mode = None if args.gatekeeper == "none" else args.gatekeeper
     redis_process, redis = None, None
     common: dict[str, str] = {}
@@ -120,7 +113,7 @@ async def run(args) -> dict[str, list[dict[str, float]]]:
     finally:
         for running in stacks.values():
             running.stop()
-        floor.terminate()
+        floor.stop()
         if redis_process is not None:
             redis_process.kill()
     return results

@@ -18,8 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
+from bench.grpc_floor import start_floor
 from bench.platform_overhead import KEY, ROUNDS, HttpClient, interleaved, percentile, throughput
 from modelplex_kit.devstack import Stack, free_port
 
@@ -110,14 +109,9 @@ def report(results: dict, count: int, seconds: float, concurrency: int) -> str:
 
 async def run(args) -> str:
     tmp = Path(tempfile.mkdtemp(prefix="modelplex-bench-gk-"))
-    floor_port = free_port()
-    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(floor_port)])
+    floor = start_floor(tmp)
+    catalog = floor.catalog
     redis_process, redis_url = start_redis(tmp)
-    catalog = tmp / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"models": [{
-        "id": "bench-floor", "modality": "text", "backend": f"127.0.0.1:{floor_port}",
-        "capabilities": ["chat"], "engine": {"kind": "external"},
-    }]}))
     stacks = {}
     try:
         redis = {"MODELPLEX_GATEKEEPER_REDIS_URL": redis_url}
@@ -134,7 +128,7 @@ async def run(args) -> str:
     finally:
         for running in stacks.values():
             running.stop()
-        floor.terminate()
+        floor.stop()
         redis_process.kill()
     return report(results, args.requests, args.seconds, args.concurrency)
 

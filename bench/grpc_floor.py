@@ -7,11 +7,17 @@ from Modelplex's own code.
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import uvloop
+import yaml
 
 from modelplex.v1 import text_pb2, text_pb2_grpc
+from modelplex_kit.devstack import free_port
 
 _REPLY = text_pb2.GenerateResponse(id="x", choices=[text_pb2.Choice(text="word " * 32)])
 
@@ -23,6 +29,32 @@ class Nothing(text_pb2_grpc.TextGenerationServiceServicer):
     async def GenerateStream(self, request, context):
         for _ in range(35):
             yield text_pb2.GenerateStreamResponse(deltas=[text_pb2.ChoiceDelta(text="word ")])
+
+
+#: The model a catalog from start_floor() lists, served by the no-op servicer.
+FLOOR_MODEL = "bench-floor"
+
+
+@dataclass
+class Floor:
+    """The no-op servicer in its own process, and a catalog naming it as one text model."""
+
+    process: subprocess.Popen
+    catalog: Path
+
+    def stop(self) -> None:
+        self.process.terminate()
+
+
+def start_floor(tmp: Path) -> Floor:
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(port)])
+    catalog = tmp / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": [{
+        "id": FLOOR_MODEL, "modality": "text", "backend": f"127.0.0.1:{port}",
+        "capabilities": ["chat"], "engine": {"kind": "external"},
+    }]}))
+    return Floor(process, catalog)
 
 
 async def main(port: int) -> None:

@@ -20,11 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from bench.gatekeeper import BODY, stack
+from bench.grpc_floor import start_floor
 from bench.platform_overhead import HttpClient, throughput
-from modelplex_kit.devstack import free_port
 
 #: (label, substring of a frame "function (file:line)") whose inclusive share is reported.
 PLACES = (
@@ -72,13 +70,8 @@ def main() -> None:
     if spy is None:
         raise SystemExit("py-spy is not installed (make venv installs it from requirements-dev.txt)")
     tmp = Path(tempfile.mkdtemp(prefix="modelplex-profile-"))
-    floor_port = free_port()
-    floor = subprocess.Popen([sys.executable, "-m", "bench.grpc_floor", "--port", str(floor_port)])
-    catalog = tmp / "catalog.yaml"
-    catalog.write_text(yaml.safe_dump({"models": [{
-        "id": "bench-floor", "modality": "text", "backend": f"127.0.0.1:{floor_port}",
-        "capabilities": ["chat"], "engine": {"kind": "external"},
-    }]}))
+    floor = start_floor(tmp)
+    catalog = floor.catalog
     env = dict(item.split("=", 1) for item in args.env)
     running = stack(catalog, tmp, "profiled", "sidecar", env)
     try:
@@ -92,7 +85,7 @@ def main() -> None:
         spy_run.wait(60)
     finally:
         running.stop()
-        floor.terminate()
+        floor.stop()
     places, top = shares(collapse(raw))
     print(f"edge under 64 connections: {rps:.0f} req/s ({' '.join(args.env) or 'defaults'})")
     for label, share in places.items():

@@ -5,7 +5,6 @@ picked up by a new edge process after a restart. Every body and event validated 
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
@@ -13,22 +12,10 @@ import pytest
 
 from tests.support.openapi import validate, validate_event
 from tests.support.scripted_text import scripted_edge
+from tests.support.until import until
 
 KEY = "sk-background-test"
 TERMINAL = {"completed", "incomplete", "failed", "cancelled"}
-
-
-async def until(predicate, timeout: float = 30.0, every: float = 0.05):
-    """Awaits ``predicate()`` (sync or async) until it is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(every)
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +94,12 @@ async def test_cancel_stops_the_engine_and_the_response_stays_cancelled(client, 
     async def running():
         return (await retrieve_valid(client, created.id))["status"] == "in_progress"
 
-    await until(running)
+    await until(running, 30)
     raw_response = await client.responses.with_raw_response.cancel(created.id)
     body = raw_response.http_response.json()
     validate(body, "Response")
     assert body["status"] == "cancelled"
-    await until(lambda: edge.engine.cancelled > cancelled_before)  # the engine call was cancelled
+    await until(lambda: edge.engine.cancelled > cancelled_before, 30)  # the engine call was cancelled
     await asyncio.sleep(0.5)  # a late progress write of the worker must not resurrect it
     assert (await retrieve_valid(client, created.id))["status"] == "cancelled"
     again = await client.responses.cancel(created.id)  # cancelling again changes nothing
@@ -211,7 +198,7 @@ async def test_background_usage_is_metered_to_the_keys_project(tmp_path, monkeyp
             rows = [json.loads(line) for line in usage_file.read_text().splitlines() if line.strip()]
             return [row for row in rows if row["endpoint"] == "responses"]
 
-        rows = await until(metered)
+        rows = await until(metered, 30)
         other = openai.AsyncOpenAI(base_url=gated.base_url, api_key="sk-bob-1", max_retries=0)
         for attempt in (
             other.responses.retrieve(created.id),
@@ -258,7 +245,7 @@ async def test_an_edge_stopping_mid_response_hands_it_over_unaccounted(tmp_path,
         async def running():
             return (await retrieve_valid(client, created.id))["status"] == "in_progress"
 
-        await until(running)
+        await until(running, 30)
     async with scripted_edge(gatekeeper_target="embedded", **files) as second:
         client = openai.AsyncOpenAI(base_url=second.base_url, api_key="sk-ada-1", max_retries=0)
         done = await finished(client, created.id)
