@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
@@ -26,6 +25,7 @@ import grpc
 from opentelemetry import trace
 
 from modelplex_kit import telemetry
+from modelplex_kit.drain import DrainRate, retry_after
 from modelplex_kit.errors import ServiceError, unavailable
 from modelplex_kit.pools.load import EngineLoad, Prefill, ReplicaLoad
 from modelplex_kit.pools.picker import CacheUse, Pick, Picker, PickRequest, Reason
@@ -42,7 +42,7 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _FIRST_SNAPSHOT_S = 10.0
 # Pause before a failed replica source is restarted.
 _SOURCE_RESTART_S = 1.0
-# Weight of the newest sample in the drain rate's moving average.
+# Weight of the newest scrape interval in the drain rate's moving average.
 _DRAIN_SMOOTHING = 0.2
 
 
@@ -121,7 +121,7 @@ class Pool(Generic[C]):
         self._tasks: list[asyncio.Task[None]] = []
         self._finished = 0  # requests completed, for the drain rate
         self._closing: set[asyncio.Task[None]] = set()
-        self.drain_per_second = 0.0
+        self._drain = DrainRate(smoothing=_DRAIN_SMOOTHING, period=settings.pool_scrape_interval_seconds)
 
     # -- lifecycle ------------------------------------------------------
     def _start(self) -> None:
@@ -155,6 +155,11 @@ class Pool(Generic[C]):
     @property
     def replicas(self) -> Sequence[Replica[C]]:
         return self._ordered
+
+    @property
+    def drain_per_second(self) -> float:
+        """Requests the pool finished per second, smoothed; 0 until one has finished."""
+        return self._drain.per_second or 0.0
 
     # -- a request ---------------------------------------------------------
     async def call(
@@ -266,10 +271,7 @@ class Pool(Generic[C]):
 
     def _retry_after(self, excess: float, replicas: int) -> int:
         """Seconds until the shortest queue should be back under the limit, at the observed drain rate."""
-        per_replica = self.drain_per_second / max(replicas, 1)
-        if per_replica <= 0:
-            return 5
-        return max(1, min(60, math.ceil(excess / per_replica)))
+        return retry_after(excess, self.drain_per_second / max(replicas, 1))
 
     async def _wait_known(self) -> None:
         """Waits for the source's first snapshot, up to _FIRST_SNAPSHOT_S after the pool started (not
@@ -325,8 +327,7 @@ class Pool(Generic[C]):
             await asyncio.sleep(interval)
             await asyncio.gather(*(self._scrape_safely(r) for r in self._ordered))
             now = time.monotonic()
-            rate = (self._finished - finished) / max(now - last, 1e-6)
-            self.drain_per_second += _DRAIN_SMOOTHING * (rate - self.drain_per_second)
+            self._drain.add(self._finished - finished, now - last)
             last, finished = now, self._finished
 
     async def _scrape_safely(self, replica: Replica[C]) -> None:

@@ -55,7 +55,9 @@ class LlamaCppSettings(SamplingDefaults):
     kv_cache_tokens: int = 0
     # Requests waiting for a sequence slot beyond this many get 503 at once.
     max_queue: int = 64
-    # A request still waiting for a slot after this long gets 503 with Retry-After.
+    # How long a request may wait for a slot. One that could not start within it at the observed start rate
+    # gets 503 (with Retry-After) at once: when submitted, or, queued while no rate was known (a cold engine), as
+    # soon as sequences starting show it; one still waiting after it (the rate fell) gets 503 then.
     max_queue_wait_seconds: float = 30.0
 
 

@@ -248,6 +248,8 @@ async def test_interactive_sequences_are_served_before_batch_work(one_slot):
     await until(lambda: engine._scheduler.waiting() == 3, timeout=60)
     await asyncio.gather(busy, *lines, interactive)
     assert ends["interactive"] < ends["batch0"] and ends["interactive"] < ends["batch1"], ends
+    # Sequences started out of a backlog: the scheduler measured how fast its queue drains (llamacpp_queue).
+    assert engine._scheduler.start_rate.per_second > 0
 
 
 async def test_interactive_work_takes_a_slot_from_running_batch_work(one_slot):

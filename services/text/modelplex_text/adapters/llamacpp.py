@@ -4,7 +4,12 @@ Requests are planned and tokenized here, then each choice becomes a
 :class:`Sequence` for the :class:`BatchScheduler` (``llamacpp_batch.py``), which
 decodes up to ``parallel`` sequences together in one llama.cpp context and
 streams each one's text back. Waiting for a free sequence slot is bounded
-(``max_queue`` requests, ``max_queue_wait_seconds`` each): beyond that, 503.
+(``max_queue`` requests, ``max_queue_wait_seconds`` each): a request that could
+not start within the wait at the observed start rate, or that finds the queue
+full, gets its 503 at once (``llamacpp_queue``); one admitted while no rate was
+known (a cold engine) gets it as soon as the first starts show it cannot start
+in time (the scheduler refuses it); one still waiting at the bound (the rate
+fell meanwhile) gets it then.
 Tools and JSON output are enforced token by token with llguidance (see
 ``modelplex_text.constraints``), one matcher per sequence, so even a 135M model
 returns parseable tool calls and schema-valid JSON, and a hostile schema is a
@@ -36,6 +41,7 @@ from modelplex_text.adapters.llamacpp_batch import (
     SequenceEvent,
     Started,
 )
+from modelplex_text.adapters.llamacpp_queue import QueueBounds
 from modelplex_text.choices import ChoiceEnd, ChoicePiece, ChoiceText, completion_budget, refuse_suffix, stream_choices
 from modelplex_text.constraints import CompiledConstraint, ConstraintCompiler
 from modelplex_text.decoding import StopText, TokenSampler
@@ -69,8 +75,7 @@ class LlamaCppEngine:
         self._context_length = settings.context_length
         self._defaults = (settings.default_temperature, settings.default_top_p)
         self._max_seconds = settings.max_request_seconds
-        self._max_queue = settings.max_queue
-        self._max_wait = settings.max_queue_wait_seconds
+        self._queue = QueueBounds(settings.max_queue, settings.max_queue_wait_seconds)
         # Keeps self._llm alive: llguidance's tokenizer reads llama.cpp's vocabulary through it.
         self._constraints = ConstraintCompiler.for_llama(self._llm)
         self._scheduler = BatchScheduler(
@@ -79,6 +84,7 @@ class LlamaCppEngine:
             parallel=settings.parallel,
             kv_tokens=max(settings.kv_cache_tokens, settings.context_length),
             context_length=settings.context_length,
+            bounds=self._queue,
         )
         log.info(
             "llama.cpp engine ready",
@@ -163,17 +169,27 @@ class LlamaCppEngine:
 
     async def _run(self, seq: Sequence, queue: asyncio.Queue[SequenceEvent]) -> AsyncIterator[ChoicePiece]:
         """Queues one sequence for the scheduler and relays its events until it ends."""
-        if self._scheduler.waiting() >= self._max_queue:
+        at = self._scheduler.position(batch=seq.batch)
+        refusal = self._queue.refusal(at, self._scheduler.start_rate.per_second)
+        if refusal is not None:  # full, or it could not start within the wait: 503 now rather than after it
             if seq.matcher is not None:
                 seq.matcher.close()
-            raise unavailable("The model is at capacity; retry shortly.")
+            raise refusal
         self._scheduler.submit(seq)
         try:
             try:
-                started = await asyncio.wait_for(queue.get(), self._max_wait)
+                started = await asyncio.wait_for(queue.get(), self._queue.max_wait)
             except TimeoutError:
-                log.warning("request waited too long for a sequence slot", extra={"waited_s": self._max_wait})
+                # Rare: the start rate fell after it was admitted and no start since showed it, no rate was known
+                # within its wait (a cold engine whose slots did not turn over in time), interactive work that came
+                # later went ahead of this batch sequence, or one behind it could still start in time (the
+                # scheduler refuses only the back of a line).
+                log.warning(
+                    "request waited too long for a sequence slot",
+                    extra={"waited_s": self._queue.max_wait, "ahead_at_submit": at.ahead},
+                )
                 raise unavailable("The model is busy; retry shortly.") from None
+            # A Failed here may be the scheduler's 503: the first starts showed it could not start in time.
             _raise_if_failed(started)  # otherwise a Started: the sequence has a slot
             while True:
                 event = _raise_if_failed(await queue.get())

@@ -20,6 +20,14 @@ output is unchanged.
 Aborts (a client gone) and the wall-clock deadline are checked between steps,
 so one sequence ends without stalling the others.
 
+After each admission pass the scheduler tells its :class:`StartRate` how many
+sequences got their first slot and whether others still wait: how fast the
+queue drains, which the engine reads to refuse at once what could not start
+within its wait bound (``llamacpp_queue``). After a pass in which sequences
+started (the rate became known or changed), it also refuses the waiting ones
+at the back of each line that can no longer start within what is left of their
+wait (``QueueBounds.late``): each gets a :class:`Failed` with that 503 at once.
+
 Each sequence reports through its ``emit`` callback, in this order: one
 :class:`Started` (when it gets a slot), :class:`ChoiceText` pieces, then one
 :class:`ChoiceEnd`; or, at any point, one :class:`Failed`. When it asked for
@@ -42,6 +50,7 @@ import numpy as np
 
 from modelplex.v1 import text_pb2
 from modelplex_kit.errors import ServiceError
+from modelplex_text.adapters.llamacpp_queue import QueueBounds, QueuePosition, StartRate, Waiter, position
 from modelplex_text.choices import ChoiceEnd, ChoiceText
 from modelplex_text.decoding import StopText, TokenMatcher, TokenSampler
 from modelplex_text.logprobs import token_logprob
@@ -93,6 +102,7 @@ class Sequence:
     generated: int = 0
     cached_tokens: int | None = None  # set when it first gets a slot (Started is emitted once, even if preempted)
     batch: bool = False  # batch work (x-modelplex-priority: batch): a free slot goes to interactive work first
+    queued_at: float | None = None  # when it was submitted (the scheduler's clock)
 
     def release(self) -> None:
         """Frees the matcher's native state; called by the scheduler thread, the matcher's only user."""
@@ -110,7 +120,14 @@ class _Slot:
 
 class BatchScheduler:
     def __init__(
-        self, model, base: llama_cpp.llama_context_params, *, parallel: int, kv_tokens: int, context_length: int
+        self,
+        model,
+        base: llama_cpp.llama_context_params,
+        *,
+        parallel: int,
+        kv_tokens: int,
+        context_length: int,
+        bounds: QueueBounds | None = None,
     ) -> None:
         # llama-cpp-python's own choices (threads, flash attention off, ...), so a lone sequence runs
         # exactly as it did through Llama; only what batching needs differs.
@@ -138,6 +155,12 @@ class BatchScheduler:
         self._waiting_batch: collections.deque[Sequence] = collections.deque()
         self._cv = threading.Condition()
         self._closing = False
+        # Waiting sequences that can no longer start within bounds.max_wait are refused (None: never).
+        self._bounds = bounds
+        self._clock = time.monotonic
+        # Written by this scheduler's thread only (after each admission pass); read by the engine. Known once each
+        # slot's worth of sequences has started out of a backlog (see StartRate).
+        self.start_rate = StartRate(self._clock, known_after=parallel)
         self._pieces: dict[int, bytes] = {}
         self._thread = threading.Thread(target=self._run, name="llamacpp-batch", daemon=True)
         self._thread.start()
@@ -145,11 +168,22 @@ class BatchScheduler:
     # -- called from the event loop ----------------------------------------
     def submit(self, seq: Sequence) -> None:
         with self._cv:
+            seq.queued_at = self._clock()
             self._line(seq).append(seq)
             self._cv.notify()
 
     def waiting(self) -> int:
         return len(self._waiting) + len(self._waiting_batch)
+
+    def position(self, *, batch: bool) -> QueuePosition:
+        """Where a sequence of that priority submitted now would wait."""
+        with self._cv:
+            return position(
+                interactive_waiting=len(self._waiting),
+                batch_waiting=len(self._waiting_batch),
+                batch_running=sum(1 for seq in self._active() if seq.batch),
+                batch=batch,
+            )
 
     def _line(self, seq: Sequence) -> collections.deque[Sequence]:
         return self._waiting_batch if seq.batch else self._waiting
@@ -190,16 +224,61 @@ class BatchScheduler:
         return [slot.seq for slot in self._slots if slot.seq is not None]
 
     def _admit(self) -> None:
+        started = self._fill_slots()
+        self.start_rate.admitted(started, still_waiting=bool(self.waiting()))
+        if started:
+            self._refuse_late()
+
+    def _refuse_late(self) -> None:
+        """Sequences started, so the start rate is known or changed: each line's waiting sequences at the back that
+        can no longer start within what is left of their wait get their 503 now (``QueueBounds.late``) rather than
+        when the wait runs out. One pass over the waiting sequences, each counted as :func:`position` counts a new
+        one (interactive ones first, so batch work counts the interactive sequences that remain)."""
+        rate = self.start_rate.per_second
+        if self._bounds is None or rate is None or not self.waiting():
+            return
+        now = self._clock()
+        batch_running = sum(1 for seq in self._active() if seq.batch)
+        refused = 0
+        for line in (self._waiting, self._waiting_batch):
+            batch = line is self._waiting_batch
+            waiters = [
+                Waiter(
+                    position(
+                        interactive_waiting=len(self._waiting) if batch else index,
+                        batch_waiting=index,
+                        batch_running=batch_running,
+                        batch=batch,
+                    ).ahead,
+                    seq.queued_at if seq.cached_tokens is None else None,
+                )
+                for index, seq in enumerate(line)
+            ]
+            late = self._bounds.late(waiters, rate, now)
+            for error in reversed(late):  # the back of the line, last first
+                seq = line.pop()
+                seq.emit(Failed(error))
+                seq.release()
+            refused += len(late)
+        if refused:
+            log.info(
+                "refused waiting requests that could no longer start in time",
+                extra={"refused": refused, "starts_per_second": round(rate, 3), "still_waiting": self.waiting()},
+            )
+
+    def _fill_slots(self) -> int:
         """Moves waiting sequences (interactive ones first, then batch work; oldest first in each) into free slots,
-        each where its prompt's cached prefix is longest."""
+        each where its prompt's cached prefix is longest. Returns how many got their first slot (a preempted
+        sequence given one again is not counted)."""
         for line in (self._waiting, self._waiting_batch):
             for seq in [seq for seq in line if seq.abort.is_set()]:  # left while waiting
                 line.remove(seq)
                 seq.release()
+        started = 0
         while self.waiting():
             free = [slot for slot in self._slots if slot.seq is None]
             if not free and not (self._waiting and self._preempt_batch_work()):
-                return
+                break
             free = free or [slot for slot in self._slots if slot.seq is None]
             seq = (self._waiting or self._waiting_batch).popleft()  # interactive work first
             slot = max(free, key=lambda s: _common_prefix(s.kv, seq.tokens))
@@ -212,6 +291,8 @@ class BatchScheduler:
             if seq.cached_tokens is None:
                 seq.cached_tokens = reuse
                 seq.emit(Started(reuse))
+                started += 1
+        return started
 
     def _step(self) -> None:
         for slot in self._slots:
