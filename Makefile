@@ -24,7 +24,8 @@ VLLM_STAMP := $(MODELPLEX_VLLM_ENV)/.ready
 .PHONY: help venv vllm protos lint run test test-fast test-e2e test-engines bench bench-peers bench-scheduling clean
 
 help:
-	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines)"
+	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines; MODELPLEX_EDGE_PORT,"
+	@echo "                MODELPLEX_CATALOG_LISTEN and the catalog's backend targets set the ports)"
 	@echo "make test       everything: unit, gRPC integration, end-to-end, deployment"
 	@echo "make test-fast  unit tests only (libs/ and services/)"
 	@echo "make test-engines  the real-vLLM suite alone (tests/vllm/)"

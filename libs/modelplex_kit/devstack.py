@@ -2,8 +2,16 @@
 
 The catalog file is the single source of truth: every distinct backend target
 in it gets one backend process of the entry's modality (the modality registry
-says which package serves it), configured from the entry's engine kind and
-settings, exactly as the Helm chart does in a cluster.
+says which package serves it), listening on that target, configured from the
+entry's engine kind and settings, exactly as the Helm chart does in a cluster.
+
+Ports: the catalog's and the edge's come from :class:`LaunchSettings` (the same
+variables the two services read, or ``--catalog-listen``/``--port``), the
+backends' from the catalog file's ``backend`` targets, and the gatekeeper is on
+a unix socket of its own. Metrics: a backend serves Prometheus on its entry's
+``engine.settings.metrics_port`` (local processes share one network namespace,
+so each needs its own); no process is given a process-wide
+``MODELPLEX_METRICS_PORT``, which every one of them would try to claim.
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ from typing import IO, Any
 import grpc
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelplex_kit.children import tied_to_parent
 from modelplex_kit.modalities import REGISTRY
@@ -38,6 +48,30 @@ _BACKOFF_MAX_SECONDS = 30.0
 _STABLE_SECONDS = 60.0
 # Attempts to start a process before the launcher gives up on it.
 _START_ATTEMPTS = 3
+# Where `make run` serves unless told otherwise (the catalog's and the edge's own defaults).
+DEFAULT_CATALOG_LISTEN = "127.0.0.1:50051"
+DEFAULT_EDGE_PORT = 8080
+#: The shared Prometheus port variable (modelplex_kit.settings); set per process here, never inherited.
+METRICS_PORT_ENV = "MODELPLEX_METRICS_PORT"
+#: The engine setting of a catalog entry that names its backend's metrics port (not passed on as a
+#: MODELPLEX_<MODALITY>_ variable: it becomes MODELPLEX_METRICS_PORT of that backend alone).
+METRICS_PORT_SETTING = "metrics_port"
+
+
+class LaunchSettings(BaseSettings):
+    """What `make run` reads from its environment (its flags override each)."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    # None: name it with --catalog (`make run` passes the packaged catalog).
+    catalog: Path | None = Field(None, validation_alias=AliasChoices("MODELPLEX_CATALOG"))
+    # The catalog's gRPC address: the variable the catalog itself reads; the edge is pointed at it.
+    catalog_listen: str = Field(
+        DEFAULT_CATALOG_LISTEN, min_length=1, validation_alias=AliasChoices("MODELPLEX_CATALOG_LISTEN")
+    )
+    # The edge's HTTP port: the variable the edge itself reads.
+    edge_port: int = Field(DEFAULT_EDGE_PORT, ge=1, le=65535, validation_alias=AliasChoices("MODELPLEX_EDGE_PORT"))
+    keys_file: Path = Field(Path(".modelplex/keys.yaml"), validation_alias=AliasChoices("MODELPLEX_KEYS_FILE"))
 
 
 @dataclass
@@ -64,25 +98,42 @@ def free_port() -> int:
 
 
 def backend_plan(catalog: Path) -> dict[str, tuple[str, dict[str, str]]]:
-    """target -> (module, env) for every backend the catalog routes to."""
+    """target -> (module, env) for every backend the catalog routes to.
+
+    Each backend listens on its target and serves metrics on its entry's ``metrics_port`` engine
+    setting (``MODELPLEX_METRICS_PORT`` of that process alone; 0, off, without one). Raises ValueError
+    when two backends name the same metrics port: the second could not start.
+    """
     plan: dict[str, tuple[str, dict[str, str]]] = {}
+    metrics_ports: dict[int, str] = {}
     for entry in (yaml.safe_load(catalog.read_text()) or {}).get("models", []):
         row = REGISTRY.get(entry["modality"])
         engine = entry.get("engine", {})
         if row is None or entry["backend"] in plan or engine.get("kind") == EXTERNAL:
             continue
-        prefix = row.env_prefix
-        env = {f"{prefix}LISTEN": entry["backend"], f"{prefix}ENGINE": engine.get("kind", "")}
-        env |= {f"{prefix}{key.upper()}": str(value) for key, value in (engine.get("settings") or {}).items()}
-        plan[entry["backend"]] = (row.package, env)
+        target, prefix = entry["backend"], row.env_prefix
+        settings = dict(engine.get("settings") or {})
+        metrics_port = int(settings.pop(METRICS_PORT_SETTING, 0) or 0)
+        if metrics_port and metrics_port in metrics_ports:
+            raise ValueError(
+                f"backends {metrics_ports[metrics_port]} and {target} both name metrics_port {metrics_port}"
+            )
+        if metrics_port:
+            metrics_ports[metrics_port] = target
+        env = {f"{prefix}LISTEN": target, f"{prefix}ENGINE": engine.get("kind", "")}
+        env |= {f"{prefix}{key.upper()}": str(value) for key, value in settings.items()}
+        env[METRICS_PORT_ENV] = str(metrics_port)
+        plan[target] = (row.package, env)
     return plan
 
 
 @dataclass
 class Stack:
     catalog: Path
-    catalog_listen: str = "127.0.0.1:50051"
-    edge_port: int = 8080
+    catalog_listen: str = DEFAULT_CATALOG_LISTEN
+    edge_port: int = DEFAULT_EDGE_PORT
+    #: Every process's environment over os.environ; never its MODELPLEX_METRICS_PORT (one port cannot
+    #: serve several processes): a backend's comes from its catalog entry, the others serve none.
     env: Mapping[str, str] = field(default_factory=dict)
     log_dir: Path | None = None
     #: Set: a gatekeeper sidecar decides every request from this keys file (created holding the dev
@@ -180,7 +231,7 @@ class Stack:
         log = open(path, "a" if append else "w") if path else None  # noqa: SIM115
         popen = subprocess.Popen(
             [sys.executable, "-m", module],
-            env={**os.environ, **self.env, **env},
+            env={**os.environ, **self.env, METRICS_PORT_ENV: "0", **env},
             stdout=log,
             stderr=subprocess.STDOUT if log else None,
             **tied_to_parent(),  # nothing outlives a crashed or killed devstack or test run
@@ -273,15 +324,39 @@ class Stack:
         raise TimeoutError(f"{name} did not become ready at {url}")
 
 
-def main() -> None:
+def launch_settings(argv: list[str] | None = None) -> LaunchSettings:
+    """The environment's LaunchSettings, overridden by the flags in ``argv`` (default: sys.argv)."""
     parser = argparse.ArgumentParser(description="Run Modelplex locally on the CPU engines.")
+    try:
+        defaults = LaunchSettings()
+    except ValidationError as exc:
+        parser.error(str(exc))
     # `make run` passes the packaged catalog; the launcher does not import the catalog service.
-    parser.add_argument("--catalog", type=Path, default=os.environ.get("MODELPLEX_CATALOG"), required=False)
-    parser.add_argument("--port", type=int, default=int(os.environ.get("MODELPLEX_EDGE_PORT", "8080")))
-    args = parser.parse_args()
+    parser.add_argument("--catalog", type=Path, default=defaults.catalog, help="MODELPLEX_CATALOG")
+    parser.add_argument(
+        "--catalog-listen", default=defaults.catalog_listen, help=f"MODELPLEX_CATALOG_LISTEN ({DEFAULT_CATALOG_LISTEN})"
+    )
+    parser.add_argument(
+        "--port", "--edge-port", type=int, default=defaults.edge_port, help=f"MODELPLEX_EDGE_PORT ({DEFAULT_EDGE_PORT})"
+    )
+    args = parser.parse_args(argv)
     if args.catalog is None:
         parser.error("name the catalog file: --catalog PATH or MODELPLEX_CATALOG")
-    keys_file = Path(os.environ.get("MODELPLEX_KEYS_FILE", ".modelplex/keys.yaml"))
+    try:  # the flags over the environment (keyword arguments win over it)
+        return LaunchSettings(catalog=args.catalog, catalog_listen=args.catalog_listen, edge_port=args.port)
+    except ValidationError as exc:
+        parser.error(str(exc))
+
+
+def main() -> None:
+    settings = launch_settings()
+    if os.environ.get(METRICS_PORT_ENV, "0") not in ("", "0"):
+        print(
+            f"modelplex: {METRICS_PORT_ENV} is not passed on (every process would claim it); a backend serves "
+            "metrics on its catalog entry's engine setting metrics_port",
+            file=sys.stderr,
+        )
+    keys_file = settings.keys_file
     # Stored responses outlive a restart of `make run`: SQLite beside the keys, unless told otherwise.
     responses = {
         "MODELPLEX_EDGE_RESPONSES_STORE": os.environ.get("MODELPLEX_EDGE_RESPONSES_STORE", "sqlite"),
@@ -298,8 +373,9 @@ def main() -> None:
         "MODELPLEX_EDGE_OBJECT_DIR": os.environ.get("MODELPLEX_EDGE_OBJECT_DIR", str(keys_file.parent / "objects")),
     }
     stack = Stack(
-        args.catalog,
-        edge_port=args.port,
+        settings.catalog,
+        catalog_listen=settings.catalog_listen,
+        edge_port=settings.edge_port,
         env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text"), **responses, **batches},
         keys_file=keys_file,
     )

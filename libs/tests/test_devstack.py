@@ -1,6 +1,14 @@
-"""The launcher's supervisor: a dead process is restarted, with exponential backoff."""
+"""The launcher (`make run`): its supervisor restarts a dead process with exponential backoff; its ports."""
 
-from modelplex_kit.devstack import Stack
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from modelplex_kit import devstack
+from modelplex_kit.devstack import Stack, backend_plan
 
 
 def test_a_dead_process_is_restarted_with_backoff(tmp_path):
@@ -17,3 +25,99 @@ def test_a_dead_process_is_restarted_with_backoff(tmp_path):
         assert "The Zen of Python" in (tmp_path / "zen.log").read_text()  # the restart appended to its log
     finally:
         stack.stop()
+
+
+# Ports: `make run` (devstack.main) takes every port from the environment or its flags, and each backend's
+# metrics port from its own catalog entry, never one process-wide port for all.
+
+
+def _stack_main_builds(monkeypatch, argv: list[str]) -> Stack:
+    """The Stack devstack.main() would start with ``argv`` and the current environment (nothing is started)."""
+    built: list[Stack] = []
+
+    def capture(self: Stack) -> Stack:
+        built.append(self)
+        raise RuntimeError("not started: captured by the test")
+
+    monkeypatch.setattr(Stack, "start", capture)
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # main's handlers stay out of pytest
+    monkeypatch.setattr(sys, "argv", ["devstack", *argv])
+    with pytest.raises(SystemExit):
+        devstack.main()
+    return built[0]
+
+
+def test_make_run_takes_the_catalog_and_edge_ports_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELPLEX_CATALOG_LISTEN", "127.0.0.1:50151")
+    monkeypatch.setenv("MODELPLEX_EDGE_PORT", "8180")
+    monkeypatch.setenv("MODELPLEX_KEYS_FILE", str(tmp_path / "keys.yaml"))
+    stack = _stack_main_builds(monkeypatch, ["--catalog", str(tmp_path / "catalog.yaml")])
+    assert stack.catalog_listen == "127.0.0.1:50151"  # was always 127.0.0.1:50051, the variable overridden
+    assert stack.edge_port == 8180 and stack.base_url == "http://127.0.0.1:8180/v1"
+
+
+def test_make_run_flags_override_the_environment_and_defaults_are_todays(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELPLEX_KEYS_FILE", str(tmp_path / "keys.yaml"))
+    for name in ("MODELPLEX_CATALOG_LISTEN", "MODELPLEX_EDGE_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    stack = _stack_main_builds(monkeypatch, ["--catalog", str(tmp_path / "catalog.yaml")])
+    assert (stack.catalog_listen, stack.edge_port) == ("127.0.0.1:50051", 8080)
+
+    monkeypatch.setenv("MODELPLEX_CATALOG_LISTEN", "127.0.0.1:50151")
+    monkeypatch.setenv("MODELPLEX_EDGE_PORT", "8180")
+    argv = ["--catalog", str(tmp_path / "catalog.yaml"), "--catalog-listen", "127.0.0.1:50251", "--port", "8280"]
+    stack = _stack_main_builds(monkeypatch, argv)
+    assert (stack.catalog_listen, stack.edge_port) == ("127.0.0.1:50251", 8280)
+
+
+def _catalog(tmp_path: Path, *entries: dict) -> Path:
+    path = tmp_path / "catalog.yaml"
+    path.write_text(yaml.safe_dump({"models": list(entries)}))
+    return path
+
+
+def _entry(model: str, modality: str, backend: str, kind: str, **settings) -> dict:
+    return {"id": model, "modality": modality, "backend": backend, "engine": {"kind": kind, "settings": settings}}
+
+
+def test_each_backend_gets_its_own_catalog_entrys_metrics_port(tmp_path):
+    catalog = _catalog(
+        tmp_path,
+        _entry("a", "text", "127.0.0.1:50161", "llamacpp", metrics_port=9161, context_length=2048),
+        _entry("b", "images", "127.0.0.1:50163", "procedural"),
+        _entry("c", "embeddings", "127.0.0.1:50162", "local", metrics_port=9162),
+    )
+    plan = backend_plan(catalog)
+    text, images, embeddings = (plan[t][1] for t in ("127.0.0.1:50161", "127.0.0.1:50163", "127.0.0.1:50162"))
+    assert text["MODELPLEX_METRICS_PORT"] == "9161" and embeddings["MODELPLEX_METRICS_PORT"] == "9162"
+    assert images["MODELPLEX_METRICS_PORT"] == "0"  # none named: none served (not an inherited one)
+    # Not a MODELPLEX_TEXT_METRICS_PORT, which no service reads; the other settings still go as before.
+    assert "MODELPLEX_TEXT_METRICS_PORT" not in text and text["MODELPLEX_TEXT_CONTEXT_LENGTH"] == "2048"
+    assert text["MODELPLEX_TEXT_LISTEN"] == "127.0.0.1:50161"  # a backend listens where its entry says
+
+
+def test_two_backends_naming_one_metrics_port_are_refused(tmp_path):
+    catalog = _catalog(
+        tmp_path,
+        _entry("a", "images", "127.0.0.1:50163", "procedural", metrics_port=9163),
+        _entry("b", "videos", "127.0.0.1:50164", "procedural", metrics_port=9163),
+    )
+    with pytest.raises(ValueError, match="metrics_port 9163"):
+        backend_plan(catalog)
+
+
+def test_no_process_inherits_a_process_wide_metrics_port(monkeypatch, tmp_path):
+    """MODELPLEX_METRICS_PORT in `make run`'s environment would be claimed by every process (all but the first
+    then fail on a port in use): each gets its own (a backend's from the catalog) or 0, never the shared one."""
+    (tmp_path / "metrics_env_probe.py").write_text("import os\nprint(os.environ.get('MODELPLEX_METRICS_PORT'))\n")
+    monkeypatch.setenv("MODELPLEX_METRICS_PORT", "9100")
+    stack = Stack(tmp_path / "catalog.yaml", log_dir=tmp_path, env={"PYTHONPATH": str(tmp_path)})
+    stack._spawn("catalog", "metrics_env_probe", {})
+    stack._spawn("backend", "metrics_env_probe", {"MODELPLEX_METRICS_PORT": "9161"})
+    try:
+        for proc in stack.processes:
+            proc.popen.wait(timeout=30)
+    finally:
+        stack.stop()
+    assert (tmp_path / "catalog.log").read_text().strip() == "0"
+    assert (tmp_path / "backend.log").read_text().strip() == "9161"
