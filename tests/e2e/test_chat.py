@@ -78,8 +78,12 @@ def test_repeating_a_prompt_reuses_the_prefix_cache(client):
 
 def test_seed_makes_sampling_repeatable(client):
     # Like OpenAI's, the seed is best effort: a prompt evaluated from the prefix
-    # cache can get slightly different logits than one evaluated whole. So each
-    # seeded run follows the same other request, leaving the cache the same.
+    # cache can get slightly different logits than one evaluated whole. So the
+    # compared runs find the cache in the same state, by construction: the exact
+    # prompt is evaluated once first (vLLM's block cache then serves both runs from
+    # it; on a fresh clone the first run had evaluated it whole and the second from
+    # the cache), and each run follows the same other request (llama.cpp's slot
+    # reuses the longest cached prefix, which that request leaves the same).
     other = dict(model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=2)
     ask = dict(
         model=MODEL,
@@ -88,6 +92,7 @@ def test_seed_makes_sampling_repeatable(client):
         temperature=1.0,
         seed=1234,
     )
+    client.chat.completions.create(**ask)  # the prompt's prefix, cached before either compared run
     runs = []
     for _ in range(2):
         client.chat.completions.create(**other)
