@@ -58,7 +58,8 @@ def start_floor(tmp: Path) -> Floor:
 
 
 async def main(port: int) -> None:
-    server = grpc.aio.server()
+    # The bound our own backends set (GrpcServiceSettings.max_message_bytes), not gRPC's 4 MiB default.
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 32 * 1024 * 1024)])
     text_pb2_grpc.add_TextGenerationServiceServicer_to_server(Nothing(), server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()

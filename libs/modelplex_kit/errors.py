@@ -54,17 +54,21 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, HttpError] = {
     grpc.StatusCode.DATA_LOSS: HttpError(500, _SERVER, None),
 }
 
+HTTP_ONLY_TOO_LARGE = HttpError(413, _INVALID, "request_too_large")
+
 # Error codes whose HTTP status no gRPC status expresses; they override the table above.
 CODE_TO_HTTP: dict[str, HttpError] = {
     # Idempotency-Key reused with a different body (as OpenAI and Stripe answer it).
     "idempotency_key_reused": HttpError(422, _INVALID, "idempotency_key_reused"),
+    # A body within the byte limit whose structure would hold the parser too long (modelplex_edge.json_budget).
+    "request_too_large": HTTP_ONLY_TOO_LARGE,
 }
 
 # HTTP-only failures the edge detects before any gRPC call is made.
 HTTP_ONLY: dict[int, HttpError] = {
     405: HttpError(405, _INVALID, "method_not_allowed"),
     408: HttpError(408, _INVALID, "request_timeout"),
-    413: HttpError(413, _INVALID, "request_too_large"),
+    413: HTTP_ONLY_TOO_LARGE,
 }
 
 
@@ -140,6 +144,9 @@ def _error_detail(error: grpc.RpcError) -> common_pb2.ErrorDetail | None:
 
 
 # What clients are told when gRPC itself failed; the raw text goes to the log.
+#: How gRPC core words a message beyond a channel's or server's max message length ("Received message
+#: larger than max (N vs. M)", "Sent message larger than max ...").
+_MESSAGE_SIZE = "message larger than max"
 _TRANSPORT_MESSAGES = {
     grpc.StatusCode.UNAVAILABLE: "The model backend is unavailable; please retry shortly.",
     grpc.StatusCode.DEADLINE_EXCEEDED: "The model backend did not answer in time.",
@@ -150,6 +157,13 @@ _TRANSPORT_MESSAGES = {
 
 def _transport_failure(status: grpc.StatusCode, error: grpc.RpcError) -> ServiceError:
     log.warning("backend call failed", extra={"grpc_code": status.name, "grpc_details": error.details()})
+    if status == grpc.StatusCode.RESOURCE_EXHAUSTED and _MESSAGE_SIZE in (error.details() or ""):
+        # gRPC's own bound on a message (either side's max message length): no retry ever fits it.
+        return ServiceError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "The request is larger than the model's backend accepts; send less (fewer or smaller items).",
+            code="request_too_large",
+        )
     message = _TRANSPORT_MESSAGES.get(status, "The server had an error while processing your request.")
     if status not in _TRANSPORT_MESSAGES:
         status = grpc.StatusCode.INTERNAL

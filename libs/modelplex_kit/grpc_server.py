@@ -25,6 +25,7 @@ from prometheus_client import start_http_server
 from modelplex_kit.connections import KEEPALIVE, ageing_options
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.logging import configure_logging, request_id_var
+from modelplex_kit.looplag import LoopLagMonitor, freeze_startup_heap
 from modelplex_kit.memory import tune_malloc
 from modelplex_kit.priority import incoming_priority, priority_var
 from modelplex_kit.settings import GrpcServiceSettings
@@ -220,6 +221,8 @@ async def serve(
     if settings.metrics_port:
         start_http_server(settings.metrics_port)
     await server.start()
+    lag = LoopLagMonitor().start()
+    freeze_startup_heap()
     await _set_health(health_servicer, service_names, ready is None)
     follower = None
     if ready is not None:
@@ -244,6 +247,7 @@ async def serve(
         await server.stop(settings.grace_seconds)
         if on_shutdown is not None:
             await on_shutdown()
+        await lag.stop()
     log.info("stopped")
 
 

@@ -82,3 +82,17 @@ def test_a_backends_own_retry_after_reaches_the_edge():
     )
     back = ServiceError.from_rpc_error(wire)
     assert back.http.status == 503 and back.headers["retry-after"] == "7"
+
+
+def test_a_message_beyond_grpcs_size_bound_is_a_413_not_a_retryable_429():
+    raw = "SERVER: Received message larger than max (16773201 vs. 4194304)"
+    wire = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), raw)
+    error = ServiceError.from_rpc_error(wire)
+    assert error.http.status == 413 and "retry-after" not in error.headers
+    assert error.envelope()["error"]["code"] == "request_too_large" and "16773201" not in error.message
+
+
+def test_an_overloaded_backend_without_detail_is_still_a_429_to_retry():
+    wire = grpc.aio.AioRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.aio.Metadata(), grpc.aio.Metadata(), "busy")
+    error = ServiceError.from_rpc_error(wire)
+    assert error.http.status == 429 and error.headers["retry-after"] == "1"

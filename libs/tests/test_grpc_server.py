@@ -9,6 +9,7 @@ import weakref
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from modelplex.v1 import catalog_pb2, catalog_pb2_grpc
 from modelplex_kit import grpc_server
@@ -173,3 +174,13 @@ def test_connections_are_aged_out_so_new_backend_pods_are_found():
     # Calls on an aged-out connection get the longest call's time, not the (short) drain grace.
     assert options["grpc.max_connection_age_grace_ms"] == 600_000
     assert "grpc.max_connection_age_ms" not in dict(server_options(GrpcServiceSettings(max_connection_age_seconds=0)))
+
+
+async def test_a_service_measures_its_event_loops_lag(target):
+    """Every asyncio service exports its loop's lag (modelplex_kit.looplag) from the moment it serves."""
+
+    def ticks() -> float:
+        return REGISTRY.get_sample_value("modelplex_event_loop_lag_seconds_count") or 0.0
+
+    before = ticks()
+    await until(lambda: ticks() >= before + 2, 10, what="two loop-lag ticks")

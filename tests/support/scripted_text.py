@@ -20,6 +20,7 @@ from modelplex.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2, text_pb2, te
 from modelplex_edge.app import create_app
 from modelplex_edge.settings import EdgeSettings
 from modelplex_kit.errors import ERROR_DETAIL_KEY
+from modelplex_kit.modalities.text import max_tokens_too_large
 from tests.support.ports import free_port
 
 CONTEXT_LENGTH = 4096
@@ -50,7 +51,7 @@ class Scripted(text_pb2_grpc.TextGenerationServiceServicer):
       a stream cancelled by its caller is counted in ``cancelled``;
     - with logprobs: each token -0.5, its alternatives -1, -2, ...;
     - prompt tokens: the words of every message plus one each; a prompt over CONTEXT_LENGTH is refused
-      as the llama.cpp engine refuses it.
+      as the llama.cpp engine refuses it, and so is a max_tokens beyond what the prompt leaves.
     """
 
     def __init__(self) -> None:
@@ -87,13 +88,18 @@ class Scripted(text_pb2_grpc.TextGenerationServiceServicer):
         return common_pb2.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
     async def _refuse_long(self, request: text_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        if _prompt_tokens(request) >= CONTEXT_LENGTH:
+        prompt = _prompt_tokens(request)
+        if prompt >= CONTEXT_LENGTH:
             detail = common_pb2.ErrorDetail(param="messages", code="context_length_exceeded")
             await context.abort(
                 grpc.StatusCode.OUT_OF_RANGE,
                 f"This model's maximum context length is {CONTEXT_LENGTH} tokens.",
                 trailing_metadata=((ERROR_DETAIL_KEY, detail.SerializeToString()),),
             )
+        asked = request.sampling.max_tokens if request.sampling.HasField("max_tokens") else 0
+        if asked > CONTEXT_LENGTH - prompt:
+            refused = max_tokens_too_large(asked, CONTEXT_LENGTH, prompt)
+            await context.abort(refused.status, refused.message, trailing_metadata=refused.trailing_metadata())
 
     async def Generate(self, request, context):
         self._check(request)

@@ -35,6 +35,10 @@ class TextCapabilitySpec(RootModel[list[Flag]]):
         return catalog_pb2.Capabilities(text=catalog_pb2.TextCapabilities(**{flag: True for flag in self.root}))
 
 
+#: How vLLM's message names chat's and completions' output bounds (the Responses API names its own).
+CHAT_OUTPUT_BOUNDS = "'max_tokens' or 'max_completion_tokens'"
+
+
 def max_tokens_too_large(
     asked: int, context_length: int, prompt_tokens: int, at_least: bool = False, param: str = "max_tokens"
 ) -> ServiceError:
@@ -42,8 +46,9 @@ def max_tokens_too_large(
     ``at_least``: the prompt was not counted exactly, only bounded below (the edge's check before
     admission; the backend's, with the prompt tokenized, is exact)."""
     has = f"at least {prompt_tokens}" if at_least else str(prompt_tokens)
+    named = CHAT_OUTPUT_BOUNDS if param in ("max_tokens", "max_completion_tokens") else f"'{param}'"
     return invalid(
-        f"'max_tokens' or 'max_completion_tokens' is too large: {asked}. This model's maximum context "
+        f"{named} is too large: {asked}. This model's maximum context "
         f"length is {context_length} tokens and your request has {has} input tokens "
         f"({asked} > {context_length} - {prompt_tokens}).",
         param=param,

@@ -63,6 +63,9 @@ class Admitted:
     project: str = ""
     #: Set when admitted in-process from a quota lease (what it drew, given back at ``account``).
     lease: Draw | None = None
+    #: The stored response this call produces, when it runs apart from its create request (a background
+    #: response): the usage record names it.
+    response_id: str = ""
 
     @property
     def scope(self) -> str:

@@ -26,6 +26,7 @@ from modelplex_edge.gatekeeper_client import GatekeeperAdmission
 from modelplex_edge.middleware import EdgeMiddleware
 from modelplex_edge.settings import EdgeSettings
 from modelplex_edge.state import EdgeState
+from modelplex_kit.looplag import LoopLagMonitor, freeze_startup_heap
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ def default_admission(settings: EdgeSettings) -> Admission:
             settings.gatekeeper_timeout_seconds,
             leases=settings.gatekeeper_leases,
             fail_open=settings.gatekeeper_failure == "open",
+            summary_seconds=settings.outage_summary_seconds,
         )
     return DevKeyAdmission(settings.dev_api_key.get_secret_value())
 
@@ -44,8 +46,9 @@ def default_admission(settings: EdgeSettings) -> Admission:
 def create_app(settings: EdgeSettings, admission: Admission | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        lag = app.state.loop_lag = LoopLagMonitor().start()
         catalog_channel = channel(settings.catalog_target)
-        watcher = CatalogWatcher(catalog_channel)
+        watcher = CatalogWatcher(catalog_channel, settings.outage_summary_seconds)
         following = asyncio.create_task(watcher.run())
         backends = Backends(settings.backend_timeout_seconds)
         gate = admission or default_admission(settings)
@@ -70,6 +73,7 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
             await asyncio.wait_for(watcher.ready.wait(), settings.catalog_wait_seconds)
         except TimeoutError:
             log.warning("no catalog yet; model requests get 503 until it answers")
+        freeze_startup_heap()
         yield
         following.cancel()
         if state.worker is not None:
@@ -83,6 +87,7 @@ def create_app(settings: EdgeSettings, admission: Admission | None = None) -> Fa
         await gate.close()
         await responses.close()
         await catalog_channel.close()
+        await lag.stop()
 
     app = FastAPI(
         title="Modelplex",

@@ -82,6 +82,18 @@ def openai_param(loc: tuple[int | str, ...]) -> str | None:
     return path or None
 
 
+def array_too_long(param: str, limit: int, length: int | None, counted: str = "") -> ServiceError:
+    """OpenAI's 400 for a list beyond its limit (``tools`` beyond 128, say), in its words; ``counted`` names
+    what was counted when it is not the list's own items."""
+    got = f", but got {length} instead" if length is not None else ""
+    if counted:
+        message = f"Invalid '{param}': too many {counted}. Expected at most {limit}{got}."
+    else:
+        got = got.replace("got", "got an array with length")
+        message = f"Invalid '{param}': array too long. Expected an array with maximum length {limit}{got}."
+    return invalid(message, param, code="array_above_max_length")
+
+
 def validation_error(exc: ValidationError) -> ServiceError:
     return _first_error(exc.errors(include_url=False)[0])
 
@@ -107,6 +119,9 @@ def _first_error(first: Any) -> ServiceError:
         return invalid(f"Unrecognized request argument supplied: {param}", param)
     if first["type"] == "missing":
         return invalid(f"Missing required parameter: '{param}'.", param)
+    ctx = first.get("ctx") or {}
+    if first["type"] == "too_long" and ctx.get("field_type") == "List":
+        return array_too_long(param or "", ctx["max_length"], ctx.get("actual_length"), ctx.get("counted", ""))
     message = first["msg"].removeprefix("Value error, ")
     return invalid(f"Invalid value for '{param}': {message}" if param else message, param)
 

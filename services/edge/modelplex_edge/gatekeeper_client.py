@@ -14,6 +14,11 @@ tickets (``resumed``), so the gatekeeper keeps their concurrency slots: nothing 
 released early, and nothing is admitted twice. Most requests never wait on the stream at all:
 they are admitted from quota leases (modelplex_edge.leases).
 
+While the sidecar is unreachable every request that needs it fails the same way; the outage is logged
+as state changes (modelplex_kit.outages): one WARNING when it begins, a summary at most every
+``summary_seconds`` while it lasts (requests refused, stream failures), one INFO line when the sidecar
+answers again. A stream a write went through on that then ends (the server aged it out) is one line, as before.
+
 Even so a Python gRPC hop costs more than the gatekeeper's budget (docs/benchmarks.md),
 so the same decisions can also run embedded in the edge (target ``embedded``): with the
 in-memory store for one replica, or Redis shared by many.
@@ -37,6 +42,7 @@ from modelplex_edge.leases import Draw, LeaseBook, duration
 from modelplex_kit.connections import KEEPALIVE
 from modelplex_kit.errors import ServiceError, model_not_found, unavailable
 from modelplex_kit.logging import request_id_var
+from modelplex_kit.outages import SUMMARY_SECONDS, OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,17 @@ def _fail(waiter: asyncio.Future | None) -> None:
         waiter.exception()  # retrieved: its admit may already have given up (and raised) on its own
 
 
+def _error_name(exc: BaseException) -> str:
+    """A gRPC status code, or the exception's type: never its text (which may name internal addresses)."""
+    code = getattr(exc, "code", None)
+    if callable(code):
+        try:
+            return code().name
+        except Exception:
+            pass
+    return type(exc).__name__
+
+
 def embedded_transport():
     """The gatekeeper's decisions inside this process (its public facade; imported only when asked for)."""
     from modelplex_gatekeeper.embedded import EmbeddedGatekeeper
@@ -126,14 +143,22 @@ class GatekeeperAdmission:
     """
 
     def __init__(
-        self, target: str, timeout_seconds: float = 2.0, *, leases: bool = True, fail_open: bool = False
+        self,
+        target: str,
+        timeout_seconds: float = 2.0,
+        *,
+        leases: bool = True,
+        fail_open: bool = False,
+        summary_seconds: float = SUMMARY_SECONDS,
     ) -> None:
         self._book: LeaseBook | None = None
+        self._outage: OutageLog | None = None
         if target == "embedded":
             self._transport = embedded_transport()
             return
-        stream = StreamTransport(target, timeout_seconds)
+        stream = StreamTransport(target, timeout_seconds, summary_seconds)
         self._transport = stream
+        self._outage = stream.outage
         if leases:
             self._book = LeaseBook(stream.renew, stream.give_back, fail_open)
             stream.on_revoked = self._book.revoked
@@ -156,10 +181,15 @@ class GatekeeperAdmission:
         try:
             reply = await self._transport.admit(request)
         except BaseException as exc:  # unreachable (a 503), or the client left while it waited
-            if book is None:
-                raise
-            book.failed(key, unreachable=isinstance(exc, ServiceError), asked=asked)
-            draw = book.draw(key, ask.model, ask.endpoint, cost) if isinstance(exc, ServiceError) else None
+            unreachable = isinstance(exc, ServiceError)
+            draw = None
+            if book is not None:
+                book.failed(key, unreachable=unreachable, asked=asked)
+                draw = book.draw(key, ask.model, ask.endpoint, cost) if unreachable else None
+            if unreachable and self._outage is not None:
+                self._outage.failed(
+                    "no decision", "requests refused" if draw is None else "requests admitted fail-open"
+                )
             if draw is None:
                 raise
             return _from_lease(draw, ask)  # fail-open: a key the gatekeeper vouched for
@@ -199,6 +229,7 @@ class GatekeeperAdmission:
                 ended=used.ended,
                 meta=common_pb2.RequestMeta(request_id=request_id_var.get(), principal_id=admitted.principal_id),
                 lease_tokens=lease_tokens,
+                response_id=admitted.response_id,
             )
         )
 
@@ -211,11 +242,13 @@ class GatekeeperAdmission:
 class StreamTransport:
     """The sidecar over one multiplexed bidirectional stream."""
 
-    def __init__(self, target: str, timeout_seconds: float = 2.0) -> None:
+    def __init__(self, target: str, timeout_seconds: float = 2.0, summary_seconds: float = SUMMARY_SECONDS) -> None:
         self._channel = grpc.aio.insecure_channel(target, options=KEEPALIVE.client_options())
         self._stub = gatekeeper_pb2_grpc.GatekeeperServiceStub(self._channel)
         self._timeout = timeout_seconds
         self._call: grpc.aio.StreamStreamCall | None = None
+        #: The last stream a write went through on: if it ends, it was working (not an outage).
+        self._taken: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task | None = None
         # Tickets of admitted requests not yet accounted: resumed on a new stream if this one ends.
         self._running: set[str] = set()
@@ -229,6 +262,8 @@ class StreamTransport:
         self._flushing: set[asyncio.Task] = set()
         #: Told the names of keys the gatekeeper says were edited or revoked.
         self.on_revoked: Callable[[list[str]], None] | None = None
+        #: Failures to reach the sidecar, logged once per outage (and a summary while it lasts).
+        self.outage = OutageLog(log, "gatekeeper", summary_seconds=summary_seconds)
 
     async def admit(self, request: pb.AdmitRequest) -> pb.AdmitReply:
         request.id = next(self._ids)
@@ -241,7 +276,10 @@ class StreamTransport:
             if reply.ticket:
                 self._running.add(reply.ticket)
             return reply
-        except (TimeoutError, ConnectionError):
+        except TimeoutError:
+            self.outage.failed(f"no answer within {self._timeout:g} s", "admissions timed out")
+            raise unavailable(_UNREACHABLE) from None
+        except ConnectionError:  # the stream's failure is logged where it was seen
             raise unavailable(_UNREACHABLE) from None
         finally:
             self._pending.pop(request.id, None)
@@ -327,7 +365,9 @@ class StreamTransport:
                     self._queue.resumed[:] = sorted(self._running)
                 batch, self._queue = self._queue, pb.GateBatch()
                 try:
-                    await self._stream().write(batch)
+                    call = self._stream()
+                    await call.write(batch)
+                    self._taken = call  # the sidecar took a write (an outage ends at its next answer)
                 except (grpc.RpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
                     self._broken(batch, exc)
                     raise ConnectionError from None
@@ -335,7 +375,7 @@ class StreamTransport:
             self._writing = False
 
     def _broken(self, batch: pb.GateBatch, exc: BaseException) -> None:
-        log.warning("gatekeeper stream failed", extra={"error": type(exc).__name__})
+        self.outage.failed(f"stream failed ({_error_name(exc)})", "stream failures")
         self._drop_stream()
         for admit in batch.admits:
             _fail(self._pending.pop(admit.id, None))
@@ -355,6 +395,7 @@ class StreamTransport:
                 message = await call.read()
                 if message is grpc.aio.EOF:
                     break
+                self.outage.recovered()  # a None check, unless an outage ends here (one INFO line)
                 for reply in message.replies:
                     waiter = self._pending.get(reply.id)
                     if waiter is not None and not waiter.done():
@@ -362,8 +403,12 @@ class StreamTransport:
                 if message.revoked and self.on_revoked is not None:
                     self.on_revoked(list(message.revoked))
         except (grpc.RpcError, asyncio.CancelledError) as exc:
-            if not isinstance(exc, asyncio.CancelledError):
-                log.warning("gatekeeper stream ended", extra={"error": type(exc).__name__})
+            if isinstance(exc, asyncio.CancelledError):
+                pass
+            elif call is self._taken:  # a stream the sidecar took ended (aged out, or it went away): once
+                log.warning("gatekeeper stream ended", extra={"error": _error_name(exc)})
+            elif self._call is call:  # no write went through: unreachable (unless the write failed first)
+                self.outage.failed(f"stream failed ({_error_name(exc)})", "stream failures")
         finally:
             if self._call is call:
                 self._call = None
@@ -386,4 +431,4 @@ class StreamTransport:
                 return
             except ConnectionError:
                 delay = min(delay * 2, 2.0)
-        log.warning("could not resume requests in flight on the gatekeeper", extra={"requests": len(self._running)})
+        self.outage.failed(f"could not resume {len(self._running)} requests in flight", "resumes given up")

@@ -32,10 +32,17 @@ class EdgeSettings(ServiceSettings, ObjectStoreSettings):
     # While the sidecar is unreachable: "closed" refuses (503 + Retry-After) once a key's lease has
     # expired (within one lease period); "open" keeps serving keys that held a lease, at its size.
     gatekeeper_failure: Literal["open", "closed"] = "closed"
+    # While a dependency is down (the gatekeeper sidecar, the catalog, the batch queue) its outage is
+    # logged once, then summarised at most this often (requests refused, retries), then once when it is back.
+    outage_summary_seconds: float = Field(60.0, gt=0)
     # Browser origins allowed by CORS; empty keeps CORS closed (a server-to-server API).
     # Comma-separated in the environment, as the Helm chart writes it.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_body_bytes: int = 16 * 1024 * 1024
+    # How much structure a JSON body may hold (outside strings, a comma or colon weighs 1, a bracket or
+    # brace 4), so that no body holds the event loop long while it is parsed: a 413 beyond it
+    # (modelplex_edge.json_budget). 0: no limit.
+    max_json_weight: int = Field(300_000, ge=0)
     # Body limit of the file-upload endpoints (/v1/audio/transcriptions, /translations): OpenAI's 25 MB
     # file plus the form around it. The file itself is held to 25 MB (413) by the endpoint.
     max_upload_bytes: int = 26 * 1024 * 1024

@@ -21,7 +21,7 @@ KEY = "sk-hot-routes"
 
 def client() -> httpx.AsyncClient:
     app = create_app(EdgeSettings())
-    app.state.edge = SimpleNamespace(admission=DevKeyAdmission(KEY))  # enough for the refusals below
+    app.state.edge = SimpleNamespace(admission=DevKeyAdmission(KEY), settings=EdgeSettings())  # enough for refusals
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge")
 
 

@@ -33,7 +33,7 @@ async def test_a_repeated_request_calls_labels_no_more(monkeypatch):
 
     monkeypatch.setattr(MetricWrapperBase, "labels", counted)
     app = create_app(EdgeSettings())
-    app.state.edge = SimpleNamespace(admission=DevKeyAdmission("k"))
+    app.state.edge = SimpleNamespace(admission=DevKeyAdmission("k"), settings=EdgeSettings())
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://edge") as edge:
         for _ in range(2):  # the same refusal twice: the same route and status labels
             assert (await edge.post("/v1/embeddings", content=b"{}", headers={"Authorization": "Bearer k"})).is_error

@@ -189,7 +189,10 @@ async def test_background_usage_is_metered_to_the_keys_project(tmp_path, monkeyp
     monkeypatch.setenv("MODELPLEX_GATEKEEPER_USAGE_FILE", str(usage_file))
     async with scripted_edge(gatekeeper_target="embedded") as gated:
         client = openai.AsyncOpenAI(base_url=gated.base_url, api_key="sk-ada-1", max_retries=0)
-        created = await client.responses.create(model="scripted", input="meter me", background=True)
+        raw_created = await client.responses.with_raw_response.create(
+            model="scripted", input="meter me", background=True
+        )
+        created = raw_created.parse()
         await finished(client, created.id)
 
         def metered():
@@ -209,6 +212,9 @@ async def test_background_usage_is_metered_to_the_keys_project(tmp_path, monkeyp
                 await attempt
     assert rows[0]["key"] == "ada-1" and rows[0]["project"] == "alpha"
     assert rows[0]["completion_tokens"] == 3 and rows[0]["prompt_tokens"] > 0 and not rows[0]["failed"]
+    # Matched to its create call (its x-request-id) and to the response it produced.
+    assert rows[0]["request_id"] == raw_created.headers["x-request-id"] != ""
+    assert rows[0]["response_id"] == created.id
 
 
 async def test_a_full_queue_is_a_429_with_retry_after():

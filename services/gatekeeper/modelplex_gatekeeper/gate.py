@@ -328,6 +328,7 @@ class Gate:
             # Why it ended early ("client_disconnect", "drain", "upstream_failure"); "" when it ran to its end.
             "ended": request.ended,
             "request_id": request.meta.request_id,
+            "response_id": request.response_id,
         }
         return Accounting(key, slot, reserved, used, record)
 

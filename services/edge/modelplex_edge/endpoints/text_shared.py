@@ -94,4 +94,9 @@ def add_usage(total: common_pb2.Usage, part: common_pb2.Usage) -> None:
 def estimate_tokens(texts: Iterable[str]) -> int:
     """A cheap upper-leaning token estimate (about 4 bytes a token), for admission only: the
     backend counts exactly, and the gatekeeper reconciles with the real usage afterwards."""
-    return sum(len(text.encode()) for text in texts) // 4 + 1
+    return estimate_bytes(sum(len(text.encode()) for text in texts))
+
+
+def estimate_bytes(size: int) -> int:
+    """``estimate_tokens`` of texts whose UTF-8 sizes add up to ``size``."""
+    return size // 4 + 1

@@ -6,6 +6,9 @@ while it runs; the renewal also notices a cancel (the ``cancel`` marker). Lines 
 ``batches_yield_in_flight`` interactive calls are in flight to its backend; each finished chunk is written
 as a part before the next starts. A worker that dies (SIGKILL) loses at most its chunk in progress: its
 successor skips every line already in a part, so no ``custom_id`` is ever written twice.
+
+A queue that cannot be reached fails every worker's every poll: that is logged as an outage
+(modelplex_kit.outages), once with its traceback, a summary while it lasts, once when a claim works again.
 """
 
 from __future__ import annotations
@@ -20,12 +23,15 @@ from typing import Any
 
 import orjson
 
+from modelplex_edge import json_budget
 from modelplex_edge.endpoints.batches import lines
 from modelplex_edge.endpoints.batches.records import TERMINAL, BatchJob, BatchObjects, BatchUsage, Part
 from modelplex_edge.endpoints.files.store import FileStore
 from modelplex_edge.state import EdgeState
 from modelplex_kit import jobqueue
 from modelplex_kit.errors import ServiceError
+from modelplex_kit.looplag import TimeSlice
+from modelplex_kit.outages import OutageLog
 
 log = logging.getLogger(__name__)
 #: Errors named in a failed validation's ``errors`` (the rest are counted, not listed).
@@ -52,6 +58,14 @@ class BatchWorker:
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._stopping = False
+        #: Claims that failed (the queue's store unreachable), shared by this edge's workers.
+        self.queue_outage = OutageLog(
+            log,
+            "batch queue",
+            summary_seconds=self._settings.outage_summary_seconds,
+            down="unavailable",
+            up="available again",
+        )
 
     def start(self) -> None:
         count = self._settings.batches_workers
@@ -82,9 +96,11 @@ class BatchWorker:
         while True:
             try:
                 job = await self._queue.claim(worker, self._settings.batches_lease_seconds)
-            except Exception:
-                log.warning("batch queue unavailable", exc_info=True)
+            except Exception as exc:
+                self.queue_outage.failed(f"claim failed ({type(exc).__name__})", "claims failed", exc_info=True)
                 job = None
+            else:
+                self.queue_outage.recovered()
             if job is None:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -188,10 +204,12 @@ class _Run:
     async def validate(self) -> bool:
         """Checks every line; a batch with any invalid line is failed with ``errors`` naming them."""
         endpoint, seen, errors, total, models = self.batch["endpoint"], set(), [], 0, []
+        step = TimeSlice()  # a file of many lines is checked without holding the edge's loop
         async for raw in self._input():
             total += 1
+            await step.pause()
             try:
-                checked = lines.parse_line(raw, endpoint, self._settings.max_body_bytes)
+                checked = await self._parse(raw, endpoint)
                 if checked.line.custom_id in seen:
                     errors.append(_duplicate(raw.number))
                     del errors[MAX_LISTED_ERRORS:]
@@ -245,10 +263,10 @@ class _Run:
             async with slots:
                 if self._must_stop():
                     return
-                await self._quiet(endpoint, raw)
+                checked = await self._parse(raw, endpoint)
+                await self._quiet(endpoint, checked)
                 if self._must_stop():
                     return
-                checked = lines.parse_line(raw, endpoint, self._settings.max_body_bytes)
                 ok, result = await lines.run_line(self._state, self.job, endpoint, checked)
                 finished.append({"line": raw.index, "ok": ok, "result": result})
 
@@ -274,10 +292,15 @@ class _Run:
     def _must_stop(self) -> bool:
         return self.cancelled or time.time() >= self.batch["expires_at"]
 
-    async def _quiet(self, endpoint: str, raw: lines.RawLine) -> None:
+    async def _parse(self, raw: lines.RawLine, endpoint: str) -> lines.Checked:
+        """The line checked, within the JSON budget of any request body."""
+        await json_budget.check(raw.data, self._settings.max_json_weight)
+        return lines.parse_line(raw, endpoint, self._settings.max_body_bytes)
+
+    async def _quiet(self, endpoint: str, checked: lines.Checked) -> None:
         """Waits while the line's backend is busy with interactive requests (below interactive traffic)."""
         try:
-            model_name = orjson.loads(raw.data)["body"]["model"]
+            model_name = checked.body.model  # type: ignore[attr-defined]
             modality = lines.ROUTES[endpoint].endpoint.modality.proto
             target = self._state.catalog.resolve(model_name, modality).backend_target
         except Exception:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated, Any, Literal
 
-from pydantic import Discriminator, Field, Tag, model_validator
+from pydantic import BeforeValidator, Discriminator, Field, Tag, model_validator
 
 from modelplex_edge.wire import (
+    FAIL_FAST,
+    MAX_TOOL_CALLS,
+    MAX_TOOLS,
     Lenient,
     OutputTokens,
     Penalty,
@@ -16,6 +20,7 @@ from modelplex_edge.wire import (
     Strict,
     Temperature,
     TopP,
+    count_parts,
     param_error,
 )
 
@@ -72,9 +77,9 @@ class MessageToolCall(Lenient):
 
 class ChatMessage(Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
+    content: str | Annotated[list[ContentPart], FAIL_FAST] | None = None
     name: str | None = None
-    tool_calls: list[MessageToolCall] | None = None
+    tool_calls: Annotated[list[MessageToolCall] | None, Field(max_length=MAX_TOOL_CALLS)] = None
     tool_call_id: str | None = None
 
     @model_validator(mode="after")
@@ -127,7 +132,9 @@ class ResponseFormat(Strict):
 
 class ChatCompletionRequest(Strict):
     model: str
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[
+        list[ChatMessage], Field(min_length=1), FAIL_FAST, BeforeValidator(partial(count_parts, "messages"))
+    ]
     frequency_penalty: Penalty = None
     presence_penalty: Penalty = None
     logit_bias: dict[str, float] | None = None
@@ -143,7 +150,7 @@ class ChatCompletionRequest(Strict):
     stream_options: StreamOptions | None = None
     temperature: Temperature = None
     top_p: TopP = None
-    tools: list[ToolDef] | None = None
+    tools: Annotated[list[ToolDef] | None, Field(max_length=MAX_TOOLS)] = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     user: str | None = None

@@ -4,14 +4,38 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
-from modelplex_edge.wire import OutputTokens, Penalty, Seed, Stop, StreamOptions, Strict, Temperature, TopP, param_error
+from modelplex_edge.wire import (
+    OutputTokens,
+    Penalty,
+    Seed,
+    Stop,
+    StreamOptions,
+    Strict,
+    Temperature,
+    TopP,
+    param_error,
+    too_long,
+)
+
+#: Prompts in one request (each is its own generation): the bound embeddings' inputs have at OpenAI.
+MAX_PROMPTS = 2048
+
+
+def _prompt_count(value: object) -> object:
+    # Before the union is tried, so the error names the bound (a list of ints is one tokenized prompt).
+    if isinstance(value, list) and len(value) > MAX_PROMPTS and not isinstance(value[0], int):
+        raise too_long("prompt", MAX_PROMPTS, len(value))
+    return value
 
 
 class CompletionRequest(Strict):
     model: str
-    prompt: str | Annotated[list[str], Field(min_length=1)] | list[int] | list[list[int]]
+    prompt: Annotated[
+        str | Annotated[list[str], Field(min_length=1)] | list[int] | list[list[int]],
+        BeforeValidator(_prompt_count),
+    ]
     best_of: Annotated[int | None, Field(ge=0, le=20)] = None
     echo: bool | None = None
     frequency_penalty: Penalty = None

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BeforeValidator, Field
 
-from modelplex_edge.wire import UINT32_MAX, Strict, param_error
+from modelplex_edge.wire import UINT32_MAX, Strict, too_long
 
 # OpenAI's limit on inputs per request; a model's own limit may be lower (checked against the catalog).
 MAX_INPUTS = 2048
@@ -18,7 +18,7 @@ def _count_rule(value: object) -> object:
     # Checked before the union is tried, so the message names the limit instead of "Input should be a
     # valid string" from the union's first member. A list of ints is one token array, not many inputs.
     if isinstance(value, list) and len(value) > MAX_INPUTS and not isinstance(value[0], int):
-        raise param_error("input", f"at most {MAX_INPUTS} inputs are allowed per request; {len(value)} were given.")
+        raise too_long("input", MAX_INPUTS, len(value))
     return value
 
 

@@ -40,6 +40,8 @@ from modelplex_edge.sse import event
 from modelplex_edge.state import EdgeState
 from modelplex_kit import jobqueue
 from modelplex_kit.errors import ServiceError
+from modelplex_kit.logging import request_id_var
+from modelplex_kit.outages import OutageLog
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,17 @@ class BackgroundJob(jobqueue.JobRecord):
     principal_id: str = ""
     project: str = ""
     ticket: str = ""
+    #: The create call's request id (its x-request-id), which the usage record carries.
+    request_id: str = ""
 
     def admitted(self, endpoint: str) -> Admitted:
         return Admitted(
-            self.principal_id, endpoint=endpoint, model=self.model, ticket=self.ticket, project=self.project
+            self.principal_id,
+            endpoint=endpoint,
+            model=self.model,
+            ticket=self.ticket,
+            project=self.project,
+            response_id=self.id,
         )
 
 
@@ -111,6 +120,7 @@ async def enqueue(
         principal_id=admitted.principal_id,
         project=admitted.project,
         ticket=admitted.ticket,
+        request_id=request_id_var.get(),
         created_at=queued["created_at"],
     )
     try:
@@ -203,6 +213,15 @@ class BackgroundWorker:
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self._stopping = False
+        #: Claims that failed (the queue's store unreachable), shared by this edge's workers: an outage is
+        #: logged once with its traceback, summarised while it lasts, and once when a claim works again.
+        self.queue_outage = OutageLog(
+            log,
+            "background queue",
+            summary_seconds=self._settings.outage_summary_seconds,
+            down="unavailable",
+            up="available again",
+        )
 
     def start(self) -> None:
         count = self._settings.responses_background_workers
@@ -228,9 +247,11 @@ class BackgroundWorker:
         while True:
             try:
                 job = await self._queue.claim(worker, lease)
-            except Exception:  # the queue is unreachable: try again later
-                log.warning("background queue unavailable", exc_info=True)
+            except Exception as exc:  # the queue is unreachable: try again later
+                self.queue_outage.failed(f"claim failed ({type(exc).__name__})", "claims failed", exc_info=True)
                 job = None
+            else:
+                self.queue_outage.recovered()
             if job is None:
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -286,6 +307,7 @@ class BackgroundWorker:
                 raise _Gone(job.id)
 
     async def _respond(self, job: BackgroundJob) -> None:
+        request_id_var.set(job.request_id)  # this task's own context: logs and the usage record name it
         store, settings = self._state.responses, self._settings
         record = await store.get(job.principal, job.id)
         if record is None or record.response["status"] in TERMINAL:  # deleted or cancelled meanwhile
@@ -305,7 +327,9 @@ class BackgroundWorker:
         try:
             async with call:
                 try:
-                    chain = await load_chain(store, job.principal, body.previous_response_id, settings)
+                    chain = await load_chain(
+                        store, job.principal, body.previous_response_id, settings, *translate.chain_room(body)
+                    )
                     prompt = translate.Prompt(body, [*chain.items, *body.items])
                     prompt.fit(call.model.context_length)
                     meta = call.meta(body.safety_identifier or body.user)

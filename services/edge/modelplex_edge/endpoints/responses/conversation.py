@@ -13,6 +13,7 @@ from typing import Any
 from modelplex_edge.endpoints.responses.protocol import InputItem, parse_item
 from modelplex_edge.endpoints.responses.store import ResponseStore, StoredResponse
 from modelplex_edge.settings import EdgeSettings
+from modelplex_edge.wire import MAX_ITEMS
 from modelplex_kit.errors import invalid
 
 PARAM = "previous_response_id"
@@ -33,7 +34,38 @@ def _tokens_of(record: StoredResponse) -> int:
     return int(usage.get("total_tokens") or 0)
 
 
-async def load_chain(store: ResponseStore, scope: str, previous_id: str | None, settings: EdgeSettings) -> Chain:
+def _user_message(item: dict[str, Any]) -> bool:
+    return item.get("type", "message") == "message" and item.get("role") == "user"
+
+
+def _newest(raw: list[dict[str, Any]], room: int, truncate: bool, previous_id: str) -> list[dict[str, Any]]:
+    """The chain's items within ``room`` (what MAX_ITEMS leaves beside the new input): with ``truncate``, its
+    newest turns (from a user message on, as truncation drops them), else a 400. A chain grows by up to
+    MAX_ITEMS a response: replaying all of it would cost the loop in proportion to the whole conversation."""
+    if len(raw) <= room:
+        return raw
+    if not truncate:
+        raise invalid(
+            f"The conversation of '{previous_id}' holds {len(raw)} items; with the new input that is more than "
+            f"the {MAX_ITEMS} a request may hold. Set truncation to 'auto' or start a new conversation.",
+            PARAM,
+            code="array_above_max_length",
+        )
+    start = len(raw) - room
+    while start < len(raw) and not _user_message(raw[start]):
+        start += 1
+    return raw[start:]
+
+
+async def load_chain(
+    store: ResponseStore,
+    scope: str,
+    previous_id: str | None,
+    settings: EdgeSettings,
+    room: int = MAX_ITEMS,
+    truncate: bool = False,
+) -> Chain:
+    """The stored conversation before a new request, within ``room`` items (see ``_newest``)."""
     if not previous_id:
         return Chain()
     latest = await store.get(scope, previous_id)
@@ -63,5 +95,5 @@ async def load_chain(store: ResponseStore, scope: str, previous_id: str | None, 
                 PARAM,
                 code=NOT_FOUND,
             )
-    raw = [item for turn in reversed(turns) for item in turn]
+    raw = _newest([item for turn in reversed(turns) for item in turn], room, truncate, previous_id)
     return Chain([parse_item(item, i) for i, item in enumerate(raw)], latest.depth)

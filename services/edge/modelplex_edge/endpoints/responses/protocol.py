@@ -12,7 +12,17 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from modelplex_edge.errors import openai_param
-from modelplex_edge.wire import Lenient, Strict, Temperature, TopP, param_error
+from modelplex_edge.wire import (
+    FAIL_FAST,
+    MAX_TOOLS,
+    Lenient,
+    Strict,
+    Temperature,
+    TopP,
+    count_parts,
+    param_error,
+    too_long,
+)
 
 # OpenAI's hosted tools: served by OpenAI's own infrastructure, not by a self-hosted model.
 HOSTED_TOOLS = frozenset(
@@ -68,7 +78,7 @@ class MessageItem(Lenient):
     type: Literal["message"] = "message"
     id: str | None = None
     role: Literal["user", "assistant", "system", "developer"]
-    content: str | list[Part]
+    content: str | Annotated[list[Part], FAIL_FAST]
 
 
 class FunctionCallItem(Lenient):
@@ -83,7 +93,7 @@ class FunctionCallOutputItem(Lenient):
     type: Literal["function_call_output"]
     id: str | None = None
     call_id: Annotated[str, Field(min_length=1)]
-    output: str | list[InputText]
+    output: str | Annotated[list[InputText], FAIL_FAST]
 
 
 InputItem = MessageItem | FunctionCallItem | FunctionCallOutputItem
@@ -219,6 +229,7 @@ class CreateResponseRequest(Strict):
             return value
         if not value:
             raise param_error("input", "'input' must not be empty.")
+        count_parts("input", value)
         return [parse_item(raw, i) for i, raw in enumerate(value)]
 
     @field_validator("tools")
@@ -226,6 +237,8 @@ class CreateResponseRequest(Strict):
     def _function_tools(cls, value: list[Any] | None) -> list[FunctionTool] | None:
         if value is None:
             return None
+        if len(value) > MAX_TOOLS:
+            raise too_long("tools", MAX_TOOLS, len(value))
         tools = []
         for i, raw in enumerate(value):
             kind = _type_of(raw)

@@ -19,10 +19,12 @@ from modelplex_edge.sse import sse_response
 from modelplex_edge.state import EdgeState
 from modelplex_kit.errors import ServiceError, invalid
 from modelplex_kit.modalities import text
+from modelplex_kit.modalities.text import CHAT_OUTPUT_BOUNDS
 
 router = APIRouter()
 ENDPOINT = pipeline.Endpoint("responses", text.MODALITY)
 MAX_PAGE = 100
+_OUTPUT_BOUNDS = frozenset({"max_tokens", "max_completion_tokens"})
 
 
 def _state(http: Request) -> EdgeState:
@@ -34,12 +36,16 @@ def _not_found(response_id: str) -> ServiceError:
 
 
 def _in_responses_terms(exc: grpc.aio.AioRpcError | ServiceError) -> ServiceError:
-    """The text checks name chat's parameters (`messages`, `logprobs`); here they are `input`, `include`."""
+    """The text checks name chat's parameters (`messages`, `logprobs`, `max_tokens`); here they are `input`,
+    `include`, `max_output_tokens`."""
     error = exc if isinstance(exc, ServiceError) else ServiceError.from_rpc_error(exc)
     if error.param and error.param.startswith("messages"):
         error.param = "input"
     elif error.param == "logprobs":
         error.param = "include"
+    elif error.param in _OUTPUT_BOUNDS:
+        error.param = "max_output_tokens"
+        error.message = error.message.replace(CHAT_OUTPUT_BOUNDS, "'max_output_tokens'")
     return error
 
 
@@ -65,7 +71,9 @@ async def create_response(http: Request) -> Response:
         await pipeline.refuse(http, ENDPOINT.name, invalid("Background mode requires 'store' to be true.", "store"))
     state = _state(http)
     scope = (await pipeline.identify(http, ENDPOINT)).scope if body.previous_response_id else ""
-    chain = await load_chain(state.responses, scope, body.previous_response_id, state.settings)
+    chain = await load_chain(
+        state.responses, scope, body.previous_response_id, state.settings, *translate.chain_room(body)
+    )
     prompt = translate.Prompt(body, [*chain.items, *body.items])
     async with await pipeline.open_call(
         http, ENDPOINT, body.model, lambda model: prompt.fit(model.context_length)

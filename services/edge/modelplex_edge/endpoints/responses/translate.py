@@ -21,9 +21,10 @@ from modelplex_edge.endpoints.responses.protocol import (
     InputText,
     MessageItem,
     NamedFunction,
-    Refusal,
 )
-from modelplex_edge.endpoints.text_shared import estimate_tokens, sampling, tool_choice
+from modelplex_edge.endpoints.text_shared import estimate_bytes, sampling, tool_choice
+from modelplex_edge.wire import MAX_ITEMS
+from modelplex_kit.modalities.text import check_output_bound
 
 _FORMATS = {
     "text": text_pb2.ResponseFormat.TYPE_TEXT,
@@ -39,39 +40,35 @@ def new_id(prefix: str) -> str:
 # -- request -> proto ------------------------------------------------------------------------
 
 
-def _part(part: InputText | InputImage | Refusal) -> text_pb2.ContentPart:
-    if isinstance(part, InputImage):
-        return text_pb2.ContentPart(image=text_pb2.ImageInput(url=part.image_url or "", detail=part.detail))
-    return text_pb2.ContentPart(text=part.text if isinstance(part, InputText) else part.refusal)
-
-
-def _content(content: str | list) -> list[text_pb2.ContentPart]:
+def _add_content(parts: Any, content: str | list) -> None:
     if isinstance(content, str):
-        return [text_pb2.ContentPart(text=content)]
-    return [_part(part) for part in content]
+        parts.add(text=content)
+        return
+    for part in content:
+        if isinstance(part, InputImage):
+            parts.add(image=text_pb2.ImageInput(url=part.image_url or "", detail=part.detail))
+        else:
+            parts.add(text=part.text if isinstance(part, InputText) else part.refusal)
 
 
 def _output_text(output: str | list[InputText]) -> str:
     return output if isinstance(output, str) else "".join(part.text for part in output)
 
 
-def chat_messages(instructions: str | None, items: Iterable[InputItem]) -> list[text_pb2.ChatMessage]:
-    """Items as chat messages: function calls join the assistant turn they follow, outputs are tool turns."""
-    messages = [text_pb2.ChatMessage(role="system", content=[text_pb2.ContentPart(text=instructions)])]
-    if not instructions:
-        messages.clear()
+def add_chat_messages(messages: Any, instructions: str | None, items: Iterable[InputItem]) -> None:
+    """Items as chat messages, appended in place to a request's repeated ``messages`` (no text copied twice):
+    function calls join the assistant turn they follow, outputs are tool turns."""
+    if instructions:
+        messages.add(role="system").content.add(text=instructions)
     for item in items:
         if isinstance(item, MessageItem):
-            messages.append(text_pb2.ChatMessage(role=item.role, content=_content(item.content)))
+            _add_content(messages.add(role=item.role).content, item.content)
         elif isinstance(item, FunctionCallItem):
-            call = text_pb2.ToolCall(id=item.call_id, name=item.name, arguments=item.arguments)
             if not messages or messages[-1].role != "assistant":
-                messages.append(text_pb2.ChatMessage(role="assistant"))
-            messages[-1].tool_calls.append(call)
+                messages.add(role="assistant")
+            messages[-1].tool_calls.add(id=item.call_id, name=item.name, arguments=item.arguments)
         elif isinstance(item, FunctionCallOutputItem):
-            content = [text_pb2.ContentPart(text=_output_text(item.output))]
-            messages.append(text_pb2.ChatMessage(role="tool", tool_call_id=item.call_id, content=content))
-    return messages
+            messages.add(role="tool", tool_call_id=item.call_id).content.add(text=_output_text(item.output))
 
 
 def _tool_choice(body: CreateResponseRequest) -> text_pb2.ToolChoice:
@@ -104,33 +101,48 @@ class Prompt:
     body: CreateResponseRequest
     items: list[InputItem]
 
-    def estimate(self) -> int:
-        """Prompt tokens, estimated (the backend counts exactly, the gatekeeper reconciles)."""
-        texts = [item.model_dump_json() for item in self.items]
-        texts += [self.body.instructions or ""] + [tool.model_dump_json() for tool in self.body.tools or ()]
-        return estimate_tokens(texts)
+    def _fixed_bytes(self) -> int:
+        """What every prompt carries whatever is dropped: the instructions and the tools."""
+        return len((self.body.instructions or "").encode()) + sum(
+            len(tool.model_dump_json().encode()) for tool in self.body.tools or ()
+        )
 
     def fit(self, context_length: int) -> int:
         """With ``truncation: auto``, drops the oldest turns (up to the next user message, so no tool output
         loses its call) until the prompt and the output bound fit; returns what admission reserves: the
-        prompt plus the output bound (the rest of the context without one)."""
-        room = context_length - (self.body.max_output_tokens or 1)
-        while self.body.truncation == "auto" and len(self.items) > 1 and self.estimate() > room:
-            rest = self.items[1:]
-            while len(rest) > 1 and not _is_user_turn(rest[0]):
-                rest = rest[1:]
-            self.items = rest
-        prompt = self.estimate()
-        return prompt + (self.body.max_output_tokens or max(0, context_length - prompt))
+        prompt plus the output bound (the rest of the context without one).
+
+        Linear in the items: each is serialized once and the dropped ones are subtracted, so a long input
+        costs the event loop one pass (it was one pass per dropped turn: 10,000 items held the loop 45 s)."""
+        asked = self.body.max_output_tokens
+        check_output_bound(asked, context_length, "max_output_tokens")  # a 400 before admission, not a 429
+        sizes = [len(item.model_dump_json().encode()) for item in self.items]
+        total = self._fixed_bytes() + sum(sizes)
+        room = context_length - (asked or 1)
+        start = 0
+        if self.body.truncation == "auto":
+            while len(sizes) - start > 1 and estimate_bytes(total) > room:
+                total -= sizes[start]
+                start += 1
+                while len(sizes) - start > 1 and not _is_user_turn(self.items[start]):
+                    total -= sizes[start]
+                    start += 1
+            self.items = self.items[start:]
+        prompt = estimate_bytes(total)
+        return prompt + (asked or max(0, context_length - prompt))
+
+
+def chain_room(body: CreateResponseRequest) -> tuple[int, bool]:
+    """(items of a stored chain a request has room for, whether older turns may be dropped to fit)."""
+    return MAX_ITEMS - len(body.items), body.truncation == "auto"
 
 
 def to_proto(
     body: CreateResponseRequest, items: list[InputItem], model_id: str, meta: common_pb2.RequestMeta
 ) -> text_pb2.GenerateRequest:
-    return text_pb2.GenerateRequest(
+    request = text_pb2.GenerateRequest(
         meta=meta,
         model=model_id,
-        chat=text_pb2.ChatInput(messages=chat_messages(body.instructions, items)),
         prompt_cache_key=body.prompt_cache_key or "",
         user=body.user or body.safety_identifier or "",
         sampling=sampling(
@@ -157,6 +169,8 @@ def to_proto(
         logprobs=body.wants_logprobs,
         top_logprobs=(body.top_logprobs or 0) if body.wants_logprobs else 0,
     )
+    add_chat_messages(request.chat.messages, body.instructions, items)
+    return request
 
 
 # -- results -> the Response object -------------------------------------------------------------

@@ -17,7 +17,7 @@ from starlette.datastructures import UploadFile
 from starlette.responses import Response, StreamingResponse
 
 from modelplex.v1 import catalog_pb2, videos_pb2
-from modelplex_edge import pipeline
+from modelplex_edge import json_budget, pipeline
 from modelplex_edge.endpoints.videos import translate
 from modelplex_edge.endpoints.videos.protocol import (
     ContentQuery,
@@ -71,7 +71,9 @@ async def _create_body(http: Request) -> tuple[VideoCreateRequest, tuple[bytes, 
     try:
         if http.headers.get("content-type", "").startswith("multipart/form-data"):
             return await _form_body(http)
-        return parse_body(VideoCreateRequest, await http.body()), None
+        body = await http.body()
+        await json_budget.check(body, http.app.state.edge.settings.max_json_weight)
+        return parse_body(VideoCreateRequest, body), None
     except ServiceError as exc:
         await pipeline.refuse(http, CREATE.name, exc)
 
