@@ -53,13 +53,17 @@ async def _status(session: aiohttp.ClientSession, url: str) -> int:
 
 
 async def triton_ready(client: Any, model: str) -> bool:
-    """Triton (or any Open Inference Protocol server): the server and this model are ready.
+    """Triton (or any Open Inference Protocol server): the server is live and this model is ready.
+
+    Not the server's readiness: under Triton's strict readiness (its default) that is false while any
+    model of the server loads or unloads, about 1.5 s for a Python-backend model on a real tritonserver
+    2.51, which would take every other model on that server out of service meanwhile.
 
     ``client`` is a ``tritonclient.grpc.aio.InferenceServerClient``.
     """
     try:
         return bool(
-            await client.is_server_ready(client_timeout=PROBE_TIMEOUT_S)
+            await client.is_server_live(client_timeout=PROBE_TIMEOUT_S)
             and await client.is_model_ready(model, client_timeout=PROBE_TIMEOUT_S)
         )
     except Exception as exc:  # tritonclient raises its own exception and grpc's; either way: not ready
