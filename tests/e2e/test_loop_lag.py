@@ -66,12 +66,14 @@ def _catalog(tmp, floor_target: str):
 def edge(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("looplag")
     floor = start_floor(tmp)
-    target = yaml.safe_load(floor.catalog.read_text())["models"][0]["backend"]
-    env = {"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_LOG_LEVEL": "warning"}
-    running = stacks.start_stack(_catalog(tmp, target), tmp / "logs", env=env)
-    yield running
-    running.stop()
-    floor.stop()
+    try:  # the no-op backend is stopped even when the stack fails to start
+        target = yaml.safe_load(floor.catalog.read_text())["models"][0]["backend"]
+        env = {"MODELPLEX_DEV_API_KEY": KEY, "MODELPLEX_LOG_LEVEL": "warning"}
+        running = stacks.start_stack(_catalog(tmp, target), tmp / "logs", env=env)
+        yield running
+        running.stop()
+    finally:
+        floor.stop()
 
 
 # -- bodies ------------------------------------------------------------------------------------
