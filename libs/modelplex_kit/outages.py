@@ -59,6 +59,11 @@ class OutageLog:
         self._recent: Counter[str] = Counter()
         self._total: Counter[str] = Counter()
 
+    @classmethod
+    def of_queue(cls, logger: logging.Logger, what: str, summary_seconds: float) -> OutageLog:
+        """A job queue's claims: "unavailable" / "available again" (the batch and background workers)."""
+        return cls(logger, what, summary_seconds=summary_seconds, down="unavailable", up="available again")
+
     @property
     def down(self) -> bool:
         return self._since is not None

@@ -59,13 +59,7 @@ class BatchWorker:
         self._wake = asyncio.Event()
         self._stopping = False
         #: Claims that failed (the queue's store unreachable), shared by this edge's workers.
-        self.queue_outage = OutageLog(
-            log,
-            "batch queue",
-            summary_seconds=self._settings.outage_summary_seconds,
-            down="unavailable",
-            up="available again",
-        )
+        self.queue_outage = OutageLog.of_queue(log, "batch queue", self._settings.outage_summary_seconds)
 
     def start(self) -> None:
         count = self._settings.batches_workers

@@ -215,13 +215,7 @@ class BackgroundWorker:
         self._stopping = False
         #: Claims that failed (the queue's store unreachable), shared by this edge's workers: an outage is
         #: logged once with its traceback, summarised while it lasts, and once when a claim works again.
-        self.queue_outage = OutageLog(
-            log,
-            "background queue",
-            summary_seconds=self._settings.outage_summary_seconds,
-            down="unavailable",
-            up="available again",
-        )
+        self.queue_outage = OutageLog.of_queue(log, "background queue", self._settings.outage_summary_seconds)
 
     def start(self) -> None:
         count = self._settings.responses_background_workers
