@@ -156,7 +156,8 @@ class JobStore(Protocol):
     async def fail(self, job_id: str, worker: str, code: str, message: str) -> None: ...
 
     async def release(self, job_id: str, worker: str) -> None:
-        """Puts a claimed job back in the queue (the engine was unavailable)."""
+        """Puts a claimed job back in the queue (the engine was unavailable); the claim does not count as an
+        attempt, so a job waits out an engine that is down instead of failing after MAX_ATTEMPTS claims."""
         ...
 
     async def expire_due(self, now: int) -> list[str]:
@@ -363,7 +364,9 @@ class SQLiteJobStore:
     async def release(self, job_id: str, worker: str) -> None:
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET status=?, worker='', lease_until=0, progress=0 WHERE id=? AND worker=? AND status=?",
+                # Not an attempt: the engine was unavailable, the worker did not die (MAX_ATTEMPTS counts deaths).
+                "UPDATE jobs SET status=?, worker='', lease_until=0, progress=0, attempts=MAX(attempts-1, 0) "
+                "WHERE id=? AND worker=? AND status=?",
                 (QUEUED, job_id, worker, IN_PROGRESS),
             )
 
@@ -677,6 +680,7 @@ class RedisJobStore:
         stream, entry = raw[1].decode(), raw[2].decode()
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.hset(self._key("job", job_id), mapping={"status": QUEUED, "worker": "", "progress": 0})
+            pipe.hincrby(self._key("job", job_id), "attempts", -1)  # not an attempt: the engine was unavailable
             pipe.incr(self._key("queued"))
             pipe.incr(self._key("queued", job.principal))
             pipe.xack(stream, GROUP, entry)

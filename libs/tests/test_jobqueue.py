@@ -62,6 +62,14 @@ async def contract(store: jobqueue.JobStore) -> None:
     assert again.attempts == 2 and not await store.renew("c1", "w1", 0, 30)
     assert await store.renew("c1", "w2", 0, 30)
 
+    # An engine that is down: the job goes back each time, and that is no attempt (before, MAX_ATTEMPTS
+    # releases failed it with `gave_up` while nothing had died)
+    for _ in range(jobqueue.MAX_ATTEMPTS + 2):
+        waiting = await store.claim("w3", lease_seconds=30)
+        assert waiting is not None and waiting.id == "c2" and waiting.attempts == 1
+        await store.release("c2", "w3")
+    assert (await store.get("alice", "c2")).status == jobqueue.QUEUED
+
     deleted = await store.delete("alice", "c1")  # deleting is cancelling: the worker's renewal fails
     assert deleted is not None and not await store.renew("c1", "w2", 0, 30)
     assert await store.complete("c1", "w2", 0) is False

@@ -45,6 +45,9 @@ class VideosSettings(GrpcServiceSettings, ObjectStoreSettings, PoolSettings):
     lease_seconds: float = Field(15.0, gt=0)
     # Idle workers look for new jobs this often.
     poll_seconds: float = Field(0.2, gt=0)
+    # After the engine answered UNAVAILABLE (its model not loaded, its server down), a worker puts the job
+    # back and waits this long before claiming again: no busy loop against an engine that is down.
+    unavailable_backoff_seconds: float = Field(2.0, gt=0)
     # Finished content is deleted this long after completion (the row is kept, marked expired).
     content_ttl_seconds: int = Field(24 * 3600, ge=1)
     idempotency_ttl_seconds: int = Field(24 * 3600, ge=1)

@@ -76,12 +76,15 @@ class WorkerPool:
                     await asyncio.wait_for(self._wake.wait(), self._settings.poll_seconds)
                 continue
             try:
-                await self._run(_Claim(self._store, job, worker, self._settings.lease_seconds))
+                engine_unavailable = await self._run(_Claim(self._store, job, worker, self._settings.lease_seconds))
+                if engine_unavailable:
+                    await asyncio.sleep(self._settings.unavailable_backoff_seconds)
             except Exception:  # the store itself failed: keep the worker alive, the lease will expire
                 log.exception("video job bookkeeping failed", extra={"video_id": job.id})
                 await asyncio.sleep(self._settings.poll_seconds)
 
-    async def _run(self, claim: _Claim) -> None:
+    async def _run(self, claim: _Claim) -> bool:
+        """Renders one claimed job; True when the engine was unavailable and the job went back to the queue."""
         job = claim.job
         log.info("rendering video", extra={"video_id": job.id, "attempt": job.attempts})
         reference = await self._content.read_all(job.id, "reference") if job.has_reference else b""
@@ -93,21 +96,21 @@ class WorkerPool:
             if not render.done():  # the heartbeat found the job gone
                 render.cancel()
                 log.info("video job gone; rendering stopped", extra={"video_id": job.id})
-                return
+                return False
             artifacts = render.result()
         except JobGone:
             log.info("video job gone; rendering stopped", extra={"video_id": job.id})
-            return
+            return False
         except ServiceError as exc:
             if exc.status == grpc.StatusCode.UNAVAILABLE:
                 await self._store.release(job.id, claim.worker)
-            else:
-                await self._store.fail(job.id, claim.worker, exc.code or "invalid_request", exc.message)
-            return
+                return True
+            await self._store.fail(job.id, claim.worker, exc.code or "invalid_request", exc.message)
+            return False
         except Exception:
             log.exception("video generation failed", extra={"video_id": job.id})
             await self._store.fail(job.id, claim.worker, "internal_error", "Video generation failed.")
-            return
+            return False
         finally:
             heartbeat.cancel()
             render.cancel()
@@ -116,6 +119,7 @@ class WorkerPool:
             # rare full collection, ~15 MB more resident per failed job. Dropping the Task breaks it.
             render = heartbeat = None
         await self._publish(claim, artifacts)
+        return False
 
     async def _publish(self, claim: _Claim, artifacts) -> None:
         job = claim.job
