@@ -24,6 +24,9 @@ _RETRYABLE = ("UNAVAILABLE", "NOT_FOUND", "RESOURCE_EXHAUSTED", "CANCELLED")
 # A stream's in-band failure is text only (no status), told apart by Triton's wording.
 # Not served: missing from the repository, loading, unloaded.
 _NOT_SERVED = ("unknown model", "not ready", "no available version", "not at ready state", "unavailable")
+# What tritonserver's Python backend sends, in-band, for an exception its model's execute() raised
+# (a unary call gets the same text with status INTERNAL): the model failed, not the request.
+_MODEL_RAISED = "Failed to process the request(s) for model"
 # The model's inputs are not the ones the adapter sends: a deployment mistake, never the client's.
 _WRONG_LAYOUT = ("inference input", "inputs but got", "unexpected shape", "inference output")
 
@@ -76,6 +79,9 @@ def _in_band_error(message: str, model: str, param: str | None) -> ServiceError:
     if any(hint in message.lower() for hint in _NOT_SERVED):
         log.warning("inference server is not serving the model", extra={"model": model, "error": message})
         return unavailable(f"The inference server is not serving model `{model}` yet; retry shortly.")
+    if message.startswith(_MODEL_RAISED):
+        log.warning("inference server's model raised", extra={"model": model, "error": message})
+        return ServiceError(grpc.StatusCode.INTERNAL, f"The inference server failed on model `{model}`.")
     if any(hint in message for hint in _WRONG_LAYOUT):
         # Names the input the server refused (no address or trace): what the operator needs to fix
         # the adapter's tensor settings (the text backend's triton_flavor).

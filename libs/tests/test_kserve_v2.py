@@ -53,3 +53,11 @@ def test_inputs_the_model_does_not_take_are_a_deployment_error_naming_the_input(
 def test_other_server_failures_are_internal_without_the_server_text():
     mapped = upstream_error(InferenceServerException("Traceback ... /opt/x.py", status="StatusCode.INTERNAL"), "m")
     assert mapped.status == grpc.StatusCode.INTERNAL and "Traceback" not in mapped.message
+
+
+def test_a_model_that_raised_is_internal_in_band_too():
+    """tritonserver 2.51's in-band text for a decoupled Python model whose execute() raised (captured from
+    the real server); before, any in-band text not naming a missing model was taken for a refusal (a 400)."""
+    text = "Failed to process the request(s) for model 'dec_0', message: RuntimeError: boom\n\nAt:\n  /m/1/model.py(10)"
+    mapped = upstream_error(InferenceServerException(text), "m", "prompt")
+    assert mapped.status == grpc.StatusCode.INTERNAL and "boom" not in mapped.message and mapped.param is None
