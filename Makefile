@@ -20,15 +20,27 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # venv and the converted SmolLM2, in a directory of this checkout named after its pins (scripts/vllm-env.sh).
 export MODELPLEX_VLLM_ENV := $(CURDIR)/build/$(shell scripts/vllm-env.sh id)
 VLLM_STAMP := $(MODELPLEX_VLLM_ENV)/.ready
+# The real Triton (tritonserver 2.51 from the nvidia-pytriton wheel, CPU) that the Triton suite (tests/triton/)
+# runs behind the Triton adapters, and `make triton` starts: a directory of this checkout named after its
+# pins (scripts/triton-env.sh). Its text model runs the vLLM above.
+export MODELPLEX_TRITON_ENV := $(CURDIR)/build/$(shell scripts/triton-env.sh id)
+TRITON_STAMP := $(MODELPLEX_TRITON_ENV)/.ready
+# `make triton`'s ports (docs/examples/catalog-triton.yaml names the gRPC one).
+TRITON_HTTP_PORT ?= 8100
+TRITON_GRPC_PORT ?= 8101
+TRITON_METRICS_PORT ?= 8102
 
-.PHONY: help venv vllm protos lint run test test-fast test-e2e test-engines bench bench-peers bench-scheduling clean
+.PHONY: help venv vllm triton-env triton protos lint run test test-fast test-e2e test-engines test-triton bench bench-peers bench-scheduling clean
 
 help:
 	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines; MODELPLEX_EDGE_PORT,"
 	@echo "                MODELPLEX_CATALOG_LISTEN and the catalog's backend targets set the ports)"
 	@echo "make test       everything: unit, gRPC integration, end-to-end, deployment"
 	@echo "make test-fast  unit tests only (libs/ and services/)"
-	@echo "make test-engines  the real-vLLM suite alone (tests/vllm/)"
+	@echo "make test-engines  the real-engine suites alone (tests/vllm/, tests/triton/)"
+	@echo "make test-triton  the real-Triton suite alone (tests/triton/)"
+	@echo "make triton     a real tritonserver with every modality's model (deploy/triton/) on 127.0.0.1:8101;"
+	@echo "                then MODELPLEX_CATALOG=docs/examples/catalog-triton.yaml make run"
 	@echo "make bench      measure what the platform adds (writes docs/benchmarks.md)"
 	@echo "make bench-peers  LiteLLM's proxy side by side on the same core (installs it under build/)"
 	@echo "make bench-scheduling  pool policies over 8 simulated vLLM replicas (also part of make bench)"
@@ -77,7 +89,17 @@ lint: $(GEN_STAMP)
 run: $(GEN_STAMP)
 	$(PY) -m modelplex_kit.devstack --catalog $${MODELPLEX_CATALOG:-services/catalog/modelplex_catalog/catalog.yaml}
 
-test: $(GEN_STAMP) $(VLLM_STAMP)
+triton-env: $(TRITON_STAMP)
+
+$(TRITON_STAMP): scripts/triton-env.sh $(STAMP)
+	scripts/triton-env.sh build $(PY) $(MODELPLEX_TRITON_ENV)
+
+# Every modality's model of deploy/triton/model_repository/ in one tritonserver, in the foreground (Ctrl-C stops it).
+triton: $(GEN_STAMP) $(VLLM_STAMP) $(TRITON_STAMP)
+	$(PY) -m tests.support.real_triton --http-port $(TRITON_HTTP_PORT) --grpc-port $(TRITON_GRPC_PORT) \
+		--metrics-port $(TRITON_METRICS_PORT)
+
+test: $(GEN_STAMP) $(VLLM_STAMP) $(TRITON_STAMP)
 	$(BIN)/buf lint
 	$(BIN)/ruff check libs services tests bench
 	$(BIN)/pytest
@@ -88,8 +110,11 @@ test-fast: $(GEN_STAMP)
 test-e2e: $(GEN_STAMP)
 	$(BIN)/pytest -m e2e
 
-test-engines: $(GEN_STAMP) $(VLLM_STAMP)
-	$(BIN)/pytest tests/vllm
+test-engines: $(GEN_STAMP) $(VLLM_STAMP) $(TRITON_STAMP)
+	$(BIN)/pytest tests/vllm tests/triton
+
+test-triton: $(GEN_STAMP) $(VLLM_STAMP) $(TRITON_STAMP)
+	$(BIN)/pytest tests/triton
 
 # Every section (bench/report.py lists them) into docs/benchmarks.md: a benchmark, not a test.
 bench: $(GEN_STAMP)

@@ -73,3 +73,8 @@ class RemoteSettings(EmbeddingsSettings, PoolSettings):
     # triton: tensor names (BAAI/bge-m3-style: BYTES text in, FP32 [batch, dim] out).
     triton_input: str = "text"
     triton_output: str = "embedding"
+    # triton: where token-array inputs go, if the model takes them: INT64 ids [batch, longest], padded,
+    # with a mask beside them (the BERT inputs, as an ONNX/TensorRT encoder takes them). Empty: the
+    # model takes text only and token arrays are a 400.
+    triton_token_input: str = ""
+    triton_mask_input: str = "attention_mask"
