@@ -5,8 +5,9 @@ model); chat templating and token counting happen here, with the model's GGUF
 tokenizer loaded vocab-only (no weights), so prompts render exactly as on the
 llama.cpp engine and usage needs no extra Triton outputs. Each choice is one
 ModelStreamInfer stream: one request, then half-close; Triton streams text
-deltas and ends the stream after the final response. Closing the stream early
-cancels the gRPC call, which is how Triton learns to abort the request.
+deltas and ends the stream after the final response (or in-band error), which
+the adapter waits for. Closing the stream early cancels the gRPC call, which is
+how Triton learns to abort the request.
 
 Guided decoding (vLLM flavor): the backend's ``sampling_parameters`` JSON
 takes ``structured_outputs`` as a JSON *string* of vLLM's
@@ -19,6 +20,15 @@ Logprobs (vLLM flavor): ``logprobs`` in the sampling parameters plus the
 response: JSON, one ``{token_id: {logprob, rank, decoded_token}}`` per new
 token, the sampled token first (vLLM's order). TRT-LLM ensembles have no such
 output, so there a request for logprobs is a 400 naming ``logprobs``.
+
+Cached tokens (vLLM flavor): the vLLM backend's contract does not report prefix-cache hits, so
+usage's cached_tokens is unknown there. Our implementation (deploy/triton/backends/vllm) adds a
+``num_cached_tokens`` output (asked for with ``return_num_cached_tokens``); it is requested only
+where the model's config declares it, so a stock vLLM-backend model is sent the contract alone.
+
+Refusals: the vLLM backend answers a request vLLM refuses in-band ("Error generating stream: top_p
+must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)"); the field it names becomes the 400's
+``param``.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import codecs
 import dataclasses
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -159,6 +170,52 @@ def _logprobs_of(result, top: int | None) -> list[text_pb2.TokenLogprob]:
     return [lp for raw in (output.ravel() if output is not None else ()) for lp in vllm_logprobs(raw, top)]
 
 
+# vLLM names the field it refuses: "top_p must be in (0, 1], got 0.0. (parameter=top_p, value=0.0)".
+_REFUSED_FIELD = re.compile(r"\(parameter=(\w+)")
+# Our SamplingParams fields are vLLM's; each refused one as the OpenAI request names it.
+_OPENAI_PARAM = {field.name: field.name for field in dataclasses.fields(SamplingParams)} | {"logprobs": "top_logprobs"}
+
+
+def refused_param(error: Exception) -> str | None:
+    """The request parameter an in-band refusal of the vLLM backend names, if it is one we sent."""
+    found = _REFUSED_FIELD.search(str(error))
+    return _OPENAI_PARAM.get(found.group(1)) if found else None
+
+
+#: How long a stream may take to end after its request's last response, before it is cancelled anyway.
+STREAM_END_GRACE_S = 5.0
+
+
+async def _stream_end(responses: AsyncIterator[Any]) -> None:
+    """Waits for Triton to end the stream after the request's last response (we half-closed it).
+
+    Cancelling the call right then races Triton (2.51) finishing it: a cancellation that arrives
+    after the last response was written is never completed, and the model can no longer unload
+    (stuck UNLOADING). Cancelling stays the way to abort a request still running.
+    """
+
+    async def drain() -> None:
+        async for _ in responses:
+            pass
+
+    try:
+        await asyncio.wait_for(drain(), STREAM_END_GRACE_S)
+    except (TimeoutError, grpc.aio.AioRpcError):
+        pass  # the caller's cancel() then ends it: the request itself is complete either way
+
+
+@dataclasses.dataclass
+class _StreamFacts:
+    """What one choice's stream reported besides text: the prompt tokens served from the prefix cache."""
+
+    cached_prompt_tokens: int | None = None
+
+
+def _cached_tokens(result) -> int | None:
+    output = result.as_numpy("num_cached_tokens")
+    return None if output is None else int(output.ravel()[0])
+
+
 def _is_final(result) -> bool:
     parameters = result.get_response().parameters
     return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
@@ -184,6 +241,9 @@ class TritonEngine:
         # Triton has no max_tokens "until the context is full"; this is the model's context length.
         self._context_length = settings.context_length
         self._defaults = (settings.default_temperature, settings.default_top_p)
+        self._flavor = settings.triton_flavor
+        # Whether the model declares num_cached_tokens (our vLLM backend's extension); None: not yet asked.
+        self._reports_cached: bool | None = None
         self._pool = TritonPool("text", settings, self._model)
         self.capabilities = catalog_pb2.TextCapabilities(
             chat=True,
@@ -245,9 +305,10 @@ class TritonEngine:
         """One choice: Triton's text deltas, then how it ended (tokens counted with the model's tokenizer)."""
         generated: list[str] = []
         timed_out = False
+        facts = _StreamFacts()
 
         def on(client: InferenceServerClient) -> AsyncIterator[ChoiceText]:
-            return self._generate(client, prompt, constraint, params)
+            return self._generate(client, prompt, constraint, params, facts)
 
         async with aclosing(self._pool.stream(on, pick=pick)) as pieces:
             while True:
@@ -263,21 +324,36 @@ class TritonEngine:
                 yield piece
         completion_tokens = self._count("".join(generated))
         ran_out = timed_out or completion_tokens >= params.max_tokens
-        yield ChoiceEnd("length" if ran_out else "stop", completion_tokens, timed_out=timed_out)
+        yield ChoiceEnd("length" if ran_out else "stop", completion_tokens, facts.cached_prompt_tokens, timed_out)
+
+    async def _reports_cached_tokens(self, client: InferenceServerClient) -> bool:
+        """Whether the model declares the num_cached_tokens output (asked once; a failure asks again later)."""
+        if self._reports_cached is None and self._flavor == "vllm":
+            try:
+                config = await client.get_model_config(self._model, as_json=True)
+            except Exception:  # not served (yet): the request itself will say so
+                return False
+            outputs = config.get("config", {}).get("output", [])
+            self._reports_cached = any(output.get("name") == "num_cached_tokens" for output in outputs)
+        return bool(self._reports_cached)
 
     async def _generate(
-        self, client: InferenceServerClient, prompt: str, constraint: OutputConstraint | None, params: SamplingParams
+        self,
+        client: InferenceServerClient,
+        prompt: str,
+        constraint: OutputConstraint | None,
+        params: SamplingParams,
+        facts: _StreamFacts,
     ) -> AsyncIterator[ChoiceText]:
         """Streams one choice's text deltas (with their tokens' logprobs, when asked) from one Triton stream."""
+        inputs = self._build_inputs(prompt, params, constraint)
         outputs = [InferRequestedOutput("text_output")]
         if params.logprobs is not None:
             outputs.append(InferRequestedOutput("logprobs"))
-        request = {
-            "model_name": self._model,
-            "inputs": self._build_inputs(prompt, params, constraint),
-            "outputs": outputs,
-            "request_id": uuid.uuid4().hex,
-        }
+        if await self._reports_cached_tokens(client):
+            inputs.append(_tensor("return_num_cached_tokens", [True], np.bool_))
+            outputs.append(InferRequestedOutput("num_cached_tokens"))
+        request = {"model_name": self._model, "inputs": inputs, "outputs": outputs, "request_id": uuid.uuid4().hex}
 
         async def one_request() -> AsyncIterator[dict[str, Any]]:
             yield request  # then half-close: Triton ends the stream after the last response
@@ -287,20 +363,24 @@ class TritonEngine:
         responses = client.stream_infer(inputs_iterator=one_request(), stream_timeout=self._timeout)
         try:
             async for result, error in responses:
-                if error is not None:
-                    raise upstream_error(error, self._model)
+                if error is not None:  # in-band, and final: the request is over
+                    await _stream_end(responses)
+                    raise upstream_error(error, self._model, refused_param(error))
                 output = result.as_numpy("text_output")
                 text = decoder.decode(b"".join(output.ravel())) if output is not None else ""
                 scored = _logprobs_of(result, params.logprobs)
+                if (cached := _cached_tokens(result)) is not None:
+                    facts.cached_prompt_tokens = cached
                 if text or scored:
                     yield ChoiceText(text, tuple(scored))
                 if _is_final(result):  # may come with the last delta (vLLM) or empty (TRT-LLM)
+                    await _stream_end(responses)
                     break
         except grpc.aio.AioRpcError as exc:
             raise upstream_error(exc, self._model) from exc
         finally:
-            # Ends the call even when the final response came before the stream closed; when the
-            # consumer left early, this is what makes Triton abort the request.
+            # A no-op once the stream ended; when the consumer left early (or the stream did not end
+            # in time), this is what makes Triton abort the request.
             responses.cancel()
         if tail := decoder.decode(b"", final=True):
             yield ChoiceText(tail)
