@@ -8,6 +8,10 @@ several responses per request over ModelStreamInfer, each yielded as it arrives,
 flagged ``triton_final_response``; any other model answers once over ModelInfer (the servicer
 already calls once per sentence, so audio still leaves sentence by sentence). A model without a
 speed input gets FFmpeg's atempo here.
+
+A refusal names the request field the model refused when its message begins with that input's
+tensor name (``voice: 'x' is not one of this model's voices``: param ``voice``), else ``input``.
+A decoupled model's failures arrive in-band on the stream, as text without Triton's status code.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
 from modelplex.v1 import catalog_pb2
-from modelplex_kit.errors import unavailable
+from modelplex_kit.errors import ServiceError, unavailable
 from modelplex_kit.kserve_v2 import upstream_error
 from modelplex_kit.pools.triton import TritonPool
 from modelplex_speech.audio import Tempo
@@ -43,7 +47,7 @@ class TritonEngine:
 
     async def synthesize(self, text: str, *, voice: str, speed: float, instructions: str) -> AsyncIterator[np.ndarray]:
         s = self._settings
-        tempo = Tempo(speed, self.sample_rate) if not s.triton_speed_input and abs(speed - 1.0) > 0.01 else None
+        tempo = TempoChain(speed, self.sample_rate) if not s.triton_speed_input and abs(speed - 1.0) > 0.01 else None
         request = {
             "model_name": s.upstream_model,
             "inputs": self._inputs(text, voice, speed),
@@ -79,13 +83,20 @@ class TritonEngine:
             )
         except InferenceServerException as exc:
             if "UNIMPLEMENTED" not in (exc.status() or ""):
-                raise upstream_error(exc, self._settings.upstream_model, "input") from exc
+                raise self._failure(exc) from exc
             return False
         return config.config.model_transaction_policy.decoupled
 
     async def _infer(self, request: dict[str, Any]) -> AsyncIterator[np.ndarray]:
         timeout = self._settings.upstream_timeout_seconds
-        yield self._pcm(await self._pool.infer(**request, client_timeout=timeout, param="input"))
+
+        async def send(client: triton.InferenceServerClient):
+            try:
+                return await client.infer(**request, client_timeout=timeout)
+            except InferenceServerException as exc:
+                raise self._failure(exc) from exc
+
+        yield self._pcm(await self._pool.call(send))
 
     def _stream(self, request: dict[str, Any]) -> AsyncIterator[np.ndarray]:
         return self._pool.stream(lambda client: self._stream_on(client, request))
@@ -102,7 +113,7 @@ class TritonEngine:
         try:
             async for result, error in responses:
                 if error is not None:
-                    raise upstream_error(error, self._settings.upstream_model, "input")
+                    raise self._failure(error)
                 if result.as_numpy(self._settings.triton_audio_output) is not None:
                     yield self._pcm(result)
                 parameters = result.get_response().parameters
@@ -112,6 +123,16 @@ class TritonEngine:
             raise unavailable("The speech model server is unreachable or failed; retry shortly.") from exc
         finally:
             responses.cancel()  # ends the call; when the consumer left early, Triton aborts the request
+
+    def _failure(self, error: Exception) -> ServiceError:
+        return upstream_error(error, self._settings.upstream_model, self._param(error))
+
+    def _param(self, error: Exception) -> str:
+        """The request field a refusal is about: the one whose input the model's message begins with."""
+        s = self._settings
+        message = str(error.message() if isinstance(error, InferenceServerException) else error)
+        fields = ((s.triton_voice_input, "voice"), (s.triton_speed_input, "speed"), (s.triton_text_input, "input"))
+        return next((param for name, param in fields if name and message.startswith(f"{name}:")), "input")
 
     def _pcm(self, result) -> np.ndarray:
         audio = result.as_numpy(self._settings.triton_audio_output)
@@ -127,6 +148,28 @@ class TritonEngine:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+class TempoChain:
+    """FFmpeg's atempo for any speed the API allows: one filter takes 0.5 at the slowest, so slower
+    speeds are halvings chained before the rest (0.25 = 0.5 x 0.5)."""
+
+    def __init__(self, speed: float, rate: int) -> None:
+        factors = []
+        while speed < 0.5:
+            factors.append(0.5)
+            speed /= 0.5
+        self._stages = [Tempo(factor, rate) for factor in [*factors, speed]]
+
+    def process(self, pcm: np.ndarray | None) -> np.ndarray:
+        """As ``Tempo.process``: None flushes, each stage's tail going through the stages after it."""
+        out = np.zeros(0, np.int16)
+        for stage in self._stages:
+            if pcm is None:
+                out = np.concatenate([stage.process(out), stage.process(None)]) if len(out) else stage.process(None)
+            else:
+                out = pcm = stage.process(pcm) if len(pcm) else pcm
+        return out
 
 
 def _tensor(name: str, data: np.ndarray, datatype: str) -> triton.InferInput:
