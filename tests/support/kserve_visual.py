@@ -38,7 +38,7 @@ class KServeVisual:
             if self._process.poll() is not None:
                 raise RuntimeError(f"the KServe model server exited with {self._process.returncode}")
             try:
-                if client.is_model_ready("procedural-video"):
+                if client.is_model_ready("procedural-image-png"):
                     return self
             except Exception:  # not listening yet
                 pass

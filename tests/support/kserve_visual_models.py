@@ -1,4 +1,4 @@
-"""KServe's Python ModelServer hosting small image and video "diffusion" models, for the Triton adapters.
+"""KServe's Python ModelServer hosting small image "diffusion" models, for the images Triton adapter.
 
 KServe's ModelServer speaks the Open Inference Protocol (KServe v2), the same
 gRPC service Triton serves, so the adapters talk to it exactly as to a Triton
@@ -7,9 +7,8 @@ diffusion pipelines:
 
 - ``procedural-image`` (tensor out): prompt BYTES[1], width/height INT32[1], seed INT64[1],
   quality BYTES[1] -> image UINT8[H, W, 3];
-- ``procedural-image-png`` (encoded out): the same inputs -> image BYTES[1] (PNG bytes);
-- ``procedural-video``: prompt BYTES[1], width/height/seconds/fps INT32[1], seed INT64[1]
-  -> video BYTES[1] (H.264 MP4).
+- ``procedural-image-png`` (encoded out): the same inputs -> image BYTES[1] (PNG bytes), the layout
+  the real Triton's repository (deploy/triton/) has no model for.
 
 Run as ``python -m tests.support.kserve_visual --grpc-port P --http-port Q``;
 ``tests.support.kserve_visual.KServeVisual`` starts it as a subprocess and waits until it is ready.
@@ -72,39 +71,12 @@ class ImageModel(Model):
         return InferResponse(payload.id, self.name, [output], use_binary_outputs=True)
 
 
-class VideoModel(Model):
-    def __init__(self, name: str) -> None:
-        super().__init__(name)
-        self.ready = True
-
-    @staticmethod
-    def _render(tensors: dict[str, np.ndarray]) -> bytes:
-        from modelplex_videos import media
-        from modelplex_videos.engine import VideoSpec
-        from modelplex_videos.procedural import FrameRenderer
-
-        spec = VideoSpec(
-            prompt=_text(tensors["prompt"]), width=_int(tensors["width"]), height=_int(tensors["height"]),
-            seconds=_int(tensors["seconds"]), seed=_int(tensors["seed"]),
-        )
-        fps = _int(tensors["fps"])
-        renderer = FrameRenderer(spec, fps)
-        return media.encode_mp4((renderer.frame(i) for i in range(renderer.frame_count)), spec.width, spec.height, fps)
-
-    async def predict(self, payload: InferRequest, headers=None, response_headers=None) -> InferResponse:
-        video = await asyncio.to_thread(self._render, _inputs(payload))
-        output = InferOutput("video", [1], "BYTES")
-        output.set_data_from_numpy(np.array([video], dtype=np.object_), binary_data=True)
-        return InferResponse(payload.id, self.name, [output], use_binary_outputs=True)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--grpc-port", type=int, default=8081)
     parser.add_argument("--http-port", type=int, default=8080)
     args = parser.parse_args()
-    models = [ImageModel("procedural-image", encoded=False), ImageModel("procedural-image-png", encoded=True),
-              VideoModel("procedural-video")]
+    models = [ImageModel("procedural-image", encoded=False), ImageModel("procedural-image-png", encoded=True)]
     ModelServer(http_port=args.http_port, grpc_port=args.grpc_port, workers=1, enable_docs_url=False).start(models)
 
 
