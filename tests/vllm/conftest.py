@@ -52,8 +52,9 @@ def chart_entries() -> dict[str, dict]:
                     "hfModel": str(smollm2_folder()),
                     "toolCallParser": "hermes",
                     # vLLM's CPU default is 128-token blocks: a short shared prefix would never be a
-                    # cache hit. 32 is the smallest its CPU attention prefers.
-                    "extraArgs": ["--block-size", "32"],
+                    # cache hit. 32 is the smallest its CPU attention prefers. Eager: torch.compile
+                    # costs minutes of this 2-core machine per fresh start and buys a 135M model nothing.
+                    "extraArgs": ["--block-size", "32", "--enforce-eager"],
                 },
             },
             "capabilities": TEXT_CAPS,
@@ -62,7 +63,10 @@ def chart_entries() -> dict[str, dict]:
         "embeddings": {
             "id": EMBEDDINGS_MODEL,
             "modality": "embeddings",
-            "engine": {"kind": "openai", "vllm": {"enabled": True, "hfModel": str(minilm_folder())}},
+            "engine": {
+                "kind": "openai",
+                "vllm": {"enabled": True, "hfModel": str(minilm_folder()), "extraArgs": ["--enforce-eager"]},
+            },
             "capabilities": MINILM_CAPS,
         },
     }
