@@ -5,7 +5,9 @@ Imported only by adapters that have tritonclient installed.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -29,6 +31,30 @@ _NOT_SERVED = ("unknown model", "not ready", "no available version", "not at rea
 _MODEL_RAISED = "Failed to process the request(s) for model"
 # The model's inputs are not the ones the adapter sends: a deployment mistake, never the client's.
 _WRONG_LAYOUT = ("inference input", "inputs but got", "unexpected shape", "inference output")
+
+
+#: How long a stream may take to end after its request's last response, before it is cancelled anyway.
+STREAM_END_GRACE_S = 5.0
+
+
+async def stream_end(responses: AsyncIterator[Any]) -> None:
+    """Waits for Triton to end a ModelStreamInfer stream after the request's last response (the adapter
+    half-closed it); every Triton adapter calls this before its ``finally: responses.cancel()``.
+
+    Cancelling the call right then races Triton (2.51) finishing it: a cancellation that arrives after
+    the last response was written is never completed, and the model can no longer unload (stuck
+    UNLOADING, and tritonserver's exit waits out its timeout). Cancelling stays the way to abort a
+    request still running.
+    """
+
+    async def drain() -> None:
+        async for _ in responses:
+            pass
+
+    try:
+        await asyncio.wait_for(drain(), STREAM_END_GRACE_S)
+    except (TimeoutError, grpc.aio.AioRpcError):
+        pass  # the caller's cancel() then ends it: the request itself is complete either way
 
 
 def tensor(name: str, value: Any, dtype: Any) -> InferInput:

@@ -39,7 +39,7 @@ from tritonclient.utils import InferenceServerException
 from modelplex_images.engine import ImageSpec, Rendered
 from modelplex_images.settings import ImagesSettings
 from modelplex_kit.errors import ServiceError, invalid
-from modelplex_kit.kserve_v2 import tensor, upstream_error
+from modelplex_kit.kserve_v2 import stream_end, tensor, upstream_error
 from modelplex_kit.pools.triton import TritonPool
 
 OUTPUT = "image"
@@ -182,17 +182,21 @@ class TritonImagesEngine:
         images = 0
         try:
             async for result, error in responses:
-                if error is not None:
+                if error is not None:  # in-band, and final: the request is over
+                    await stream_end(responses)
                     raise upstream_error(error, self._model, refused_param(error))
                 final = _is_final(result)
                 if result.as_numpy(OUTPUT) is not None:
                     images += 1
                     # The last image is the finished one: flagged final, or the one after the partials.
                     done = final or images > partials
+                    if done:  # before the last yield: the consumer may close this generator right after it
+                        await stream_end(responses)  # cancelling before Triton ends it can wedge the model
                     yield Rendered(to_image(result.as_numpy(OUTPUT), spec, self._model), final=done)
                     if done:
                         return
                 elif final:
+                    await stream_end(responses)
                     break
         except grpc.aio.AioRpcError as exc:  # the stream itself failed: connection, deadline, server
             raise upstream_error(exc, self._model) from exc

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from modelplex.v1 import catalog_pb2
 from modelplex_kit.errors import ServiceError, unavailable
-from modelplex_kit.kserve_v2 import upstream_error
+from modelplex_kit.kserve_v2 import stream_end, upstream_error
 from modelplex_kit.pools.triton import TritonPool
 from modelplex_speech.audio import Tempo
 from modelplex_speech.settings import TritonSettings
@@ -112,12 +112,14 @@ class TritonEngine:
         )
         try:
             async for result, error in responses:
-                if error is not None:
+                if error is not None:  # in-band, and final: the request is over
+                    await stream_end(responses)
                     raise self._failure(error)
                 if result.as_numpy(self._settings.triton_audio_output) is not None:
                     yield self._pcm(result)
                 parameters = result.get_response().parameters
                 if "triton_final_response" in parameters and parameters["triton_final_response"].bool_param:
+                    await stream_end(responses)  # cancelling before Triton ends it can wedge the model
                     break
         except grpc.aio.AioRpcError as exc:
             raise unavailable("The speech model server is unreachable or failed; retry shortly.") from exc

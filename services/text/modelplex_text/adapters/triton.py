@@ -53,7 +53,7 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import np_to_triton_dtype
 
 from modelplex.v1 import catalog_pb2, text_pb2
-from modelplex_kit.kserve_v2 import upstream_error
+from modelplex_kit.kserve_v2 import stream_end, upstream_error
 from modelplex_kit.pools.picker import PickRequest
 from modelplex_kit.pools.triton import TritonPool
 from modelplex_text import gguf
@@ -180,28 +180,6 @@ def refused_param(error: Exception) -> str | None:
     """The request parameter an in-band refusal of the vLLM backend names, if it is one we sent."""
     found = _REFUSED_FIELD.search(str(error))
     return _OPENAI_PARAM.get(found.group(1)) if found else None
-
-
-#: How long a stream may take to end after its request's last response, before it is cancelled anyway.
-STREAM_END_GRACE_S = 5.0
-
-
-async def _stream_end(responses: AsyncIterator[Any]) -> None:
-    """Waits for Triton to end the stream after the request's last response (we half-closed it).
-
-    Cancelling the call right then races Triton (2.51) finishing it: a cancellation that arrives
-    after the last response was written is never completed, and the model can no longer unload
-    (stuck UNLOADING). Cancelling stays the way to abort a request still running.
-    """
-
-    async def drain() -> None:
-        async for _ in responses:
-            pass
-
-    try:
-        await asyncio.wait_for(drain(), STREAM_END_GRACE_S)
-    except (TimeoutError, grpc.aio.AioRpcError):
-        pass  # the caller's cancel() then ends it: the request itself is complete either way
 
 
 @dataclasses.dataclass
@@ -364,7 +342,7 @@ class TritonEngine:
         try:
             async for result, error in responses:
                 if error is not None:  # in-band, and final: the request is over
-                    await _stream_end(responses)
+                    await stream_end(responses)
                     raise upstream_error(error, self._model, refused_param(error))
                 output = result.as_numpy("text_output")
                 text = decoder.decode(b"".join(output.ravel())) if output is not None else ""
@@ -374,7 +352,7 @@ class TritonEngine:
                 if text or scored:
                     yield ChoiceText(text, tuple(scored))
                 if _is_final(result):  # may come with the last delta (vLLM) or empty (TRT-LLM)
-                    await _stream_end(responses)
+                    await stream_end(responses)
                     break
         except grpc.aio.AioRpcError as exc:
             raise upstream_error(exc, self._model) from exc

@@ -30,7 +30,7 @@ from tritonclient.grpc.aio import InferenceServerClient, InferResult
 from tritonclient.utils import InferenceServerException
 
 from modelplex_kit.errors import ServiceError
-from modelplex_kit.kserve_v2 import tensor, upstream_error
+from modelplex_kit.kserve_v2 import stream_end, tensor, upstream_error
 from modelplex_kit.pools.triton import TritonPool
 from modelplex_videos import media
 from modelplex_videos.engine import Progress, VideoArtifacts, VideoSpec
@@ -121,10 +121,13 @@ class TritonVideosEngine:
         responses = client.stream_infer(inputs_iterator=one_request(), stream_timeout=self._timeout)
         try:
             async for result, error in responses:
-                if error is not None:
+                if error is not None:  # in-band, and final: the request is over
+                    await stream_end(responses)
                     raise upstream_error(error, self._model)
                 if result.as_numpy(OUTPUT) is not None:
-                    yield _video_of(result, self._model)
+                    video = _video_of(result, self._model)
+                    await stream_end(responses)  # cancelling before Triton ends it can wedge the model
+                    yield video
                     return
                 done = result.as_numpy(PROGRESS)
                 if done is not None:
