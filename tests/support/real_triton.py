@@ -38,15 +38,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import httpx
-import yaml
 
 from modelplex_kit.children import tied_to_parent
+from tests.support.chart_pods import engine_container, run_as
 from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "deploy" / "helm" / "modelplex"
 MODEL_REPOSITORY = REPO / "deploy" / "triton" / "model_repository"
 PYTHON_BASED_BACKENDS = REPO / "deploy" / "triton" / "backends"
 # The interpreter the stub was built for (Debian's, whose libpython3.11 it links): the execution
@@ -105,35 +103,11 @@ def chart_entry(model_id: str = "smollm2-135m-instruct") -> dict[str, Any]:
 def chart_pod(model: dict[str, Any] | None = None) -> PodSpec:
     """The Triton container of the chart's render for one ``models`` entry."""
     model = model or chart_entry()
-    values = {"models": [model], "edge": {"devApiKey": {"generate": True}}}
-    with helm.Chart.load(CHART) as chart:
-        chart.validate_schema(values)
-        manifests = chart.render(values, name="modelplex", namespace="mpx", is_install=True)
-    objects = [
-        doc
-        for path, text in manifests.items()
-        if path.endswith((".yaml", ".yml"))
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
-    pods = [
-        o["spec"]["template"]["spec"]
-        for o in objects
-        if o["kind"] == "Deployment" and o["metadata"]["labels"].get("app.kubernetes.io/component") == "triton"
-    ]
-    assert len(pods) == 1, f"the chart rendered {len(pods)} Triton pods for {model['id']}"
-    (container,) = (c for c in pods[0]["containers"] if c["name"] == "triton")
+    rendered = engine_container(model, "triton")
+    container = rendered.container
     (mount,) = (m for m in container["volumeMounts"] if m["name"] == "model-repository")
     assert f"--model-repository={mount['mountPath']}" in container["args"], container["args"]
-    security = pods[0]["securityContext"]
-    env = {e["name"]: e["value"] for e in container.get("env", ()) if "value" in e}
-    return PodSpec(
-        list(container["command"]),
-        list(container["args"]),
-        env,
-        int(security["runAsUser"]),
-        int(security["runAsGroup"]),
-    )
+    return PodSpec(list(container["command"]), list(container["args"]), rendered.env, rendered.uid, rendered.gid)
 
 
 def _replace_flag(args: list[str], flag: str, value: str) -> list[str]:
@@ -266,7 +240,7 @@ class TritonServer:
                 cwd=self.workdir,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                **self._identity(),
+                **run_as(self.pod.uid, self.pod.gid),
                 **tied_to_parent(),
             )
         return self
@@ -281,11 +255,6 @@ class TritonServer:
     def _own(self, path: Path) -> None:
         if os.geteuid() == 0 and not path.is_symlink():
             shutil.chown(path, self.pod.uid, self.pod.gid)
-
-    def _identity(self) -> dict[str, Any]:
-        if os.geteuid() != 0:
-            return {}
-        return {"user": self.pod.uid, "group": self.pod.gid, "extra_groups": []}
 
     def wait_ready(self, timeout: float) -> TritonServer:
         deadline = time.monotonic() + timeout

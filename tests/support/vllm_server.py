@@ -21,15 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import httpx
-import yaml
 
 from modelplex_kit.children import tied_to_parent
+from tests.support.chart_pods import engine_container, run_as
 from tests.support.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "deploy" / "helm" / "modelplex"
 # CPU engines need no accelerator settings; the KV cache is sized for this machine (GiB).
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
 
@@ -69,28 +67,8 @@ class PodSpec:
 
 def chart_pod(model: dict[str, Any]) -> PodSpec:
     """The vLLM container of the chart's render for one ``models`` entry."""
-    values = {"models": [model], "edge": {"devApiKey": {"generate": True}}}
-    with helm.Chart.load(CHART) as chart:
-        chart.validate_schema(values)
-        manifests = chart.render(values, name="modelplex", namespace="mpx", is_install=True)
-    objects = [
-        doc
-        for path, text in manifests.items()
-        if path.endswith((".yaml", ".yml"))
-        for doc in yaml.safe_load_all(text)
-        if doc
-    ]
-    pods = [
-        o["spec"]["template"]["spec"]
-        for o in objects
-        if o["kind"] in ("Deployment", "StatefulSet")
-        and o["metadata"]["labels"].get("app.kubernetes.io/component") == "vllm"
-    ]
-    assert len(pods) == 1, f"the chart rendered {len(pods)} vLLM pods for {model['id']}"
-    (container,) = (c for c in pods[0]["containers"] if c["name"] == "vllm")
-    security = pods[0]["securityContext"]
-    env = {e["name"]: e["value"] for e in container.get("env", ()) if "value" in e}
-    return PodSpec(list(container["args"]), env, int(security["runAsUser"]), int(security["runAsGroup"]))
+    rendered = engine_container(model, "vllm")
+    return PodSpec(list(rendered.container["args"]), rendered.env, rendered.uid, rendered.gid)
 
 
 def _with_arg(args: list[str], flag: str, value: str) -> list[str]:
@@ -154,16 +132,10 @@ class VllmServer:
                 cwd=cache,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                **self._identity(),
+                **run_as(self.pod.uid, self.pod.gid),
                 **tied_to_parent(),
             )
         return self
-
-    def _identity(self) -> dict[str, Any]:
-        """The pod's uid and gid where this process may switch to them (root); else this non-root user."""
-        if os.geteuid() != 0:
-            return {}
-        return {"user": self.pod.uid, "group": self.pod.gid, "extra_groups": []}
 
     def wait_ready(self, timeout: float) -> VllmServer:
         deadline = time.monotonic() + timeout
