@@ -20,6 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # venv and the converted SmolLM2, in a directory of this checkout named after its pins (scripts/vllm-env.sh).
 export MODELPLEX_VLLM_ENV := $(CURDIR)/build/$(shell scripts/vllm-env.sh id)
 VLLM_STAMP := $(MODELPLEX_VLLM_ENV)/.ready
+VLLM_VENV_STAMP := $(MODELPLEX_VLLM_ENV)/.venv-ready
 # The real Triton (tritonserver 2.51 from the nvidia-pytriton wheel, CPU) that the Triton suite (tests/triton/)
 # runs behind the Triton adapters, and `make triton` starts: a directory of this checkout named after its
 # pins (scripts/triton-env.sh). Its text model runs the vLLM above.
@@ -30,7 +31,7 @@ TRITON_HTTP_PORT ?= 8100
 TRITON_GRPC_PORT ?= 8101
 TRITON_METRICS_PORT ?= 8102
 
-.PHONY: help venv vllm triton-env triton protos lint run test test-fast test-e2e test-engines test-triton bench bench-peers bench-scheduling clean
+.PHONY: help setup venv vllm triton-env triton protos lint run test test-fast test-e2e test-engines test-triton bench bench-peers bench-scheduling clean
 
 help:
 	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines; MODELPLEX_EDGE_PORT,"
@@ -66,7 +67,11 @@ $(STAMP): constraints.txt requirements-dev.txt libs/pyproject.toml $(addsuffix /
 
 vllm: $(VLLM_STAMP)
 
-$(VLLM_STAMP): scripts/vllm-env.sh scripts/vllm-requirements.txt scripts/gguf-to-hf.py $(STAMP)
+# The venv needs nothing of .venv, so `make test` installs it while llama.cpp compiles.
+$(VLLM_VENV_STAMP): scripts/vllm-env.sh scripts/vllm-requirements.txt
+	scripts/vllm-env.sh venv $(PYTHON) $(MODELPLEX_VLLM_ENV)
+
+$(VLLM_STAMP): $(VLLM_VENV_STAMP) scripts/gguf-to-hf.py $(STAMP)
 	scripts/vllm-env.sh build $(PYTHON) $(MODELPLEX_VLLM_ENV) \
 		"$$($(PY) -c 'from modelplex_text.gguf import packaged_smollm2; print(packaged_smollm2())')"
 
@@ -91,18 +96,23 @@ run: $(GEN_STAMP)
 
 triton-env: $(TRITON_STAMP)
 
-$(TRITON_STAMP): scripts/triton-env.sh $(STAMP)
-	scripts/triton-env.sh build $(PY) $(MODELPLEX_TRITON_ENV)
+$(TRITON_STAMP): scripts/triton-env.sh
+	scripts/triton-env.sh build $(PYTHON) $(MODELPLEX_TRITON_ENV)
 
 # Every modality's model of deploy/triton/model_repository/ in one tritonserver, in the foreground (Ctrl-C stops it).
 triton: $(GEN_STAMP) $(VLLM_STAMP) $(TRITON_STAMP)
 	$(PY) -m tests.support.real_triton --http-port $(TRITON_HTTP_PORT) --grpc-port $(TRITON_GRPC_PORT) \
 		--metrics-port $(TRITON_METRICS_PORT)
 
-test: $(GEN_STAMP) $(VLLM_STAMP) $(TRITON_STAMP)
+# What `make test` needs. Its three slow parts run side by side on a fresh clone (compiling llama.cpp
+# takes the cores; installing vLLM and unpacking Triton mostly wait on downloads and disk).
+setup: $(GEN_STAMP) $(VLLM_STAMP) $(TRITON_STAMP)
+
+test:
+	@$(MAKE) --no-print-directory --jobs=3 --output-sync=line setup
 	$(BIN)/buf lint
 	$(BIN)/ruff check libs services tests bench
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 test-fast: $(GEN_STAMP)
 	$(BIN)/pytest -m "not integration and not e2e" libs services

@@ -32,8 +32,9 @@ build)
         || ! /usr/bin/python3.11 -c 'import venv' 2>/dev/null; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             echo "triton: installing libpython3.11, python3.11-venv and unzip (apt-get)" >&2
-            DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpython3.11 python3.11-venv unzip >/dev/null || true
+            # flock: make runs this beside scripts/vllm-env.sh, and two apt-gets at once fail on dpkg's lock.
+            flock /tmp/modelplex-apt.lock sh -c 'DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libpython3.11 python3.11-venv unzip >/dev/null' || true
         fi
     fi
     if [ -f "$dir/.ready" ]; then
@@ -42,6 +43,13 @@ build)
     fi
     echo "triton: unpacking tritonserver from $PYTRITON into $dir (once per pin set)" >&2
     rm -rf "$dir"
+    # A pip of its own (ensurepip, offline): make runs this while .venv is still being built, and a
+    # system Python may have no pip.
+    if /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null; then
+        python=/usr/bin/python3.11
+    fi
+    "$python" -m venv "$dir/pip"
+    python=$dir/pip/bin/python
     mkdir -p "$dir/download"
     "$python" -m pip download -q --no-deps --only-binary :all: -d "$dir/download" "$PYTRITON"
     unzip -q "$dir"/download/nvidia_pytriton-*.whl 'pytriton/tritonserver/*' 'nvidia_pytriton.libs/*' -d "$dir/unpacked"
@@ -52,6 +60,7 @@ build)
     rm -rf "$dir/unpacked" "$dir/download" "$dir/server/python_backend_stubs"
     "$python" -m pip install -q --no-deps --only-binary :all: --python-version "$STUB_PYTHON" \
         --target "$dir/numpy1" "$NUMPY"
+    rm -rf "$dir/pip"
     chmod -R a+rX,go-w "$dir"
     touch "$dir/.ready"
     ;;

