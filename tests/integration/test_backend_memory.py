@@ -12,8 +12,11 @@ memory (VmRSS in /proc/PID/status) after each answer. Two bounds, asserted per c
 - **No accumulation: the lowest reading over the second half of the repetitions <= the lowest over
   the first half + ``ACCUMULATION_MB``** (60 for the 24 MB uploads, whose copies jitter the reading).
   A refused or finished request must release what it held, so the floor must not rise request after
-  request; comparing floors, not two single readings, keeps allocator noise out. RSS is read once it
-  stops moving after each answer.
+  request; comparing floors, not two single readings, keeps allocator noise out. The first answer of
+  a case is left out of the floors: the first request of a size fills whichever of the backend's two
+  malloc arenas its gRPC thread took, the next one may fill the other (a fresh clone's run read 25
+  MB after the first of 64 x 220 KB, then 62 and 60), and that is warm-up, not accumulation. RSS is
+  read once it stops moving after each answer.
 
 The requests are the largest each backend accepts within a test's time (the context, input count,
 characters, audio seconds, image and video sizes of the settings below) and the largest it must
@@ -168,7 +171,7 @@ class Case:
     name: str
     send: Callable[[grpc.Channel, int], None]  # one request (the repetition number varies its content)
     budget_mb: float
-    repeats: int = 3
+    repeats: int = 4
     # Uploads of 24 MB: one request's copies (gRPC's buffer, the bytes, the decoder's) come and go
     # between readings, so the reading jitters by about two of them; a leak of one copy per request
     # still shows (4 x 24 MB over the repetitions compared).
@@ -420,5 +423,6 @@ def test_memory_is_bounded_and_released_request_after_request(backends, case: Ca
     assert max(after) - backend.baseline_mb <= case.budget_mb, report
     # Accumulation: the floor rises request after request. One sample against another is allocator noise
     # (a 24 MB case swung 27-88 MB between repeats with no trend); the lows of each half are not.
-    half = max(1, len(after) // 2)
-    assert min(after[half:]) - min(after[:half]) <= case.accumulation_mb, report
+    warm = after[1:]  # the first answer warms the arenas (module docstring)
+    half = max(1, len(warm) // 2)
+    assert min(warm[half:]) - min(warm[:half]) <= case.accumulation_mb, report

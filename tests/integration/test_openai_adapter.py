@@ -38,10 +38,10 @@ MAX_TOKENS = 16
 # -- fixtures -------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def llama(tmp_path_factory):
-    # interrupt_requests off: a queued request must not end a running stream, so
-    # only the adapter closing its response can free the server early.
+    # interrupt_requests is off in every test server (tests/support/llama_server.py): a queued
+    # request must not end a running stream, so only the adapter closing its response can free it early.
     log = tmp_path_factory.mktemp("llama") / "server.log"
-    with llama_server(log, api_key=API_KEY, extra_args=["--interrupt_requests", "False"]) as server:
+    with llama_server(log, api_key=API_KEY) as server:
         yield server
 
 

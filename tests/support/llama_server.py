@@ -65,6 +65,9 @@ def llama_server(
     ]
     if api_key:
         args += ["--api_key", api_key]
+    # A pool probes each replica's /v1/models, which llama-cpp-python serves under the model's lock:
+    # with its default interrupt_requests, a probe arriving mid-stream ends that stream early.
+    args += ["--interrupt_requests", "False"]
     args += extra_args or []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # so tests see its log lines as they happen
     with log.open("wb") as sink:
