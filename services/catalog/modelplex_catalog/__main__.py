@@ -33,7 +33,8 @@ def start_source(settings: CatalogSettings) -> tuple[CatalogStore, list[asyncio.
 async def main(settings: CatalogSettings) -> None:
     store, tasks, ready = start_source(settings)
     if settings.follow_readiness:
-        tasks.append(asyncio.create_task(ReadinessFollower(store, settings.readiness_retry_seconds).run()))
+        follower = ReadinessFollower(store, settings.readiness_retry_seconds, settings.readiness_resolve_seconds)
+        tasks.append(asyncio.create_task(follower.run()))
 
     def register(server):
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(store), server)

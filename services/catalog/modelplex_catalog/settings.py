@@ -38,3 +38,6 @@ class CatalogSettings(GrpcServiceSettings):
     follow_readiness: bool = True
     # Longest pause between attempts to reach a backend that does not answer.
     readiness_retry_seconds: float = Field(1.0, gt=0)
+    # How often a backend target's name is looked up again (a headless Service: one address per
+    # ready pod), so each replica's health is followed as pods come and go.
+    readiness_resolve_seconds: float = Field(5.0, gt=0)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import grpc
 
-from modelplex_catalog.readiness import ReadinessFollower
+from modelplex_catalog.readiness import ReadinessFollower, resolve
 from modelplex_catalog.store import CatalogStore
 from modelplex_kit import grpc_server
 from modelplex_kit.settings import GrpcServiceSettings
@@ -95,3 +95,49 @@ async def test_a_backend_without_grpc_health_stays_routed(tmp_path: Path):
         follower.cancel()
         await asyncio.gather(follower, return_exceptions=True)
         await bare.stop(0)
+
+
+async def test_a_model_is_ready_while_any_of_its_backend_replicas_serves(tmp_path: Path):
+    """A target with several replicas (as the edge reaches a headless Service's pods): the model
+    follows every replica's grpc.health, not only the first address's."""
+    first, second = free_port(), free_port()
+    target = f"ipv4:127.0.0.1:{first},127.0.0.1:{second}"
+    path = tmp_path / "catalog.yaml"
+    path.write_text("models:" + ENTRY.format(id="pooled", backend=f'"{target}"'))
+    store = CatalogStore(path)
+    up = {first: False, second: False}
+
+    def serve(port: int) -> asyncio.Task:
+        async def ready() -> bool:
+            return up[port]
+
+        settings = GrpcServiceSettings(listen=f"127.0.0.1:{port}", grace_seconds=0.2, ready_poll_seconds=0.05)
+        return asyncio.create_task(grpc_server.serve("text", settings, lambda server: [], ready=ready))
+
+    backends = [serve(first), serve(second)]
+    follower = asyncio.create_task(ReadinessFollower(store, retry_seconds=0.2).run())
+    try:
+        down = await _until(store, "pooled", False)
+        assert down.ready_reason.endswith("(none of 2 replicas serving)"), down.ready_reason
+        up[second] = True  # only the second address: pick_first on the first would never see it
+        await _until(store, "pooled", True)
+        up[second] = False
+        assert (await _until(store, "pooled", False)).ready_reason == (
+            "backend NOT_SERVING (none of 2 replicas serving)"
+        )
+    finally:
+        follower.cancel()
+        for task in backends:
+            task.cancel()
+        await asyncio.gather(follower, *backends, return_exceptions=True)
+
+
+async def test_a_name_resolves_to_every_address_behind_it():
+    assert await resolve("ipv4:10.0.0.1:50051,10.0.0.2:50051") == ["ipv4:10.0.0.1:50051", "ipv4:10.0.0.2:50051"]
+    assert await resolve("dns:///127.0.0.1:7000") == ["ipv4:127.0.0.1:7000"]
+    assert await resolve("localhost:7000") in (
+        ["ipv4:127.0.0.1:7000"],
+        ["ipv4:127.0.0.1:7000", "ipv6:[::1]:7000"],
+        ["ipv6:[::1]:7000", "ipv4:127.0.0.1:7000"],
+    )
+    assert await resolve("unix:///run/text.sock") == ["unix:///run/text.sock"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 from typing import Any
 
 import grpc
@@ -20,15 +21,27 @@ from modelplex_kit.telemetry import outgoing_metadata
 _CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 * 1024 * 1024),
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    # Spread calls over every backend pod behind a headless Service.
-    ("grpc.lb_policy_name", "round_robin"),
+    # Spread calls over every backend pod behind a headless Service, leaving out those whose
+    # grpc.health says NOT_SERVING (a pod still loading its engine, or draining): the catalog
+    # calls a model ready while any of its backend replicas serves (catalog/readiness.py).
+    (
+        "grpc.service_config",
+        json.dumps({"loadBalancingConfig": [{"round_robin": {}}], "healthCheckConfig": {"serviceName": ""}}),
+    ),
     # The keepalive every Modelplex server is configured to accept (one policy, in the kit).
     *KEEPALIVE.client_options(),
 ]
 
 
 def channel(target: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(target if "://" in target else f"dns:///{target}", options=_CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(grpc_target(target), options=_CHANNEL_OPTIONS)
+
+
+def grpc_target(target: str) -> str:
+    """A catalog's backend target as gRPC reads it: ``host:port`` is a DNS name (every address it
+    resolves to); a target with a scheme (``dns:///``, ``ipv4:a,b``, ``unix:``) is taken as given."""
+    explicit = "://" in target or target.partition(":")[0] in ("dns", "ipv4", "ipv6", "unix", "unix-abstract")
+    return target if explicit else f"dns:///{target}"
 
 
 class Backends:
