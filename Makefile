@@ -130,8 +130,8 @@ test-triton: $(GEN_STAMP) $(VLLM_STAMP) $(TRITON_STAMP)
 bench: $(GEN_STAMP)
 	$(PY) -m bench.report docs/benchmarks.md
 
-# The scheduling section alone (make bench runs it too): 8 simulated vLLM replicas behind the text
-# backend, once per pool policy and load (bench/scheduling.py, about 3 minutes); rewrites its section.
+# The scheduling section alone (make bench runs it too): 8 simulated vLLM replicas behind 1, 2 and 3 text
+# backend replicas, once per pool policy and load (bench/scheduling.py, about 9 minutes); rewrites its section.
 bench-scheduling: $(GEN_STAMP)
 	$(PY) -m bench.scheduling --write docs/benchmarks.md
 

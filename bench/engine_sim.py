@@ -122,6 +122,15 @@ class PrefixCache:
             matched += 1
         return matched
 
+    def held(self, hashes: list[int]) -> int:
+        """How many leading blocks are cached, touching nothing (the benchmark's probe)."""
+        matched = 0
+        for h in hashes:
+            if h not in self._blocks:
+                break
+            matched += 1
+        return matched
+
     def insert(self, hashes: list[int]) -> None:
         for h in hashes:
             self._blocks[h] = None
@@ -295,6 +304,8 @@ class ReplicaApp:
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics)
+        # The simulator's own probe, not vLLM's: how much of a chat its prefix cache holds now.
+        self.app.router.add_post("/sim/cached", self.cached)
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(status=200)
@@ -306,6 +317,15 @@ class ReplicaApp:
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.replica.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def cached(self, request: web.Request) -> web.Response:
+        """``{"messages": [...]}`` -> ``{"cached_tokens": n}``: the leading tokens its cache holds."""
+        try:
+            tokens = tokens_of(chat_text((await request.json())["messages"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return _error(400, f"bad request: {exc!r}", "invalid_request_error")
+        block = self.replica.params.block_tokens
+        return web.json_response({"cached_tokens": self.replica.cache.held(block_hashes(tokens, block)) * block})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         return await self._answer(request, chat=True)

@@ -32,12 +32,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import os
 import platform
 import random
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -59,6 +61,8 @@ PICKER = "affinity"
 BASELINE = "round_robin"
 BAR_LOAD = 0.8
 BAR_FACTOR = 2.0
+# With several text backends, the picker's figures stay within this of one backend's (issue 24).
+HOLD_WITHIN = 0.15
 
 
 @dataclass(frozen=True)
@@ -169,9 +173,51 @@ class Simulators:
                     totals[family.name] += sum(s.value for s in family.samples if s.name.endswith("_total"))
         return totals
 
+    def holders(self, chats: list[list[dict]], tokens: list[int], block_tokens: int) -> list[int]:
+        """For each chat (a tenant's system prompt), how many replicas' caches hold all of its whole blocks."""
+        counts = []
+        for messages, n in zip(chats, tokens, strict=True):
+            body = json.dumps({"messages": messages}).encode()
+            held = 0
+            for port in self.ports:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/sim/cached", data=body, method="POST")
+                with urllib.request.urlopen(request, timeout=10) as reply:
+                    held += json.load(reply)["cached_tokens"] >= n - n % block_tokens
+            counts.append(held)
+        return counts
+
     def stop(self) -> None:
         self.popen.terminate()
         self.popen.wait(10)
+
+
+class SpreadSampler:
+    """Samples, once a second from a thread, how many replicas hold each tenant's system prompt."""
+
+    def __init__(self, sims: Simulators, workload: Workload, block_tokens: int) -> None:
+        prompts = workload.system_prompts()
+        self._args = (
+            [workload.messages(t, "", prompts)[:1] for t in range(workload.tenants)],
+            workload.system_prompt_tokens(),
+            block_tokens,
+        )
+        self._sims, self._samples = sims, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(1.0):
+            self._samples.append(self._sims.holders(*self._args))
+
+    def stop(self) -> float:
+        """The mean over samples and tenants of replicas holding a tenant's prompt (nan: no sample)."""
+        self._stop.set()
+        self._thread.join(30)
+        values = [n for sample in self._samples for n in sample]
+        return sum(values) / len(values) if values else float("nan")
 
 
 @dataclass(frozen=True)
@@ -204,7 +250,7 @@ class Backend:
     metrics_port: int
 
     @classmethod
-    def start(cls, urls: list[str], policy: str, log_dir: Path) -> Backend:
+    def start(cls, urls: list[str], policy: str, log_dir: Path, name: str = "text") -> Backend:
         target, metrics_port = f"127.0.0.1:{free_port()}", free_port()
         env = os.environ | {
             "MODELPLEX_METRICS_PORT": str(metrics_port),
@@ -215,7 +261,7 @@ class Backend:
             "MODELPLEX_TEXT_POOL_POLICY": policy,
             "MODELPLEX_LOG_LEVEL": "warning",
         }
-        log = log_dir / f"text-{policy}.log"
+        log = log_dir / f"{name}-{policy}.log"
         with log.open("a") as sink:
             popen = subprocess.Popen(
                 [sys.executable, "-m", "modelplex_text"],
@@ -224,9 +270,7 @@ class Backend:
                 stderr=subprocess.STDOUT,
                 **tied_to_parent(),
             )
-        backend = cls(popen, target, log, metrics_port)
-        backend.wait_serving(timeout=120)
-        return backend
+        return cls(popen, target, log, metrics_port)
 
     def wait_serving(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -275,6 +319,46 @@ class Backend:
             self.popen.wait()
 
 
+@dataclass
+class Backends:
+    """Several text backend replicas serving one model, called as the edge calls them: one gRPC
+    channel over every replica's address with the round_robin policy (services/edge/backends.py)."""
+
+    members: list[Backend]
+
+    @classmethod
+    def start(cls, count: int, urls: list[str], policy: str, log_dir: Path) -> Backends:
+        members = [Backend.start(urls, policy, log_dir, f"text{i}") for i in range(count)]
+        group = cls(members)
+        try:
+            for backend in members:
+                backend.wait_serving(timeout=120)
+        except BaseException:
+            group.stop()
+            raise
+        return group
+
+    @property
+    def target(self) -> str:
+        return "ipv4:" + ",".join(b.target for b in self.members)
+
+    def picks(self) -> Picks:
+        total = Picks({}, {})
+        for backend in self.members:
+            one = backend.picks()
+            for into, add in ((total.by_reason, one.by_reason), (total.by_replica, one.by_replica)):
+                for k, v in add.items():
+                    into[k] = into.get(k, 0.0) + v
+        return total
+
+    def cpu_seconds(self) -> float:
+        return sum(b.cpu_seconds() for b in self.members)
+
+    def stop(self) -> None:
+        for backend in self.members:
+            backend.stop()
+
+
 # -- one run -------------------------------------------------------------------
 @dataclass
 class Outcome:
@@ -286,6 +370,7 @@ class Outcome:
 @dataclass
 class RunResult:
     policy: str
+    backends: int
     load: float
     rate: float
     ttfts_ms: list[float]
@@ -295,6 +380,8 @@ class RunResult:
     prefix_miss_rate: float
     backend_cpu_ms_per_request: float
     picks: Picks
+    #: Replicas whose cache held a tenant's system prompt, mean over tenants and the window's samples.
+    replicas_per_tenant: float = float("nan")
     error_examples: list[str] = field(default_factory=list)
 
     def percentile(self, q: float) -> float:
@@ -332,7 +419,7 @@ async def _one(stub, request: text_pb2.GenerateRequest, due: float) -> Outcome:
 async def drive(target: str, plan: list[Arrival], workload: Workload, on_warm) -> list[tuple[Arrival, Outcome]]:
     """Sends every arrival at its time (open loop); calls ``on_warm()`` when the measured window opens."""
     prompts = workload.system_prompts()
-    async with grpc.aio.insecure_channel(target) as channel:
+    async with grpc.aio.insecure_channel(target, options=[("grpc.lb_policy_name", "round_robin")]) as channel:
         stub = text_pb2_grpc.TextGenerationServiceStub(channel)
         start = time.perf_counter()
         tasks, warm = [], None
@@ -356,28 +443,31 @@ def _missed_prefix(arrival: Arrival, outcome: Outcome, workload: Workload) -> bo
     return outcome.ttft is not None and outcome.cached_tokens < system - SimParams().block_tokens
 
 
-def run_one(policy: str, load: float, args, log_dir: Path) -> RunResult:
+def run_one(policy: str, load: float, backends: int, args, log_dir: Path) -> RunResult:
     params, workload = args.sim, Workload()
     rate = load * capacity(params, workload, args.replicas)
     plan = arrivals(workload, rate, args.warmup, args.seconds, seed=int(load * 1000))
     sims = Simulators.start(args.replicas, params)
+    spread = SpreadSampler(sims, workload, params.block_tokens)
     try:
-        backend = Backend.start(sims.urls(), policy, log_dir)
+        group = Backends.start(backends, sims.urls(), policy, log_dir)
         try:
             marks: dict[str, float | dict] = {}
 
             def on_warm() -> None:
                 marks["counters"], marks["cpu"], marks["picks"] = (
                     sims.counters(),
-                    backend.cpu_seconds(),
-                    backend.picks(),
+                    group.cpu_seconds(),
+                    group.picks(),
                 )
+                spread.start()
 
-            results = asyncio.run(drive(backend.target, plan, workload, on_warm))
-            cpu = backend.cpu_seconds() - marks["cpu"]
-            after, picks = sims.counters(), backend.picks() - marks["picks"]
+            results = asyncio.run(drive(group.target, plan, workload, on_warm))
+            replicas_per_tenant = spread.stop()
+            cpu = group.cpu_seconds() - marks["cpu"]
+            after, picks = sims.counters(), group.picks() - marks["picks"]
         finally:
-            backend.stop()
+            group.stop()
     finally:
         sims.stop()
     before = marks["counters"]
@@ -387,6 +477,7 @@ def run_one(policy: str, load: float, args, log_dir: Path) -> RunResult:
     failed = [o.error for _, o in measured if o.ttft is None]
     return RunResult(
         policy=policy,
+        backends=backends,
         load=load,
         rate=rate,
         ttfts_ms=[o.ttft * 1e3 for _, o in measured if o.ttft is not None],
@@ -395,6 +486,7 @@ def run_one(policy: str, load: float, args, log_dir: Path) -> RunResult:
         prefix_miss_rate=sum(_missed_prefix(a, o, workload) for a, o in measured) / max(1, len(measured)),
         backend_cpu_ms_per_request=cpu * 1e3 / max(1, len(measured)),
         picks=picks,
+        replicas_per_tenant=replicas_per_tenant,
         error_examples=sorted(set(failed))[:3],
     )
 
@@ -472,17 +564,17 @@ def report(results: list[RunResult], args, wall: float, picker_us: dict[str, flo
         "scheduled arrival to the first streamed text, through the real text backend over gRPC; hit rate = the "
         "simulators' `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` (tokens) over the measured window.",
         "",
-        "| load | policy | req/s | TTFT p50 ms | TTFT p99 ms | cache hit rate | prefix missed | backend CPU ms/req "
-        "| errors | picks |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| backends | load | policy | req/s | TTFT p50 ms | TTFT p99 ms | cache hit rate | prefix missed "
+        "| replicas per tenant | backend CPU ms/req | errors | picks |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
-            f"| {r.load:.0%} | {r.policy} | {r.rate:.1f} | {r.percentile(0.5):.0f} | {r.percentile(0.99):.0f} | "
-            f"{r.hit_rate:.1%} | {r.prefix_miss_rate:.1%} | {r.backend_cpu_ms_per_request:.2f} | {r.errors} | "
-            f"{r.picks.summary()} |"
+            f"| {r.backends} | {r.load:.0%} | {r.policy} | {r.rate:.1f} | {r.percentile(0.5):.0f} | "
+            f"{r.percentile(0.99):.0f} | {r.hit_rate:.1%} | {r.prefix_miss_rate:.1%} | {r.replicas_per_tenant:.1f} | "
+            f"{r.backend_cpu_ms_per_request:.2f} | {r.errors} | {r.picks.summary()} |"
         )
-    lines += ["", _bar(results)]
+    lines += ["", *_bars(results)]
     lines += [
         "",
         "Reading the numbers: *prefix missed* is the share of requests whose tenant's system prompt was not "
@@ -512,19 +604,38 @@ def report(results: list[RunResult], args, wall: float, picker_us: dict[str, flo
     return "\n".join(lines)
 
 
-def _bar(results: list[RunResult]) -> str:
-    at = {(r.policy, r.load): r for r in results}
-    picker, base = at.get((PICKER, BAR_LOAD)), at.get((BASELINE, BAR_LOAD))
-    if picker is None or base is None:
-        return f"Bar (at {BAR_LOAD:.0%} load, {PICKER} vs {BASELINE}): not measured in this run."
+def _bars(results: list[RunResult]) -> list[str]:
+    """The bar per backend count (issue 18, then issue 24's with several backends), and the 3-backend check."""
+    at = {(r.policy, r.backends, r.load): r for r in results}
+    lines = []
+    for backends in sorted({r.backends for r in results}):
+        picker, base = at.get((PICKER, backends, BAR_LOAD)), at.get((BASELINE, backends, BAR_LOAD))
+        if picker is None or base is None:
+            lines.append(f"- {backends} backend(s), {BAR_LOAD:.0%} load: not measured in this run.")
+            continue
+        p99, hits = _ratios(picker, base)
+        verdict = "met" if p99 >= BAR_FACTOR and hits >= BAR_FACTOR else "not met"
+        lines.append(
+            f"- {backends} backend(s): at {BAR_LOAD:.0%} load {PICKER} beats {BASELINE} by {p99:.2f}x on p99 TTFT "
+            f"and {hits:.2f}x on hit rate (bar {BAR_FACTOR:g}x on both): **{verdict}**."
+        )
+    one, most = at.get((PICKER, 1, BAR_LOAD)), max((r.backends for r in results), default=1)
+    many = at.get((PICKER, most, BAR_LOAD))
+    if one is not None and many is not None and most > 1:
+        p99_worse = many.percentile(0.99) / one.percentile(0.99) - 1
+        hits_worse = 1 - many.hit_rate / one.hit_rate if one.hit_rate else float("nan")
+        verdict = "met" if p99_worse <= HOLD_WITHIN and hits_worse <= HOLD_WITHIN else "not met"
+        lines.append(
+            f"- {most} backends against 1 ({PICKER}, {BAR_LOAD:.0%} load): p99 TTFT {p99_worse:+.0%}, hit rate "
+            f"{-hits_worse:+.0%} (bar: within {HOLD_WITHIN:.0%}): **{verdict}**."
+        )
+    return ["Bars at " + f"{BAR_LOAD:.0%} load:", "", *lines]
+
+
+def _ratios(picker: RunResult, base: RunResult) -> tuple[float, float]:
     p99 = base.percentile(0.99) / picker.percentile(0.99)
     hits = picker.hit_rate / base.hit_rate if base.hit_rate else float("inf")
-    verdict = "met" if p99 >= BAR_FACTOR and hits >= BAR_FACTOR else "not met"
-    return (
-        f"Bar (issue 18): at {BAR_LOAD:.0%} load the picker ({PICKER}) must beat {BASELINE} by at least "
-        f"{BAR_FACTOR:g}x on p99 TTFT and on hit rate. Measured: p99 TTFT {p99:.2f}x lower, hit rate "
-        f"{hits:.2f}x higher: **{verdict}**."
-    )
+    return p99, hits
 
 
 def write_section(target: Path, section: str) -> None:
@@ -545,6 +656,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--loads", type=float, nargs="+", default=[0.5, 0.8, 0.95])
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=POLICIES)
+    parser.add_argument(
+        "--backends", type=int, nargs="+", default=[1, 2, 3], help="text backend replicas behind the model, per phase"
+    )
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of arrivals not measured")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of measured arrivals per run")
     parser.add_argument("--cache-blocks", type=int, default=SimParams.cache_blocks, help="each replica's prefix cache")
@@ -554,16 +668,19 @@ def main() -> None:
     started = time.monotonic()
     log_dir = Path(tempfile.mkdtemp(prefix="modelplex-sched-"))
     results = []
-    for load in args.loads:
-        for policy in args.policies:
-            result = run_one(policy, load, args, log_dir)
-            print(
-                f"load={load:.0%} {policy:<13} p50={result.percentile(0.5):.0f}ms p99={result.percentile(0.99):.0f}ms "
-                f"hit={result.hit_rate:.1%} errors={result.errors}",
-                file=sys.stderr,
-                flush=True,
-            )
-            results.append(result)
+    for backends in args.backends:
+        for load in args.loads:
+            for policy in args.policies:
+                result = run_one(policy, load, backends, args, log_dir)
+                print(
+                    f"backends={backends} load={load:.0%} {policy:<13} p50={result.percentile(0.5):.0f}ms "
+                    f"p99={result.percentile(0.99):.0f}ms hit={result.hit_rate:.1%} "
+                    f"missed={result.prefix_miss_rate:.1%} replicas/tenant={result.replicas_per_tenant:.1f} "
+                    f"errors={result.errors}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                results.append(result)
     section = report(results, args, time.monotonic() - started, picker_cost_us(args))
     print(section)
     if args.write:
