@@ -3,8 +3,10 @@
 Eight simulated vLLM replicas (bench/engine_sim.py: a prefix cache, slots and a FIFO queue; a
 procedural stand-in, not a model) behind one model of the real text backend
 (``python -m modelplex_text``, engine ``openai``, ``MODELPLEX_TEXT_UPSTREAM_URL`` listing every
-replica), driven over gRPC by an open-loop Poisson client, once per pool policy
-(``MODELPLEX_TEXT_POOL_POLICY``: round_robin, least_loaded, affinity) and load. The workload is
+replica), driven over gRPC by an open-loop Poisson client, once per number of text backend replicas
+(1, 2, 3: one gRPC channel over their addresses with round_robin, as the edge calls them; with more
+than one they share their picks through a real Redis, ``MODELPLEX_TEXT_POOL_SYNC_URL``, as the chart
+wires them), pool policy (``MODELPLEX_TEXT_POOL_POLICY``: round_robin, least_loaded, affinity) and load. The workload is
 multi-tenant: each request is one tenant's long system prompt (tenants Zipf-distributed) plus a
 unique user message, from one of many end users (``user``; no ``prompt_cache_key``, so the picker
 must find shared prefixes itself).
@@ -250,9 +252,10 @@ class Backend:
     metrics_port: int
 
     @classmethod
-    def start(cls, urls: list[str], policy: str, log_dir: Path, name: str = "text") -> Backend:
+    def start(cls, urls: list[str], policy: str, log_dir: Path, name: str = "text", sync_url: str = "") -> Backend:
         target, metrics_port = f"127.0.0.1:{free_port()}", free_port()
         env = os.environ | {
+            "MODELPLEX_TEXT_POOL_SYNC_URL": sync_url,
             "MODELPLEX_METRICS_PORT": str(metrics_port),
             "MODELPLEX_TEXT_LISTEN": target,
             "MODELPLEX_TEXT_ENGINE": "openai",
@@ -327,8 +330,8 @@ class Backends:
     members: list[Backend]
 
     @classmethod
-    def start(cls, count: int, urls: list[str], policy: str, log_dir: Path) -> Backends:
-        members = [Backend.start(urls, policy, log_dir, f"text{i}") for i in range(count)]
+    def start(cls, count: int, urls: list[str], policy: str, log_dir: Path, sync_url: str = "") -> Backends:
+        members = [Backend.start(urls, policy, log_dir, f"text{i}", sync_url) for i in range(count)]
         group = cls(members)
         try:
             for backend in members:
@@ -449,8 +452,10 @@ def run_one(policy: str, load: float, backends: int, args, log_dir: Path) -> Run
     plan = arrivals(workload, rate, args.warmup, args.seconds, seed=int(load * 1000))
     sims = Simulators.start(args.replicas, params)
     spread = SpreadSampler(sims, workload, params.block_tokens)
+    # Several backends share their picks through a Redis, as the chart wires them (README, engine pools).
+    sync_url = args.sync_url if backends > 1 else ""
     try:
-        group = Backends.start(backends, sims.urls(), policy, log_dir)
+        group = Backends.start(backends, sims.urls(), policy, log_dir, sync_url)
         try:
             marks: dict[str, float | dict] = {}
 
@@ -542,7 +547,11 @@ def report(results: list[RunResult], args, wall: float, picker_us: dict[str, flo
     lines = [
         HEADING,
         "",
-        f"{args.replicas} engine replicas behind one model, by the text backend's pool policy "
+        f"{args.replicas} engine replicas behind one model, by the number of text backend replicas (called as the "
+        "edge calls them: one gRPC channel, round_robin; several share their picks through a real Redis, "
+        "`MODELPLEX_TEXT_POOL_SYNC_URL`, as the chart wires them"
+        + ("" if args.share_picks else "; **not in this run**")
+        + ") and the text backend's pool policy "
         "(`MODELPLEX_TEXT_POOL_POLICY`). `make bench` runs it; `make bench-scheduling` runs it alone.",
         "",
         f"- Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared), "
@@ -586,7 +595,10 @@ def report(results: list[RunResult], args, wall: float, picker_us: dict[str, flo
         "imbalance bound counts requests waiting for their first token, not those decoding, so the hot tenant "
         "spills to a cold replica only when its queue costs more than a prefill there. *picks*: the backend's "
         "`modelplex_pool_picks_total` by reason, and the busiest replica's share of all picks (1/8 = 13 % when "
-        "even). The shared 2-core machine adds tens of ms of jitter to every figure; p99 rests on the few "
+        "even). *replicas per tenant*: how many replicas' caches held a tenant's whole system prompt, sampled "
+        "each second (the simulators' own probe): 1 is a tenant in one place; round robin spreads each over "
+        "several, as each backend alone did before they shared their picks. The shared 2-core machine adds "
+        "tens of ms of jitter to every figure, more with every backend process; p99 rests on the few "
         "slowest of a few hundred requests per run, so a run with 1 % of misses or more shows one in its p99.",
     ]
     lines += [
@@ -659,6 +671,12 @@ def main() -> None:
     parser.add_argument(
         "--backends", type=int, nargs="+", default=[1, 2, 3], help="text backend replicas behind the model, per phase"
     )
+    parser.add_argument(
+        "--no-share-picks",
+        dest="share_picks",
+        action="store_false",
+        help="several backends without a Redis to share their picks (each learns alone, as before issue 24)",
+    )
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of arrivals not measured")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of measured arrivals per run")
     parser.add_argument("--cache-blocks", type=int, default=SimParams.cache_blocks, help="each replica's prefix cache")
@@ -667,6 +685,13 @@ def main() -> None:
     args.sim = SimParams(cache_blocks=args.cache_blocks)
     started = time.monotonic()
     log_dir = Path(tempfile.mkdtemp(prefix="modelplex-sched-"))
+    redis = None
+    if args.share_picks and max(args.backends) > 1:
+        from tests.support.redis_server import RedisServer
+
+        (log_dir / "redis").mkdir()
+        redis = RedisServer(log_dir / "redis").start()
+    args.sync_url = redis.url if redis is not None else ""
     results = []
     for backends in args.backends:
         for load in args.loads:
@@ -681,6 +706,8 @@ def main() -> None:
                     flush=True,
                 )
                 results.append(result)
+    if redis is not None:
+        redis.stop()
     section = report(results, args, time.monotonic() - started, picker_cost_us(args))
     print(section)
     if args.write:

@@ -100,6 +100,12 @@ POOL_EJECTIONS = Counter(
 POOL_SATURATED = Counter(
     "modelplex_pool_saturated_total", "Requests refused with 503 because every replica's queue was full", ["pool"]
 )
+POOL_SYNC = Counter(
+    "modelplex_pool_sync_picks_total",
+    "Picks shared between backend replicas of a pool: published, learned (from another backend) or dropped "
+    "(Redis unreachable)",
+    ["pool", "direction"],
+)
 
 
 _CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import helm_python as helm
@@ -181,3 +182,23 @@ def test_keda_scales_every_chart_run_engine_on_the_queue_the_picker_reads():
     query = triton["spec"]["triggers"][0]["metadata"]["query"]
     assert query == f'sum(nv_inference_pending_request_count{{namespace="{NAMESPACE}",model="qwen2_5_7b_instruct"}})'
     assert triton["spec"]["scaleTargetRef"]["kind"] == "Deployment" and triton["spec"]["maxReplicaCount"] == 6
+
+
+def test_backends_of_remote_engines_share_their_picks_through_the_shared_redis(pools):
+    """Several backend replicas of a model agree where prefixes live only if they share their picks
+    (modelplex_kit/pools/sync.py): the chart hands them the Redis the edges share, URL or Secret."""
+    names = [f"{RELEASE}-text-{m}" for m in ("llama-3-1-8b-instruct", "qwen2-5-7b-instruct")]
+    assert all("MODELPLEX_TEXT_POOL_SYNC_URL" not in _env(_pod(pools, "Deployment", n)) for n in names)
+    with_url = render(_with_redis(url="redis://redis:6379/0"))
+    for name in names:
+        assert _env(_pod(with_url, "Deployment", name))["MODELPLEX_TEXT_POOL_SYNC_URL"] == "redis://redis:6379/0"
+    with_secret = render(_with_redis(existingSecret="shared-redis"))
+    assert _env(_pod(with_secret, "Deployment", names[0]))["MODELPLEX_TEXT_POOL_SYNC_URL"] == {
+        "secretKeyRef": {"name": "shared-redis", "key": "redis-url"}
+    }
+
+
+def _with_redis(**redis: str) -> dict[str, Any]:
+    values = copy.deepcopy(POOLS)
+    values.setdefault("gatekeeper", {}).setdefault("redis", {}).update(redis)
+    return values

@@ -23,7 +23,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from modelplex_kit.pools.load import ReplicaLoad
-from modelplex_kit.pools.prefix import PrefixIndex, SessionIndex, block_hashes
+from modelplex_kit.pools.prefix import PrefixIndex, SessionIndex, block_hashes, stable_hash
 from modelplex_kit.pools.settings import Policy
 
 # Sessions remembered per pool (least recently used forgotten first).
@@ -66,6 +66,10 @@ class Pick:
     credited_blocks: int = 0
     recency: int = 0
     prompt_chars: int = 0
+    #: What the pick taught the index (the prompt's block hashes, the session's hash; 0: none):
+    #: what the other backend replicas of the model learn from it (sync.py).
+    hashes: tuple[int, ...] = ()
+    session_hash: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +147,18 @@ class Picker:
         # Before record(), which makes every block of this prompt the replica's most recent.
         recency = self.prefixes.recency(hashes[0], chosen) if credited else 0
         self.prefixes.record(hashes, chosen)
-        if request.session:
-            self.sessions.record(request.session, chosen)
-        return Pick(chosen, reason, credited, recency, len(request.prompt))
+        session_hash = stable_hash(request.session) if request.session else 0
+        if session_hash:
+            self.sessions.record_hash(session_hash, chosen)
+        return Pick(chosen, reason, credited, recency, len(request.prompt), tuple(hashes), session_hash)
+
+    def learn_from_peer(self, replica: str, hashes: Sequence[int], session_hash: int) -> None:
+        """Another backend replica of the model sent a prompt (and session) to this replica: the
+        index and the session map take it as if this picker had, so both pick alike next time."""
+        if hashes:
+            self.prefixes.record(list(hashes), replica)
+        if session_hash:
+            self.sessions.record_hash(session_hash, replica)
 
     def _affine(
         self, within: Sequence[Candidate], scores: dict[str, float], session: str, matched: dict[str, int]

@@ -31,6 +31,7 @@ from modelplex_kit.pools.load import EngineLoad, Prefill, ReplicaLoad
 from modelplex_kit.pools.picker import CacheUse, Pick, Picker, PickRequest, Reason
 from modelplex_kit.pools.settings import PoolSettings
 from modelplex_kit.pools.sources import ReplicaSource
+from modelplex_kit.pools.sync import PickSync, SharedPick
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,11 @@ class Pool(Generic[C]):
         self._finished = 0  # requests completed, for the drain rate
         self._closing: set[asyncio.Task[None]] = set()
         self._drain = DrainRate(smoothing=_DRAIN_SMOOTHING, period=settings.pool_scrape_interval_seconds)
+        self._sync = (
+            PickSync(name, settings.pool_sync_url, settings.pool_sync_channel or f"modelplex:pool:{name}", self._learn)
+            if settings.pool_sync_url and settings.pool_policy == "affinity"
+            else None
+        )
 
     # -- lifecycle ------------------------------------------------------
     def _start(self) -> None:
@@ -129,6 +135,8 @@ class Pool(Generic[C]):
         if not self._tasks:
             self._started_at = time.monotonic()
             self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._scrape_forever())]
+            if self._sync is not None:
+                self._sync.start()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -137,6 +145,8 @@ class Pool(Generic[C]):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._sync is not None:
+            await self._sync.close()
         await asyncio.gather(*(r.client.close() for r in self._ordered), *self._closing, return_exceptions=True)
         self._replicas, self._ordered = {}, []
 
@@ -248,7 +258,14 @@ class Pool(Generic[C]):
         pick = self.picker.pick(candidates, request)
         reason = Reason.RETRY if tried else pick.reason
         self._record(pick, reason)
+        if self._sync is not None and (pick.hashes or pick.session_hash):
+            self._sync.share(SharedPick(pick.key, pick.hashes, pick.session_hash))
         return self._replicas[pick.key], pick
+
+    def _learn(self, pick: SharedPick) -> None:
+        """A pick of another backend replica of this model (sync.py), for an engine replica this pool knows."""
+        if pick.replica in self._replicas:
+            self.picker.learn_from_peer(pick.replica, pick.hashes, pick.session_hash)
 
     def _record(self, pick: Pick, reason: Reason) -> None:
         telemetry.POOL_PICKS.labels(self.name, pick.key, reason.value).inc()

@@ -11,10 +11,15 @@ longer held), and credits no older blocks to that replica.
 
 Characters, not tokens: the backend of a remote engine does not tokenize, and a block of a few
 hundred characters matches a block of tokens closely enough to say where a cache is warm.
+
+The hashes are the same in every process (CRC-32 and Adler-32, chained; str's hash() is salted per
+process): backend replicas of one model share their picks (sync.py), so one's hashes must mean the
+same prefix to the others. A collision costs one request its cache hit, nothing else.
 """
 
 from __future__ import annotations
 
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable
 
@@ -31,11 +36,20 @@ _MAX_RECENCY = 4096
 def block_hashes(prompt: str, block_chars: int) -> list[int]:
     """The chain hashes of the prompt's whole blocks (a partial last block is left out: an
     engine caches whole blocks only)."""
-    hashes, previous = [], 0
+    hashes, low, high = [], 0, 1
     for start in range(0, len(prompt) - block_chars + 1, block_chars):
-        previous = hash((previous, prompt[start : start + block_chars]))
-        hashes.append(previous)
+        block = prompt[start : start + block_chars].encode("utf-8", "surrogatepass")
+        low = zlib.crc32(block, low)
+        high = zlib.adler32(block, high ^ low)
+        hashes.append(high << 32 | low)
     return hashes
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash of a whole string (a session key) that every process computes alike."""
+    data = text.encode("utf-8", "surrogatepass")
+    low = zlib.crc32(data)
+    return zlib.adler32(data, low or 1) << 32 | low
 
 
 class PrefixIndex:
@@ -173,11 +187,15 @@ class SessionIndex:
         self._sessions: OrderedDict[int, str] = OrderedDict()
 
     def get(self, key: str) -> str | None:
-        return self._sessions.get(hash(key))
+        return self._sessions.get(stable_hash(key))
 
     def record(self, key: str, replica: str) -> None:
-        self._sessions.pop(hash(key), None)
-        self._sessions[hash(key)] = replica
+        self.record_hash(stable_hash(key), replica)
+
+    def record_hash(self, key_hash: int, replica: str) -> None:
+        """As ``record``, for a key known by its hash (a peer's pick)."""
+        self._sessions.pop(key_hash, None)
+        self._sessions[key_hash] = replica
         while len(self._sessions) > self._max:
             self._sessions.popitem(last=False)
 

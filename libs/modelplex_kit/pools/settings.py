@@ -68,3 +68,11 @@ class PoolSettings(BaseModel):
     pool_eject_max_seconds: float = Field(30.0, gt=0)
     # Tries per request on distinct replicas before a failure reaches the client.
     pool_max_attempts: int = Field(3, ge=1)
+    # Several backend replicas of one model (the chart's replicaCount > 1): a Redis URL
+    # (redis://host:6379/0) over which they share their picks, so every one's prefix index and
+    # session map hold all of theirs and they place each prefix alike (modelplex_kit.pools.sync).
+    # Empty: each backend replica learns from its own requests only (right for one).
+    pool_sync_url: str = ""
+    # The pub/sub channel; empty: modelplex:pool:<the backend's modality>. Picks for engine replicas a
+    # backend does not know are ignored, so sharing a channel across models costs only bandwidth.
+    pool_sync_channel: str = ""

@@ -36,6 +36,20 @@ the object store's (objectStore) for a row with objectStore: true, then the shar
     fieldRef:
       fieldPath: metadata.namespace
 {{- end }}
+{{- /* A remote engine's backend replicas share their pool's picks through the shared Redis (when set),
+so every one places a prefix where the others did (modelplex_kit/pools/sync.py). */}}
+{{- $redis := .root.Values.gatekeeper.redis }}
+{{- if and (has ($e.kind | default "") (list "openai" "triton")) (or $redis.existingSecret $redis.url) }}
+- name: {{ $p }}POOL_SYNC_URL
+{{- if $redis.existingSecret }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $redis.existingSecret }}
+      key: {{ $redis.secretKey }}
+{{- else }}
+  value: {{ $redis.url | quote }}
+{{- end }}
+{{- end }}
 {{- if $row.objectStore }}
 {{ include "modelplex.objectStoreEnv" (list .root $p) }}
 {{- end }}
