@@ -10,11 +10,15 @@
 # BMI2), no AVX-512, no AMX, no runtime-dispatched variants. The wheel lands in a directory named after the
 # version and these flags, never in pip's cache, so a native wheel built elsewhere on the machine is never
 # reused and a change of flags builds anew. tests/portability/test_portable_llama.py checks the result.
+# LLAVA_BUILD=OFF: no multimodal library (libmtmd: clip, audio encoders, image decoding); the llama.cpp
+# engine serves text, llama_cpp imports it only for multimodal chat handlers, and it was a good part of
+# the compile on make test's critical path.
 set -eu
 
 CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON \
 -DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF \
--DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF"
+-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_CURL=OFF \
+-DLLAVA_BUILD=OFF"
 
 here=$(cd "$(dirname "$0")" && pwd)
 version=$(sed -n 's/^llama[-_]cpp[-_]python==//Ip' "$here/../constraints.txt")
