@@ -9,7 +9,7 @@ from libs.tests.test_pools import FakeReplica, make_pool
 from modelplex_kit.pools.load import EngineLoad
 from modelplex_kit.pools.picker import PickRequest, Reason
 from modelplex_kit.pools.prefix import block_hashes
-from modelplex_kit.pools.sync import SharedPick, decode, encode
+from modelplex_kit.pools.sync import PickSync, SharedPick, decode, encode
 from tests.support.redis_server import RedisServer
 from tests.support.until import until
 
@@ -51,6 +51,16 @@ def test_a_pick_message_round_trips_and_anything_else_is_refused():
     for garbage in (b"", b"hello", encode(b"12345678", picks)[:-3]):
         with pytest.raises(ValueError):
             decode(garbage)
+
+
+def test_a_very_long_prompt_is_shared_by_its_leading_blocks_and_its_batch_still_encodes():
+    """An 8 MB prompt is 32k blocks and a 16 MiB body 64k: a record's block count is 16 bits, and an
+    error there would drop the whole batch with it."""
+    sync = PickSync("test", "redis://127.0.0.1:1/0", "modelplex:pool:test", lambda pick: None)
+    sync.share(SharedPick("r0:1", tuple(range(70_000)), 0))
+    sync.share(SharedPick("r1:1", (1, 2, 3), 9))
+    _, picks = decode(encode(sync.origin, sync._pending))
+    assert [len(p.hashes) for p in picks] == [4096, 3] and picks[0].hashes[:3] == (0, 1, 2)
 
 
 def test_block_hashes_are_the_same_in_every_process():

@@ -39,6 +39,9 @@ _BATCH_WINDOW_S = 0.002
 # Picks waiting while Redis is away, beyond which the oldest are dropped (memory stays bounded).
 _MAX_PENDING = 4096
 _BACKOFF_S = (0.2, 5.0)
+# Leading blocks of one prompt shared (1 MB of characters): a peer needs the prefix, and a record's
+# count is 16 bits. Longer prompts are still indexed in full where they were picked.
+_MAX_BLOCKS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +125,8 @@ class PickSync:
             await self._listener.aclose()
 
     def share(self, pick: SharedPick) -> None:
+        if len(pick.hashes) > _MAX_BLOCKS:
+            pick = SharedPick(pick.replica, pick.hashes[:_MAX_BLOCKS], pick.session_hash)
         self._pending.append(pick)
         if len(self._pending) > _MAX_PENDING:
             self._dropped(len(self._pending) - _MAX_PENDING)
