@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -25,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelplex_catalog.store import CatalogStore
 from modelplex_kit.connections import KEEPALIVE
+from modelplex_kit.pools.sources import DnsSource, ReplicaSource, StaticSource
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +51,32 @@ def combined(states: list[ReplicaHealth]) -> ReplicaHealth | None:
     return ReplicaHealth(False, reason if len(states) == 1 else f"{reason} (none of {len(states)} replicas serving)")
 
 
-async def resolve(target: str) -> list[str]:
-    """The addresses behind a target, each as a gRPC target of its own, in a stable order.
-
-    ``ipv4:``/``ipv6:`` lists are split; ``dns:///host:port`` and ``host:port`` are looked up (every
-    A/AAAA record, as gRPC's DNS resolver does); anything else (``unix:``) is one address. Raises
-    OSError when a name does not resolve."""
+def replica_addresses(target: str, resolve_seconds: float) -> ReplicaSource:
+    """The addresses behind a target, as the edge's channel finds them: ``ipv4:``/``ipv6:`` lists as
+    given, ``dns:///host:port`` and ``host:port`` looked up again every ``resolve_seconds`` (the kit's
+    DnsSource: every A/AAAA record; a failed lookup keeps the last set, a name gone empties it),
+    anything else (``unix:``) one address."""
     scheme, sep, rest = target.partition(":")
     if sep and scheme in ("ipv4", "ipv6"):
-        return [f"{scheme}:{address}" for address in rest.split(",") if address]
-    if target.startswith("dns:"):
-        target = target.removeprefix("dns:").lstrip("/")
-    elif "://" in target or target.startswith("unix:"):
-        return [target]
-    host, _, port = target.rpartition(":")
-    host = host.strip("[]")
-    infos = await asyncio.get_running_loop().getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    addresses = sorted({info[4][0] for info in infos})
-    return [f"ipv6:[{a}]:{port}" if ":" in a else f"ipv4:{a}:{port}" for a in addresses]
+        return StaticSource([a for a in rest.split(",") if a])
+    if ("://" in target and not target.startswith("dns:")) or target.startswith("unix:"):
+        return StaticSource([target])
+    host, _, port = target.removeprefix("dns:").lstrip("/").rpartition(":")
+    return DnsSource(host.strip("[]"), int(port), resolve_seconds)
+
+
+def grpc_address(address: str) -> str:
+    """One address of a snapshot as a gRPC target of its own."""
+    if address.startswith("unix:") or "://" in address:
+        return address
+    return f"ipv6:{address}" if address.startswith("[") else f"ipv4:{address}"
+
+
+async def resolve(target: str) -> list[str]:
+    """The target's addresses once, each as a gRPC target, in a stable order."""
+    async for snapshot in replica_addresses(target, 1.0).snapshots():
+        return sorted(grpc_address(a) for a in snapshot)
+    return []
 
 
 class TargetFollower:
@@ -82,18 +90,12 @@ class TargetFollower:
 
     async def run(self) -> None:
         try:
-            while True:
-                try:
-                    addresses = await resolve(self.target)
-                    why = "backend unreachable (no address)"
-                except (OSError, ValueError) as exc:
-                    # As gRPC's resolver does: a failed lookup keeps the addresses known (a pod that
-                    # is gone fails its own Watch), and only a target never resolved has none.
-                    addresses, why = list(self._watches), f"backend unreachable (no address: {exc})"
+            async for snapshot in replica_addresses(self.target, self._resolve_every).snapshots():
+                addresses = sorted(grpc_address(a) for a in snapshot)
                 self._reconcile(addresses)
                 if not addresses:
-                    self._mark(self.target, ReplicaHealth(False, why))
-                await asyncio.sleep(self._resolve_every)
+                    self._mark(self.target, ReplicaHealth(False, "backend unreachable (no address)"))
+            await asyncio.Event().wait()  # a source that ends (a fixed list) has no more changes
         finally:
             self._reconcile([])
 
