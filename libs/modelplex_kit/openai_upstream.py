@@ -13,6 +13,7 @@ generating when its client disconnects.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
@@ -80,6 +81,19 @@ class OpenAIUpstream:
         url = f"{self.base_url.removesuffix('/v1')}/metrics"
         async with self._session().get(url, allow_redirects=False) as response:
             return await response.text(errors="replace") if response.status == 200 else None
+
+    async def tokenize(self, body: dict[str, Any], timeout_seconds: float) -> list[int] | None:
+        """The tokens the server makes of a prompt or of chat messages (vLLM's ``/tokenize`` beside
+        ``/v1``); None where it does not answer with them (another server, a failure, too slow)."""
+        url = f"{self.base_url.removesuffix('/v1')}/tokenize"
+        try:
+            async with asyncio.timeout(timeout_seconds):
+                async with self._session().post(url, json=body, allow_redirects=False) as response:
+                    answer = json_or_empty(await response.read()) if response.status == 200 else {}
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+        tokens = answer.get("tokens")
+        return tokens if isinstance(tokens, list) and all(isinstance(t, int) for t in tokens) else None
 
     async def close(self) -> None:
         if self._client is not None:

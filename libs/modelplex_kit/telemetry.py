@@ -106,6 +106,17 @@ POOL_SYNC = Counter(
     "(Redis unreachable)",
     ["pool", "direction"],
 )
+POOL_KV_EVENTS = Counter(
+    "modelplex_pool_kv_events_total",
+    "Engines' KV-cache event batches received (batch), skipped sequence numbers (gap: that replica's view "
+    "starts again) and undecodable batches",
+    ["pool", "kind"],
+)
+POOL_TOKENIZE = Counter(
+    "modelplex_pool_tokenize_total",
+    "Prompts tokenized by an engine to look them up in its KV-cache events (ok, or failed: picked without)",
+    ["pool", "outcome"],
+)
 
 
 _CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}

@@ -202,3 +202,33 @@ def _with_redis(**redis: str) -> dict[str, Any]:
     values = copy.deepcopy(POOLS)
     values.setdefault("gatekeeper", {}).setdefault("redis", {}).update(redis)
     return values
+
+
+def test_a_text_models_vllm_publishes_its_kv_events_to_its_own_backends(pools):
+    """vLLM's KV-cache events (ZMQ) are what every backend replica's view of the engines' caches is made
+    of (modelplex_kit/pools/kv_events.py): the engine publishes them, the backend subscribes to that port,
+    and the engine's ingress policy lets only the model's own backends in."""
+    vllm = _pod(pools, "StatefulSet", f"{RELEASE}-vllm-llama-3-1-8b-instruct")["containers"][0]
+    args = vllm["args"]
+    config = yaml.safe_load(args[args.index("--kv-events-config") + 1])
+    assert config == {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:5557"}
+    assert {"name": "kv-events", "containerPort": 5557, "protocol": "TCP"} in vllm["ports"]
+    backend = _env(_pod(pools, "Deployment", f"{RELEASE}-text-llama-3-1-8b-instruct"))
+    assert backend["MODELPLEX_TEXT_POOL_KV_EVENTS_PORT"] == "5557"
+    policy = one(pools, "NetworkPolicy", f"{RELEASE}-vllm-llama-3-1-8b-instruct-ingress")
+    assert {p["port"] for p in policy["spec"]["ingress"][0]["ports"]} == {"http", "kv-events"}
+    # Triton publishes no events: its backends place prefixes by their shared picks alone.
+    qwen = _env(_pod(pools, "Deployment", f"{RELEASE}-text-qwen2-5-7b-instruct"))
+    assert "MODELPLEX_TEXT_POOL_KV_EVENTS_PORT" not in qwen
+    # Off for one model, or for every one.
+    values = copy.deepcopy(POOLS)
+    llama = next(m for m in values["models"] if m["id"] == "llama-3.1-8b-instruct")
+    llama["engine"]["vllm"]["kvEvents"] = False
+    off = render(values)
+    assert (
+        "--kv-events-config"
+        not in _pod(off, "StatefulSet", f"{RELEASE}-vllm-llama-3-1-8b-instruct")["containers"][0]["args"]
+    )
+    assert "MODELPLEX_TEXT_POOL_KV_EVENTS_PORT" not in _env(
+        _pod(off, "Deployment", f"{RELEASE}-text-llama-3-1-8b-instruct")
+    )

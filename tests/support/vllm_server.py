@@ -13,6 +13,7 @@ GGUF converted into a Hugging Face folder once (scripts/vllm-env.sh; ``make vllm
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -84,6 +85,8 @@ class VllmServer:
     pod: PodSpec
     workdir: Path
     port: int = field(default_factory=free_port)
+    #: Where its KV-cache events are published, where the chart's args turn them on (a free port here).
+    kv_events_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
     @property
@@ -115,6 +118,10 @@ class VllmServer:
     def start(self) -> VllmServer:
         venv = vllm_env_dir() / "venv"
         args = _with_arg(_with_arg(self.pod.args, "--host", "127.0.0.1"), "--port", str(self.port))
+        if "--kv-events-config" in args:
+            config = json.loads(args[args.index("--kv-events-config") + 1])
+            config["endpoint"] = f"tcp://*:{self.kv_events_port}"  # a "*" binds (vLLM connects to any other)
+            args = _with_arg(args, "--kv-events-config", json.dumps(config))
         cache = self.cache
         env = {k: v.replace("/cache", str(cache), 1) if v.startswith("/cache") else v for k, v in self.pod.env.items()}
         env |= CPU_ENV | {"PATH": f"{venv}/bin:/usr/bin:/bin"}

@@ -54,6 +54,9 @@ class HttpReplica:
             raise OSError(str(exc)) from exc
         return parse_engine_load(text) if text is not None else None
 
+    async def tokenize(self, body: dict[str, Any], timeout_seconds: float) -> list[int] | None:
+        return await self.upstream.tokenize(body, timeout_seconds)
+
     async def close(self) -> None:
         await self.upstream.close()
 

@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
 
 from modelplex_kit.pools.load import ReplicaLoad
 from modelplex_kit.pools.prefix import PrefixIndex, SessionIndex, block_hashes, stable_hash
@@ -35,6 +35,7 @@ class Reason(StrEnum):
 
     SESSION = "session"
     PREFIX = "prefix"
+    ENGINE_CACHE = "engine_cache"
     LOAD = "load"
     ROUND_ROBIN = "round_robin"
     RETRY = "retry"
@@ -47,6 +48,9 @@ class PickRequest:
 
     prompt: str = ""
     session: str = ""
+    #: The body of the engine's ``/tokenize`` for this prompt (vLLM's: ``prompt``, or ``messages`` with
+    #: ``add_generation_prompt``), for pools that follow their engines' KV-cache events; None: none.
+    tokenize: dict[str, Any] | None = None
 
 
 class Candidate(Protocol):
@@ -98,8 +102,12 @@ class Picker:
         self.sessions = SessionIndex(_MAX_SESSIONS)
         self._turn = itertools.count()
 
-    def pick(self, candidates: Sequence[Candidate], request: PickRequest) -> Pick:
-        """``candidates``: the replicas that may serve (at least one), in a stable order."""
+    def pick(
+        self, candidates: Sequence[Candidate], request: PickRequest, engine_cached: dict[str, int] | None = None
+    ) -> Pick:
+        """``candidates``: the replicas that may serve (at least one), in a stable order.
+        ``engine_cached``: leading blocks of the prompt each replica's engine says it holds (its KV-cache
+        events, kv_events.py), weighed where the prefix index knows nothing of the prompt."""
         if len(candidates) == 1:
             chosen, reason = candidates[0].key, Reason.ONLY
         elif self._policy == "round_robin":
@@ -107,8 +115,17 @@ class Picker:
         elif self._policy == "least_loaded":
             chosen, reason = self._least_loaded(candidates), Reason.LOAD
         else:
-            return self._by_affinity(candidates, request)
+            return self._by_affinity(candidates, request, engine_cached)
         return Pick(chosen, reason)
+
+    def prefix_unknown(self, candidates: Sequence[Candidate], request: PickRequest) -> bool:
+        """Whether the prompt is long enough to be worth placing (a whole block) and the prefix index
+        credits no candidate with its first block: then the engines' own events are worth asking
+        (where the index knows it, this backend or a peer placed it, and the index answers alone)."""
+        if self._policy != "affinity" or len(candidates) < 2:
+            return False
+        hashes = block_hashes(request.prompt[: self._block_chars], self._block_chars)
+        return bool(hashes) and not any(self.prefixes.matches(hashes, (c.key for c in candidates)).values())
 
     def observed(self, pick: Pick, use: CacheUse) -> None:
         """The engine's answer to a pick: where the index credited the replica with a prefix, whether
@@ -133,16 +150,25 @@ class Picker:
         # Ties taken in turn: equal replicas (all idle, no metrics yet) share the work evenly.
         return tied[next(self._turn) % len(tied)].key
 
-    def _by_affinity(self, candidates: Sequence[Candidate], request: PickRequest) -> Pick:
+    def _by_affinity(
+        self, candidates: Sequence[Candidate], request: PickRequest, engine_cached: dict[str, int] | None
+    ) -> Pick:
         scores = {c.key: c.load.score() for c in candidates}
         backlogs = [c.load.backlog() for c in candidates]
         bound = self._max_imbalance * (min(backlogs) + 1.0)
         within = [c for c, backlog in zip(candidates, backlogs, strict=True) if backlog <= bound]
         hashes = block_hashes(request.prompt, self._block_chars) if request.prompt else []
         matched = self.prefixes.matches(hashes, (c.key for c in within)) if hashes else {}
+        from_engines = engine_cached is not None and not any(matched.values())
+        if from_engines and engine_cached is not None:
+            matched = {c.key: engine_cached.get(c.key, 0) for c in within}
         chosen, reason = self._affine(within, scores, request.session, matched)
         if chosen is None:
             chosen, reason = self._least_loaded(candidates), Reason.LOAD
+        if from_engines:
+            # Token blocks, not the index's character blocks: nothing to check the engine's answer against.
+            reason = Reason.ENGINE_CACHE if reason == Reason.PREFIX else reason
+            matched = {}
         credited = matched.get(chosen, 0)
         # Before record(), which makes every block of this prompt the replica's most recent.
         recency = self.prefixes.recency(hashes[0], chosen) if credited else 0

@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import aclosing
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, Protocol, TypeVar, runtime_checkable
 
 import grpc
 from opentelemetry import trace
@@ -27,6 +27,7 @@ from opentelemetry import trace
 from modelplex_kit import telemetry
 from modelplex_kit.drain import DrainRate, retry_after
 from modelplex_kit.errors import ServiceError, unavailable
+from modelplex_kit.pools.kv_events import EngineCacheFeed, EngineCacheView
 from modelplex_kit.pools.load import EngineLoad, Prefill, ReplicaLoad
 from modelplex_kit.pools.picker import CacheUse, Pick, Picker, PickRequest, Reason
 from modelplex_kit.pools.settings import PoolSettings
@@ -61,6 +62,14 @@ class ReplicaClient(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Tokenizing(Protocol):
+    """A replica client whose engine tokenizes prompts (vLLM's ``/tokenize``): pools following their
+    engines' KV-cache events look prompts up by their tokens."""
+
+    async def tokenize(self, body: dict, timeout_seconds: float) -> list[int] | None: ...
 
 
 C = TypeVar("C", bound=ReplicaClient)
@@ -128,6 +137,16 @@ class Pool(Generic[C]):
             if settings.pool_sync_url and settings.pool_policy == "affinity"
             else None
         )
+        self._engine_cache = (
+            EngineCacheFeed(
+                name,
+                EngineCacheView(settings.pool_kv_events_max_blocks),
+                settings.pool_kv_events_port,
+                settings.pool_kv_events_topic,
+            )
+            if settings.pool_kv_events_port and settings.pool_policy == "affinity"
+            else None
+        )
 
     # -- lifecycle ------------------------------------------------------
     def _start(self) -> None:
@@ -147,6 +166,8 @@ class Pool(Generic[C]):
         self._tasks = []
         if self._sync is not None:
             await self._sync.close()
+        if self._engine_cache is not None:
+            await self._engine_cache.close()
         await asyncio.gather(*(r.client.close() for r in self._ordered), *self._closing, return_exceptions=True)
         self._replicas, self._ordered = {}, []
 
@@ -255,12 +276,34 @@ class Pool(Generic[C]):
             raise unavailable("No replica of the model server is ready; retry shortly.", retry_after=2)
         if not tried:
             self._refuse_if_saturated(candidates)
-        pick = self.picker.pick(candidates, request)
+        engine_cached = await self._engine_cached(candidates, request) if not tried else None
+        pick = self.picker.pick(candidates, request, engine_cached)
         reason = Reason.RETRY if tried else pick.reason
         self._record(pick, reason)
         if self._sync is not None and (pick.hashes or pick.session_hash):
             self._sync.share(SharedPick(pick.key, pick.hashes, pick.session_hash))
         return self._replicas[pick.key], pick
+
+    async def _engine_cached(self, candidates: Sequence[Replica[C]], request: PickRequest) -> dict[str, int] | None:
+        """Where the engines' KV-cache events say the prompt's prefix is, for a prompt the prefix index
+        knows nothing of (one tokenize call on an engine); None where that cannot or need not be asked."""
+        feed = self._engine_cache
+        if feed is None or request.tokenize is None or feed.view.block_size <= 0:
+            return None
+        if not self.picker.prefix_unknown(candidates, request):
+            return None
+        tokens = await self._tokenize(candidates, request.tokenize)
+        if tokens is None:
+            return None
+        return feed.view.matches(tokens, (c.key for c in candidates))
+
+    async def _tokenize(self, candidates: Sequence[Replica[C]], body: dict) -> list[int] | None:
+        # The least loaded candidate's engine: tokenizing is the same on every replica of a model.
+        client = min(candidates, key=lambda r: r.load.score()).client
+        timeout = self._settings.pool_scrape_timeout_seconds
+        tokens = await client.tokenize(body, timeout) if isinstance(client, Tokenizing) else None
+        telemetry.POOL_TOKENIZE.labels(self.name, "ok" if tokens is not None else "failed").inc()
+        return tokens
 
     def _learn(self, pick: SharedPick) -> None:
         """A pick of another backend replica of this model (sync.py), for an engine replica this pool knows."""
@@ -315,11 +358,15 @@ class Pool(Generic[C]):
         gone = [self._replicas.pop(key) for key in set(self._replicas) - snapshot]
         for key in sorted(snapshot - set(self._replicas)):
             self._replicas[key] = Replica(self.name, key, self._make_client(key))
+            if self._engine_cache is not None:
+                self._engine_cache.follow(key)
         self._ordered = sorted(self._replicas.values(), key=lambda r: r.key)
         self._known.set()
         log.info("pool replicas", extra={"pool": self.name, "replicas": sorted(snapshot)})
         for replica in gone:
             self.picker.forget(replica.key)
+            if self._engine_cache is not None:
+                self._engine_cache.unfollow(replica.key)
             replica.retired = True
             if replica.load.in_flight == 0:
                 self._retire(replica)

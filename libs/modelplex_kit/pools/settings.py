@@ -76,3 +76,13 @@ class PoolSettings(BaseModel):
     # The pub/sub channel; empty: modelplex:pool:<the backend's modality>. Picks for engine replicas a
     # backend does not know are ignored, so sharing a channel across models costs only bandwidth.
     pool_sync_channel: str = ""
+    # Engines that publish their KV-cache events (vLLM's --kv-events-config, ZMQ): the port of each
+    # replica's publisher (vLLM's endpoint tcp://*:5557), on the replica's host. Every backend replica
+    # subscribes to every engine replica and keeps the same exact view of what each caches
+    # (modelplex_kit.pools.kv_events); a prompt this backend's prefix index knows nothing of is
+    # tokenized by an engine (/tokenize) and placed where the events say its prefix is. 0: off.
+    pool_kv_events_port: int = Field(0, ge=0, le=65535)
+    # The publisher's topic (vLLM's kv-events-config "topic"), empty: every batch.
+    pool_kv_events_topic: str = ""
+    # Blocks remembered per engine replica (its KV cache's block count is enough; the oldest stored go first).
+    pool_kv_events_max_blocks: int = Field(262144, gt=0)

@@ -186,6 +186,14 @@ modality has a `backends` row with an image. Call with (dict "root" $ "model" $m
 {{- $e := .model.engine | default dict }}
 {{- if and (include "modelplex.hasBackend" .) (eq ($e.kind | default "") "openai") (dig "vllm" "enabled" false $e) }}true{{ end }}
 {{- end }}
+{{/* "true" when the model's vLLM publishes its KV-cache events (a text model, engines.vllm.kvEvents.enabled
+unless the model's engine.vllm.kvEvents says otherwise): its backends subscribe (modelplex_kit/pools/kv_events.py). */}}
+{{- define "modelplex.vllmKvEvents" -}}
+{{- $e := .model.engine | default dict }}
+{{- $on := .root.Values.engines.vllm.kvEvents.enabled }}
+{{- if hasKey ($e.vllm | default dict) "kvEvents" }}{{ $on = $e.vllm.kvEvents }}{{ end }}
+{{- if and (include "modelplex.hasVllm" .) (eq (.model.modality | default "text") "text") $on }}true{{ end }}
+{{- end }}
 {{- define "modelplex.hasTriton" -}}
 {{- $e := .model.engine | default dict }}
 {{- if and (include "modelplex.hasBackend" .) (eq ($e.kind | default "") "triton") (dig "triton" "enabled" false $e) }}true{{ end }}
@@ -386,6 +394,9 @@ upstream_url (static). Call with (dict "root" $ "model" $m).
 {{- $s := dict }}
 {{- if include "modelplex.hasVllm" . }}
 {{- $s = dict "upstream_discovery" "endpointslices" "upstream_service" (include "modelplex.vllmName" .) "upstream_port" "http" }}
+{{- if include "modelplex.vllmKvEvents" . }}
+{{- $_ := set $s "pool_kv_events_port" (toString .root.Values.engines.vllm.kvEvents.port) }}
+{{- end }}
 {{- else if include "modelplex.hasTriton" . }}
 {{- /* The picker reads each Triton replica's queue (nv_inference_pending_request_count) from its metrics port. */}}
 {{- $s = dict "upstream_discovery" "endpointslices" "upstream_service" (include "modelplex.tritonName" .) "upstream_port" "grpc" "pool_metrics_port" (toString .root.Values.engines.triton.metricsPort) }}

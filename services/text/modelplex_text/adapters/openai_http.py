@@ -64,7 +64,7 @@ class OpenAIHttpEngine:
         path, body = upstream_request(request, self._model or request.model)
         translate = ChoiceTranslator(request)
         usage, streamed = None, 0
-        async with aclosing(self._upstream.events(path, body, pick=pick_request(request))) as events:
+        async with aclosing(self._upstream.events(path, body, pick=pick_request(request, body))) as events:
             async for event in events:
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or ():
@@ -76,7 +76,7 @@ class OpenAIHttpEngine:
     async def _complete(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
         """One non-streaming upstream call: a whole answer costs one JSON parse, not one per token."""
         path, body = upstream_request(request, self._model or request.model, stream=False)
-        answer = await self._upstream.call(path, body, pick=pick_request(request))
+        answer = await self._upstream.call(path, body, pick=pick_request(request, body))
         if not isinstance(answer.get("choices"), list):
             raise unavailable("The model server sent a malformed answer; retry shortly.")
         translate = ChoiceTranslator(request)

@@ -57,9 +57,24 @@ def upstream_request(request: text_pb2.GenerateRequest, model: str, stream: bool
     return "chat/completions", body | _chat_fields(request)
 
 
-def pick_request(request: text_pb2.GenerateRequest) -> PickRequest:
-    """What an engine pool's picker weighs: the prompt as the engine will see its prefix, and the session."""
-    return PickRequest(prompt=canonical_prompt(request), session=request.prompt_cache_key or request.user)
+def pick_request(request: text_pb2.GenerateRequest, body: dict[str, Any] | None = None) -> PickRequest:
+    """What an engine pool's picker weighs: the prompt as the engine will see its prefix, and the session.
+    ``body``: the upstream request (``upstream_request``), whose prompt the engine's ``/tokenize`` takes
+    as it stands, for pools that look prompts up in their engines' KV-cache events."""
+    return PickRequest(
+        prompt=canonical_prompt(request),
+        session=request.prompt_cache_key or request.user,
+        tokenize=tokenize_body(body) if body is not None else None,
+    )
+
+
+def tokenize_body(body: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's ``/tokenize`` request for an upstream chat or completions body: the same prompt, rendered by
+    the same chat template with the same tools, so its tokens are the ones the engine caches."""
+    if "messages" in body:
+        out = {"model": body["model"], "messages": body["messages"], "add_generation_prompt": True}
+        return out | ({"tools": body["tools"]} if body.get("tools") else {})
+    return {"model": body["model"], "prompt": body["prompt"]}
 
 
 def canonical_prompt(request: text_pb2.GenerateRequest) -> str:
