@@ -21,8 +21,16 @@ batch step), and the prefix cache is a pool apart from the blocks running sequen
 (``kv_cache_usage_perc`` is the share of ``kv_blocks`` that running sequences' tokens fill), so
 nothing is ever preempted.
 
+Like vLLM with ``--kv-events-config``, a replica can publish its prefix cache's **KV-cache events**
+(``--events-port``): ``BlockStored`` for each block its prefill adds (its hash, its parent's, its
+token ids) and ``BlockRemoved`` for each it evicts, on a ZMQ PUB socket, in vLLM's wire format
+(topic, 8-byte sequence number, msgpack of ``[ts, [event, ...], rank]``, events as tagged maps), and
+answers vLLM's ``/tokenize`` with the same token ids (a word's id is its CRC-32). Engines publish on one
+port of their own host, so with events each replica listens on a loopback address of its own
+(127.0.0.2, 127.0.0.3, ...).
+
 Every replica runs in one process, one free port each: ``python -m bench.engine_sim --replicas 8``
-prints ``READY <port> <port> ...`` once all listen (``--max-running 4`` etc. set SimParams).
+prints ``READY <host:port> <host:port> ...`` once all listen (``--max-running 4`` etc. set SimParams).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import asyncio
 import json
 import math
 import time
+import zlib
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -93,6 +102,11 @@ def chat_text(messages: Iterable[dict]) -> str:
     return " ".join(parts)
 
 
+def token_ids(tokens: list[str]) -> list[int]:
+    """The ids /tokenize answers and the events carry: a word's CRC-32 (the same in every process)."""
+    return [zlib.crc32(token.encode()) for token in tokens]
+
+
 def block_hashes(tokens: list[str], block_tokens: int) -> list[int]:
     """One hash per full block, each chained to the one before (a block is only reused after the same prefix)."""
     hashes, previous = [], 0
@@ -131,12 +145,65 @@ class PrefixCache:
             matched += 1
         return matched
 
-    def insert(self, hashes: list[int]) -> None:
-        for h in hashes:
+    def insert(self, hashes: list[int]) -> tuple[list[int], list[int]]:
+        """Caches the blocks; returns the positions (in ``hashes``) of those it did not hold before, and
+        the hashes it evicted to make room (what a KV-cache event publisher reports)."""
+        added, evicted = [], []
+        for i, h in enumerate(hashes):
+            if h not in self._blocks:
+                added.append(i)
             self._blocks[h] = None
             self._blocks.move_to_end(h)
         while len(self._blocks) > self.capacity:
-            self._blocks.popitem(last=False)
+            evicted.append(self._blocks.popitem(last=False)[0])
+        return added, evicted
+
+
+class EventPublisher:
+    """vLLM's ZmqEventPublisher, as a subscriber sees it: one batch per cache change."""
+
+    def __init__(self, address: str) -> None:
+        import zmq
+
+        self._socket = zmq.Context.instance().socket(zmq.PUB)
+        self._socket.bind(address)
+        self._seq = 0
+        self._noblock = zmq.NOBLOCK
+
+    def publish(self, events: list[dict]) -> None:
+        import msgpack
+
+        payload = msgpack.packb([time.time(), events, 0])
+        # A PUB socket drops past its high-water mark rather than block (a slow subscriber loses batches).
+        self._socket.send_multipart((b"", self._seq.to_bytes(8, "big"), payload), flags=self._noblock)
+        self._seq += 1
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+def cache_events(
+    tokens: list[str], hashes: list[int], added: list[int], evicted: list[int], block_tokens: int
+) -> list[dict]:
+    """The BlockStored (one per added block, chained on its parent) and BlockRemoved events of an insert."""
+    events: list[dict] = []
+    for i in added:
+        block = tokens[i * block_tokens : (i + 1) * block_tokens]
+        events.append(
+            {
+                "type": "BlockStored",
+                "block_hashes": [hashes[i]],
+                "parent_block_hash": hashes[i - 1] if i else None,
+                "token_ids": token_ids(block),
+                "block_size": block_tokens,
+                "lora_id": None,
+                "medium": "GPU",
+                "lora_name": None,
+            }
+        )
+    if evicted:
+        events.append({"type": "BlockRemoved", "block_hashes": evicted, "medium": "GPU"})
+    return events
 
 
 class Saturated(Exception):
@@ -165,6 +232,8 @@ class Replica:
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._held_tokens = 0
         self._prefill_lane = asyncio.Lock()
+        self.events: EventPublisher | None = None  # set by serve() with an events port
+        self.host = "127.0.0.1"
         self.port = 0  # set by serve()
         self.runner: web.AppRunner | None = None
         self.registry = CollectorRegistry()
@@ -214,7 +283,7 @@ class Replica:
                 admission = self._schedule(prompt)
                 yield admission
                 await asyncio.sleep(self.params.prefill_seconds_per_token * admission.uncached_tokens)
-                self.cache.insert(block_hashes(prompt, self.params.block_tokens))
+                self._insert(prompt)
             left = max_tokens
             while left > 0:  # the first token alone (time to first token), then stream_interval at a time
                 step = 1 if left == max_tokens else min(left, self.params.stream_interval)
@@ -224,6 +293,12 @@ class Replica:
         finally:
             self._hold(-held)
             self._release_slot()
+
+    def _insert(self, prompt: list[str]) -> None:
+        hashes = block_hashes(prompt, self.params.block_tokens)
+        added, evicted = self.cache.insert(hashes)
+        if self.events is not None and (added or evicted):
+            self.events.publish(cache_events(prompt, hashes, added, evicted, self.params.block_tokens))
 
     def _schedule(self, prompt: list[str]) -> Admission:
         """The prefix is looked up when the prefill starts (as vLLM's scheduler does), not on arrival."""
@@ -304,6 +379,7 @@ class ReplicaApp:
         self.app.router.add_get("/v1/models", self.models)
         self.app.router.add_get("/health", self.health)
         self.app.router.add_get("/metrics", self.metrics)
+        self.app.router.add_post("/tokenize", self.tokenize)
         # The simulator's own probe, not vLLM's: how much of a chat its prefix cache holds now.
         self.app.router.add_post("/sim/cached", self.cached)
 
@@ -317,6 +393,16 @@ class ReplicaApp:
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.replica.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        """vLLM's ``/tokenize``: ``{"messages": [...]}`` or ``{"prompt": "..."}`` -> ``{"tokens": [...]}``."""
+        try:
+            body = await request.json()
+            text = chat_text(body["messages"]) if "messages" in body else str(body["prompt"])
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            return _error(400, f"bad request: {exc!r}", "invalid_request_error")
+        ids = token_ids(tokens_of(text))
+        return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": 1 << 20})
 
     async def cached(self, request: web.Request) -> web.Response:
         """``{"messages": [...]}`` -> ``{"cached_tokens": n}``: the leading tokens its cache holds."""
@@ -412,14 +498,18 @@ class Run:
         return response
 
 
-async def serve(params: SimParams, replicas: int, host: str = "127.0.0.1") -> list[Replica]:
-    """Starts ``replicas`` replicas in this event loop, each on a free port (``Replica.port``)."""
+async def serve(params: SimParams, replicas: int, host: str = "127.0.0.1", events_port: int = 0) -> list[Replica]:
+    """Starts ``replicas`` replicas in this event loop, each on a free port (``Replica.port``); with an
+    ``events_port``, each on its own loopback address, publishing its KV-cache events on that port."""
     started = []
-    for _ in range(replicas):
+    for i in range(replicas):
         replica = Replica(params)
+        replica.host = f"127.0.0.{i + 2}" if events_port else host
+        if events_port:
+            replica.events = EventPublisher(f"tcp://{replica.host}:{events_port}")
         runner = web.AppRunner(ReplicaApp(replica).app, access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, host, 0).start()
+        await web.TCPSite(runner, replica.host, 0).start()
         replica.port = runner.addresses[0][1]
         replica.runner = runner
         started.append(replica)
@@ -429,6 +519,7 @@ async def serve(params: SimParams, replicas: int, host: str = "127.0.0.1") -> li
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=8)
+    parser.add_argument("--events-port", type=int, default=0, help="publish KV-cache events on this port (0: none)")
     defaults = SimParams()
     for name in SimParams.__dataclass_fields__:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)), default=None)
@@ -438,8 +529,8 @@ def main() -> None:
     disable_created_metrics()  # no *_created series: a scraper reads only what vLLM's /metrics has
 
     async def run() -> None:
-        replicas = await serve(params, args.replicas)
-        print("READY " + " ".join(str(r.port) for r in replicas), flush=True)
+        replicas = await serve(params, args.replicas, events_port=args.events_port)
+        print("READY " + " ".join(f"{r.host}:{r.port}" for r in replicas), flush=True)
         await asyncio.Event().wait()
 
     asyncio.run(run())

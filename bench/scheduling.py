@@ -144,13 +144,14 @@ def capacity(params: SimParams, workload: Workload, replicas: int) -> float:
 @dataclass
 class Simulators:
     popen: subprocess.Popen
-    ports: list[int]
+    addresses: list[str]  # host:port of each replica
 
     @classmethod
-    def start(cls, replicas: int, params: SimParams) -> Simulators:
+    def start(cls, replicas: int, params: SimParams, events_port: int = 0) -> Simulators:
         flags = [f"--{name.replace('_', '-')}={getattr(params, name)}" for name in SimParams.__dataclass_fields__]
+        flags += [f"--replicas={replicas}", f"--events-port={events_port}"]
         popen = subprocess.Popen(
-            [sys.executable, "-m", "bench.engine_sim", f"--replicas={replicas}", *flags],
+            [sys.executable, "-m", "bench.engine_sim", *flags],
             stdout=subprocess.PIPE,
             text=True,
             **tied_to_parent(),
@@ -159,16 +160,16 @@ class Simulators:
         if not line.startswith("READY "):
             popen.kill()
             raise RuntimeError(f"engine simulator did not start: {line!r}")
-        return cls(popen, [int(p) for p in line.split()[1:]])
+        return cls(popen, line.split()[1:])
 
     def urls(self) -> list[str]:
-        return [f"http://127.0.0.1:{port}/v1" for port in self.ports]
+        return [f"http://{address}/v1" for address in self.addresses]
 
     def counters(self) -> dict[str, float]:
         """vLLM's prefix-cache counters summed over every replica."""
         totals = {"vllm:prefix_cache_hits": 0.0, "vllm:prefix_cache_queries": 0.0}
-        for port in self.ports:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        for address in self.addresses:
+            with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
                 families = text_string_to_metric_families(reply.read().decode())
             for family in families:
                 if family.name in totals:
@@ -181,8 +182,8 @@ class Simulators:
         for messages, n in zip(chats, tokens, strict=True):
             body = json.dumps({"messages": messages}).encode()
             held = 0
-            for port in self.ports:
-                request = urllib.request.Request(f"http://127.0.0.1:{port}/sim/cached", data=body, method="POST")
+            for address in self.addresses:
+                request = urllib.request.Request(f"http://{address}/sim/cached", data=body, method="POST")
                 with urllib.request.urlopen(request, timeout=10) as reply:
                     held += json.load(reply)["cached_tokens"] >= n - n % block_tokens
             counts.append(held)
@@ -252,10 +253,13 @@ class Backend:
     metrics_port: int
 
     @classmethod
-    def start(cls, urls: list[str], policy: str, log_dir: Path, name: str = "text", sync_url: str = "") -> Backend:
+    def start(
+        cls, urls: list[str], policy: str, log_dir: Path, name: str = "text", sync_url: str = "", events_port: int = 0
+    ) -> Backend:
         target, metrics_port = f"127.0.0.1:{free_port()}", free_port()
         env = os.environ | {
             "MODELPLEX_TEXT_POOL_SYNC_URL": sync_url,
+            "MODELPLEX_TEXT_POOL_KV_EVENTS_PORT": str(events_port),
             "MODELPLEX_METRICS_PORT": str(metrics_port),
             "MODELPLEX_TEXT_LISTEN": target,
             "MODELPLEX_TEXT_ENGINE": "openai",
@@ -330,8 +334,10 @@ class Backends:
     members: list[Backend]
 
     @classmethod
-    def start(cls, count: int, urls: list[str], policy: str, log_dir: Path, sync_url: str = "") -> Backends:
-        members = [Backend.start(urls, policy, log_dir, f"text{i}", sync_url) for i in range(count)]
+    def start(
+        cls, count: int, urls: list[str], policy: str, log_dir: Path, sync_url: str = "", events_port: int = 0
+    ) -> Backends:
+        members = [Backend.start(urls, policy, log_dir, f"text{i}", sync_url, events_port) for i in range(count)]
         group = cls(members)
         try:
             for backend in members:
@@ -450,12 +456,13 @@ def run_one(policy: str, load: float, backends: int, args, log_dir: Path) -> Run
     params, workload = args.sim, Workload()
     rate = load * capacity(params, workload, args.replicas)
     plan = arrivals(workload, rate, args.warmup, args.seconds, seed=int(load * 1000))
-    sims = Simulators.start(args.replicas, params)
+    events_port = free_port() if args.kv_events else 0
+    sims = Simulators.start(args.replicas, params, events_port)
     spread = SpreadSampler(sims, workload, params.block_tokens)
     # Several backends share their picks through a Redis, as the chart wires them (README, engine pools).
     sync_url = args.sync_url if backends > 1 else ""
     try:
-        group = Backends.start(backends, sims.urls(), policy, log_dir, sync_url)
+        group = Backends.start(backends, sims.urls(), policy, log_dir, sync_url, events_port)
         try:
             marks: dict[str, float | dict] = {}
 
@@ -551,6 +558,12 @@ def report(results: list[RunResult], args, wall: float, picker_us: dict[str, flo
         "edge calls them: one gRPC channel, round_robin; several share their picks through a real Redis, "
         "`MODELPLEX_TEXT_POOL_SYNC_URL`, as the chart wires them"
         + ("" if args.share_picks else "; **not in this run**")
+        + (
+            "; the engines publish their KV-cache events and every backend follows them, "
+            "`MODELPLEX_TEXT_POOL_KV_EVENTS_PORT`"
+            if args.kv_events
+            else ""
+        )
         + ") and the text backend's pool policy "
         "(`MODELPLEX_TEXT_POOL_POLICY`). `make bench` runs it; `make bench-scheduling` runs it alone.",
         "",
@@ -676,6 +689,11 @@ def main() -> None:
         dest="share_picks",
         action="store_false",
         help="several backends without a Redis to share their picks (each learns alone, as before issue 24)",
+    )
+    parser.add_argument(
+        "--kv-events",
+        action="store_true",
+        help="the engines publish their KV-cache events and every backend follows them (as vLLM with the chart)",
     )
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of arrivals not measured")
     parser.add_argument("--seconds", type=float, default=10.0, help="seconds of measured arrivals per run")

@@ -4,6 +4,7 @@ skips its prefill, a full replica queues, and /metrics is vLLM's, read by Promet
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import urllib.request
 
@@ -24,9 +25,9 @@ def _replica(params: SimParams) -> tuple[Simulators, openai.AsyncOpenAI]:
     return sim, openai.AsyncOpenAI(base_url=sim.urls()[0], api_key="unused", max_retries=0)
 
 
-def _metrics(port: int) -> dict[str, tuple[str, float]]:
+def _metrics(address: str) -> dict[str, tuple[str, float]]:
     """family name -> (type, value of its one sample)"""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
         text = reply.read().decode()
     return {f.name: (f.type, f.samples[0].value) for f in text_string_to_metric_families(text) if f.samples}
 
@@ -58,7 +59,7 @@ async def test_a_cached_prefix_skips_its_prefill() -> None:
         cold, cold_cached = await _ttft(client, WORDS)
         warm, warm_cached = await _ttft(client, WORDS)
         other, other_cached = await _ttft(client, WORDS.replace("w0 ", "x0 "))  # differs in the first block
-        metrics = _metrics(replica.ports[0])
+        metrics = _metrics(replica.addresses[0])
     finally:
         replica.stop()
     assert cold >= 64 * 0.02 and cold_cached == 0
@@ -84,10 +85,10 @@ async def test_a_saturated_replica_queues_in_order_and_reports_it() -> None:
         requests = [
             asyncio.create_task(client.completions.create(model="sim", prompt=f"p{i}", max_tokens=20)) for i in range(3)
         ]
-        await until(lambda: _metrics(replica.ports[0])["vllm:num_requests_waiting"][1] == 2, timeout=30)
-        running = _metrics(replica.ports[0])["vllm:num_requests_running"]
+        await until(lambda: _metrics(replica.addresses[0])["vllm:num_requests_waiting"][1] == 2, timeout=30)
+        running = _metrics(replica.addresses[0])["vllm:num_requests_running"]
         done = await asyncio.gather(*requests)
-        idle = _metrics(replica.ports[0])
+        idle = _metrics(replica.addresses[0])
     finally:
         replica.stop()
     assert running == ("gauge", 1)
@@ -102,9 +103,9 @@ async def test_metrics_are_vllms_names_and_types() -> None:
     try:
         reply = await client.chat.completions.create(model="sim", messages=[{"role": "user", "content": "hi"}])
         models = await client.models.list()
-        with urllib.request.urlopen(f"http://127.0.0.1:{replica.ports[0]}/health", timeout=10) as health:
+        with urllib.request.urlopen(f"http://{replica.addresses[0]}/health", timeout=10) as health:
             assert health.status == 200
-        metrics = _metrics(replica.ports[0])
+        metrics = _metrics(replica.addresses[0])
     finally:
         replica.stop()
     assert reply.choices[0].message.content and reply.usage.prompt_tokens == 2
@@ -136,4 +137,48 @@ async def test_bad_requests_are_openai_errors(bad) -> None:
         with pytest.raises(openai.BadRequestError):
             await client.post("/completions", body=bad, cast_to=object)
     finally:
+        replica.stop()
+
+
+async def test_with_an_events_port_it_publishes_vllms_kv_events_that_a_pool_view_follows() -> None:
+    """As vLLM with --kv-events-config: what its prefix cache stores and evicts, on ZMQ in vLLM's format,
+    with /tokenize's ids; the kit's view (modelplex_kit.pools.kv_events) then agrees with the cache."""
+    import zmq
+    import zmq.asyncio
+
+    from modelplex_kit.pools.kv_events import EngineCacheView, decode_batch
+    from tests.support.ports import free_port
+
+    port = free_port()
+    replica = Simulators.start(1, SimParams(cache_blocks=4, prefill_seconds_per_token=0.0), events_port=port)
+    client = openai.AsyncOpenAI(base_url=replica.urls()[0], api_key="unused", max_retries=0)
+    view, address = EngineCacheView(max_blocks_per_replica=100), replica.addresses[0]
+    socket = zmq.asyncio.Context.instance().socket(zmq.SUB)
+    socket.setsockopt(zmq.SUBSCRIBE, b"")
+    socket.connect(f"tcp://{address.rsplit(':', 1)[0]}:{port}")
+    try:
+
+        async def tokens(content: str) -> list[int]:
+            body = {"model": "sim", "messages": [{"role": "user", "content": content}]}
+            request = urllib.request.Request(
+                f"http://{address}/tokenize", data=json.dumps(body).encode(), method="POST"
+            )
+            return json.load(await asyncio.to_thread(urllib.request.urlopen, request, timeout=10))["tokens"]
+
+        async def served_and_heard(content: str) -> bool:
+            await _ttft(client, content)
+            while await socket.poll(200):
+                view.apply(address, decode_batch((await socket.recv_multipart())[-1]))
+            return view.matches(await tokens(content), [address])[address] == 4
+
+        # A PUB socket drops what it sends before the subscription is up: prompts until one is heard.
+        n = iter(range(100))
+        await until(lambda: served_and_heard(f"u{next(n)} " + WORDS), timeout=30)
+        # Four blocks fit: a second prompt of four evicts the first one's, and the view follows.
+        first = f"x{next(n)} " + WORDS
+        await until(lambda: served_and_heard(first), timeout=30)
+        assert await served_and_heard(f"y{next(n)} " + WORDS)
+        assert view.matches(await tokens(first), [address])[address] == 0 and view.held(address) == 4
+    finally:
+        socket.close(linger=0)
         replica.stop()
