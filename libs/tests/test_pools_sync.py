@@ -132,11 +132,47 @@ async def test_picks_go_on_while_redis_is_down_and_sharing_resumes_when_it_is_ba
         server.stop()
         answers = [await a.call(PickRequest(f"tenant {i} " * 60), FakeReplica.answer) for i in range(5)]
         assert len(answers) == 5  # Redis away: nothing failed, nothing waited on it
+        # The backends live the outage (it is not a restart between two looks): what a picked meanwhile
+        # is dropped, and both subscribers have lost the channel.
+        await until(lambda: a._sync.dropped >= 5, 30, what="the picks made while Redis is away dropped")
+        await until(lambda: not a._sync.listening and not b._sync.listening, 30, what="both subscribers lost")
         server.start()
         await listening(a, b)  # pub/sub keeps nothing for a subscriber that is not back yet
+        dropped = a._sync.dropped
         late = "a tenant after the outage " * 20
         placed = await a.call(PickRequest(late + "q1"), FakeReplica.answer)
         await until(lambda: b.picker.prefixes.matches(block_hashes(late, 256), [placed])[placed] > 0, 30)
+        assert a._sync.dropped == dropped
+    finally:
+        await a.close()
+        await b.close()
+        server.stop()
+
+
+async def test_a_redis_restart_between_two_picks_loses_neither_the_next_pick_nor_the_subscription(tmp_path, caplog):
+    """Redis restarted while nobody picked (a quick restart, a failover): every connection the backends
+    hold is dead though Redis is up. The next batch goes out on a fresh connection instead of being
+    dropped, and the subscribers are back on the channel for good, neither backing off nor warning."""
+    server = RedisServer(tmp_path).start()
+    a, _ = make_pool(3, pool_sync_url=server.url)
+    b, _ = make_pool(3, pool_sync_url=server.url)
+    try:
+        await listening(a, b)
+        await a.call(PickRequest("warm up " * 60), FakeReplica.answer)
+        await b.call(PickRequest("warm up " * 60), FakeReplica.answer)
+        await until(lambda: a._sync.learned >= 1 and b._sync.learned >= 1, 10)
+        server.stop()
+        server.start()  # the event loop does not run in between: no task sees Redis away
+        await listening(a, b)
+        sent = a._sync.published
+        late = "a tenant after the restart " * 20
+        placed = await a.call(PickRequest(late + "q1"), FakeReplica.answer)
+        await until(lambda: a._sync.published + a._sync.dropped > sent, 30, what="the next batch sent or dropped")
+        assert a._sync.dropped == 0
+        await until(lambda: b.picker.prefixes.matches(block_hashes(late, 256), [placed])[placed] > 0, 30)
+        assert a._sync.listening and b._sync.listening
+        assert "cannot publish" not in caplog.text
+        assert "cannot listen" not in caplog.text
     finally:
         await a.close()
         await b.close()

@@ -14,8 +14,11 @@ Triton alike; none needs to publish anything).
 Costs: one PUBLISH per batch of picks (batched over ``_BATCH_WINDOW_S``), about 8 bytes per prompt
 block; each backend replica indexes every replica's picks (its index bound holds). Redis down or slow:
 picks go on from each replica's own index (as with one backend), the unsent batch is dropped past a
-bound, and the connection is retried. A peer's pick for an engine replica this backend does not know
-(another deployment on the same channel, a replica not yet discovered) is ignored.
+bound, and the connection is retried. Redis restarted (a quick restart, a failover) leaves the pooled
+connections dead though it is back: a command that fails on one is retried at once on a fresh one, so
+the next batch is not dropped for it nor the subscription let go. A peer's pick for an engine replica
+this backend does not know (another deployment on the same channel, a replica not yet discovered) is
+ignored.
 """
 
 from __future__ import annotations
@@ -100,15 +103,31 @@ class PickSync:
         self.published = 0
         self.learned = 0
         self.dropped = 0
+        self.listening = False  # subscribed to the channel, as far as this backend knows
 
     def start(self) -> None:
         if not self._tasks:
             import redis.asyncio as redis  # only a backend that shares its picks needs the client
+            from redis.asyncio.retry import Retry
+            from redis.backoff import NoBackoff
+            from redis.exceptions import ConnectionError as RedisConnectionError
 
-            self._redis = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+            # from_url retries nothing: the first command on a connection Redis closed (restarted since)
+            # fails though Redis is up, which dropped a batch, and made the subscriber resubscribe (on
+            # reconnecting) and then give that subscription up for a backoff. One immediate retry
+            # reconnects (and resubscribes); Redis really away fails it too, into the backoffs below.
+            # Connection errors only: a publish that timed out may have gone out.
+            def retry_once() -> Retry:
+                return Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,))
+
+            self._redis = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2, retry=retry_once())
             # The subscriber waits as long as nobody picks: no read timeout, a ping instead.
             self._listener = redis.Redis.from_url(
-                self.url, socket_connect_timeout=2, socket_keepalive=True, health_check_interval=15
+                self.url,
+                socket_connect_timeout=2,
+                socket_keepalive=True,
+                health_check_interval=15,
+                retry=retry_once(),
             )
             self._tasks = [
                 asyncio.create_task(self._publish_forever(), name=f"pick sync out {self.channel}"),
@@ -161,14 +180,17 @@ class PickSync:
             try:
                 async with self._listener.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self.channel)
+                    self.listening = True
                     if failures:
                         log.info("pool pick sync: listening again", extra={"channel": self.channel})
                     failures = 0
                     async for message in pubsub.listen():
                         self._receive(message.get("data"))
             except asyncio.CancelledError:
+                self.listening = False
                 raise
             except Exception as exc:  # any Redis failure: reconnect
+                self.listening = False
                 failures += 1
                 if failures == 1:
                     log.warning("pool pick sync: cannot listen", extra={"channel": self.channel, "error": repr(exc)})
