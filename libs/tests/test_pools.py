@@ -156,6 +156,18 @@ def test_load_is_the_scrape_plus_what_started_since_and_never_below_in_flight():
     assert load.requests() == 2
 
 
+def test_another_backends_requests_count_until_the_next_scrape_counts_them():
+    """Several backend replicas: what the others sent a replica since its last scrape (their shared
+    picks) would be invisible here for up to a scrape interval; it counts as waiting until then."""
+    load = ReplicaLoad()
+    load.scraped(EngineLoad(running=1, waiting=0, kv_cache_usage=0))
+    load.peer_started()
+    load.peer_started()
+    assert (load.requests(), load.queue(), load.pending()) == (3, 2, 2)
+    load.scraped(EngineLoad(running=3, waiting=0, kv_cache_usage=0))  # the engine has started them
+    assert (load.requests(), load.queue(), load.pending()) == (3, 0, 0)
+
+
 # -- picker -----------------------------------------------------------------------
 @dataclass
 class Stub:
@@ -320,6 +332,22 @@ def make_pool(n: int = 3, **overrides: object) -> tuple[Pool[FakeReplica], dict[
     settings = PoolSettings(**(values | overrides))  # type: ignore[arg-type]
     clients = {k: FakeReplica(k) for k in keys}
     return Pool("test", settings, StaticSource(keys), clients.__getitem__), clients
+
+
+async def test_requests_another_backend_sent_weigh_on_a_replica_until_its_next_scrape():
+    """Pick sharing (sync.py) tells a pool where the other backend replicas sent their requests: a pool
+    that has not scraped since counts them as that replica's load."""
+    from modelplex_kit.pools.sync import SharedPick
+
+    pool, _ = make_pool(2, pool_scrape_interval_seconds=60)
+    try:
+        await pool.ready()
+        for _ in range(3):
+            pool._learn(SharedPick("r0:1", (), 0))
+        answers = [await pool.call(PickRequest(), FakeReplica.answer) for _ in range(2)]
+        assert answers == ["r1:1", "r1:1"]  # ties would have gone in turn, r0 first
+    finally:
+        await pool.close()
 
 
 async def test_a_failing_replica_is_skipped_ejected_and_taken_back_once_ready():

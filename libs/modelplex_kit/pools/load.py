@@ -59,7 +59,7 @@ def parse_engine_load(text: str) -> EngineLoad | None:
 class ReplicaLoad:
     """The load figures of one replica, as the picker reads them."""
 
-    __slots__ = ("_in_flight_at_scrape", "_scraped", "in_flight", "prefilling")
+    __slots__ = ("_in_flight_at_scrape", "_peer_since_scrape", "_scraped", "in_flight", "prefilling")
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -67,9 +67,16 @@ class ReplicaLoad:
         self.prefilling = 0
         self._scraped: EngineLoad | None = None
         self._in_flight_at_scrape = 0
+        # Requests other backend replicas sent here since the last scrape (their shared picks, sync.py):
+        # the next scrape counts them, until then they would be invisible here.
+        self._peer_since_scrape = 0
 
     def started(self) -> None:
         self.in_flight += 1
+
+    def peer_started(self) -> None:
+        """Another backend replica sent a request here (taken as waiting until the next scrape says)."""
+        self._peer_since_scrape += 1
 
     def finished(self) -> None:
         self.in_flight -= 1
@@ -78,6 +85,7 @@ class ReplicaLoad:
         """A fresh scrape (None: the engine publishes no queue figures)."""
         self._scraped = load
         self._in_flight_at_scrape = self.in_flight
+        self._peer_since_scrape = 0
 
     @property
     def engine(self) -> EngineLoad | None:
@@ -86,7 +94,7 @@ class ReplicaLoad:
     def requests(self) -> float:
         """Requests the replica is running or queueing, as best known now."""
         if self._scraped is None:
-            return float(self.in_flight)
+            return float(self.in_flight + self._peer_since_scrape)
         # The scrape counted this backend's requests of then; what it started or finished since
         # moves the figure by as much. Never below what this backend alone has there.
         total = self._scraped.running + self._scraped.waiting + self._since_scrape()
@@ -95,7 +103,7 @@ class ReplicaLoad:
     def queue(self) -> float:
         """Requests waiting for the engine to start them (in-flight ones where the engine does not say)."""
         if self._scraped is None:
-            return float(self.in_flight)
+            return float(self.in_flight + self._peer_since_scrape)
         return max(self._scraped.waiting + self._since_scrape(), 0.0)
 
     def pending(self) -> float:
@@ -103,11 +111,11 @@ class ReplicaLoad:
         there not yet answering, whichever says more. Requests already decoding are left out: they
         hold a slot but do not hold back the next prefill."""
         if self._scraped is None:
-            return float(self.in_flight)
-        return max(float(self.prefilling), self.queue())
+            return float(self.in_flight + self._peer_since_scrape)
+        return max(float(self.prefilling + self._peer_since_scrape), self.queue())
 
     def _since_scrape(self) -> int:
-        return self.in_flight - self._in_flight_at_scrape
+        return self.in_flight - self._in_flight_at_scrape + self._peer_since_scrape
 
     def score(self) -> float:
         """What the picker minimises: requests, with a nearly full KV cache counting as more

@@ -280,7 +280,8 @@ class Pool(Generic[C]):
         pick = self.picker.pick(candidates, request, engine_cached)
         reason = Reason.RETRY if tried else pick.reason
         self._record(pick, reason)
-        if self._sync is not None and (pick.hashes or pick.session_hash):
+        if self._sync is not None:
+            # Every pick, with a prompt or not: the others count it in the replica's load until their next scrape.
             self._sync.share(SharedPick(pick.key, pick.hashes, pick.session_hash))
         return self._replicas[pick.key], pick
 
@@ -307,7 +308,9 @@ class Pool(Generic[C]):
 
     def _learn(self, pick: SharedPick) -> None:
         """A pick of another backend replica of this model (sync.py), for an engine replica this pool knows."""
-        if pick.replica in self._replicas:
+        replica = self._replicas.get(pick.replica)
+        if replica is not None:
+            replica.load.peer_started()
             self.picker.learn_from_peer(pick.replica, pick.hashes, pick.session_hash)
 
     def _record(self, pick: Pick, reason: Reason) -> None:
