@@ -130,10 +130,12 @@ test-triton: $(GEN_STAMP) $(VLLM_STAMP) $(TRITON_STAMP)
 bench: $(GEN_STAMP)
 	$(PY) -m bench.report docs/benchmarks.md
 
-# The scheduling section alone (make bench runs it too): 8 simulated vLLM replicas behind 1, 2 and 3 text
-# backend replicas, once per pool policy and load (bench/scheduling.py, about 9 minutes); rewrites its section.
+# The scheduling sections alone (make bench runs them too): 8 simulated vLLM replicas behind 1, 2 and 3 text
+# backend replicas, once per pool policy and load (bench/scheduling.py, about 9 minutes), then affinity with the
+# engines' KV-cache events and no shared picks (about 3 minutes); each rewrites its section.
 bench-scheduling: $(GEN_STAMP)
 	$(PY) -m bench.scheduling --write docs/benchmarks.md
+	$(PY) -m bench.scheduling --kv-events --no-share-picks --policies affinity --loads 0.8 --write docs/benchmarks.md
 
 # Opt-in: LiteLLM's proxy (pinned, in its own venv under build/) against Modelplex's default stack,
 # both on core 0, one mock upstream on core 1 (bench/peers.py); its section goes into docs/benchmarks.md.

@@ -24,6 +24,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("bench.audio", []),
     ("bench.visual", []),
     ("bench.scheduling", []),
+    ("bench.scheduling", ["--kv-events", "--no-share-picks", "--policies", "affinity", "--loads", "0.8"]),
 ]
 
 

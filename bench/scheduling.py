@@ -58,6 +58,14 @@ from modelplex_kit.children import tied_to_parent
 from modelplex_kit.devstack import free_port
 
 HEADING = "## Scheduling across engine replicas (bench/scheduling.py)"
+# A run with --kv-events writes a section of its own beside it.
+EVENTS_HEADING = "## Scheduling with the engines' KV-cache events (bench/scheduling.py --kv-events)"
+
+
+def heading(args) -> str:
+    return EVENTS_HEADING if args.kv_events else HEADING
+
+
 POLICIES = ("round_robin", "least_loaded", "affinity")
 PICKER = "affinity"
 BASELINE = "round_robin"
@@ -552,7 +560,7 @@ def report(results: list[RunResult], args, wall: float, picker_us: dict[str, flo
     prompt, out = workload.mean_prompt_tokens(), workload.mean_output_tokens()
     service, lane_s = params.service_seconds(prompt, out), params.prefill_seconds_per_token * prompt
     lines = [
-        HEADING,
+        heading(args),
         "",
         f"{args.replicas} engine replicas behind one model, by the number of text backend replicas (called as the "
         "edge calls them: one gRPC channel, round_robin; several share their picks through a real Redis, "
@@ -663,12 +671,12 @@ def _ratios(picker: RunResult, base: RunResult) -> tuple[float, float]:
     return p99, hits
 
 
-def write_section(target: Path, section: str) -> None:
+def write_section(target: Path, section: str, title: str = HEADING) -> None:
     """Replaces this section of ``target`` where it stands, or adds it last above `make bench`'s keep-marker."""
     text = target.read_text() if target.exists() else ""
     measured, marker, kept = text.partition(KEEP_MARKER)
-    if HEADING in measured:
-        before, _, after = measured.partition(HEADING)
+    if title in measured:
+        before, _, after = measured.partition(title)
         rest = after.split("\n## ", 1)
         measured = before + section + ("\n\n## " + rest[1] if len(rest) > 1 else "\n\n")
     else:
@@ -729,7 +737,7 @@ def main() -> None:
     section = report(results, args, time.monotonic() - started, picker_cost_us(args))
     print(section)
     if args.write:
-        write_section(args.write, section)
+        write_section(args.write, section, heading(args))
 
 
 if __name__ == "__main__":
