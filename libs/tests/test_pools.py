@@ -350,6 +350,31 @@ async def test_requests_another_backend_sent_weigh_on_a_replica_until_its_next_s
         await pool.close()
 
 
+async def test_other_backends_picks_count_one_scrape_tick_even_where_the_scrape_fails():
+    """A replica whose metrics cannot be read keeps its last figures; the others' picks must not pile up
+    on it with every tick (they would make it look ever busier, up to a saturated pool's 503s)."""
+    from modelplex_kit.pools.sync import SharedPick
+
+    pool, clients = make_pool(2)
+    clients["r0:1"].engine = EngineLoad(running=0, waiting=0, kv_cache_usage=0)
+    try:
+        await pool.ready()
+        r0 = next(r for r in pool.replicas if r.key == "r0:1")
+        await until(lambda: r0.load.engine is not None, 10, what="a first scrape")
+
+        async def failing_scrape() -> EngineLoad | None:
+            raise TimeoutError
+
+        clients["r0:1"].engine_load = failing_scrape  # type: ignore[method-assign]
+        for _ in range(100):
+            pool._learn(SharedPick("r0:1", (), 0))
+        assert r0.load.queue() == 100
+        await until(lambda: r0.load.queue() == 0, 10, what="the next tick forgot them")
+        assert r0.available  # a slow scrape ejects nothing
+    finally:
+        await pool.close()
+
+
 async def test_a_failing_replica_is_skipped_ejected_and_taken_back_once_ready():
     pool, clients = make_pool(3, pool_policy="round_robin")
     clients["r1:1"].up = False

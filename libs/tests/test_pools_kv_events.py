@@ -73,6 +73,20 @@ def test_what_cannot_be_chained_or_is_not_a_plain_prompt_teaches_nothing():
     assert view.held("a") == 0 and view.matches(prompt, ["a"]) == {"a": 0}
 
 
+def test_only_the_first_kv_cache_group_and_whole_blocks_of_one_size_are_followed():
+    """A hybrid model's sliding-window group stores and evicts the same hashes on its own schedule: its
+    removal must not cut the full-attention group's chain. A store of another block size, or of a
+    partial block, is not a prefix this view can match."""
+    view = EngineCacheView(max_blocks_per_replica=100)
+    prompt = list(range(12))
+    view.apply("a", decode_batch(batch(stored([1, 2], None, prompt[:8]))))
+    view.apply("a", decode_batch(batch({"type": "BlockRemoved", "block_hashes": [1], "medium": "GPU", "group_idx": 1})))
+    view.apply("a", decode_batch(batch(stored([7], None, prompt[:4], group_idx=1))))
+    view.apply("a", decode_batch(batch(stored([3], 2, prompt[8:10], block_size=2))))  # a partial block
+    view.apply("b", decode_batch(batch(stored([5], None, prompt[:8], block_size=8))))  # another block size
+    assert view.matches(prompt, ["a", "b"]) == {"a": 2, "b": 0} and view.held("a") == 2
+
+
 def test_memory_is_bounded_per_replica_oldest_stored_first_out():
     view = EngineCacheView(max_blocks_per_replica=3)
     for i in range(10):
@@ -252,5 +266,10 @@ async def test_an_engine_that_restarts_or_drops_batches_is_forgotten_until_it_st
             one.seq += 5  # five batches lost
             await until(lambda: stored_on_one(2), 10, what="the next batch arrived")
             assert view.matches([1] * BLOCK, [one.key]) == {one.key: 0}  # what came before the gap is gone
+            # A batch that cannot be read may have removed anything: the same.
+            assert one.socket is not None
+            one.socket.send_multipart((b"", one.seq.to_bytes(8, "big"), b"\xc1 not msgpack"))
+            one.seq += 1
+            await until(lambda: view.held(one.key) == 0, 10, what="the undecodable batch cleared the view")
         finally:
             await pool.close()

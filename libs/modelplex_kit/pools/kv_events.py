@@ -16,10 +16,13 @@ not by the engine's own hashes: those are seeded per engine (``PYTHONHASHSEED`` 
 cannot be computed from a prompt here. A request's tokens come from the engine's ``/tokenize`` (the
 picker asks for them only when its own prefix index knows nothing of the prompt).
 
-A batch that cannot be chained (its parent was stored before this backend subscribed, or a sequence
-number was skipped: the publisher drops past its high-water mark) teaches nothing; a skipped or
-restarted sequence clears that replica's view, which then refills from the next stores. Memory is
-bounded per replica (``max_blocks``), oldest stored first out.
+A store that cannot be chained (its parent was stored before this backend subscribed: vLLM reports a block
+when it first caches it, not when a request reuses it, unless asked per request with
+``kv_cache_report_mode: full``, which this does not ask) teaches nothing; a skipped or restarted sequence
+(the publisher drops past its high-water mark; an engine restarted) or an undecodable batch clears that
+replica's view, which then holds what is stored from then on. Only the first KV-cache group is followed
+(a hybrid model's sliding-window groups store and evict on their own schedule). Memory is bounded per
+replica (``max_blocks``, about 400 bytes a block), oldest stored first out.
 """
 
 from __future__ import annotations
@@ -68,11 +71,14 @@ class Stored:
     block_size: int
     #: A block keyed by more than its tokens (a LoRA adapter, an image, a cache salt): no plain prompt matches it.
     plain: bool
+    #: The KV-cache group (hybrid models: full attention, sliding window, ... each publish their own).
+    group: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Removed:
     block_hashes: list[EngineHash]
+    group: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +131,10 @@ def _event(raw: Any) -> Event | None:
             list(fields["token_ids"]),
             int(fields["block_size"]),
             plain,
+            int(fields.get("group_idx") or 0),
         )
     if kind == "BlockRemoved":
-        return Removed(list(fields["block_hashes"]))
+        return Removed(list(fields["block_hashes"]), int(fields.get("group_idx") or 0))
     if kind == "AllBlocksCleared":
         return Cleared()
     return None
@@ -149,19 +156,25 @@ class EngineCacheView:
         return len(self._held.get(replica, ()))
 
     def apply(self, replica: str, events: Iterable[Event]) -> None:
+        # Group 0 only: a hybrid model's other groups (sliding windows) store and evict the same hashes on
+        # their own schedule, and skip blocks; the first group is the one a whole prefix lives in.
         for event in events:
             if isinstance(event, Stored):
-                self._stored(replica, event)
+                if event.group == 0:
+                    self._stored(replica, event)
             elif isinstance(event, Removed):
-                self._removed(replica, event.block_hashes)
+                if event.group == 0:
+                    self._removed(replica, event.block_hashes)
             else:
                 self.forget(replica)
 
     def _stored(self, replica: str, event: Stored) -> None:
         held = self._held.setdefault(replica, OrderedDict())
         size = event.block_size
-        if not event.plain or size <= 0 or len(event.token_ids) < size * len(event.block_hashes):
-            return
+        if not event.plain or size <= 0 or len(event.token_ids) != size * len(event.block_hashes):
+            return  # not whole blocks of plain tokens (a partial block, another layout): not a prefix here
+        if self.block_size and size != self.block_size:
+            return  # one block size per view: the engines of one model share theirs
         if event.parent_block_hash is None:
             parent = 0
         elif (known := held.get(event.parent_block_hash)) is not None:
@@ -172,7 +185,7 @@ class EngineCacheView:
         for i, engine_hash in enumerate(event.block_hashes):
             parent = chain_key(parent, event.token_ids[i * size : (i + 1) * size])
             if engine_hash in held:
-                held.move_to_end(engine_hash)  # stored again (vLLM reports a reused block once more)
+                held.move_to_end(engine_hash)  # stored again (reported once more: vLLM's "full" report mode)
                 continue
             held[engine_hash] = parent
             counts = self._holders.setdefault(parent, {})
@@ -211,9 +224,10 @@ class EngineCacheView:
         matched = dict.fromkeys(replicas, 0)
         if self.block_size <= 0:
             return matched
-        alive = set(matched)
-        for depth, key in enumerate(token_block_keys(tokens, self.block_size), start=1):
-            holders = alive.intersection(self._holders.get(key, ()))
+        alive, size, parent = set(matched), self.block_size, 0
+        for depth, start in enumerate(range(0, len(tokens) - size + 1, size), start=1):
+            parent = chain_key(parent, tokens[start : start + size])  # one block at a time: a miss stops early
+            holders = alive.intersection(self._holders.get(parent, ()))
             if not holders:
                 break
             for replica in holders:
@@ -264,8 +278,10 @@ class EngineCacheFeed:
         address = events_address(replica, self._port)
         counted = telemetry.POOL_KV_EVENTS
         while True:
-            socket = zmq.asyncio.Context.instance().socket(zmq.SUB)
+            socket = None
             try:
+                socket = zmq.asyncio.Context.instance().socket(zmq.SUB)
+                socket.setsockopt(zmq.IPV6, 1)  # dual stack: an IPv6 pod address connects, an IPv4 one too
                 socket.setsockopt(zmq.SUBSCRIBE, self._topic)
                 socket.setsockopt(zmq.RCVHWM, 100_000)
                 socket.connect(address)
@@ -276,7 +292,8 @@ class EngineCacheFeed:
             except Exception:
                 log.exception("kv events subscription failed", extra={"pool": self._pool, "replica": replica})
             finally:
-                socket.close(linger=0)
+                if socket is not None:
+                    socket.close(linger=0)
             self.view.forget(replica)
             await asyncio.sleep(_RECONNECT_S)
 
@@ -296,7 +313,9 @@ class EngineCacheFeed:
             try:
                 events = decode_batch(frames[-1])
             except Exception:
+                # What it removed cannot be known: the view of this replica starts again, as after a gap.
                 counted.labels(self._pool, "undecodable").inc()
+                self.view.forget(replica)
                 continue
             self.view.apply(replica, events)
             counted.labels(self._pool, "batch").inc()

@@ -7,7 +7,8 @@ Engines publish their queue in Prometheus text: vLLM (``vllm:num_requests_waitin
 hundred ms old when read; the backend's own count of requests it has in flight on the replica is
 exact for its share, so a replica's load is the scrape plus what this backend started there since,
 and never less than this backend's own in-flight count (a failed or stale scrape cannot make a busy
-replica look idle).
+replica look idle). With several backend replicas sharing their picks (sync.py), the requests the others
+sent there count too, as waiting, until the next scrape tick.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ class ReplicaLoad:
         """A fresh scrape (None: the engine publishes no queue figures)."""
         self._scraped = load
         self._in_flight_at_scrape = self.in_flight
+        self.peers_counted()
+
+    def peers_counted(self) -> None:
+        """The scrape tick passed (the engine's figures include the other backends' requests, or could
+        not be read: either way they count no longer, so a failing scrape cannot inflate the load)."""
         self._peer_since_scrape = 0
 
     @property

@@ -44,6 +44,8 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _FIRST_SNAPSHOT_S = 10.0
 # Pause before a failed replica source is restarted.
 _SOURCE_RESTART_S = 1.0
+# The longest a prompt's tokenizing (to look it up in the engines' KV-cache events) may hold its pick.
+_TOKENIZE_TIMEOUT_S = 0.25
 # Weight of the newest scrape interval in the drain rate's moving average.
 _DRAIN_SMOOTHING = 0.2
 
@@ -270,13 +272,14 @@ class Pool(Generic[C]):
 
     async def _choose(self, request: PickRequest, tried: set[str]) -> tuple[Replica[C], Pick]:
         await self._wait_known()
-        untried = [r for r in self._ordered if r.key not in tried]
-        candidates = [r for r in untried if r.available] or untried
-        if not candidates:
-            raise unavailable("No replica of the model server is ready; retry shortly.", retry_after=2)
+        candidates = self._candidates(tried)
         if not tried:
             self._refuse_if_saturated(candidates)
-        engine_cached = await self._engine_cached(candidates, request) if not tried else None
+            engine_cached = await self._engine_cached(candidates, request)
+            # The tokenize call awaited: the source may have removed a replica meanwhile.
+            candidates = self._candidates(tried)
+        else:
+            engine_cached = None
         pick = self.picker.pick(candidates, request, engine_cached)
         reason = Reason.RETRY if tried else pick.reason
         self._record(pick, reason)
@@ -285,23 +288,34 @@ class Pool(Generic[C]):
             self._sync.share(SharedPick(pick.key, pick.hashes, pick.session_hash))
         return self._replicas[pick.key], pick
 
+    def _candidates(self, tried: set[str]) -> list[Replica[C]]:
+        untried = [r for r in self._ordered if r.key not in tried]
+        candidates = [r for r in untried if r.available] or untried
+        if not candidates:
+            raise unavailable("No replica of the model server is ready; retry shortly.", retry_after=2)
+        return candidates
+
     async def _engine_cached(self, candidates: Sequence[Replica[C]], request: PickRequest) -> dict[str, int] | None:
         """Where the engines' KV-cache events say the prompt's prefix is, for a prompt the prefix index
-        knows nothing of (one tokenize call on an engine); None where that cannot or need not be asked."""
+        knows nothing of (one tokenize call on an engine); None where that cannot or need not be asked.
+        Whatever goes wrong here, the request is picked without the events, never failed."""
         feed = self._engine_cache
         if feed is None or request.tokenize is None or feed.view.block_size <= 0:
             return None
         if not self.picker.prefix_unknown(candidates, request):
             return None
-        tokens = await self._tokenize(candidates, request.tokenize)
-        if tokens is None:
+        try:
+            tokens = await self._tokenize(candidates, request.tokenize)
+            return feed.view.matches(tokens, (c.key for c in candidates)) if tokens is not None else None
+        except Exception:
+            log.exception("pool: looking a prompt up in the engines' events failed", extra={"pool": self.name})
             return None
-        return feed.view.matches(tokens, (c.key for c in candidates))
 
     async def _tokenize(self, candidates: Sequence[Replica[C]], body: dict) -> list[int] | None:
-        # The least loaded candidate's engine: tokenizing is the same on every replica of a model.
+        # The least loaded candidate's engine: tokenizing is the same on every replica of a model. A short
+        # bound: a prompt that cannot be looked up in time is placed without the events.
         client = min(candidates, key=lambda r: r.load.score()).client
-        timeout = self._settings.pool_scrape_timeout_seconds
+        timeout = min(self._settings.pool_scrape_timeout_seconds, _TOKENIZE_TIMEOUT_S)
         tokens = await client.tokenize(body, timeout) if isinstance(client, Tokenizing) else None
         telemetry.POOL_TOKENIZE.labels(self.name, "ok" if tokens is not None else "failed").inc()
         return tokens
@@ -403,6 +417,10 @@ class Pool(Generic[C]):
             await self._scrape(replica)
         except Exception:
             log.exception("pool scrape failed", extra={"replica": replica.key})
+        finally:
+            # Other backends' picks count for one scrape interval, whether or not this scrape succeeded:
+            # a replica whose metrics cannot be read must not look busier with every pick forever.
+            replica.load.peers_counted()
 
     async def _scrape(self, replica: Replica[C]) -> None:
         now = time.monotonic()

@@ -84,5 +84,6 @@ class PoolSettings(BaseModel):
     pool_kv_events_port: int = Field(0, ge=0, le=65535)
     # The publisher's topic (vLLM's kv-events-config "topic"), empty: every batch.
     pool_kv_events_topic: str = ""
-    # Blocks remembered per engine replica (its KV cache's block count is enough; the oldest stored go first).
+    # Blocks remembered per engine replica (its KV cache's block count is enough; the oldest stored go
+    # first), about 400 bytes each.
     pool_kv_events_max_blocks: int = Field(262144, gt=0)

@@ -68,13 +68,21 @@ def pick_request(request: text_pb2.GenerateRequest, body: dict[str, Any] | None 
     )
 
 
-def tokenize_body(body: dict[str, Any]) -> dict[str, Any]:
+def tokenize_body(body: dict[str, Any]) -> dict[str, Any] | None:
     """vLLM's ``/tokenize`` request for an upstream chat or completions body: the same prompt, rendered by
-    the same chat template with the same tools, so its tokens are the ones the engine caches."""
+    the same chat template with the same tools, so its tokens are the ones the engine caches. None for a
+    chat with images: the engine would fetch and encode them to tokenize, and blocks holding an image are
+    keyed by more than their tokens (they never match a lookup by tokens)."""
     if "messages" in body:
+        if any(isinstance(m.get("content"), list) and _has_media(m["content"]) for m in body["messages"]):
+            return None
         out = {"model": body["model"], "messages": body["messages"], "add_generation_prompt": True}
         return out | ({"tools": body["tools"]} if body.get("tools") else {})
     return {"model": body["model"], "prompt": body["prompt"]}
+
+
+def _has_media(parts: list[Any]) -> bool:
+    return any(not (isinstance(p, dict) and p.get("type") == "text") for p in parts)
 
 
 def canonical_prompt(request: text_pb2.GenerateRequest) -> str:
