@@ -217,6 +217,7 @@ async def test_a_prompt_goes_where_the_engines_events_say_its_prefix_is_cached()
             pool_kv_events_port=port,
             pool_prefix_block_chars=64,
             pool_scrape_interval_seconds=0.05,
+            pool_tokenize_timeout_seconds=10,  # not the default 250 ms: a loaded machine must not change the pick
         )
         pool = OpenAIPool("kv-test", settings, timeout_seconds=10)
         try:

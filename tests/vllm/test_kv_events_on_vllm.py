@@ -86,6 +86,8 @@ async def test_a_prefix_served_through_backend_a_is_picked_for_its_replica_throu
         upstream_url=f"{vllm_text.base_url},{stand_in}",
         pool_kv_events_port=vllm_text.kv_events_port,
         pool_scrape_interval_seconds=0.1,
+        # This 2-core machine's vLLM may take longer than the default 250 ms to tokenize while it serves.
+        pool_tokenize_timeout_seconds=30,
     )
     backend_b = OpenAIPool("kv-b", settings_b, timeout_seconds=300)
     try:

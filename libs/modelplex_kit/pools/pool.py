@@ -44,8 +44,6 @@ _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
 _FIRST_SNAPSHOT_S = 10.0
 # Pause before a failed replica source is restarted.
 _SOURCE_RESTART_S = 1.0
-# The longest a prompt's tokenizing (to look it up in the engines' KV-cache events) may hold its pick.
-_TOKENIZE_TIMEOUT_S = 0.25
 # Weight of the newest scrape interval in the drain rate's moving average.
 _DRAIN_SMOOTHING = 0.2
 
@@ -315,7 +313,7 @@ class Pool(Generic[C]):
         # The least loaded candidate's engine: tokenizing is the same on every replica of a model. A short
         # bound: a prompt that cannot be looked up in time is placed without the events.
         client = min(candidates, key=lambda r: r.load.score()).client
-        timeout = min(self._settings.pool_scrape_timeout_seconds, _TOKENIZE_TIMEOUT_S)
+        timeout = self._settings.pool_tokenize_timeout_seconds
         tokens = await client.tokenize(body, timeout) if isinstance(client, Tokenizing) else None
         telemetry.POOL_TOKENIZE.labels(self.name, "ok" if tokens is not None else "failed").inc()
         return tokens

@@ -82,6 +82,9 @@ class PoolSettings(BaseModel):
     # (modelplex_kit.pools.kv_events); a prompt this backend's prefix index knows nothing of is
     # tokenized by an engine (/tokenize) and placed where the events say its prefix is. 0: off.
     pool_kv_events_port: int = Field(0, ge=0, le=65535)
+    # How long a prompt's tokenizing (the engine's /tokenize, for that lookup) may hold its pick; past it
+    # the request is placed without the events.
+    pool_tokenize_timeout_seconds: float = Field(0.25, gt=0)
     # The publisher's topic (vLLM's kv-events-config "topic"), empty: every batch.
     pool_kv_events_topic: str = ""
     # Blocks remembered per engine replica (its KV cache's block count is enough; the oldest stored go
