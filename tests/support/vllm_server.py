@@ -1,8 +1,8 @@
 """Real vLLM servers for the engine suite (tests/vllm/), run as the Helm chart's vLLM pod runs them.
 
 The command line is the chart's: the vLLM Deployment is rendered by the real Helm engine for
-a model entry, and its container's ``args`` are what vLLM gets, with only ``--host`` (loopback)
-and ``--port`` (a free one) replaced. As far as this machine allows, the pod's conditions hold
+a model entry, and its container's ``args`` are what vLLM gets, with only ``--host`` (loopback),
+``--port`` and the KV-cache events' endpoint port (free ones) replaced. As far as this machine allows, the pod's conditions hold
 too: the process runs as the pod's non-root uid/gid (``runAsUser``/``runAsGroup``, 10001), with
 the container's ``env`` (``HOME``, ``HF_HOME``, ``VLLM_CACHE_ROOT``, ... under ``/cache``, mapped
 to a directory of that uid), and the weights are a folder it can read but not write.
@@ -89,6 +89,12 @@ class VllmServer:
     kv_events_port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
 
+    def kv_events_config(self, chart_value: str) -> str:
+        """The chart's --kv-events-config as this server runs it: the same, publishing on its own free port."""
+        config = json.loads(chart_value)
+        config["endpoint"] = f"tcp://*:{self.kv_events_port}"  # a "*" binds (vLLM connects to any other)
+        return json.dumps(config, separators=(",", ":"))
+
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
@@ -119,9 +125,9 @@ class VllmServer:
         venv = vllm_env_dir() / "venv"
         args = _with_arg(_with_arg(self.pod.args, "--host", "127.0.0.1"), "--port", str(self.port))
         if "--kv-events-config" in args:
-            config = json.loads(args[args.index("--kv-events-config") + 1])
-            config["endpoint"] = f"tcp://*:{self.kv_events_port}"  # a "*" binds (vLLM connects to any other)
-            args = _with_arg(args, "--kv-events-config", json.dumps(config))
+            args = _with_arg(
+                args, "--kv-events-config", self.kv_events_config(args[args.index("--kv-events-config") + 1])
+            )
         cache = self.cache
         env = {k: v.replace("/cache", str(cache), 1) if v.startswith("/cache") else v for k, v in self.pod.env.items()}
         env |= CPU_ENV | {"PATH": f"{venv}/bin:/usr/bin:/bin"}

@@ -145,8 +145,12 @@ def test_vllm_runs_with_the_charts_args_as_its_non_root_uid(name, request):
     assert pod.uid == 10001 and pod.gid == 10001
     cmdline = Path(f"/proc/{server.process.pid}/cmdline").read_bytes().decode().split("\0")[:-1]
     args = cmdline[cmdline.index("vllm.entrypoints.openai.api_server") + 1 :]
-    replaced = {"--host": "127.0.0.1", "--port": str(server.port)}
-    assert args == [replaced.get(args[i - 1], a) if i else a for i, a in enumerate(pod.args)]
+    # Where it listens, and where it publishes its KV-cache events: free ports here, the rest as the chart's.
+    replaced = {"--host": lambda _: "127.0.0.1", "--port": lambda _: str(server.port)}
+    replaced["--kv-events-config"] = server.kv_events_config
+    assert args == [
+        replaced[pod.args[i - 1]](a) if i and pod.args[i - 1] in replaced else a for i, a in enumerate(pod.args)
+    ]
     uids = set(_proc_status(server.process.pid)["Uid"].split())
     # As the pod's uid where the suite may switch to it (as root, as in CI); else as this non-root user.
     assert uids == ({"10001"} if os.geteuid() == 0 else {str(os.getuid())})
