@@ -25,8 +25,17 @@ from tests.support.until import until
 
 @pytest.mark.parametrize(
     ("ms", "text"),
-    [(0, "0ms"), (120, "120ms"), (999, "999ms"), (1000, "1s"), (1500, "1.5s"), (59_999, "59.999s"),
-     (360_000, "6m0s"), (61_500, "1m1.5s"), (3_723_000, "1h2m3s")],
+    [
+        (0, "0ms"),
+        (120, "120ms"),
+        (999, "999ms"),
+        (1000, "1s"),
+        (1500, "1.5s"),
+        (59_999, "59.999s"),
+        (360_000, "6m0s"),
+        (61_500, "1m1.5s"),
+        (3_723_000, "1h2m3s"),
+    ],
 )
 def test_durations_in_openai_format(ms, text):
     assert duration(ms) == text
@@ -34,11 +43,23 @@ def test_durations_in_openai_format(ms, text):
 
 def test_a_429_carries_retry_after_and_every_header():
     reply = pb.AdmitReply(
-        limits_requests=True, limits_tokens=True,
-        rate_limit=pb.RateLimitState(limit_requests=3, remaining_requests=0, reset_requests_ms=59_100,
-                                     limit_tokens=100, remaining_tokens=40, reset_tokens_ms=250),
-        denial=pb.Denial(status=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], code="rate_limit_exceeded",
-                         type="requests", message="Rate limit reached", retry_after_ms=19_700),
+        limits_requests=True,
+        limits_tokens=True,
+        rate_limit=pb.RateLimitState(
+            limit_requests=3,
+            remaining_requests=0,
+            reset_requests_ms=59_100,
+            limit_tokens=100,
+            remaining_tokens=40,
+            reset_tokens_ms=250,
+        ),
+        denial=pb.Denial(
+            status=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0],
+            code="rate_limit_exceeded",
+            type="requests",
+            message="Rate limit reached",
+            retry_after_ms=19_700,
+        ),
     )
     error = denial_error(reply, Ask(("Bearer k",), "chat.completions", "m"), "k")
     assert error.http.status == 429 and error.envelope()["error"]["type"] == "requests"
@@ -128,13 +149,17 @@ async def until_admitted(admission: GatekeeperAdmission, timeout: float = 10) ->
             await asyncio.sleep(0.05)
 
 
-async def test_accounts_finishing_within_the_delay_share_one_stream_message(ageing_gatekeeper):
-    """Sequential requests (c=1) each used to cost the edge a stream write of its own after the response."""
-    from modelplex_edge.gatekeeper_client import ACCOUNT_DELAY_SECONDS
+async def test_accounts_finishing_within_the_delay_share_one_stream_message(ageing_gatekeeper, monkeypatch):
+    """Sequential requests (c=1) each used to cost the edge a stream write of its own after the response.
+    The test ends the delay itself, not the clock: with the real 5 ms, a loaded machine's event loop
+    stalled past it between two of the requests (fresh-clone run 11 wrote 2 + 1)."""
+    from modelplex_edge import gatekeeper_client
 
+    monkeypatch.setattr(gatekeeper_client, "ACCOUNT_DELAY_SECONDS", 3600.0)
     admission, usage = ageing_gatekeeper
     first = await until_admitted(admission, 30)
-    stream = admission._transport._stream()
+    transport = admission._transport
+    stream = transport._stream()
     write, writes = stream.write, []
 
     async def counted(batch):
@@ -143,9 +168,14 @@ async def test_accounts_finishing_within_the_delay_share_one_stream_message(agei
 
     stream.write = counted
     await admission.account(first, Consumption(), failed=False)
-    for i in range(2):  # two more requests end a little apart, each well within the delay
-        await asyncio.sleep(ACCOUNT_DELAY_SECONDS / 10)
+    for i in range(2):  # two more requests end apart (later turns of the loop), within the delay
+        await asyncio.sleep(0)
         ended = Admitted("one", endpoint="chat.completions", model="m", ticket=f"batch|0|one-{i}")
         await admission.account(ended, Consumption(), failed=False)
+    assert writes == []  # nothing written before the delay ends
+    timer = transport._flush
+    assert isinstance(timer, asyncio.TimerHandle)  # one timer for the three, set by the first
+    timer.cancel()
+    transport._flush_now()  # the delay ends
     await until(lambda: usage.exists() and len(usage.read_text().splitlines()) == 3, 10)
     assert writes == [(0, 3)]
