@@ -32,10 +32,11 @@ class FakeVllm:
     running: int = 0
     metrics: bool = True
     port: int = 0
+    host: str = "127.0.0.1"  # another loopback address (127.0.0.2) where a test needs a host of its own
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        return f"http://{self.host}:{self.port}/v1"
 
     def exposition(self) -> str:
         return (
@@ -77,7 +78,7 @@ async def serving(*replicas: FakeVllm) -> AsyncIterator[None]:
         runner = web.AppRunner(replica.app())
         await runner.setup()
         replica.port = free_port()
-        await web.TCPSite(runner, "127.0.0.1", replica.port).start()
+        await web.TCPSite(runner, replica.host, replica.port).start()
         runners.append(runner)
     try:
         yield

@@ -18,6 +18,7 @@ import pytest
 import zmq
 from aiohttp import web
 
+from libs.tests.test_pools_http import FakeVllm, serving
 from modelplex_kit.pools.http import OpenAIPool
 from modelplex_kit.pools.kv_events import EngineCacheView, Stored, decode_batch, events_address, token_block_keys
 from modelplex_kit.pools.picker import PickRequest, Reason
@@ -101,10 +102,12 @@ def test_token_block_keys_are_chained_and_the_same_in_every_process():
     import subprocess
     import sys
 
-    keys = token_block_keys(list(range(10)), 4)
+    keys = list(token_block_keys(list(range(10)), 4))
     assert len(keys) == 2 and keys[0] != keys[1]
-    assert token_block_keys([0, 1, 2, 3, 9, 9, 9, 9], 4)[0] == keys[0]
-    code = "from modelplex_kit.pools.kv_events import token_block_keys; print(token_block_keys(list(range(10)), 4))"
+    assert next(token_block_keys([0, 1, 2, 3, 9, 9, 9, 9], 4)) == keys[0]
+    code = (
+        "from modelplex_kit.pools.kv_events import token_block_keys;print(list(token_block_keys(list(range(10)), 4)))"
+    )
     runs = {
         subprocess.run(
             [sys.executable, "-c", code], env=os.environ | {"PYTHONHASHSEED": s}, capture_output=True, text=True
@@ -122,43 +125,24 @@ def test_a_publishers_address_is_its_replicas_host_at_the_events_port():
 
 # -- a pool following two stand-in engines' events over real ZMQ ------------------------------------
 @dataclass
-class StandInEngine:
-    """A procedural stand-in for a vLLM pod: one token per character, events published by the test."""
+class StandInEngine(FakeVllm):
+    """The pool tests' stand-in vLLM pod, with vLLM's /tokenize (one token per character) and a PUB socket
+    on which the test publishes its KV-cache events."""
 
-    name: str
-    host: str
-    events_port: int
-    port: int = 0
+    events_port: int = 0
     tokenized: int = 0
     seq: int = 0
     socket: zmq.Socket | None = field(default=None, repr=False)
 
     def app(self) -> web.Application:
-        async def ok(_: web.Request) -> web.Response:
-            return web.Response(text="ok")
-
-        async def models(_: web.Request) -> web.Response:
-            return web.json_response({"data": [{"id": "m"}]})
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(text='vllm:num_requests_waiting{model_name="m"} 0.0\n', content_type="text/plain")
-
         async def tokenize(request: web.Request) -> web.Response:
             body = await request.json()
             self.tokenized += 1
             text = "".join(m["content"] for m in body["messages"]) if "messages" in body else body["prompt"]
             return web.json_response({"tokens": tokens_of(text), "count": len(text), "max_model_len": 4096})
 
-        async def chat(_: web.Request) -> web.Response:
-            choice = {"index": 0, "message": {"role": "assistant", "content": self.name}, "finish_reason": "stop"}
-            return web.json_response({"choices": [choice], "usage": {"prompt_tokens": 1, "total_tokens": 2}})
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        app.router.add_get("/health", ok)
-        app.router.add_get("/v1/models", models)
+        app = super().app()
         app.router.add_post("/tokenize", tokenize)
-        app.router.add_post("/v1/chat/completions", chat)
         return app
 
     @property
@@ -177,23 +161,18 @@ def tokens_of(text: str) -> list[int]:
 
 @asynccontextmanager
 async def engines(*replicas: StandInEngine) -> AsyncIterator[None]:
-    runners, context = [], zmq.Context.instance()
-    for replica in replicas:
-        runner = web.AppRunner(replica.app())
-        await runner.setup()
-        replica.port = free_port()
-        await web.TCPSite(runner, replica.host, replica.port).start()
-        runners.append(runner)
-        replica.socket = context.socket(zmq.PUB)
-        replica.socket.bind(f"tcp://{replica.host}:{replica.events_port}")
-    try:
-        yield
-    finally:
+    """The replicas served (``serving``), each with its events' PUB socket bound on its own host."""
+    context = zmq.Context.instance()
+    async with serving(*replicas):
         for replica in replicas:
-            assert replica.socket is not None
-            replica.socket.close(linger=0)
-        for runner in runners:
-            await runner.cleanup()
+            replica.socket = context.socket(zmq.PUB)
+            replica.socket.bind(f"tcp://{replica.host}:{replica.events_port}")
+        try:
+            yield
+        finally:
+            for replica in replicas:
+                if replica.socket is not None:
+                    replica.socket.close(linger=0)
 
 
 def chat_body(text: str) -> dict:
@@ -209,7 +188,7 @@ async def test_a_prompt_goes_where_the_engines_events_say_its_prefix_is_cached()
     of another backend, send it there; a prompt nobody cached goes by load, and is not tokenized twice
     once the index knows it."""
     port = free_port()
-    one, two = StandInEngine("one", "127.0.0.1", port), StandInEngine("two", "127.0.0.2", port)
+    one, two = StandInEngine("one", events_port=port), StandInEngine("two", host="127.0.0.2", events_port=port)
     system = "You are the claims desk of a harbour insurer; answer in two sentences. " * 8
     async with engines(one, two):
         settings = PoolSettings(
@@ -251,7 +230,7 @@ async def test_a_prompt_goes_where_the_engines_events_say_its_prefix_is_cached()
 
 async def test_an_engine_that_restarts_or_drops_batches_is_forgotten_until_it_stores_again():
     port = free_port()
-    one, two = StandInEngine("one", "127.0.0.1", port), StandInEngine("two", "127.0.0.2", port)
+    one, two = StandInEngine("one", events_port=port), StandInEngine("two", host="127.0.0.2", events_port=port)
     async with engines(one, two):
         settings = PoolSettings(upstream_url=f"http://{one.key}/v1,http://{two.key}/v1", pool_kv_events_port=port)
         pool = OpenAIPool("kv-test-gap", settings, timeout_seconds=10)

@@ -4,24 +4,21 @@ vLLM runs with the chart's ``--kv-events-config`` (ZMQ on a free port here). Bac
 that vLLM and serves a tenant's prompt; backend B's pool has the vLLM and a second replica, shares no
 picks with A, and has never seen the prompt: what places B's request on the vLLM is B's view of the
 vLLM's own events, and the vLLM's answer confirms it found the prefix cached. The second replica is a
-stand-in (an aiohttp server on 127.0.0.2 answering the pool's probes and /tokenize; it is never sent a
-request in this test, and it would answer one with its own name).
+stand-in (libs/tests/test_pools_http.py's FakeVllm on 127.0.0.2, answering the pool's probes; it is never
+sent a request in this test, and would answer one with its own name).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
-from aiohttp import web
 
+from libs.tests.test_pools_http import FakeVllm, serving
 from modelplex_kit.pools.http import OpenAIPool
 from modelplex_kit.pools.kv_events import EngineCacheView
 from modelplex_kit.pools.picker import PickRequest, Reason
 from modelplex_kit.pools.settings import PoolSettings
 from modelplex_text.adapters.openai_wire import tokenize_body
-from tests.support.ports import free_port
 from tests.support.until import until
 
 pytestmark = pytest.mark.vllm
@@ -43,39 +40,13 @@ def pick_for(body: dict) -> PickRequest:
     return PickRequest(prompt=prompt, tokenize=tokenize_body(body))
 
 
-async def stand_in_replica() -> AsyncIterator[str]:
-    async def ok(_: web.Request) -> web.Response:
-        return web.Response(text="ok")
-
-    async def models(_: web.Request) -> web.Response:
-        return web.json_response({"data": [{"id": "stand-in"}]})
-
-    async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text='vllm:num_requests_waiting{model_name="m"} 0.0\n', content_type="text/plain")
-
-    async def chat_answer(_: web.Request) -> web.Response:
-        choice = {"index": 0, "message": {"role": "assistant", "content": "stand-in"}, "finish_reason": "stop"}
-        return web.json_response({"choices": [choice], "usage": {"prompt_tokens": 1, "total_tokens": 2}})
-
-    app = web.Application()
-    app.router.add_get("/health", ok)
-    app.router.add_get("/v1/models", models)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_post("/v1/chat/completions", chat_answer)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.2", port).start()
-    try:
-        yield f"http://127.0.0.2:{port}/v1"
-    finally:
-        await runner.cleanup()
-
-
 @pytest.fixture
 async def stand_in():
-    async for url in stand_in_replica():
-        yield url
+    """The second replica: the pool tests' stand-in vLLM pod (it answers the pool's probes, and a request
+    with its own name), on a loopback address of its own (engines publish on one port of their host)."""
+    replica = FakeVllm("stand-in", host="127.0.0.2")
+    async with serving(replica):
+        yield replica.url
 
 
 async def test_a_prefix_served_through_backend_a_is_picked_for_its_replica_through_backend_b(vllm_text, stand_in):

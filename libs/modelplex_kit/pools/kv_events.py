@@ -33,11 +33,12 @@ import logging
 import zlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from modelplex_kit import telemetry
+from modelplex_kit.pools.prefix import deepest_holders
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +55,13 @@ def chain_key(parent: int, tokens: Sequence[int]) -> int:
     return high << 32 | low
 
 
-def token_block_keys(tokens: Sequence[int], block_size: int) -> list[int]:
-    """The chained keys of the whole blocks of a token sequence (an engine caches whole blocks only)."""
-    keys, parent = [], 0
+def token_block_keys(tokens: Sequence[int], block_size: int) -> Iterator[int]:
+    """The chained keys of the whole blocks of a token sequence (an engine caches whole blocks only),
+    one at a time: a lookup that misses early computes no more."""
+    parent = 0
     for start in range(0, len(tokens) - block_size + 1, block_size):
         parent = chain_key(parent, tokens[start : start + block_size])
-        keys.append(parent)
-    return keys
+        yield parent
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,19 +222,9 @@ class EngineCacheView:
 
     def matches(self, tokens: Sequence[int], replicas: Iterable[str]) -> dict[str, int]:
         """For each replica, how many leading whole blocks of these tokens its cache holds."""
-        matched = dict.fromkeys(replicas, 0)
         if self.block_size <= 0:
-            return matched
-        alive, size, parent = set(matched), self.block_size, 0
-        for depth, start in enumerate(range(0, len(tokens) - size + 1, size), start=1):
-            parent = chain_key(parent, tokens[start : start + size])  # one block at a time: a miss stops early
-            holders = alive.intersection(self._holders.get(parent, ()))
-            if not holders:
-                break
-            for replica in holders:
-                matched[replica] = depth
-            alive = holders
-        return matched
+            return dict.fromkeys(replicas, 0)
+        return deepest_holders(token_block_keys(tokens, self.block_size), self._holders, replicas)
 
 
 def events_address(replica_key: str, port: int) -> str:

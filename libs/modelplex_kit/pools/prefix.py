@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 # Replicas remembered per block: a prefix popular enough to be spread by the imbalance bound
 # is warm on several replicas.
@@ -43,6 +43,23 @@ def block_hashes(prompt: str, block_chars: int) -> list[int]:
         high = zlib.adler32(block, high ^ low)
         hashes.append(high << 32 | low)
     return hashes
+
+
+def deepest_holders(
+    chain: Iterable[int], holders: Mapping[int, Iterable[str]], replicas: Iterable[str]
+) -> dict[str, int]:
+    """For each replica, how many leading keys of a chain it holds (``holders``: key -> replicas).
+    The chain is consumed only as far as some replica still holds it (a lazy one stops early)."""
+    matched = dict.fromkeys(replicas, 0)
+    alive = set(matched)
+    for depth, key in enumerate(chain, start=1):
+        still = alive.intersection(holders.get(key, ()))
+        if not still:
+            break
+        for replica in still:
+            matched[replica] = depth
+        alive = still
+    return matched
 
 
 def stable_hash(text: str) -> int:
@@ -71,16 +88,7 @@ class PrefixIndex:
 
     def matches(self, hashes: list[int], replicas: Iterable[str]) -> dict[str, int]:
         """For each replica, how many leading blocks of the prompt it served recently."""
-        matched = dict.fromkeys(replicas, 0)
-        alive = set(matched)
-        for depth, block in enumerate(hashes, start=1):
-            holders = alive.intersection(self._blocks.get(block, ()))
-            if not holders:
-                break
-            for replica in holders:
-                matched[replica] = depth
-            alive = holders
-        return matched
+        return deepest_holders(hashes, self._blocks, replicas)
 
     def record(self, hashes: list[int], replica: str) -> None:
         """The replica is serving this prompt: its blocks are (about to be) in its cache."""
