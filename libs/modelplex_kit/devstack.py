@@ -107,6 +107,8 @@ def backend_plan(catalog: Path) -> dict[str, tuple[str, dict[str, str]]]:
     plan: dict[str, tuple[str, dict[str, str]]] = {}
     metrics_ports: dict[int, str] = {}
     for entry in (yaml.safe_load(catalog.read_text()) or {}).get("models", []):
+        if "adapter" in entry:  # a LoRA adapter runs on its base's backend
+            continue
         row = REGISTRY.get(entry["modality"])
         engine = entry.get("engine", {})
         if row is None or entry["backend"] in plan or engine.get("kind") == EXTERNAL:

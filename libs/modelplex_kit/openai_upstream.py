@@ -95,6 +95,12 @@ class OpenAIUpstream:
         tokens = answer.get("tokens")
         return tokens if isinstance(tokens, list) and all(isinstance(t, int) for t in tokens) else None
 
+    async def manage(self, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """A management POST (vLLM's ``load_lora_adapter``, which answers plain text on success): its
+        status and JSON body ({} when not JSON). Transport failures are UNAVAILABLE, as for a call."""
+        async with self.post(path, body) as response:
+            return response.status, json_or_empty(await response.read())
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()

@@ -117,6 +117,22 @@ POOL_TOKENIZE = Counter(
     "Prompts tokenized by an engine to look them up in its KV-cache events (ok, or failed: picked without)",
     ["pool", "outcome"],
 )
+POOL_ADAPTER_LOADS = Counter(
+    "modelplex_pool_adapter_loads_total",
+    "Requests for a LoRA adapter by what their replica needed: hit (already loaded), cold (loaded for it), failed",
+    ["pool", "outcome"],
+)
+POOL_ADAPTER_EVICTIONS = Counter(
+    "modelplex_pool_adapter_evictions_total",
+    "LoRA adapters unloaded from a replica to make room for another",
+    ["pool"],
+)
+POOL_ADAPTER_LOAD_SECONDS = Histogram(
+    "modelplex_pool_adapter_load_seconds",
+    "Time a replica took to load a LoRA adapter (a cold load, which the request waits for)",
+    ["pool"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
 
 
 _CHILDREN: dict[tuple[Any, tuple[str, ...]], Any] = {}

@@ -45,7 +45,11 @@ def redis_url(tmp_path_factory):
 
 
 def test_a_pick_message_round_trips_and_anything_else_is_refused():
-    picks = [SharedPick("10.0.0.1:8000", (1, 2**64 - 1), 7), SharedPick("vllm-2.vllm:8000", (), 0)]
+    picks = [
+        SharedPick("10.0.0.1:8000", (1, 2**64 - 1), 7),
+        SharedPick("vllm-2.vllm:8000", (), 0),
+        SharedPick("vllm-3.vllm:8000", (5,), 0, adapter="smollm2-kiwi"),
+    ]
     origin, decoded = decode(encode(b"12345678", picks))
     assert origin == b"12345678" and decoded == picks
     for garbage in (b"", b"hello", encode(b"12345678", picks)[:-3]):

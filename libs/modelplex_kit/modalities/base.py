@@ -24,6 +24,12 @@ class CapabilitySpec(BaseModel):
 # Raises a 400 ServiceError naming the parameter the model cannot serve. A checker may also fit the
 # request to the model in place (text: json_schema -> json_object); its name then says so.
 Checker = Callable[[Message, catalog_pb2.Capabilities], None]
+# Completes a backend request with what its catalog entry adds beyond the id (text: the LoRA adapter it names).
+Binder = Callable[[Message, catalog_pb2.Model], None]
+
+
+def _bind_nothing(request: Message, model: catalog_pb2.Model) -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +50,8 @@ class Modality:
     check: Checker
     #: Port of the backend's gRPC service in containers (the chart's default).
     port: int
+    #: Completes every request the edge sends the backend with what the model's entry adds (``Binder``).
+    bind: Binder = _bind_nothing
 
     def capabilities_proto(self, raw: Any) -> catalog_pb2.Capabilities:
         return self.capabilities.model_validate(raw if raw is not None else {}).to_proto()

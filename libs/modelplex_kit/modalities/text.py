@@ -90,6 +90,13 @@ def check_and_fit_text_request(request: text_pb2.GenerateRequest, capabilities: 
         _refuse_images(request.chat.messages)
 
 
+def bind_adapter(request: text_pb2.GenerateRequest, model: catalog_pb2.Model) -> None:
+    """A request for a LoRA adapter's catalog entry carries the adapter, for the base's engine to load."""
+    if model.HasField("adapter"):
+        adapter = model.adapter
+        request.adapter.CopyFrom(text_pb2.LoraAdapter(name=model.id, source=adapter.source, rank=adapter.rank))
+
+
 def _refuse_images(messages) -> None:
     for i, message in enumerate(messages):
         for j, part in enumerate(message.content):
@@ -110,4 +117,5 @@ MODALITY = Modality(
     capabilities=TextCapabilitySpec,  # type: ignore[arg-type]  # a RootModel with to_proto
     check=check_and_fit_text_request,
     port=50061,
+    bind=bind_adapter,
 )

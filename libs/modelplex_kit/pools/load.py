@@ -13,13 +13,16 @@ sent there count too, as waiting, until the next scrape tick.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 # Series (summed over their label sets, e.g. vLLM's per-engine ones) -> which figure they give.
 _WAITING = ("vllm:num_requests_waiting", "llamacpp:requests_deferred", "nv_inference_pending_request_count")
 _RUNNING = ("vllm:num_requests_running", "llamacpp:requests_processing")
 _KV_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "llamacpp:kv_cache_usage_ratio")
 _WANTED = frozenset(_WAITING + _RUNNING + _KV_USAGE)
+_LORA_INFO = "vllm:lora_requests_info"
+_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,17 +33,23 @@ class EngineLoad:
     waiting: float
     # 0..1: how full the KV cache is (a full one preempts, so it weighs as queueing soon).
     kv_cache_usage: float
+    # LoRA adapters the engine runs or queues requests under (vLLM's vllm:lora_requests_info, newest series).
+    lora_busy: frozenset[str] = field(default_factory=frozenset)
 
 
 def parse_engine_load(text: str) -> EngineLoad | None:
     """The load figures in a Prometheus text exposition; None when it has none of them (an engine
     whose metrics say nothing of its queue is judged by in-flight counts alone)."""
     sums: dict[str, float] = {}
+    lora = _NewestLoraInfo()
     for line in text.splitlines():
         if not line or line[0] == "#":
             continue
         brace = line.find("{")
         name = line[:brace] if brace >= 0 else line.split(" ", 1)[0]
+        if name == _LORA_INFO:
+            lora.offer(line)
+            continue
         if name not in _WANTED:
             continue
         rest = line[line.rfind("}") + 1 :] if brace >= 0 else line[len(name) :]
@@ -54,7 +63,29 @@ def parse_engine_load(text: str) -> EngineLoad | None:
         running=sum(sums.get(n, 0.0) for n in _RUNNING),
         waiting=sum(sums.get(n, 0.0) for n in _WAITING),
         kv_cache_usage=max((sums[n] for n in _KV_USAGE if n in sums), default=0.0),
+        lora_busy=lora.busy,
     )
+
+
+class _NewestLoraInfo:
+    """vLLM's ``vllm:lora_requests_info``: a gauge whose value is when it was set and whose label sets
+    (``running_lora_adapters``, ``waiting_lora_adapters``: comma-joined names) pile up; only the
+    series set last says what runs now."""
+
+    def __init__(self) -> None:
+        self._when = float("-inf")
+        self.busy: frozenset[str] = frozenset()
+
+    def offer(self, line: str) -> None:
+        try:
+            when = float(line[line.rfind("}") + 1 :].split()[0])
+        except (IndexError, ValueError):
+            return
+        if when <= self._when:
+            return
+        labels = dict(_LABEL.findall(line[line.find("{") : line.rfind("}") + 1]))
+        names = f"{labels.get('running_lora_adapters', '')},{labels.get('waiting_lora_adapters', '')}"
+        self._when, self.busy = when, frozenset(name for name in names.split(",") if name)
 
 
 class ReplicaLoad:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Protocol
 
+from modelplex_kit.pools.adapters import AdapterRef
 from modelplex_kit.pools.load import ReplicaLoad
 from modelplex_kit.pools.prefix import PrefixIndex, SessionIndex, block_hashes, stable_hash
 from modelplex_kit.pools.settings import Policy
@@ -51,6 +52,8 @@ class PickRequest:
     #: The body of the engine's ``/tokenize`` for this prompt (vLLM's: ``prompt``, or ``messages`` with
     #: ``add_generation_prompt``), for pools that follow their engines' KV-cache events; None: none.
     tokenize: dict[str, Any] | None = None
+    #: The LoRA adapter it runs under (None: the base model): it goes where that adapter is loaded.
+    adapter: AdapterRef | None = None
 
 
 class Candidate(Protocol):

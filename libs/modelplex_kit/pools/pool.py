@@ -9,6 +9,8 @@ ejected: left out for ``pool_eject_seconds``, doubling with each further failure
 (its readiness check) and taken back when it answers. A replica whose scrape is refused, or whose
 readiness check fails, is ejected the same way. When every replica is ejected a request still tries
 one rather than failing untried (a pool of one behaves as a single upstream did).
+
+A request for a LoRA adapter goes where the adapter is loaded, or is loaded first (``adapters.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from opentelemetry import trace
 from modelplex_kit import telemetry
 from modelplex_kit.drain import DrainRate, retry_after
 from modelplex_kit.errors import ServiceError, unavailable
+from modelplex_kit.pools.adapters import AdapterLoading, AdapterPlacement
 from modelplex_kit.pools.kv_events import EngineCacheFeed, EngineCacheView
 from modelplex_kit.pools.load import EngineLoad, Prefill, ReplicaLoad
 from modelplex_kit.pools.picker import CacheUse, Pick, Picker, PickRequest, Reason
@@ -124,6 +127,7 @@ class Pool(Generic[C]):
             index_blocks=settings.pool_prefix_index_blocks,
             replica_cache_chars=settings.pool_prefix_replica_cache_chars,
         )
+        self.adapters = AdapterPlacement(name, settings.pool_adapter_slots, settings.pool_adapter_wait_seconds)
         self._replicas: dict[str, Replica[C]] = {}
         self._ordered: list[Replica[C]] = []  # sorted by key: round robin and ties need a stable order
         self._known = asyncio.Event()
@@ -199,13 +203,15 @@ class Pool(Generic[C]):
         """``send`` on a picked replica's client, on another one if it fails before answering.
         ``cache_use``: what the answer says the engine found cached (the picker learns from it)."""
         tried: set[str] = set()
+        reloads = 0
         while True:
             replica, pick = await self._choose(request, tried)
             try:
                 with self._running(replica, pick):
-                    answer = await send(replica.client)
+                    async with self._adapter_on(replica, request):
+                        answer = await send(replica.client)
             except ServiceError as exc:
-                self._after_failure(replica, exc, tried)
+                reloads = self._after_failure(replica, request, exc, tried, reloads)
                 continue
             self._observe(pick, answer, cache_use)
             return answer
@@ -216,12 +222,13 @@ class Pool(Generic[C]):
         """The items of ``open_`` on a picked replica; retried elsewhere only before its first item.
         ``cache_use``: which item says what the engine found cached, and what (the picker learns from it)."""
         tried: set[str] = set()
+        reloads = 0
         while True:
             replica, pick = await self._choose(request, tried)
             produced = False
             try:
                 with self._running(replica, pick) as prefilled:
-                    async with aclosing(open_(replica.client)) as items:
+                    async with self._adapter_on(replica, request), aclosing(open_(replica.client)) as items:
                         async for item in items:
                             if not produced:
                                 produced = True
@@ -232,7 +239,7 @@ class Pool(Generic[C]):
             except ServiceError as exc:
                 if produced:
                     raise
-                self._after_failure(replica, exc, tried)
+                reloads = self._after_failure(replica, request, exc, tried, reloads)
 
     def _observe(self, pick: Pick, item: T, cache_use: CacheUseOf[T] | None) -> None:
         use = cache_use(item) if cache_use is not None else None
@@ -258,8 +265,21 @@ class Pool(Generic[C]):
         replica.failures = 0
         self._finished += 1
 
-    def _after_failure(self, replica: Replica[C], exc: ServiceError, tried: set[str]) -> None:
-        """Eject the replica where that is the cause; re-raise unless another replica may serve."""
+    def _adapter_on(self, replica: Replica[C], request: PickRequest) -> contextlib.AbstractAsyncContextManager:
+        """The request's adapter loaded on the replica while it runs there (nothing for the base model)."""
+        if request.adapter is None or not isinstance(replica.client, AdapterLoading):
+            return contextlib.nullcontext()
+        return self.adapters.holding(replica.key, replica.client, request.adapter)
+
+    def _after_failure(
+        self, replica: Replica[C], request: PickRequest, exc: ServiceError, tried: set[str], reloads: int
+    ) -> int:
+        """Eject the replica where that is the cause; re-raise unless another replica may serve. Returns the
+        reloads of the request's adapter so far: an engine that no longer has it (a 404 for its name: it
+        restarted, another backend unloaded it) gets it loaded again, once, before the failure stands."""
+        if exc.status == grpc.StatusCode.NOT_FOUND and request.adapter is not None and reloads == 0:
+            self.adapters.lost(replica.key, request.adapter.name)
+            return reloads + 1
         if exc.status not in _RETRYABLE:
             raise exc
         if exc.status == grpc.StatusCode.UNAVAILABLE and replica.available:
@@ -267,6 +287,7 @@ class Pool(Generic[C]):
         tried.add(replica.key)
         if len(tried) >= self._settings.pool_max_attempts or len(tried) >= len(self._ordered):
             raise exc
+        return reloads
 
     async def _choose(self, request: PickRequest, tried: set[str]) -> tuple[Replica[C], Pick]:
         await self._wait_known()
@@ -278,12 +299,20 @@ class Pool(Generic[C]):
             candidates = self._candidates(tried)
         else:
             engine_cached = None
+        if request.adapter is not None:
+            candidates = self.adapters.narrow(
+                candidates,
+                request.adapter.name,
+                prefer_holders=self._settings.pool_policy == "affinity",
+                max_imbalance=self._settings.pool_max_imbalance,
+            )
         pick = self.picker.pick(candidates, request, engine_cached)
         reason = Reason.RETRY if tried else pick.reason
         self._record(pick, reason)
         if self._sync is not None:
             # Every pick, with a prompt or not: the others count it in the replica's load until their next scrape.
-            self._sync.share(SharedPick(pick.key, pick.hashes, pick.session_hash))
+            adapter = request.adapter.name if request.adapter is not None else ""
+            self._sync.share(SharedPick(pick.key, pick.hashes, pick.session_hash, adapter))
         return self._replicas[pick.key], pick
 
     def _candidates(self, tried: set[str]) -> list[Replica[C]]:
@@ -324,6 +353,8 @@ class Pool(Generic[C]):
         if replica is not None:
             replica.load.peer_started()
             self.picker.learn_from_peer(pick.replica, pick.hashes, pick.session_hash)
+            if pick.adapter:
+                self.adapters.learned(pick.replica, pick.adapter)
 
     def _record(self, pick: Pick, reason: Reason) -> None:
         telemetry.POOL_PICKS.labels(self.name, pick.key, reason.value).inc()
@@ -380,6 +411,7 @@ class Pool(Generic[C]):
         log.info("pool replicas", extra={"pool": self.name, "replicas": sorted(snapshot)})
         for replica in gone:
             self.picker.forget(replica.key)
+            self.adapters.forget(replica.key)
             if self._engine_cache is not None:
                 self._engine_cache.unfollow(replica.key)
             replica.retired = True
@@ -436,6 +468,8 @@ class Pool(Generic[C]):
             # Slow or garbled: the last figures stand (a busy replica must not look idle).
             log.debug("pool scrape failed", extra={"replica": replica.key, "error": type(exc).__name__})
         engine = replica.load.engine
+        if engine is not None:
+            self.adapters.engine_says(replica.key, engine.lora_busy)
         replica.queue_gauge.set(engine.waiting if engine is not None else replica.load.queue())
         if now >= replica.next_ready_check:
             replica.next_ready_check = now + self._settings.pool_ready_check_seconds

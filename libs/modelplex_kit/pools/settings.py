@@ -90,3 +90,10 @@ class PoolSettings(BaseModel):
     # Blocks remembered per engine replica (its KV cache's block count is enough; the oldest stored go
     # first), about 400 bytes each.
     pool_kv_events_max_blocks: int = Field(262144, gt=0)
+    # LoRA adapters one replica holds at once (modelplex_kit.pools.adapters); past it, the least recently
+    # used idle one is unloaded before another is loaded. With vLLM: its --max-loras less one (a vLLM
+    # defect runs base-model requests under the adapter in the last slot once every slot is filled). 0: no
+    # bound (the engine's own).
+    pool_adapter_slots: int = Field(3, ge=0)
+    # How long a request for an adapter may wait for a replica's slot to free (every slot running): then 503.
+    pool_adapter_wait_seconds: float = Field(30.0, gt=0)

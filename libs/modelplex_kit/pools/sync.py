@@ -34,9 +34,9 @@ from modelplex_kit import telemetry
 
 log = logging.getLogger(__name__)
 
-_MAGIC = b"MPS1"
+_MAGIC = b"MPS2"
 _HEADER = struct.Struct("<4s8sH")  # magic, origin, records
-_RECORD = struct.Struct("<HQH")  # replica key length, session hash, block hashes
+_RECORD = struct.Struct("<HHQH")  # replica key length, adapter name length, session hash, block hashes
 # Picks gathered into one message: a few ms add nothing a request would notice and save a round trip each.
 _BATCH_WINDOW_S = 0.002
 # Picks waiting while Redis is away, beyond which the oldest are dropped (memory stays bounded).
@@ -54,15 +54,18 @@ class SharedPick:
     replica: str
     hashes: tuple[int, ...]
     session_hash: int = 0
+    #: The LoRA adapter the request ran under there ("": the base): it is loaded on that replica.
+    adapter: str = ""
 
 
 def encode(origin: bytes, picks: Iterable[SharedPick]) -> bytes:
     picks = list(picks)
     parts = [_HEADER.pack(_MAGIC, origin, len(picks))]
     for pick in picks:
-        key = pick.replica.encode()
-        parts.append(_RECORD.pack(len(key), pick.session_hash, len(pick.hashes)))
+        key, adapter = pick.replica.encode(), pick.adapter.encode()
+        parts.append(_RECORD.pack(len(key), len(adapter), pick.session_hash, len(pick.hashes)))
         parts.append(key)
+        parts.append(adapter)
         parts.append(struct.pack(f"<{len(pick.hashes)}Q", *pick.hashes))
     return b"".join(parts)
 
@@ -75,13 +78,15 @@ def decode(data: bytes) -> tuple[bytes, list[SharedPick]]:
             raise ValueError("not a pick message")
         offset, picks = _HEADER.size, []
         for _ in range(count):
-            key_length, session_hash, blocks = _RECORD.unpack_from(data, offset)
+            key_length, adapter_length, session_hash, blocks = _RECORD.unpack_from(data, offset)
             offset += _RECORD.size
             key = data[offset : offset + key_length].decode()
             offset += key_length
+            adapter = data[offset : offset + adapter_length].decode()
+            offset += adapter_length
             hashes = struct.unpack_from(f"<{blocks}Q", data, offset)
             offset += 8 * blocks
-            picks.append(SharedPick(key, hashes, session_hash))
+            picks.append(SharedPick(key, hashes, session_hash, adapter))
     except (struct.error, UnicodeDecodeError) as exc:
         raise ValueError(f"bad pick message: {exc}") from exc
     return origin, picks
@@ -145,7 +150,7 @@ class PickSync:
 
     def share(self, pick: SharedPick) -> None:
         if len(pick.hashes) > _MAX_BLOCKS:
-            pick = SharedPick(pick.replica, pick.hashes[:_MAX_BLOCKS], pick.session_hash)
+            pick = SharedPick(pick.replica, pick.hashes[:_MAX_BLOCKS], pick.session_hash, pick.adapter)
         self._pending.append(pick)
         if len(self._pending) > _MAX_PENDING:
             self._dropped(len(self._pending) - _MAX_PENDING)

@@ -21,7 +21,7 @@ from typing import Any
 from kubernetes import client
 from pydantic import ValidationError
 
-from modelplex_catalog.loader import ModelSpec
+from modelplex_catalog.loader import ModelSpec, with_bases
 from modelplex_catalog.store import CatalogStore
 from modelplex_kit.kube import ListWatch, api_client, default_namespace
 
@@ -101,7 +101,7 @@ class KubernetesSource:
 
     def _publish(self, resources: Resources) -> None:
         self._resources, self._rejected = resources, {}
-        models, names = [], set()
+        specs, names, resource_of = [], set(), {}
         # Oldest first: when two Models claim a name, the one that had it keeps it.
         for name, resource in sorted(resources.items(), key=lambda kv: _created(kv[1])):
             try:
@@ -114,9 +114,14 @@ class KubernetesSource:
                 self._rejected[name] = f"name {sorted(taken)[0]!r} is already used by another Model"
                 continue
             names |= {spec.id, *spec.aliases}
-            models.append(spec.to_proto())
+            specs.append(spec)
+            resource_of[spec.id] = name
+        # An adapter's base may be another Model: completed once all are read.
+        specs, refused = with_bases(specs)
+        for model_id, why in refused.items():
+            self._rejected[resource_of[model_id]] = why
         self.synced.set()
-        self._store.replace(models)  # a new revision: run()'s loop writes the statuses
+        self._store.replace(spec.to_proto() for spec in specs)  # a new revision: run()'s loop writes the statuses
 
     async def _write_statuses(self) -> None:
         for name, resource in list(self._resources.items()):

@@ -110,3 +110,34 @@ async def test_watch_pushes_changes_without_being_asked(tmp_path: Path):
     finally:
         poller.cancel()
         await server.stop(0)
+
+
+ADAPTER = """
+  - id: {id}
+    aliases: [{id}-alias]
+    adapter: {{base: {base}, source: /adapters/{id}, rank: 8}}
+"""
+
+
+def test_an_adapter_entry_is_served_by_its_bases_backend_and_engine_and_keeps_its_own_settings():
+    text = ENTRY.format(id="base") + ADAPTER.format(id="kiwi", base="short") + "    default_max_tokens: 32\n"
+    base, kiwi = parse_catalog(text)
+    assert not base.HasField("adapter")
+    assert (kiwi.adapter.base, kiwi.adapter.source, kiwi.adapter.rank) == ("base", "/adapters/kiwi", 8)
+    assert (kiwi.backend_target, kiwi.engine, kiwi.capabilities) == (base.backend_target, base.engine, base.capabilities)
+    assert kiwi.context_length == 4096 and kiwi.default_max_tokens == 32 and list(kiwi.aliases) == ["kiwi-alias"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        (ADAPTER.format(id="kiwi", base="nowhere"), "its base 'nowhere' is not in the catalog"),
+        (ADAPTER.format(id="a1", base="base") + ADAPTER.format(id="a2", base="a1"), "is itself an adapter"),
+        (ADAPTER.format(id="kiwi", base="base") + "    modality: embeddings\n", "modality text"),
+        (ADAPTER.format(id="kiwi", base="base") + "    pool: {replicas: 2}\n", "no pool of its own"),
+        ("  - id: lonely\n    modality: text\n", "needs backend, engine"),
+    ],
+)
+def test_an_adapter_needs_a_text_base_in_the_catalog_and_a_model_needs_its_backend(extra, why):
+    with pytest.raises(ValueError, match=why):
+        parse_catalog(ENTRY.format(id="base") + extra)

@@ -120,3 +120,17 @@ async def test_api_errors_back_off_and_retry(status):
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         await runner.cleanup()
+
+
+def test_an_adapter_model_takes_its_base_from_another_model_and_one_without_its_base_is_refused():
+    store = CatalogStore()
+    source = KubernetesSource(store, api_client("http://127.0.0.1:9"), "ml")
+    kiwi = model("kiwi", 2)
+    kiwi["spec"] = {"adapter": {"base": "llama", "source": "/adapters/kiwi"}}
+    orphan = model("orphan", 3)
+    orphan["spec"] = {"adapter": {"base": "missing", "source": "/adapters/orphan"}}
+    source._publish({"llama": model("llama", 1), "kiwi": kiwi, "orphan": orphan})
+    assert _ids(store) == {"llama", "kiwi"}
+    served = store.view.resolve("kiwi")
+    assert served.adapter.base == "llama" and served.backend_target == "llama:50061"
+    assert "not in the catalog" in source._rejected["orphan"]

@@ -272,6 +272,7 @@ class Call:
     # -- backend calls ------------------------------------------------------------
     async def unary(self, method: str, request: Message) -> Any:
         await breathe(self.http)
+        self.endpoint.modality.bind(request, self.model)
         response = await until_disconnect(self.http, getattr(self._stub, method)(request, **self._options))
         self.endpoint.meter(response, self.used)
         return response
@@ -282,6 +283,7 @@ class Call:
         started = asyncio.Semaphore(FAN_OUT)
 
         async def one(request: Message) -> Any:
+            self.endpoint.modality.bind(request, self.model)
             async with started:
                 return await getattr(self._stub, method)(request, **self._options)
 
@@ -296,6 +298,7 @@ class Call:
         model = self._state.catalog.resolve(model_name, modality.proto)
         stub = self._state.backends.stub(modality, model.backend_target)
         request.model = model.id  # type: ignore[attr-defined]
+        modality.bind(request, model)
         response = await until_disconnect(self.http, getattr(stub, method)(request, **self._options))
         meter_usage(response, self.used)
         return response
@@ -303,6 +306,7 @@ class Call:
     async def stream(self, method: str, request: Message) -> AsyncIterator[Any]:
         """Opens a server stream now (its errors still get an HTTP status) and returns its messages."""
         await breathe(self.http)
+        self.endpoint.modality.bind(request, self.model)
         opened = await until_disconnect(self.http, open_stream(getattr(self._stub, method)(request, **self._options)))
         return self._observed(opened)
 

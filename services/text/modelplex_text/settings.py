@@ -59,6 +59,10 @@ class LlamaCppSettings(SamplingDefaults):
     # gets 503 (with Retry-After) at once: when submitted, or, queued while no rate was known (a cold engine), as
     # soon as sequences starting show it; one still waiting after it (the rate fell) gets 503 then.
     max_queue_wait_seconds: float = 30.0
+    # LoRA adapters (GGUF) kept loaded at once; past it the least recently used idle one is let go.
+    max_loras: int = 8
+    # Highest adapter rank accepted (a declared rank above it is a 400 before any load).
+    max_lora_rank: int = 64
 
 
 class OpenAISettings(TextSettings, PoolSettings):
@@ -75,6 +79,11 @@ class OpenAISettings(TextSettings, PoolSettings):
     upstream_timeout_seconds: float = 600.0
     # Size of the pooled HTTP client's connection pool.
     upstream_max_connections: int = 256
+    # A LoRA adapter whose weights are all zero (scripts/zero-lora.py makes one; a path on the engines) that
+    # base-model requests run under on LoRA-enabled vLLM, so each request of a batch names a real adapter slot:
+    # vLLM's CPU path runs a base request batched with adapter requests under the adapter in its last slot
+    # (vllm-project/vllm #48421; the README's LoRA section). A zero adapter adds exactly nothing. Empty: off.
+    zero_adapter: str = ""
 
 
 class TritonSettings(SamplingDefaults, PoolSettings):

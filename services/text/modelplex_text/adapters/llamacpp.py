@@ -41,6 +41,7 @@ from modelplex_text.adapters.llamacpp_batch import (
     SequenceEvent,
     Started,
 )
+from modelplex_text.adapters.llamacpp_lora import LoadedLora, LoraLibrary
 from modelplex_text.adapters.llamacpp_queue import QueueBounds
 from modelplex_text.choices import ChoiceEnd, ChoicePiece, ChoiceText, completion_budget, refuse_suffix, stream_choices
 from modelplex_text.constraints import CompiledConstraint, ConstraintCompiler
@@ -78,6 +79,7 @@ class LlamaCppEngine:
         self._queue = QueueBounds(settings.max_queue, settings.max_queue_wait_seconds)
         # Keeps self._llm alive: llguidance's tokenizer reads llama.cpp's vocabulary through it.
         self._constraints = ConstraintCompiler.for_llama(self._llm)
+        self.loras = LoraLibrary(self._llm.model, max_loras=settings.max_loras, max_rank=settings.max_lora_rank)
         self._scheduler = BatchScheduler(
             self._llm.model,
             self._llm.context_params,
@@ -85,6 +87,7 @@ class LlamaCppEngine:
             kv_tokens=max(settings.kv_cache_tokens, settings.context_length),
             context_length=settings.context_length,
             bounds=self._queue,
+            loras=self.loras,
         )
         log.info(
             "llama.cpp engine ready",
@@ -101,6 +104,23 @@ class LlamaCppEngine:
         # Templating, tokenizing and compiling a grammar take milliseconds for long prompts:
         # off the event loop, so other streams' tokens keep flowing meanwhile.
         plan, tokens, compiled = await asyncio.to_thread(self._prepare, request)
+        lora = await self._lora(request.adapter) if request.HasField("adapter") else None
+        try:
+            async with aclosing(self._generate(request, plan, tokens, compiled, lora)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            if lora is not None:
+                self.loras.release(lora)
+
+    async def _generate(
+        self,
+        request: text_pb2.GenerateRequest,
+        plan: PromptPlan,
+        tokens: list[int],
+        compiled: CompiledConstraint | None,
+        lora: LoadedLora | None,
+    ) -> AsyncIterator[EngineEvent]:
         budget = completion_budget(request, len(tokens), self._context_length)
         first = compiled.matcher() if compiled else None
         sampling = SamplingParams.from_request(request, *self._defaults)
@@ -122,6 +142,7 @@ class LlamaCppEngine:
                 context=contextvars.copy_context().run,  # the thread's log lines carry the request id
                 top_logprobs=sampling.logprobs,
                 batch=is_batch(),
+                lora=lora,
             )
             async with aclosing(self._run(seq, queue)) as pieces:
                 async for piece in pieces:
@@ -141,6 +162,16 @@ class LlamaCppEngine:
         finally:
             if first is not None:  # never handed to a sequence
                 first.close()
+
+    async def _lora(self, adapter: text_pb2.LoraAdapter) -> LoadedLora:
+        """The adapter, held for this request (loading it reads a file: off the event loop). A request
+        cancelled meanwhile releases what the load returns, so no adapter stays held by nobody."""
+        loading = asyncio.get_running_loop().run_in_executor(None, self.loras.acquire, adapter)
+        try:
+            return await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            loading.add_done_callback(lambda done: done.exception() is None and self.loras.release(done.result()))
+            raise
 
     def _prepare(self, request: text_pb2.GenerateRequest) -> tuple[PromptPlan, list[int], CompiledConstraint | None]:
         plan = plan_prompt(request, self._template)

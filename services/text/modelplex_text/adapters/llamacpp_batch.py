@@ -17,6 +17,10 @@ work done (the fewest cells) is preempted, as vLLM does: its cells are dropped
 and it waits to be recomputed from its tokens, its sampling state kept, so its
 output is unchanged.
 
+LoRA adapters (``llamacpp_lora``): llama.cpp applies adapters per context, so a step's sequences
+are decoded in one batch per adapter they run under (the base being one), the context's adapter
+set before each; a slot's cached cells are reused only by a sequence under the same adapter.
+
 Aborts (a client gone) and the wall-clock deadline are checked between steps,
 so one sequence ends without stalling the others.
 
@@ -50,6 +54,7 @@ import numpy as np
 
 from modelplex.v1 import text_pb2
 from modelplex_kit.errors import ServiceError
+from modelplex_text.adapters.llamacpp_lora import LoadedLora, LoraLibrary
 from modelplex_text.adapters.llamacpp_queue import QueueBounds, QueuePosition, StartRate, Waiter, position
 from modelplex_text.choices import ChoiceEnd, ChoiceText
 from modelplex_text.decoding import StopText, TokenMatcher, TokenSampler
@@ -103,6 +108,11 @@ class Sequence:
     cached_tokens: int | None = None  # set when it first gets a slot (Started is emitted once, even if preempted)
     batch: bool = False  # batch work (x-modelplex-priority: batch): a free slot goes to interactive work first
     queued_at: float | None = None  # when it was submitted (the scheduler's clock)
+    lora: LoadedLora | None = None  # the LoRA adapter it runs under (None: the base model)
+
+    @property
+    def lora_key(self) -> str:
+        return self.lora.key if self.lora is not None else ""
 
     def release(self) -> None:
         """Frees the matcher's native state; called by the scheduler thread, the matcher's only user."""
@@ -116,6 +126,11 @@ class _Slot:
     seq_id: int
     kv: list[int] = field(default_factory=list)  # the tokens whose cells this sequence id holds
     seq: Sequence | None = None
+    lora_key: str = ""  # the adapter those cells were computed under ("": the base)
+
+    def reusable(self, seq: Sequence) -> int:
+        """Leading tokens of ``seq`` this slot's cells already hold (none under another adapter)."""
+        return _common_prefix(self.kv, seq.tokens) if self.lora_key == seq.lora_key else 0
 
 
 class BatchScheduler:
@@ -128,6 +143,7 @@ class BatchScheduler:
         kv_tokens: int,
         context_length: int,
         bounds: QueueBounds | None = None,
+        loras: LoraLibrary | None = None,
     ) -> None:
         # llama-cpp-python's own choices (threads, flash attention off, ...), so a lone sequence runs
         # exactly as it did through Llama; only what batching needs differs.
@@ -162,6 +178,8 @@ class BatchScheduler:
         # slot's worth of sequences has started out of a backlog (see StartRate).
         self.start_rate = StartRate(self._clock, known_after=parallel)
         self._pieces: dict[int, bytes] = {}
+        self._loras = loras
+        self._lora_now: LoadedLora | None = None  # the adapter set on the context
         self._thread = threading.Thread(target=self._run, name="llamacpp-batch", daemon=True)
         self._thread.start()
 
@@ -281,13 +299,13 @@ class BatchScheduler:
                 break
             free = free or [slot for slot in self._slots if slot.seq is None]
             seq = (self._waiting or self._waiting_batch).popleft()  # interactive work first
-            slot = max(free, key=lambda s: _common_prefix(s.kv, seq.tokens))
-            reuse = min(_common_prefix(slot.kv, seq.tokens), len(seq.tokens) - 1)  # one token must be evaluated
+            slot = max(free, key=lambda s: s.reusable(seq))
+            reuse = min(slot.reusable(seq), len(seq.tokens) - 1)  # one token must be evaluated
             if not llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, reuse, -1):
                 self._clear(slot)  # this model cannot drop part of a sequence
                 reuse = 0
             del slot.kv[reuse:]
-            slot.seq = seq
+            slot.seq, slot.lora_key = seq, seq.lora_key
             if seq.cached_tokens is None:
                 seq.cached_tokens = reuse
                 seq.emit(Started(reuse))
@@ -301,11 +319,22 @@ class BatchScheduler:
         plan = self._plan()
         if not plan:
             return
+        self._free_released_loras()
+        groups: dict[str, list[tuple[_Slot, int]]] = {}
+        for slot, count in plan:
+            groups.setdefault(slot.seq.lora_key, []).append((slot, count))
+        for group in groups.values():
+            if not self._decode(group):
+                return  # a sequence was preempted to make room: the next step plans again
+
+    def _decode(self, plan: list[tuple[_Slot, int]]) -> bool:
+        """One ``llama_decode`` of sequences under one adapter; False when it found no room (one was preempted)."""
+        self._use_lora(plan[0][0].seq.lora)
         self._fill(plan)
         self._use_threads(reading_prompt=any(count > 1 for _, count in plan))
         status = llama_cpp.llama_decode(self._ctx, self._batch)
         if status == 1 and self._preempt_least_progressed():  # no room for the batch: retry smaller next step
-            return
+            return False
         if status != 0:
             raise RuntimeError(f"llama_decode failed ({status})")
         row = 0
@@ -314,6 +343,28 @@ class BatchScheduler:
             row += count
             if len(slot.kv) == len(slot.seq.tokens):  # all evaluated: this row's logits are the next token's
                 self._advance_or_fail(slot, row - 1)
+        return True
+
+    def _use_lora(self, lora: LoadedLora | None) -> None:
+        if lora is self._lora_now:
+            return
+        if lora is None:
+            status = llama_cpp.llama_set_adapters_lora(self._ctx, None, 0, None)
+        else:
+            adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(lora.handle)
+            scales = (ctypes.c_float * 1)(1.0)
+            status = llama_cpp.llama_set_adapters_lora(self._ctx, adapters, 1, scales)
+        if status != 0:
+            raise RuntimeError(f"llama.cpp could not set the LoRA adapter ({status})")
+        self._lora_now = lora
+
+    def _free_released_loras(self) -> None:
+        """Frees the adapters the library let go (none is in use: no sequence runs under them)."""
+        released = self._loras.take_released() if self._loras is not None else []
+        if released:
+            self._use_lora(None)
+            for lora in released:
+                llama_cpp.llama_adapter_lora_free(lora.handle)
 
     def _advance_or_fail(self, slot: _Slot, row: int) -> None:
         """Advances one sequence; its own failure (its constraint gave up: a 400) ends it alone."""

@@ -17,10 +17,14 @@ from contextlib import aclosing
 from modelplex.v1 import catalog_pb2, text_pb2
 from modelplex_kit.errors import unavailable
 from modelplex_kit.openai_upstream import usage_of
+from modelplex_kit.pools.adapters import AdapterRef
 from modelplex_kit.pools.http import OpenAIPool
 from modelplex_text.adapters.openai_wire import ChoiceTranslator, as_chunk_choice, pick_request, upstream_request
 from modelplex_text.engine import EngineEvent
 from modelplex_text.settings import OpenAISettings
+
+# The name the zero adapter is loaded under upstream (never a catalog id: those are the adapters' names).
+ZERO_ADAPTER = "modelplex-zero-lora"
 
 
 class OpenAIHttpEngine:
@@ -40,6 +44,7 @@ class OpenAIHttpEngine:
         if not settings.upstream_url:
             raise ValueError("engine=openai needs MODELPLEX_TEXT_UPSTREAM_URL (e.g. http://vllm:8000/v1)")
         self._model = settings.upstream_model
+        self._zero_adapter = AdapterRef(ZERO_ADAPTER, settings.zero_adapter) if settings.zero_adapter else None
         self._upstream = OpenAIPool(
             "text",
             settings,
@@ -51,6 +56,16 @@ class OpenAIHttpEngine:
     async def ready(self) -> bool:
         return await self._upstream.ready()
 
+    def _adapter(self, request: text_pb2.GenerateRequest) -> AdapterRef | None:
+        """The LoRA adapter the request runs under upstream: the one it names; for the base model, the zero
+        adapter where one is configured (it keeps vLLM's CPU path from running the base under another)."""
+        if request.HasField("adapter"):
+            return AdapterRef(request.adapter.name, request.adapter.source)
+        return self._zero_adapter
+
+    def _model_name(self, request: text_pb2.GenerateRequest, adapter: AdapterRef | None) -> str:
+        return adapter.name if adapter is not None else self._model or request.model
+
     async def close(self) -> None:
         await self._upstream.close()
 
@@ -61,10 +76,12 @@ class OpenAIHttpEngine:
             async for event in self._complete(request):
                 yield event
             return
-        path, body = upstream_request(request, self._model or request.model)
+        adapter = self._adapter(request)
+        path, body = upstream_request(request, self._model_name(request, adapter))
         translate = ChoiceTranslator(request)
         usage, streamed = None, 0
-        async with aclosing(self._upstream.events(path, body, pick=pick_request(request, body))) as events:
+        pick = pick_request(request, body, adapter)
+        async with aclosing(self._upstream.events(path, body, pick=pick)) as events:
             async for event in events:
                 usage = event.get("usage") or usage
                 for choice in event.get("choices") or ():
@@ -75,8 +92,9 @@ class OpenAIHttpEngine:
 
     async def _complete(self, request: text_pb2.GenerateRequest) -> AsyncIterator[EngineEvent]:
         """One non-streaming upstream call: a whole answer costs one JSON parse, not one per token."""
-        path, body = upstream_request(request, self._model or request.model, stream=False)
-        answer = await self._upstream.call(path, body, pick=pick_request(request, body))
+        adapter = self._adapter(request)
+        path, body = upstream_request(request, self._model_name(request, adapter), stream=False)
+        answer = await self._upstream.call(path, body, pick=pick_request(request, body, adapter))
         if not isinstance(answer.get("choices"), list):
             raise unavailable("The model server sent a malformed answer; retry shortly.")
         translate = ChoiceTranslator(request)

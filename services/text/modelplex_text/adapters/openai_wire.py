@@ -22,6 +22,7 @@ from typing import Any
 
 from modelplex.v1 import text_pb2
 from modelplex_kit.errors import invalid
+from modelplex_kit.pools.adapters import AdapterRef
 from modelplex_kit.pools.picker import PickRequest
 from modelplex_text.assembler import ChoiceAssembler, finish_reason
 from modelplex_text.prompting import (
@@ -57,14 +58,22 @@ def upstream_request(request: text_pb2.GenerateRequest, model: str, stream: bool
     return "chat/completions", body | _chat_fields(request)
 
 
-def pick_request(request: text_pb2.GenerateRequest, body: dict[str, Any] | None = None) -> PickRequest:
-    """What an engine pool's picker weighs: the prompt as the engine will see its prefix, and the session.
-    ``body``: the upstream request (``upstream_request``), whose prompt the engine's ``/tokenize`` takes
-    as it stands, for pools that look prompts up in their engines' KV-cache events."""
+def pick_request(
+    request: text_pb2.GenerateRequest, body: dict[str, Any] | None = None, adapter: AdapterRef | None = None
+) -> PickRequest:
+    """What an engine pool's picker weighs: the prompt as the engine will see its prefix, the session, and
+    the LoRA adapter it runs under. ``body``: the upstream request (``upstream_request``), whose prompt the
+    engine's ``/tokenize`` takes as it stands, for pools that look prompts up in their engines' KV-cache
+    events (base-model requests only: the events' blocks of an adapter are keyed by more than tokens)."""
+    prompt = canonical_prompt(request)
+    if adapter is not None:
+        # An engine caches a prompt per adapter: under another adapter the same prompt is another prefix.
+        prompt = f"\x1a{adapter.name}\x1a{prompt}"
     return PickRequest(
-        prompt=canonical_prompt(request),
+        prompt=prompt,
         session=request.prompt_cache_key or request.user,
-        tokenize=tokenize_body(body) if body is not None else None,
+        tokenize=tokenize_body(body) if body is not None and adapter is None else None,
+        adapter=adapter,
     )
 
 

@@ -17,7 +17,11 @@ router = APIRouter()
 
 
 def model_object(model: catalog_pb2.Model) -> dict[str, Any]:
-    return {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
+    listed = {"id": model.id, "object": "model", "created": model.created, "owned_by": model.owned_by}
+    if model.HasField("adapter"):
+        # As vLLM lists its LoRA adapters: the model it is an adapter of (never the weights' path).
+        listed["parent"] = listed["root"] = model.adapter.base
+    return listed
 
 
 def model_details(model: catalog_pb2.Model) -> dict[str, Any]:
