@@ -174,11 +174,12 @@ livenessProbe:
 {{- if or (not (hasKey . "enabled")) .enabled }}true{{ end }}
 {{- end }}
 
-{{/* "true" when the chart runs a backend for the model: enabled, no external `backend:`, and its
-modality has a `backends` row with an image. Call with (dict "root" $ "model" $m). */}}
+{{/* "true" when the chart runs a backend for the model: enabled, not a LoRA adapter (its base's backend
+serves it), no external `backend:`, and its modality has a `backends` row with an image.
+Call with (dict "root" $ "model" $m). */}}
 {{- define "modelplex.hasBackend" -}}
 {{- $row := include "modelplex.backendRow" . | fromYaml }}
-{{- if and (include "modelplex.modelEnabled" .model) (not .model.backend) (dig "image" "repository" "" $row) }}true{{ end }}
+{{- if and (include "modelplex.modelEnabled" .model) (not .model.adapter) (not .model.backend) (dig "image" "repository" "" $row) }}true{{ end }}
 {{- end }}
 
 {{/* "true" when the chart runs a vLLM / Triton engine for the model. Call with (dict "root" $ "model" $m). */}}
@@ -193,6 +194,41 @@ unless the model's engine.vllm.kvEvents says otherwise): its backends subscribe 
 {{- $on := .root.Values.engines.vllm.kvEvents.enabled }}
 {{- if hasKey ($e.vllm | default dict) "kvEvents" }}{{ $on = $e.vllm.kvEvents }}{{ end }}
 {{- if and (include "modelplex.hasVllm" .) (eq (.model.modality | default "text") "text") $on }}true{{ end }}
+{{- end }}
+{{/* Ids of the enabled adapter entries whose base is this model, comma-separated. Call with (dict "root" $ "model" $m). */}}
+{{- define "modelplex.adaptersOf" -}}
+{{- $ids := list }}
+{{- range $a := .root.Values.models }}
+{{- if and $a.adapter (include "modelplex.modelEnabled" $a) (eq (toString $a.adapter.base) (toString $.model.id)) }}
+{{- $ids = append $ids $a.id }}
+{{- end }}
+{{- end }}
+{{- join "," $ids }}
+{{- end }}
+{{/* The LoRA settings of a text model's chart-run vLLM as YAML (enabled, maxLoras, maxLoraRank, maxCpuLoras,
+volume): engines.vllm.lora with the model's engine.vllm.lora over it key by key, enabled whenever an adapter
+entry names the model as its base. Empty for any other model. Call with (dict "root" $ "model" $m). */}}
+{{- define "modelplex.vllmLora" -}}
+{{- if and (include "modelplex.hasVllm" .) (eq (include "modelplex.modality" .model) "text") }}
+{{- $lora := deepCopy (.root.Values.engines.vllm.lora | default dict) }}
+{{- $own := dig "vllm" "lora" dict (.model.engine | default dict) }}
+{{- range $key, $value := $own }}{{ $_ := set $lora $key $value }}{{ end }}
+{{- with include "modelplex.adaptersOf" . }}
+{{- if and (hasKey $own "enabled") (not $own.enabled) }}
+{{- fail (printf "model %s: engine.vllm.lora.enabled is false, but the adapters %s name it as their base; remove the setting (an adapter turns LoRA on) or the adapters" $.model.id .) }}
+{{- end }}
+{{- $_ := set $lora "enabled" true }}
+{{- end }}
+{{- if $lora.enabled }}
+{{- if lt (int $lora.maxLoras) 2 }}
+{{- fail (printf "model %s: engine.vllm.lora.maxLoras must be at least 2 (with zeroAdapter, base-model requests take one)" .model.id) }}
+{{- end }}
+{{- if lt (int $lora.maxCpuLoras) (int $lora.maxLoras) }}
+{{- fail (printf "model %s: engine.vllm.lora.maxCpuLoras (%d) must be at least maxLoras (%d), as vLLM requires" .model.id (int $lora.maxCpuLoras) (int $lora.maxLoras)) }}
+{{- end }}
+{{- toYaml $lora }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- define "modelplex.hasTriton" -}}
 {{- $e := .model.engine | default dict }}
@@ -248,10 +284,48 @@ Call with (dict "root" $ "model" $m).
 {{- if kindIs "string" . }}{{ . }}{{ else }}{{ toJson . }}{{ end }}
 {{- end }}
 
+{{/* Fails the render on an inconsistent adapter entry: its base must be an enabled text model of `models`
+served by a chart-run vLLM, and the adapter's rank within that vLLM's maxLoraRank.
+Call with (dict "root" $ "model" $m). */}}
+{{- define "modelplex.validateAdapter" -}}
+{{- $m := .model }}
+{{- $a := $m.adapter }}
+{{- if not $a.base }}{{ fail (printf "model %s: adapter.base is required (the id of the model it adapts)" $m.id) }}{{ end }}
+{{- if not $a.source }}{{ fail (printf "model %s: adapter.source is required (a PEFT folder on the vLLM pods, or a Hugging Face repo id)" $m.id) }}{{ end }}
+{{- $base := dict }}
+{{- range $b := .root.Values.models }}{{ if eq (toString $b.id) (toString $a.base) }}{{ $base = $b }}{{ end }}{{ end }}
+{{- if not $base.id }}
+{{- fail (printf "model %s: adapter.base %q is not in models; list the base model (a text model on a chart-run vLLM) too" $m.id $a.base) }}
+{{- end }}
+{{- if $base.adapter }}
+{{- fail (printf "model %s: adapter.base %q is an adapter itself; name the model it adapts" $m.id $a.base) }}
+{{- end }}
+{{- if not (include "modelplex.modelEnabled" $base) }}
+{{- fail (printf "model %s: its base %q is disabled; enable it or disable the adapter" $m.id $a.base) }}
+{{- end }}
+{{- if ne (include "modelplex.modality" $base) "text" }}
+{{- fail (printf "model %s: its base %q is a %s model; LoRA adapters are of text models" $m.id $a.base (include "modelplex.modality" $base)) }}
+{{- end }}
+{{- if ne (include "modelplex.modality" $m) "text" }}
+{{- fail (printf "model %s: an adapter is a text model (its modality comes from its base)" $m.id) }}
+{{- end }}
+{{- $bctx := dict "root" .root "model" $base }}
+{{- if not (include "modelplex.hasVllm" $bctx) }}
+{{- fail (printf "model %s: its base %q is not served by a vLLM this chart runs (engine.kind openai with engine.vllm.enabled); adapters are loaded into the base's vLLM" $m.id $a.base) }}
+{{- end }}
+{{- $lora := include "modelplex.vllmLora" $bctx | fromYaml }}
+{{- if and $a.rank (gt (int $a.rank) (int $lora.maxLoraRank)) }}
+{{- fail (printf "model %s: adapter.rank %d exceeds its base %s's maxLoraRank %d; raise engines.vllm.lora.maxLoraRank (or the base's engine.vllm.lora.maxLoraRank)" $m.id (int $a.rank) $a.base (int $lora.maxLoraRank)) }}
+{{- end }}
+{{- end }}
+
 {{/* Fails the render on an inconsistent model entry. Call with (dict "root" $ "model" $m). */}}
 {{- define "modelplex.validateModel" -}}
 {{- $m := .model }}
 {{- if not $m.id }}{{ fail "models[]: every model needs an id" }}{{ end }}
+{{- if $m.adapter }}
+{{- include "modelplex.validateAdapter" . }}
+{{- else }}
 {{- $modality := include "modelplex.modality" $m }}
 {{- $row := include "modelplex.backendRow" . | fromYaml }}
 {{- if not (hasKey .root.Values.backends $modality) }}
@@ -303,6 +377,10 @@ Call with (dict "root" $ "model" $m).
 {{- if and $dv.enabled (dig "persistence" "enabled" false $dv) (gt $replicas 1) (has "ReadWriteOnce" (dig "persistence" "accessModes" list $dv)) }}
 {{- fail (printf "model %s: %d replicas cannot share one ReadWriteOnce data volume; use ReadWriteMany or one replica" $m.id $replicas) }}
 {{- end }}
+{{- if and (dig "vllm" "lora" "enabled" false $e) (ne $modality "text") }}
+{{- fail (printf "model %s: engine.vllm.lora is for text models (got %s)" $m.id $modality) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -310,7 +388,16 @@ Call with (dict "root" $ "model" $m).
 {{- define "modelplex.catalogEntry" -}}
 {{- $m := .model }}
 {{- $e := $m.engine | default dict }}
-{{- $entry := dict "id" $m.id "modality" (include "modelplex.modality" $m) "backend" (include "modelplex.modelBackend" .) }}
+{{- $entry := dict "id" $m.id }}
+{{- if $m.adapter }}
+{{- /* The catalog fills modality, backend, engine, capabilities and context_length from the base. */}}
+{{- $adapter := dict "base" $m.adapter.base "source" $m.adapter.source }}
+{{- with $m.adapter.rank }}{{ $_ := set $adapter "rank" (int64 .) }}{{ end }}
+{{- $_ := set $entry "adapter" $adapter }}
+{{- else }}
+{{- $_ := set $entry "modality" (include "modelplex.modality" $m) }}
+{{- $_ := set $entry "backend" (include "modelplex.modelBackend" .) }}
+{{- end }}
 {{- with $m.aliases }}{{ $_ := set $entry "aliases" . }}{{ end }}
 {{- with $e.kind }}{{ $_ := set $entry "engine" (dict "kind" . "settings" (include "modelplex.engineSettings" $ | fromYaml)) }}{{ end }}
 {{- with $m.capabilities }}{{ $_ := set $entry "capabilities" . }}{{ end }}
@@ -396,6 +483,14 @@ upstream_url (static). Call with (dict "root" $ "model" $m).
 {{- $s = dict "upstream_discovery" "endpointslices" "upstream_service" (include "modelplex.vllmName" .) "upstream_port" "http" }}
 {{- if include "modelplex.vllmKvEvents" . }}
 {{- $_ := set $s "pool_kv_events_port" (toString .root.Values.engines.vllm.kvEvents.port) }}
+{{- end }}
+{{- with include "modelplex.vllmLora" . | fromYaml }}
+{{- /* Adapters the backend keeps loaded per replica: vLLM's slots. */}}
+{{- $_ := set $s "pool_adapter_slots" (toString (int .maxLoras)) }}
+{{- if .zeroAdapter }}
+{{- /* Base-model requests under the init container's adapter of zeros (vllm-project/vllm#48421). */}}
+{{- $_ := set $s "zero_adapter" "/zero-lora" }}
+{{- end }}
 {{- end }}
 {{- else if include "modelplex.hasTriton" . }}
 {{- /* The picker reads each Triton replica's queue (nv_inference_pending_request_count) from its metrics port. */}}

@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Writes a LoRA adapter whose weights are all zero for a Hugging Face model: a PEFT folder that vLLM loads.
 
-    zero-lora.py MODEL_DIR_OR_CONFIG_JSON OUT_DIR
+    zero-lora.py MODEL OUT_DIR      MODEL: a model folder, its config.json, or a Hugging Face repo id
 
 Why: vLLM's CPU path runs a base-model request batched with adapter requests under the adapter in its last
 LoRA slot (vllm-project/vllm #48421). The text backend sends base-model requests under this adapter instead
 (MODELPLEX_TEXT_ZERO_ADAPTER): every request of a batch then names a real slot, and an adapter of zeros adds
 exactly nothing, so the answers are the base model's. Rank 1 on the first layer's q_proj: the smallest
-adapter vLLM accepts. Standard library only (the vLLM image's Python runs it as an init container).
+adapter vLLM accepts. Standard library only, but for a repo id (huggingface_hub, in the vLLM image): the
+Helm chart runs it as an init container of the vLLM pods (engines.vllm.lora.zeroAdapter), the test set-up
+(scripts/vllm-env.sh) beside the adapters it trains.
 """
 
 from __future__ import annotations
@@ -54,7 +56,14 @@ def main() -> None:
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     source = Path(sys.argv[1])
-    config_path = source / "config.json" if source.is_dir() else source
+    if source.is_dir():
+        config_path = source / "config.json"
+    elif source.is_file():
+        config_path = source
+    else:  # a repo id: its config alone (the weights are vLLM's to fetch)
+        from huggingface_hub import hf_hub_download
+
+        config_path = Path(hf_hub_download(sys.argv[1], "config.json"))
     config = json.loads(config_path.read_text())
     config = config.get("text_config", config)  # multimodal models keep the language model's apart
     zero_adapter(config, Path(sys.argv[2]))
