@@ -136,6 +136,7 @@ bench: $(GEN_STAMP)
 bench-scheduling: $(GEN_STAMP)
 	$(PY) -m bench.scheduling --write docs/benchmarks.md
 	$(PY) -m bench.scheduling --kv-events --no-share-picks --policies affinity --loads 0.8 --write docs/benchmarks.md
+	$(PY) -m bench.scheduling --lora --write docs/benchmarks.md
 
 # Opt-in: LiteLLM's proxy (pinned, in its own venv under build/) against Modelplex's default stack,
 # both on core 0, one mock upstream on core 1 (bench/peers.py); its section goes into docs/benchmarks.md.

@@ -25,6 +25,8 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("bench.visual", []),
     ("bench.scheduling", []),
     ("bench.scheduling", ["--kv-events", "--no-share-picks", "--policies", "affinity", "--loads", "0.8"]),
+    ("bench.scheduling", ["--lora"]),
+    ("bench.lora", []),
 ]
 
 

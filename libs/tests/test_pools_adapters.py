@@ -236,3 +236,41 @@ async def test_an_adapter_the_engine_says_is_running_is_not_unloaded():
         assert await serve(pool, "b") == "r0:1" and clients["r0:1"].unloads == ["a"]
     finally:
         await pool.close()
+
+
+async def test_an_adapter_a_peer_just_sent_requests_for_is_not_unloaded_until_the_next_scrape_shows_it():
+    """Another backend's request is in flight there: neither this backend's count nor the last scrape says so."""
+    pool, clients = make_pool(n=1, slots=1, pool_adapter_wait_seconds=0.2)
+    try:
+        await pool.ready()
+        clients["r0:1"].loaded.append("a")
+        pool._learn(SharedPick("r0:1", (), 0, adapter="a"))
+        with pytest.raises(ServiceError):
+            await serve(pool, "b")
+        pool.adapters.peers_counted("r0:1")
+        assert await serve(pool, "b") == "r0:1" and clients["r0:1"].unloads == ["a"]
+    finally:
+        await pool.close()
+
+
+async def test_an_adapter_being_loaded_counts_as_held_so_requests_meanwhile_wait_for_that_load():
+    pool, clients = make_pool(n=2, slots=2)
+    slow = asyncio.Event()
+    original = clients["r0:1"].load_adapter, clients["r1:1"].load_adapter
+
+    async def slow_load(adapter, load=original[0]):
+        await slow.wait()
+        await load(adapter)
+
+    clients["r0:1"].load_adapter = slow_load
+    clients["r1:1"].load_adapter = slow_load
+    try:
+        first = asyncio.create_task(serve(pool, "kiwi"))
+        await until(lambda: any(pool.adapters.holds(k, "kiwi") for k in clients), 5, what="a load under way")
+        second = asyncio.create_task(serve(pool, "kiwi"))
+        await asyncio.sleep(0)
+        slow.set()
+        assert await first == await second
+        assert sum(len(c.loads) for c in clients.values()) == 1
+    finally:
+        await pool.close()

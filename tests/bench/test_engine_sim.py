@@ -1,11 +1,13 @@
 """The scheduling benchmark's engine simulator behaves as the benchmark relies on: a cached prefix
-skips its prefill, a full replica queues, and /metrics is vLLM's, read by Prometheus' own parser."""
+skips its prefill, a full replica queues, /metrics is vLLM's, read by Prometheus' own parser, and
+runtime LoRA adapters load, serve and unload as vLLM's do, within the replica's slots."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import time
+import urllib.error
 import urllib.request
 
 import openai
@@ -32,11 +34,46 @@ def _metrics(address: str) -> dict[str, tuple[str, float]]:
     return {f.name: (f.type, f.samples[0].value) for f in text_string_to_metric_families(text) if f.samples}
 
 
-async def _ttft(client: openai.AsyncOpenAI, content: str) -> tuple[float, int]:
+def _series(address: str, family: str) -> list[tuple[dict[str, str], float]]:
+    """Every sample of one family: (labels, value)."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    return [(s.labels, s.value) for f in text_string_to_metric_families(text) if f.name == family for s in f.samples]
+
+
+def _post(address: str, path: str, body: dict) -> tuple[int, str]:
+    """(status, body text) of a JSON POST, errors included."""
+    request = urllib.request.Request(
+        f"http://{address}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+async def _load(address: str, name: str, path: str = "", **extra) -> tuple[int, str]:
+    body = {"lora_name": name, "lora_path": path or f"/adapters/{name}", **extra}
+    return await asyncio.to_thread(_post, address, "/v1/load_lora_adapter", body)
+
+
+async def _unload(address: str, name: str) -> tuple[int, str]:
+    return await asyncio.to_thread(_post, address, "/v1/unload_lora_adapter", {"lora_name": name})
+
+
+def _error_message(text: str) -> str:
+    """The message of an OpenAI error envelope."""
+    error = json.loads(text)["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error["message"]
+
+
+async def _ttft(client: openai.AsyncOpenAI, content: str, model: str = "sim") -> tuple[float, int]:
     """Seconds to the first streamed text, and the cached prompt tokens the usage reports."""
     start, first, cached = time.perf_counter(), None, -1
     stream = await client.chat.completions.create(
-        model="sim",
+        model=model,
         messages=[{"role": "user", "content": content}],
         max_tokens=2,
         stream=True,
@@ -116,6 +153,7 @@ async def test_metrics_are_vllms_names_and_types() -> None:
         "vllm:kv_cache_usage_perc": "gauge",
         "vllm:prefix_cache_queries": "counter",
         "vllm:prefix_cache_hits": "counter",
+        "vllm:lora_requests_info": "gauge",  # LoRA is on by default (four slots), as vLLM with --enable-lora
     }
 
 
@@ -182,3 +220,148 @@ async def test_with_an_events_port_it_publishes_vllms_kv_events_that_a_pool_view
     finally:
         socket.close(linger=0)
         replica.stop()
+
+
+async def test_lora_adapters_load_serve_and_unload_as_vllms_do() -> None:
+    replica, client = _replica(SimParams(lora_slots=2, lora_load_ms=200))
+    address = replica.addresses[0]
+    try:
+        start = time.perf_counter()
+        loaded = await _load(address, "a")
+        load_seconds = time.perf_counter() - start
+        again = await _load(address, "a")
+        served = await client.chat.completions.create(model="a", messages=[{"role": "user", "content": "hi"}])
+        with pytest.raises(openai.NotFoundError) as unknown:
+            await client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}])
+        assert (await _load(address, "b"))[0] == 200
+        beyond = await _load(address, "c")  # two slots, both taken
+        models = {m.id: m.model_dump() for m in (await client.models.list()).data}
+        unloaded, unknown_unload = await _unload(address, "b"), await _unload(address, "b")
+        assert (await _load(address, "c"))[0] == 200  # b's slot is free again
+        reloaded = await _load(address, "a", "/adapters/a-v2", load_inplace=True)
+        after = {m.id: m.model_dump() for m in (await client.models.list()).data}
+        counters = {
+            family: {tuple(labels.values()): value for labels, value in _series(address, family)}
+            for family in (
+                "modelplex_sim_lora_loads",
+                "modelplex_sim_lora_unloads",
+                "modelplex_sim_lora_load_refusals",
+                "modelplex_sim_lora_requests",
+                "modelplex_sim_model_not_found",
+            )
+        }
+    finally:
+        replica.stop()
+    assert loaded == (200, "Success: LoRA adapter 'a' added successfully.")
+    assert load_seconds >= 0.2  # reading the weights takes --lora-load-ms
+    assert again[0] == 400 and _error_message(again[1]) == "The lora adapter 'a' has already been loaded."
+    assert served.model == "a" and served.choices[0].message.content
+    assert unknown.value.status_code == 404 and unknown.value.body["message"] == "The model `b` does not exist."
+    assert beyond[0] == 400 and "max loaded adapters reached" in _error_message(beyond[1])
+    assert list(models) == ["sim", "a", "b"]
+    assert models["a"]["parent"] == "sim" and models["a"]["root"] == "/adapters/a" and models["sim"]["parent"] is None
+    assert unloaded == (200, "Success: LoRA adapter 'b' removed successfully.")
+    assert unknown_unload[0] == 404 and _error_message(unknown_unload[1]) == "The lora adapter 'b' cannot be found."
+    assert reloaded[0] == 200 and list(after) == ["sim", "a", "c"] and after["a"]["root"] == "/adapters/a-v2"
+    assert counters["modelplex_sim_lora_loads"] == {(): 4}  # a, b, c and a's reload
+    assert counters["modelplex_sim_lora_unloads"] == {(): 1}
+    assert counters["modelplex_sim_lora_load_refusals"] == {("slots_full",): 1, ("already_loaded",): 1, ("invalid",): 0}
+    assert counters["modelplex_sim_lora_requests"] == {("a",): 1}
+    assert counters["modelplex_sim_model_not_found"] == {(): 1}
+
+
+async def test_concurrent_loads_take_turns_and_share_the_slots() -> None:
+    """Two loads of one name: the second sees the first's outcome (vLLM's per-name lock). Two names for the
+    last slot: a load under way holds its slot, so one of them is refused."""
+    replica, _ = _replica(SimParams(lora_slots=2, lora_load_ms=200))
+    address = replica.addresses[0]
+    try:
+        same = await asyncio.gather(_load(address, "a"), _load(address, "a"))
+        last_slot = await asyncio.gather(_load(address, "b"), _load(address, "c"))
+        loads = _series(address, "modelplex_sim_lora_loads")
+    finally:
+        replica.stop()
+    assert sorted(status for status, _ in same) == [200, 400]
+    assert sorted(status for status, _ in last_slot) == [200, 400]
+    assert "max loaded adapters reached" in _error_message(max(last_slot)[1])
+    assert loads == [({}, 2)]
+
+
+async def test_a_load_stalls_the_replica_while_it_reads_the_weights() -> None:
+    # A 300-token decode of 3 s; a 0.5 s load during it: no decode step starts meanwhile (the one under way,
+    # of at most stream_interval tokens, finishes).
+    params = SimParams(lora_load_ms=500, prefill_seconds_per_token=0.0, decode_seconds_per_token=0.01)
+    replica, client = _replica(params)
+    address = replica.addresses[0]
+    try:
+        start = time.perf_counter()
+        request = asyncio.create_task(client.completions.create(model="sim", prompt="p", max_tokens=300))
+        await until(lambda: _metrics(address)["vllm:num_requests_running"][1] == 1, timeout=30)
+        assert (await _load(address, "a"))[0] == 200
+        within = not request.done()  # the whole load fell within the decode
+        await request
+        elapsed = time.perf_counter() - start
+    finally:
+        replica.stop()
+    assert within
+    assert elapsed >= 300 * 0.01 + 0.5 - params.stream_interval * 0.01
+
+
+async def test_the_prefix_cache_is_per_adapter() -> None:
+    replica, client = _replica(SimParams(lora_load_ms=0, prefill_seconds_per_token=0.0))
+    address = replica.addresses[0]
+    try:
+        assert (await _load(address, "a"))[0] == 200
+        _, base_cold = await _ttft(client, WORDS)
+        _, adapter_cold = await _ttft(client, WORDS, model="a")  # cached under the base only
+        _, adapter_warm = await _ttft(client, WORDS, model="a")
+        _, base_warm = await _ttft(client, WORDS)
+        probe = {"messages": [{"role": "user", "content": WORDS}]}
+        probed = {
+            model: json.loads((await asyncio.to_thread(_post, address, "/sim/cached", probe | {"model": model}))[1])
+            for model in ("sim", "a", "b")
+        }
+    finally:
+        replica.stop()
+    assert (base_cold, adapter_cold, adapter_warm, base_warm) == (0, 0, 63, 63)
+    assert {model: reply["cached_tokens"] for model, reply in probed.items()} == {"sim": 64, "a": 64, "b": 0}
+
+
+async def test_lora_requests_info_names_the_running_and_waiting_adapters() -> None:
+    """vLLM's odd gauge: its labels carry the state, its value the time it was set; the newest series is now."""
+    replica, client = _replica(SimParams(max_running=1, lora_load_ms=0, decode_seconds_per_token=0.05))
+    address = replica.addresses[0]
+
+    def now() -> dict[str, str]:
+        return max(_series(address, "vllm:lora_requests_info"), key=lambda series: series[1])[0]
+
+    try:
+        idle = now()
+        assert (await _load(address, "a"))[0] == 200 and (await _load(address, "b"))[0] == 200
+        first = asyncio.create_task(client.completions.create(model="a", prompt="p", max_tokens=20))
+        await until(lambda: now()["running_lora_adapters"] == "a", timeout=30)
+        second = asyncio.create_task(client.completions.create(model="b", prompt="p", max_tokens=20))
+        await until(lambda: now()["waiting_lora_adapters"] == "b", timeout=30)
+        busy = now()
+        await asyncio.gather(first, second)
+        done = now()
+    finally:
+        replica.stop()
+    assert idle == {"max_lora": "4", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    assert busy == {"max_lora": "4", "running_lora_adapters": "a", "waiting_lora_adapters": "b"}
+    assert done == idle
+
+
+async def test_with_no_lora_slots_lora_is_off() -> None:
+    """As vLLM without runtime LoRA updating: its routes are not mounted (FastAPI's 404), no LoRA gauge."""
+    replica, client = _replica(SimParams(lora_slots=0))
+    address = replica.addresses[0]
+    try:
+        load, unload = await _load(address, "a"), await _unload(address, "a")
+        with pytest.raises(openai.NotFoundError):
+            await client.completions.create(model="a", prompt="p", max_tokens=1)
+        metrics = _metrics(address)
+    finally:
+        replica.stop()
+    assert load == unload == (404, json.dumps({"detail": "Not Found"}))
+    assert "vllm:lora_requests_info" not in metrics

@@ -77,13 +77,17 @@ class _Held:
     loading: dict[str, asyncio.Future[None]] = field(default_factory=dict)
     running: collections.Counter[str] = field(default_factory=collections.Counter)
     busy_on_engine: frozenset[str] = frozenset()  # what the engine's metrics say runs or waits there
+    # Adapters other backend replicas sent requests for here since the last scrape (their shared picks):
+    # in use, though neither this backend's count nor the last scrape shows it yet.
+    busy_on_peers: set[str] = field(default_factory=set)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
     def occupied(self) -> int:
         return len(self.loaded) + len(self.loading)
 
     def idle(self) -> list[str]:
-        return [name for name in self.loaded if not self.running[name] and name not in self.busy_on_engine]
+        busy = self.busy_on_engine | self.busy_on_peers
+        return [name for name in self.loaded if not self.running[name] and name not in busy]
 
 
 class AdapterPlacement:
@@ -95,8 +99,9 @@ class AdapterPlacement:
 
     # -- picking -------------------------------------------------------------
     def holds(self, replica: str, name: str) -> bool:
+        """Loaded there, or being loaded (a request arriving meanwhile waits for that load, not another)."""
         held = self._held.get(replica)
-        return held is not None and name in held.loaded
+        return held is not None and (name in held.loaded or name in held.loading)
 
     def has_room(self, replica: str) -> bool:
         held = self._held.get(replica)
@@ -143,6 +148,7 @@ class AdapterPlacement:
         held = self._held[replica]
         held.loaded[name] = None
         held.loaded.move_to_end(name)
+        held.busy_on_peers.add(name)
         # A view, not a load: past the slots, the oldest idle entries are taken as unloaded by that peer.
         while self._slots > 0 and len(held.loaded) > self._slots and (idle := held.idle()):
             held.loaded.pop(idle[0])
@@ -152,6 +158,14 @@ class AdapterPlacement:
         held = self._held.get(replica)
         if held is not None and held.busy_on_engine != busy:
             held.busy_on_engine = busy
+            self._signal(held)
+
+    def peers_counted(self, replica: str) -> None:
+        """A scrape tick passed: the engine's figures now show the peers' requests (or could not be read:
+        either way they count no longer, so a replica whose metrics fail does not stay busy forever)."""
+        held = self._held.get(replica)
+        if held is not None and held.busy_on_peers:
+            held.busy_on_peers.clear()
             self._signal(held)
 
     def forget(self, replica: str) -> None:

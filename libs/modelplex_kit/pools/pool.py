@@ -138,7 +138,7 @@ class Pool(Generic[C]):
         self._drain = DrainRate(smoothing=_DRAIN_SMOOTHING, period=settings.pool_scrape_interval_seconds)
         self._sync = (
             PickSync(name, settings.pool_sync_url, settings.pool_sync_channel or f"modelplex:pool:{name}", self._learn)
-            if settings.pool_sync_url and settings.pool_policy == "affinity"
+            if settings.pool_sync_url
             else None
         )
         self._engine_cache = (
@@ -451,6 +451,7 @@ class Pool(Generic[C]):
             # Other backends' picks count for one scrape interval, whether or not this scrape succeeded:
             # a replica whose metrics cannot be read must not look busier with every pick forever.
             replica.load.peers_counted()
+            self.adapters.peers_counted(replica.key)
 
     async def _scrape(self, replica: Replica[C]) -> None:
         now = time.monotonic()
