@@ -79,10 +79,10 @@ class OpenAISettings(TextSettings, PoolSettings):
     upstream_timeout_seconds: float = 600.0
     # Size of the pooled HTTP client's connection pool.
     upstream_max_connections: int = 256
-    # A LoRA adapter whose weights are all zero (scripts/zero-lora.py makes one; a path on the engines) that
-    # base-model requests run under on LoRA-enabled vLLM, so each request of a batch names a real adapter slot:
-    # vLLM's CPU path runs a base request batched with adapter requests under the adapter in its last slot
-    # (vllm-project/vllm #48421; the README's LoRA section). A zero adapter adds exactly nothing. Empty: off.
+    # A LoRA adapter whose weights are all zero (a path on the engines; deploy/helm/modelplex/files/zero-lora.py
+    # makes one) that base-model requests run under on LoRA-enabled vLLM, so each request of a batch names a real
+    # adapter slot: vLLM's CPU path runs a base request batched with adapter requests under the adapter in its
+    # last slot (vllm-project/vllm #48421; the README's LoRA section). Zeros add exactly nothing. Empty: off.
     zero_adapter: str = ""
 
 
