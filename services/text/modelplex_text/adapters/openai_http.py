@@ -25,6 +25,8 @@ from modelplex_text.settings import OpenAISettings
 
 # The name the zero adapter is loaded under upstream (never a catalog id: those are the adapters' names).
 ZERO_ADAPTER = "modelplex-zero-lora"
+# Appended to an adapter's upstream name where it is the base's served name.
+_CLASH_SUFFIX = "-lora"
 
 
 class OpenAIHttpEngine:
@@ -60,7 +62,10 @@ class OpenAIHttpEngine:
         """The LoRA adapter the request runs under upstream: the one it names; for the base model, the zero
         adapter where one is configured (it keeps vLLM's CPU path from running the base under another)."""
         if request.HasField("adapter"):
-            return AdapterRef(request.adapter.name, request.adapter.source)
+            name = request.adapter.name
+            # vLLM refuses an adapter named as its served model ("conflicts with a served base model"): an adapter
+            # may take the id the base is served under upstream (a catalog that lists the base under another id).
+            return AdapterRef(f"{name}{_CLASH_SUFFIX}" if name == self._model else name, request.adapter.source)
         return self._zero_adapter
 
     def _model_name(self, request: text_pb2.GenerateRequest, adapter: AdapterRef | None) -> str:
