@@ -55,6 +55,9 @@ def chart_entries() -> dict[str, dict]:
                     # cache hit. 32 is the smallest its CPU attention prefers. Eager: torch.compile
                     # costs minutes of this 2-core machine per fresh start and buys a 135M model nothing.
                     "extraArgs": ["--block-size", "32", "--enforce-eager"],
+                    # LoRA adapters as models (tests/vllm/test_lora_on_vllm.py): two slots, so that two
+                    # adapters fill them (vLLM's CPU defect, vllm-project/vllm#48421, needs a full last slot).
+                    "lora": {"enabled": True, "maxLoras": 2, "maxLoraRank": 8, "maxCpuLoras": 4},
                 },
             },
             "capabilities": TEXT_CAPS,

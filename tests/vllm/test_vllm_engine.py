@@ -178,4 +178,6 @@ def test_vllm_writes_only_under_the_charts_cache_and_cannot_write_the_weights(vl
 
 def test_the_models_endpoint_lists_what_the_chart_serves(vllm_text: VllmServer):
     listed = httpx.get(f"{vllm_text.base_url}/models", timeout=10).json()["data"]
-    assert [m["id"] for m in listed] == [TEXT_MODEL]
+    # Its one base model; the LoRA adapters the suite loaded at run time (test_lora_on_vllm.py) list it as parent.
+    assert [m["id"] for m in listed if m.get("parent") is None] == [TEXT_MODEL]
+    assert all(m["parent"] == TEXT_MODEL for m in listed if m.get("parent") is not None)
