@@ -6,10 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tests.support.lora_adapters import gguf_file
-
 from modelplex_kit.devstack import Stack
 from tests.support import stacks
+from tests.support.lora_adapters import gguf_file
 from tests.support.ports import free_port
 
 BASE = "smollm2-base"
