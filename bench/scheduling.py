@@ -98,11 +98,13 @@ class Workload:
     output_tokens: tuple[int, int] = (16, 48)
     end_users: int = 1000
     seed: int = 18
+    #: Leads each system prompt's words (tenant t's are f"{word}{t}w{i}").
+    word: str = "t"
 
     def system_prompts(self) -> list[str]:
         rng = random.Random(self.seed)
         lengths = [rng.randint(*self.system_tokens) for _ in range(self.tenants)]
-        return [" ".join(f"t{t}w{i}" for i in range(n)) for t, n in enumerate(lengths)]
+        return [" ".join(f"{self.word}{t}w{i}" for i in range(n)) for t, n in enumerate(lengths)]
 
     def popularity(self) -> list[float]:
         raw = [1 / (rank + 1) ** self.zipf_s for rank in range(self.tenants)]
@@ -756,21 +758,21 @@ LORA_BAR_LOAD = 0.6
 
 
 @dataclass(frozen=True)
-class LoraWorkload:
-    """Requests under one of ``adapters`` LoRA adapters (Zipf popularity), each a short per-adapter system
+class LoraWorkload(Workload):
+    """Requests under one of ``tenants`` LoRA adapters (Zipf popularity), each a short per-adapter system
     prompt plus a unique user message: placement of adapters, not of prefixes, is what is measured."""
 
-    adapters: int = 16
-    zipf_s: float = 1.0
+    tenants: int = 16
     system_tokens: tuple[int, int] = (64, 128)
+    zipf_s: float = 1.0
     tail_tokens: tuple[int, int] = (16, 48)
     output_tokens: tuple[int, int] = (300, 700)
-    end_users: int = 1000
     seed: int = 24
+    word: str = "a"
 
     @property
-    def tenants(self) -> int:  # what arrivals() draws from
-        return self.adapters
+    def adapters(self) -> int:
+        return self.tenants
 
     def names(self) -> list[str]:
         return [f"lora-{i:02d}" for i in range(self.adapters)]
@@ -778,26 +780,6 @@ class LoraWorkload:
     def adapter(self, index: int) -> text_pb2.LoraAdapter:
         name = self.names()[index]
         return text_pb2.LoraAdapter(name=name, source=f"/adapters/{name}", rank=16)
-
-    def system_prompts(self) -> list[str]:
-        rng = random.Random(self.seed)
-        lengths = [rng.randint(*self.system_tokens) for _ in range(self.adapters)]
-        return [" ".join(f"a{t}w{i}" for i in range(n)) for t, n in enumerate(lengths)]
-
-    def popularity(self) -> list[float]:
-        raw = [1 / (rank + 1) ** self.zipf_s for rank in range(self.adapters)]
-        return [w / sum(raw) for w in raw]
-
-    def messages(self, adapter: int, tail: str, prompts: list[str]) -> list[dict]:
-        return [{"role": "system", "content": prompts[adapter]}, {"role": "user", "content": tail}]
-
-    def mean_prompt_tokens(self) -> float:
-        prompts = self.system_prompts()
-        rendered = [len(tokens_of(chat_text(self.messages(t, "", prompts)))) for t in range(self.adapters)]
-        return sum(w * n for w, n in zip(self.popularity(), rendered, strict=True)) + sum(self.tail_tokens) / 2
-
-    def mean_output_tokens(self) -> float:
-        return sum(self.output_tokens) / 2
 
 
 def lora_engine(slots: int = 4, load_ms: float = 300.0) -> SimParams:
@@ -815,12 +797,12 @@ def lora_plan(
     workload: LoraWorkload, params: SimParams, replicas: int, load: float, warmup: float, seconds: float
 ) -> tuple[float, list[Arrival]]:
     """The rate (``load`` x capacity) and the arrivals of a LoRA run: the same for every policy at one load."""
-    rate = load * capacity(params, workload, replicas)  # type: ignore[arg-type]
-    return rate, arrivals(workload, rate, warmup, seconds, seed=int(load * 1000) + 1)  # type: ignore[arg-type]
+    rate = load * capacity(params, workload, replicas)
+    return rate, arrivals(workload, rate, warmup, seconds, seed=int(load * 1000) + 1)
 
 
 def _lora_request(arrival: Arrival, prompts: list[str], workload: LoraWorkload, index: int) -> text_pb2.GenerateRequest:
-    request = _request(arrival, prompts, workload, index)  # type: ignore[arg-type]
+    request = _request(arrival, prompts, workload, index)
     request.adapter.CopyFrom(workload.adapter(arrival.tenant))
     return request
 
@@ -965,7 +947,7 @@ def run_lora(
 
 def lora_report(results: list[LoraResult], args, wall: float) -> str:
     params = lora_engine(args.adapter_slots, args.lora_load_ms)
-    workload = LoraWorkload(adapters=args.adapters, zipf_s=args.zipf)
+    workload = LoraWorkload(tenants=args.adapters, zipf_s=args.zipf)
     cap = capacity(params, workload, args.replicas)  # type: ignore[arg-type]
     prompt, out = workload.mean_prompt_tokens(), workload.mean_output_tokens()
     service, lane_s = params.service_seconds(prompt, out), params.prefill_seconds_per_token * prompt
@@ -1098,7 +1080,7 @@ def _beats(ratio: float) -> str:
 def lora_main(args) -> None:
     started = time.monotonic()
     log_dir = Path(tempfile.mkdtemp(prefix="modelplex-sched-lora-"))
-    workload = LoraWorkload(adapters=args.adapters, zipf_s=args.zipf)
+    workload = LoraWorkload(tenants=args.adapters, zipf_s=args.zipf)
     params = lora_engine(args.adapter_slots, args.lora_load_ms)
     redis = None
     if args.share_picks and max(args.backends) > 1:

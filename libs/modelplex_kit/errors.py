@@ -234,6 +234,21 @@ def upstream_http_error(status: int, body: dict[str, Any], param: str | None = N
     return unavailable(f"The model server failed (HTTP {status}); retry shortly.")
 
 
+def adapter_load_error(adapter: str, status: int, body: dict[str, Any]) -> ServiceError | None:
+    """An engine's answer to loading a LoRA adapter (vLLM's ``/v1/load_lora_adapter``) as clients should see it:
+    None when the adapter is loaded ("already loaded": another backend loaded it). Its refusal (weights missing or
+    damaged, a rank above the engine's maximum, LoRA off; vLLM answers an engine-side failure with a 500 that
+    carries the reason) is the adapter's fault, the same on every replica: a 400 naming ``model``, never a
+    reason to eject the replica. Anything else is the upstream's failure, mapped as ``upstream_http_error``."""
+    message = _upstream_envelope(body)[0]
+    if status < 300 or (status == 400 and "already been loaded" in message):
+        return None
+    if status in (400, 404, 405, 422) or (status == 500 and message):
+        why = message or f"HTTP {status}"
+        return invalid(f"The adapter {adapter!r} cannot be loaded by the model server: {why}", "model")
+    return upstream_http_error(status, body)
+
+
 def _upstream_envelope(body: dict[str, Any]) -> tuple[str, str | None, str | None]:
     """Message, param and code from OpenAI's envelope, vLLM's flat one or FastAPI's ``detail``."""
     err = body.get("error") if isinstance(body.get("error"), dict) else body

@@ -274,3 +274,21 @@ async def test_an_adapter_being_loaded_counts_as_held_so_requests_meanwhile_wait
         assert sum(len(c.loads) for c in clients.values()) == 1
     finally:
         await pool.close()
+
+
+def test_an_engines_answer_to_a_load_is_loaded_the_adapters_400_or_the_upstreams_failure():
+    """vLLM's own answers: success is plain text; "already loaded" is another backend's load; a failure in the
+    engine is a 500 carrying the reason (the adapter's fault: a 400, no ejection); a 503 is the engine's."""
+    from modelplex_kit.errors import adapter_load_error
+
+    assert adapter_load_error("kiwi", 200, {}) is None
+    already = {"error": {"message": "The lora adapter 'kiwi' has already been loaded. If you want to ..."}}
+    assert adapter_load_error("kiwi", 400, already) is None
+    rank = {"error": {"message": "LoRA rank 16 is greater than max_lora_rank 8.", "type": "InternalServerError"}}
+    refused = adapter_load_error("kiwi", 500, rank)
+    assert refused is not None and refused.status == grpc.StatusCode.INVALID_ARGUMENT and refused.param == "model"
+    assert "max_lora_rank 8" in refused.message
+    missing = adapter_load_error("kiwi", 404, {"error": {"message": "No adapter found for /nowhere"}})
+    assert missing is not None and missing.status == grpc.StatusCode.INVALID_ARGUMENT
+    down = adapter_load_error("kiwi", 503, {})
+    assert down is not None and down.status == grpc.StatusCode.UNAVAILABLE

@@ -23,7 +23,7 @@ from bench.scheduling import (
 def test_a_tiny_lora_run_answers_everything_under_its_adapter_and_counts_the_loads(tmp_path: Path) -> None:
     # As many slots per replica as adapters: nothing is ever evicted, so no unload can race a load (and be refused
     # by the engine, failing its request): what is asserted cannot depend on timing.
-    workload = LoraWorkload(adapters=5, system_tokens=(64, 80), tail_tokens=(8, 16), output_tokens=(40, 60))
+    workload = LoraWorkload(tenants=5, system_tokens=(64, 80), tail_tokens=(8, 16), output_tokens=(40, 60))
     params = SimParams(max_running=4, lora_slots=5, lora_load_ms=100)
     args = argparse.Namespace(replicas=2, adapter_slots=5, warmup=0.3, seconds=3.5, sync_url="")
     load = 0.4

@@ -135,13 +135,13 @@ class AdapterPlacement:
             held.running[adapter.name] -= 1
             if not held.running[adapter.name]:
                 del held.running[adapter.name]
-                self._signal(held)
+                held.changed.set()
 
     def lost(self, replica: str, name: str) -> None:
         """The engine says it does not have the adapter (it restarted, another backend unloaded it)."""
         held = self._held.get(replica)
         if held is not None and held.loaded.pop(name, 0) is None:
-            self._signal(held)
+            held.changed.set()
 
     def learned(self, replica: str, name: str) -> None:
         """Another backend replica ran the adapter there (its shared pick): it is loaded there."""
@@ -158,7 +158,7 @@ class AdapterPlacement:
         held = self._held.get(replica)
         if held is not None and held.busy_on_engine != busy:
             held.busy_on_engine = busy
-            self._signal(held)
+            held.changed.set()
 
     def peers_counted(self, replica: str) -> None:
         """A scrape tick passed: the engine's figures now show the peers' requests (or could not be read:
@@ -166,7 +166,7 @@ class AdapterPlacement:
         held = self._held.get(replica)
         if held is not None and held.busy_on_peers:
             held.busy_on_peers.clear()
-            self._signal(held)
+            held.changed.set()
 
     def forget(self, replica: str) -> None:
         self._held.pop(replica, None)
@@ -212,7 +212,7 @@ class AdapterPlacement:
             log.info("pool adapter loaded", extra={"pool": self._pool, "replica": replica, "adapter": adapter.name})
         finally:
             del held.loading[adapter.name]
-            self._signal(held)
+            held.changed.set()
 
     async def _unload(self, replica: str, held: _Held, client: AdapterLoading, name: str) -> None:
         del held.loaded[name]  # at once: no other request picks it meanwhile
@@ -231,7 +231,3 @@ class AdapterPlacement:
                 await held.changed.wait()
         except TimeoutError:
             raise unavailable("Every LoRA slot of the model server is busy; retry shortly.", retry_after=2) from None
-
-    @staticmethod
-    def _signal(held: _Held) -> None:
-        held.changed.set()

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from modelplex_kit.errors import invalid, upstream_http_error
+from modelplex_kit.errors import adapter_load_error, upstream_http_error
 from modelplex_kit.openai_upstream import OpenAIUpstream
 from modelplex_kit.pools.adapters import AdapterRef
 from modelplex_kit.pools.load import EngineLoad, parse_engine_load
@@ -60,19 +60,11 @@ class HttpReplica:
         return await self.upstream.tokenize(body, timeout_seconds)
 
     async def load_adapter(self, adapter: AdapterRef) -> None:
-        """vLLM's runtime LoRA loading. Its refusal (weights missing or damaged, a rank above its
-        --max-lora-rank, LoRA not enabled) is the adapter's fault, the same on every replica: a 400
-        naming ``model``, never an ejection. "Already loaded" (another backend loaded it) is loaded."""
+        """vLLM's runtime LoRA loading; a refusal is mapped by ``errors.adapter_load_error``."""
         body = {"lora_name": adapter.name, "lora_path": adapter.source}
         status, answer = await self.upstream.manage("load_lora_adapter", body)
-        if status < 300 or (status == 400 and "already been loaded" in _message(answer)):
-            return
-        # vLLM answers a load that failed in the engine (a rank above its maximum, weights of another model)
-        # with a 500 carrying the reason: that is the adapter's fault too, and the engine is fine.
-        if status in (400, 404, 405, 422) or (status == 500 and _message(answer)):
-            why = _message(answer) or f"HTTP {status}"
-            raise invalid(f"The adapter {adapter.name!r} cannot be loaded by the model server: {why}", "model")
-        raise upstream_http_error(status, answer)
+        if (error := adapter_load_error(adapter.name, status, answer)) is not None:
+            raise error
 
     async def unload_adapter(self, name: str) -> None:
         status, answer = await self.upstream.manage("unload_lora_adapter", {"lora_name": name})
@@ -81,12 +73,6 @@ class HttpReplica:
 
     async def close(self) -> None:
         await self.upstream.close()
-
-
-def _message(answer: dict[str, Any]) -> str:
-    error = answer.get("error")
-    message = error.get("message") if isinstance(error, dict) else answer.get("message")
-    return message[:500] if isinstance(message, str) else ""
 
 
 class OpenAIPool:

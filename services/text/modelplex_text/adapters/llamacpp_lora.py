@@ -48,7 +48,6 @@ class LoraLibrary:
         self._loaded: collections.OrderedDict[str, LoadedLora] = collections.OrderedDict()  # oldest use first
         self._released: list[LoadedLora] = []  # let go, to be freed by the scheduler thread
         self._lock = threading.Lock()
-        self.loads = 0
 
     def acquire(self, adapter: text_pb2.LoraAdapter) -> LoadedLora:
         """The adapter, loaded if it was not (blocking: call off the event loop); the caller releases it.
@@ -69,7 +68,6 @@ class LoraLibrary:
                 lora = known
             else:
                 self._loaded[key] = lora
-                self.loads += 1
             self._loaded.move_to_end(key)
             lora.users += 1
             self._let_go_beyond_bound()
@@ -85,10 +83,6 @@ class LoraLibrary:
         with self._lock:
             released, self._released = self._released, []
         return released
-
-    def loaded(self) -> list[str]:
-        with self._lock:
-            return [lora.name for lora in self._loaded.values()]
 
     def _let_go_beyond_bound(self) -> None:
         idle = [key for key, lora in self._loaded.items() if lora.users == 0]
