@@ -76,7 +76,7 @@ $(VLLM_STAMP): $(VLLM_VENV_STAMP) scripts/gguf-to-hf.py $(STAMP)
 		"$$($(PY) -c 'from modelplex_text.gguf import packaged_smollm2; print(packaged_smollm2())')"
 
 GEN_STAMP := gen/.stamp
-PROTOS := $(wildcard protos/modelplex/v1/*.proto)
+PROTOS := $(wildcard protos/modelplex/v1/*.proto) protos/externalscaler/externalscaler.proto
 
 protos: $(GEN_STAMP)
 

@@ -19,7 +19,7 @@ service=services/$name
 
 rm -rf gen && mkdir gen  # never committed; generated for each install
 "$python" -m grpc_tools.protoc -I protos --python_out=gen --grpc_python_out=gen --pyi_out=gen \
-    protos/modelplex/v1/*.proto
+    protos/modelplex/v1/*.proto protos/externalscaler/externalscaler.proto
 
 "$python" -m venv "$venv"
 venv=$(cd "$venv" && pwd)

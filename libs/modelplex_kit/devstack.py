@@ -38,6 +38,7 @@ from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from modelplex_kit.children import tied_to_parent
+from modelplex_kit.cold_start import DEFAULT_COLD_START_TIMEOUT_S
 from modelplex_kit.modalities import REGISTRY
 
 # Engine kind of a backend that runs elsewhere (another machine, a cluster): not started here.
@@ -97,8 +98,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def backend_plan(catalog: Path) -> dict[str, tuple[str, dict[str, str]]]:
+def backend_plan(catalog: Path, demand_target: str = "") -> dict[str, tuple[str, dict[str, str]]]:
     """target -> (module, env) for every backend the catalog routes to.
+
+    An entry with ``scale_to_zero`` holds requests up to its ``cold_start_timeout`` (300 s unless it says)
+    while its engines start; every backend reports its demand under its model's id to ``demand_target``
+    (the catalog's scaler), as the chart wires them.
 
     Each backend listens on its target and serves metrics on its entry's ``metrics_port`` engine
     setting (``MODELPLEX_METRICS_PORT`` of that process alone; 0, off, without one). Raises ValueError
@@ -123,6 +128,11 @@ def backend_plan(catalog: Path) -> dict[str, tuple[str, dict[str, str]]]:
         if metrics_port:
             metrics_ports[metrics_port] = target
         env = {f"{prefix}LISTEN": target, f"{prefix}ENGINE": engine.get("kind", "")}
+        if entry.get("scale_to_zero"):
+            timeout = entry.get("cold_start_timeout", DEFAULT_COLD_START_TIMEOUT_S)
+            env[f"{prefix}POOL_COLD_START_TIMEOUT_SECONDS"] = str(timeout)
+        if demand_target:
+            env |= {f"{prefix}POOL_DEMAND_TARGET": demand_target, f"{prefix}POOL_DEMAND_KEY": entry["id"]}
         env |= {f"{prefix}{key.upper()}": str(value) for key, value in settings.items()}
         env[METRICS_PORT_ENV] = str(metrics_port)
         plan[target] = (row.package, env)
@@ -168,7 +178,7 @@ class Stack:
                 },
             )
             self._wait_grpc("catalog", self.catalog_listen)
-            for target, (module, env) in backend_plan(self.catalog).items():
+            for target, (module, env) in backend_plan(self.catalog, demand_target=self.catalog_listen).items():
                 name = f"{module.removeprefix('modelplex_')}@{target}"
                 self._spawn(name, module, env)
                 self._wait_grpc(name, target, serving=self.wait_for_engines)

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from opentelemetry import trace
 from prometheus_client import start_http_server
 
+from modelplex_kit import cold_start
 from modelplex_kit.connections import KEEPALIVE, ageing_options
 from modelplex_kit.errors import ServiceError
 from modelplex_kit.logging import configure_logging, request_id_var
@@ -152,8 +153,12 @@ def _observe_unary(method: str, behavior: Callable[..., Awaitable[Any]]):
 def _observe_stream(method: str, behavior: Callable[..., AsyncIterator[Any]]):
     async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         async with _Observation(method, context):
-            async for item in behavior(request, context):
-                yield item
+            held = cold_start.announcing(context)  # a pool holding it for a cold start says so at once
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            finally:
+                cold_start.stop_announcing(held)
 
     return wrapper
 

@@ -97,6 +97,17 @@ POOL_QUEUE_DEPTH = Gauge(
 POOL_EJECTIONS = Counter(
     "modelplex_pool_ejections_total", "Replicas left out for a backoff after a failure", ["pool", "replica"]
 )
+POOL_HELD = Gauge(
+    "modelplex_pool_held_requests",
+    "Requests held for a replica to start (the pool has none ready: scale to zero)",
+    ["pool"],
+)
+POOL_HOLD_SECONDS = Histogram(
+    "modelplex_pool_hold_seconds",
+    "How long held requests waited for a replica to start",
+    ["pool", "outcome"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600),
+)
 POOL_SATURATED = Counter(
     "modelplex_pool_saturated_total", "Requests refused with 503 because every replica's queue was full", ["pool"]
 )

@@ -96,6 +96,26 @@ def test_each_backend_gets_its_own_catalog_entrys_metrics_port(tmp_path):
     assert text["MODELPLEX_TEXT_LISTEN"] == "127.0.0.1:50161"  # a backend listens where its entry says
 
 
+def test_a_model_that_scales_to_zero_gets_its_cold_start_bound_and_every_backend_reports_demand(tmp_path):
+    cold = _entry("cold", "text", "127.0.0.1:50161", "openai", upstream_url="http://127.0.0.1:8000/v1")
+    catalog = _catalog(
+        tmp_path,
+        cold | {"scale_to_zero": True, "cold_start_timeout": 45},
+        _entry("warm", "embeddings", "127.0.0.1:50162", "local"),
+        _entry("default", "images", "127.0.0.1:50163", "procedural") | {"scale_to_zero": True},
+    )
+    plan = backend_plan(catalog, demand_target="127.0.0.1:50051")
+    text, embeddings, images = (plan[t][1] for t in ("127.0.0.1:50161", "127.0.0.1:50162", "127.0.0.1:50163"))
+    assert text["MODELPLEX_TEXT_POOL_COLD_START_TIMEOUT_SECONDS"] == "45"
+    assert images["MODELPLEX_IMAGES_POOL_COLD_START_TIMEOUT_SECONDS"] == "300.0"  # the stated default
+    assert "MODELPLEX_EMBEDDINGS_POOL_COLD_START_TIMEOUT_SECONDS" not in embeddings
+    assert (text["MODELPLEX_TEXT_POOL_DEMAND_TARGET"], text["MODELPLEX_TEXT_POOL_DEMAND_KEY"]) == (
+        "127.0.0.1:50051",
+        "cold",
+    )
+    assert embeddings["MODELPLEX_EMBEDDINGS_POOL_DEMAND_KEY"] == "warm"
+
+
 def test_two_backends_naming_one_metrics_port_are_refused(tmp_path):
     catalog = _catalog(
         tmp_path,

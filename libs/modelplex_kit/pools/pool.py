@@ -11,6 +11,13 @@ readiness check fails, is ejected the same way. When every replica is ejected a 
 one rather than failing untried (a pool of one behaves as a single upstream did).
 
 A request for a LoRA adapter goes where the adapter is loaded, or is loaded first (``adapters.py``).
+
+Scale to zero (``pool_cold_start_timeout_seconds`` > 0): a request that finds no replica ready (none in the
+source's snapshot, or every one down) is held, not failed. The pool reports its demand at once (``demand``
+below, pushed to the scaler KEDA asks), probes its replicas every scrape tick while it holds, and releases
+the held requests to the first replica that is ready; a held stream announces itself (``cold_start``) so the
+edge keeps its client's connection alive. Past the bound, or beyond ``pool_max_held`` held at once: 503
+with Retry-After. The pool counts as ready (its backend SERVING) with no replica at all: it can hold.
 """
 
 from __future__ import annotations
@@ -26,7 +33,8 @@ from typing import Generic, Protocol, TypeVar, runtime_checkable
 import grpc
 from opentelemetry import trace
 
-from modelplex_kit import telemetry
+from modelplex_kit import cold_start, telemetry
+from modelplex_kit.demand import Demand, DemandReporter
 from modelplex_kit.drain import DrainRate, retry_after
 from modelplex_kit.errors import ServiceError, unavailable
 from modelplex_kit.pools.adapters import AdapterLoading, AdapterPlacement
@@ -49,6 +57,8 @@ _FIRST_SNAPSHOT_S = 10.0
 _SOURCE_RESTART_S = 1.0
 # Weight of the newest scrape interval in the drain rate's moving average.
 _DRAIN_SMOOTHING = 0.2
+# Retry-After of a request the cold-start bound turned away: the replica it was waiting for is still starting.
+_COLD_RETRY_AFTER_S = 5
 
 
 class ReplicaUnreachable(Exception):
@@ -141,6 +151,15 @@ class Pool(Generic[C]):
             if settings.pool_sync_url
             else None
         )
+        self._held = 0
+        self._held_gauge = telemetry.POOL_HELD.labels(name)
+        self._replica_ready = asyncio.Event()  # set whenever a replica becomes available: held requests go
+        self.demand_reporter = DemandReporter(
+            settings.pool_demand_target,
+            settings.pool_demand_key or name,
+            self.demand,
+            settings.pool_demand_interval_seconds,
+        )
         self._engine_cache = (
             EngineCacheFeed(
                 name,
@@ -160,6 +179,7 @@ class Pool(Generic[C]):
             self._tasks = [asyncio.create_task(self._watch()), asyncio.create_task(self._scrape_forever())]
             if self._sync is not None:
                 self._sync.start()
+            self.demand_reporter.start()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -168,6 +188,7 @@ class Pool(Generic[C]):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        await self.demand_reporter.close()
         if self._sync is not None:
             await self._sync.close()
         if self._engine_cache is not None:
@@ -178,18 +199,39 @@ class Pool(Generic[C]):
     async def ready(self) -> bool:
         """Ready while some replica passes its readiness check. Ejected replicas are checked too when no
         other one is ready, and taken back at once if they pass: a pool whose every replica was down
-        (a pool of one whose server restarted) serves again as soon as one is back, not after its backoff."""
+        (a pool of one whose server restarted) serves again as soon as one is back, not after its backoff.
+        A pool that holds for cold starts is ready with none: it takes requests and holds them."""
         await self._wait_known()
         for replica in sorted(self._ordered, key=lambda r: not r.available):
             if await replica.client.ready():
                 if not replica.available:
                     self._take_back(replica)
                 return True
-        return False
+        return self._holds
 
     @property
     def replicas(self) -> Sequence[Replica[C]]:
         return self._ordered
+
+    @property
+    def _holds(self) -> bool:
+        return self._settings.pool_cold_start_timeout_seconds > 0
+
+    @property
+    def held(self) -> int:
+        """Requests waiting now for a replica to start."""
+        return self._held
+
+    def demand(self) -> Demand:
+        """What this backend replica sees of its model's demand: requests it holds, runs, and the engines' queues."""
+        queued = 0.0
+        in_flight = 0
+        for replica in self._ordered:
+            in_flight += replica.load.in_flight
+            engine = replica.load.engine
+            if engine is not None:
+                queued += engine.waiting
+        return Demand(held=self._held, in_flight=in_flight, queued=round(queued))
 
     @property
     def drain_per_second(self) -> float:
@@ -204,8 +246,9 @@ class Pool(Generic[C]):
         ``cache_use``: what the answer says the engine found cached (the picker learns from it)."""
         tried: set[str] = set()
         reloads = 0
+        hold_until = self._hold_deadline()
         while True:
-            replica, pick = await self._choose(request, tried)
+            replica, pick = await self._choose(request, tried, hold_until)
             try:
                 with self._running(replica, pick):
                     async with self._adapter_on(replica, request):
@@ -223,8 +266,9 @@ class Pool(Generic[C]):
         ``cache_use``: which item says what the engine found cached, and what (the picker learns from it)."""
         tried: set[str] = set()
         reloads = 0
+        hold_until = self._hold_deadline()
         while True:
-            replica, pick = await self._choose(request, tried)
+            replica, pick = await self._choose(request, tried, hold_until)
             produced = False
             try:
                 with self._running(replica, pick) as prefilled:
@@ -286,14 +330,22 @@ class Pool(Generic[C]):
             replica.eject(self._settings, exc.message)
         tried.add(replica.key)
         if len(tried) >= self._settings.pool_max_attempts or len(tried) >= len(self._ordered):
+            if self._holds and not self._any_available():
+                tried.clear()  # every replica is down: the next pick holds for one to start
+                return reloads
             raise exc
         return reloads
 
-    async def _choose(self, request: PickRequest, tried: set[str]) -> tuple[Replica[C], Pick]:
+    async def _choose(self, request: PickRequest, tried: set[str], hold_until: float) -> tuple[Replica[C], Pick]:
         await self._wait_known()
+        held = self._holds and not self._any_available()
+        if held:
+            await self._hold(hold_until)
+            tried.clear()
         candidates = self._candidates(tried)
         if not tried:
-            self._refuse_if_saturated(candidates)
+            if not held:  # a held burst goes to the first replica up: it waited its turn, the engine queues it
+                self._refuse_if_saturated(candidates)
             engine_cached = await self._engine_cached(candidates, request)
             # The tokenize call awaited: the source may have removed a replica meanwhile.
             candidates = self._candidates(tried)
@@ -314,6 +366,48 @@ class Pool(Generic[C]):
             adapter = request.adapter.name if request.adapter is not None else ""
             self._sync.share(SharedPick(pick.key, pick.hashes, pick.session_hash, adapter))
         return self._replicas[pick.key], pick
+
+    # -- cold starts ---------------------------------------------------------
+    def _hold_deadline(self) -> float:
+        return time.monotonic() + self._settings.pool_cold_start_timeout_seconds if self._holds else 0.0
+
+    def _any_available(self) -> bool:
+        return any(r.available for r in self._ordered)
+
+    async def _hold(self, until: float) -> None:
+        """Waits for a replica to be ready (the request arrived while none was), up to ``until``."""
+        if self._held >= self._settings.pool_max_held:
+            telemetry.POOL_SATURATED.labels(self.name).inc()
+            raise unavailable(
+                "Too many requests are waiting for the model server to start; retry shortly.",
+                retry_after=_COLD_RETRY_AFTER_S,
+            )
+        started = time.monotonic()
+        self._held += 1
+        self._held_gauge.set(self._held)
+        self.demand_reporter.poke()  # the scaler hears of it now, not at the next tick
+        outcome = "timeout"
+        try:
+            await cold_start.announce_held()
+            while not self._any_available():
+                remaining = until - time.monotonic()
+                if remaining <= 0:
+                    raise unavailable(
+                        "The model server is starting and was not ready within "
+                        f"{self._settings.pool_cold_start_timeout_seconds:g} s; retry shortly.",
+                        retry_after=_COLD_RETRY_AFTER_S,
+                    )
+                self._replica_ready.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._replica_ready.wait(), remaining)
+            outcome = "served"
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            self._held -= 1
+            self._held_gauge.set(self._held)
+            telemetry.POOL_HOLD_SECONDS.labels(self.name, outcome).observe(time.monotonic() - started)
 
     def _candidates(self, tried: set[str]) -> list[Replica[C]]:
         untried = [r for r in self._ordered if r.key not in tried]
@@ -408,6 +502,8 @@ class Pool(Generic[C]):
                 self._engine_cache.follow(key)
         self._ordered = sorted(self._replicas.values(), key=lambda r: r.key)
         self._known.set()
+        if self._any_available():
+            self._replica_ready.set()
         log.info("pool replicas", extra={"pool": self.name, "replicas": sorted(snapshot)})
         for replica in gone:
             self.picker.forget(replica.key)
@@ -429,6 +525,7 @@ class Pool(Generic[C]):
     # -- load and health ----------------------------------------------------
     def _take_back(self, replica: Replica[C]) -> None:
         replica.ejected_until = None
+        self._replica_ready.set()
         log.info("pool replica back", extra={"replica": replica.key})
 
     async def _scrape_forever(self) -> None:
@@ -456,7 +553,12 @@ class Pool(Generic[C]):
     async def _scrape(self, replica: Replica[C]) -> None:
         now = time.monotonic()
         if not replica.available:
-            if replica.ejected_until is not None and now >= replica.ejected_until:
+            if self._held:
+                # Requests wait for a replica to start: each tick, whatever its backoff, and quietly (a
+                # starting engine is not news). A probe that does not pass keeps the replica's backoff.
+                if await replica.client.ready():
+                    self._take_back(replica)
+            elif replica.ejected_until is not None and now >= replica.ejected_until:
                 await self._probe_back(replica)
             return
         try:

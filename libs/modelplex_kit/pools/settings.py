@@ -97,3 +97,18 @@ class PoolSettings(BaseModel):
     pool_adapter_slots: int = Field(3, ge=0)
     # How long a request for an adapter may wait for a replica's slot to free (every slot running): then 503.
     pool_adapter_wait_seconds: float = Field(30.0, gt=0)
+    # Scale to zero (a catalog entry's scale_to_zero and cold_start_timeout): a request that finds no replica
+    # ready is held up to this long for one to start, its demand reported at once (pool_demand_target), and
+    # sent to the first replica that is ready; past it, 503 with Retry-After. Streams announce that they are
+    # held (modelplex_kit.cold_start), so the edge keeps their connections alive meanwhile. 0: a pool with no
+    # ready replica answers 503 at once (a model that never scales to zero).
+    pool_cold_start_timeout_seconds: float = Field(0.0, ge=0)
+    # Requests held at once; beyond it, 503 with Retry-After at once (bounded memory during a cold start).
+    pool_max_held: int = Field(1024, ge=1)
+    # The scaler's gRPC address (the catalog's DemandService, which KEDA's external scaler reads), and the
+    # key this pool's demand is reported under (the catalog model id; empty: the pool's name). Empty
+    # target: no reports.
+    pool_demand_target: str = ""
+    pool_demand_key: str = ""
+    # How often demand is reported besides at once when a request is held (a report lapses after 3 of these).
+    pool_demand_interval_seconds: float = Field(2.0, gt=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from modelplex.v1 import catalog_pb2, catalog_pb2_grpc
+from modelplex_catalog import scaler
 from modelplex_catalog.readiness import ReadinessFollower
 from modelplex_catalog.servicer import CatalogServicer
 from modelplex_catalog.settings import CatalogSettings
@@ -38,7 +39,9 @@ async def main(settings: CatalogSettings) -> None:
 
     def register(server):
         catalog_pb2_grpc.add_CatalogServiceServicer_to_server(CatalogServicer(store), server)
-        return [catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name]
+        # KEDA's external scaler and the demand it answers from: the catalog is the one always-on service.
+        scaled = scaler.register(server, scaler.DemandBoard())
+        return [catalog_pb2.DESCRIPTOR.services_by_name["CatalogService"].full_name, *scaled]
 
     async def stop_sources() -> None:
         for task in tasks:

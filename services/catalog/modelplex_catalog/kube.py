@@ -29,7 +29,13 @@ log = logging.getLogger(__name__)
 
 GROUP, VERSION, PLURAL = "modelplex.io", "v1alpha1", "models"
 # The CRD's spec is camelCase, as Kubernetes resources are; the loader's fields are the file's.
-_FIELDS = {"contextLength": "context_length", "defaultMaxTokens": "default_max_tokens", "ownedBy": "owned_by"}
+_FIELDS = {
+    "contextLength": "context_length",
+    "defaultMaxTokens": "default_max_tokens",
+    "ownedBy": "owned_by",
+    "scaleToZero": "scale_to_zero",
+    "coldStartTimeout": "cold_start_timeout",
+}
 
 Resources = dict[str, dict[str, Any]]
 __all__ = ["KubernetesSource", "api_client", "default_namespace", "model_watch", "spec_from_resource"]

@@ -18,6 +18,7 @@ from google.protobuf import struct_pb2
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from modelplex.v1 import catalog_pb2
+from modelplex_kit.cold_start import DEFAULT_COLD_START_TIMEOUT_S
 from modelplex_kit.modalities import REGISTRY
 
 
@@ -74,6 +75,11 @@ class ModelSpec(BaseModel):
     owned_by: str = "modelplex"
     created: int = 0
     description: str = ""
+    # Its engines may scale to zero (the chart's KEDA objects go to 0 replicas): a request that finds none
+    # ready is held up to cold_start_timeout seconds while one starts (its backend's
+    # POOL_COLD_START_TIMEOUT_SECONDS), then 503 with Retry-After. Only a remote engine's pool scales.
+    scale_to_zero: bool = False
+    cold_start_timeout: float = Field(DEFAULT_COLD_START_TIMEOUT_S, gt=0)
 
     @field_validator("modality")
     @classmethod
@@ -93,6 +99,8 @@ class ModelSpec(BaseModel):
                 raise ValueError("an adapter is a text model's LoRA adapter: modality text")
             if self.pool is not None:
                 raise ValueError("an adapter runs on its base's engines: no pool of its own")
+            if self.scale_to_zero:
+                raise ValueError("an adapter runs on its base's engines: the base scales to zero, not the adapter")
         return self
 
     def on_base(self, base: ModelSpec) -> ModelSpec:

@@ -136,6 +136,12 @@ def test_an_adapter_entry_is_served_by_its_bases_backend_and_engine_and_keeps_it
         (ADAPTER.format(id="a1", base="base") + ADAPTER.format(id="a2", base="a1"), "is itself an adapter"),
         (ADAPTER.format(id="kiwi", base="base") + "    modality: embeddings\n", "modality text"),
         (ADAPTER.format(id="kiwi", base="base") + "    pool: {replicas: 2}\n", "no pool of its own"),
+        (ADAPTER.format(id="kiwi", base="base") + "    scale_to_zero: true\n", "the base scales to zero"),
+        (
+            "  - {id: cold, modality: text, backend: '127.0.0.1:50062', engine: {kind: openai},"
+            " cold_start_timeout: 0}\n",
+            "greater than 0",
+        ),
         ("  - id: lonely\n    modality: text\n", "needs backend, engine"),
     ],
 )

@@ -7,12 +7,13 @@ backend aborts its engine's work) and turns gRPC failures into ServiceErrors.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
 from starlette.requests import Request
 
+from modelplex_kit import cold_start
 from modelplex_kit.errors import ServiceError
 
 T = TypeVar("T")
@@ -71,15 +72,24 @@ async def all_of(calls: list[Awaitable[T]]) -> list[T]:
             task.cancel()
 
 
-async def open_stream(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Any]:
+async def open_stream(
+    call: grpc.aio.UnaryStreamCall, on_held: Callable[[], None] | None = None
+) -> AsyncIterator[Any]:
     """Starts a server stream and waits for its first message.
 
     Failures before any output (bad request, model down) thus still get their
     own HTTP status instead of a 200 with an error event. The returned
     iterator cancels the call when closed early, e.g. on client disconnect.
+
+    With ``on_held``: a stream the backend holds for a cold start (it says so in its headers, before any
+    message: ``modelplex_kit.cold_start``) is returned at once, ``on_held`` called, so the caller can answer
+    and keep the connection alive while the model starts.
     """
     iterator = call.__aiter__()
     try:
+        if on_held is not None and cold_start.is_held(await call.initial_metadata()):
+            on_held()
+            return _rest(call, iterator, _PENDING)
         first = await iterator.__anext__()
     except StopAsyncIteration:
         first = None
@@ -91,10 +101,15 @@ async def open_stream(call: grpc.aio.UnaryStreamCall) -> AsyncIterator[Any]:
     return _rest(call, iterator, first)
 
 
+#: ``_rest``'s first message when it was not awaited yet (a held stream).
+_PENDING = object()
+
+
 async def _rest(call: grpc.aio.UnaryStreamCall, iterator: AsyncIterator[Any], first: Any) -> AsyncIterator[Any]:
     try:
         if first is not None:
-            yield first
+            if first is not _PENDING:
+                yield first
             async for message in iterator:
                 yield message
     except grpc.aio.AioRpcError as exc:

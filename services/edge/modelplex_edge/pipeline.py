@@ -234,6 +234,8 @@ class Call:
         #: A response stream is being relayed (``watched``), and whether it ran to its end.
         self._relaying = False
         self._relayed_whole = False
+        #: The backend holds the stream for a cold start: its SSE response keeps the connection alive.
+        self._held = False
         labelled(REQUESTS_RUNNING, *self._labels).inc()
 
     async def __aenter__(self) -> Call:
@@ -303,12 +305,18 @@ class Call:
         meter_usage(response, self.used)
         return response
 
-    async def stream(self, method: str, request: Message) -> AsyncIterator[Any]:
-        """Opens a server stream now (its errors still get an HTTP status) and returns its messages."""
+    async def stream(self, method: str, request: Message, keep_alive: bool = False) -> AsyncIterator[Any]:
+        """Opens a server stream now (its errors still get an HTTP status) and returns its messages.
+        ``keep_alive`` (an SSE response follows): a stream the backend holds for a cold start is returned
+        before its first message, and ``respond_stream`` keeps the connection alive until it comes."""
         await breathe(self.http)
         self.endpoint.modality.bind(request, self.model)
-        opened = await until_disconnect(self.http, open_stream(getattr(self._stub, method)(request, **self._options)))
+        call = getattr(self._stub, method)(request, **self._options)
+        opened = await until_disconnect(self.http, open_stream(call, self._mark_held if keep_alive else None))
         return self._observed(opened)
+
+    def _mark_held(self) -> None:
+        self._held = True
 
     def lazy_stream(self, method: str, request: Message) -> AsyncIterator[Any]:
         """A stream opened only when first read (later prompts of a multi-prompt request)."""
@@ -344,6 +352,7 @@ class Call:
             headers=self.admitted.headers,
             on_close=self.finish,
             drain=self._state.drain,
+            keepalive_seconds=self._state.settings.stream_keepalive_seconds if self._held else 0.0,
             **kwargs,
         )
 

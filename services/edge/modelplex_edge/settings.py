@@ -54,8 +54,12 @@ class EdgeSettings(ServiceSettings, ObjectStoreSettings):
     # seconds (each gap within the timeout above) is cut with 408 here. 300 s lets a 26 MB upload
     # through at 0.7 Mbit/s.
     body_deadline_seconds: float = 300.0
-    # Deadline for one backend call (generation included).
+    # Deadline for one backend call (generation included, and a cold start's hold: keep it above the
+    # catalog's cold_start_timeout of any model that scales to zero).
     backend_timeout_seconds: float = 600.0
+    # A stream held for its model's cold start (chat, completions, responses) is answered 200 at once and
+    # sent an SSE comment this often until its first chunk, so no proxy or client idles it out.
+    stream_keepalive_seconds: float = Field(5.0, gt=0)
     # How long startup waits for the first catalog snapshot before serving 503s.
     catalog_wait_seconds: float = 10.0
     # uvicorn's keep-alive for idle client connections.

@@ -29,6 +29,10 @@ HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _SHUTTING_DOWN = "The server is restarting; the stream was closed before it finished. Please retry."
 
 
+#: What a held stream sends while it waits for its first chunk (a comment: every SSE client skips it).
+KEEPALIVE = b": the model is starting\n\n"
+
+
 def event(data: Any, name: str | None = None) -> bytes:
     head = b"event: " + name.encode() + b"\n" if name else b""
     return head + b"data: " + orjson.dumps(data) + b"\n\n"
@@ -69,6 +73,24 @@ def _error_frame(exc: BaseException) -> bytes:
         return event(ServiceError.from_rpc_error(exc).envelope())
     log.error("stream failed", exc_info=exc)  # never a traceback to the client
     return event(ServiceError(grpc.StatusCode.INTERNAL, "The server had an error while streaming.").envelope())
+
+
+async def _kept_alive(chunks: AsyncIterator[Any], every: float) -> AsyncIterator[Any]:
+    """``chunks``, with a keepalive comment every ``every`` seconds until the first one comes (a stream held
+    for a cold start: proxies and clients must not take the silence for a dead connection)."""
+    iterator = chunks.__aiter__()
+    first = asyncio.ensure_future(iterator.__anext__())
+    try:
+        while not (await asyncio.wait({first}, timeout=every))[0]:
+            yield KEEPALIVE
+        try:
+            yield first.result()
+        except StopAsyncIteration:
+            return
+    finally:
+        first.cancel()
+    async for chunk in iterator:
+        yield chunk
 
 
 async def _frames(
@@ -117,5 +139,9 @@ def sse_response(
     on_close: Callable[[], Awaitable[None]] | None = None,
     drain: Drain | None = None,
     done: bytes | None = DONE,
+    keepalive_seconds: float = 0.0,
 ) -> StreamingResponse:
+    """``keepalive_seconds`` > 0: comments at that interval until the first chunk (a held stream)."""
+    if keepalive_seconds > 0:
+        chunks = _kept_alive(chunks, keepalive_seconds)
     return SSEResponse(_frames(chunks, done, drain), on_close, headers={**HEADERS, **(headers or {})})

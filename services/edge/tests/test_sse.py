@@ -1,6 +1,8 @@
+import asyncio
+
 import grpc
 
-from modelplex_edge.sse import _frames
+from modelplex_edge.sse import KEEPALIVE, _frames, _kept_alive
 from modelplex_kit.errors import ServiceError
 
 
@@ -33,3 +35,21 @@ async def test_unexpected_exceptions_do_not_leak_details():
 
     frames = await collect(chunks())
     assert b"secret" not in frames[0] and b"error" in frames[0] and frames[-1] == b"data: [DONE]\n\n"
+
+
+async def test_a_held_stream_gets_comments_until_its_first_chunk_and_none_after():
+    first = asyncio.Event()
+
+    async def chunks():
+        await first.wait()
+        yield {"a": 1}
+        await asyncio.sleep(0.05)  # slower than the keepalive interval, but past the first chunk
+        yield {"b": 2}
+
+    frames: list[bytes] = []
+    async for frame in _frames(_kept_alive(chunks(), 0.01)):
+        frames.append(frame)
+        if frames.count(KEEPALIVE) == 3:
+            first.set()
+    assert frames[:3] == [KEEPALIVE] * 3
+    assert frames[3:] == [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n', b"data: [DONE]\n\n"]

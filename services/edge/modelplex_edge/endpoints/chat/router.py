@@ -23,7 +23,7 @@ async def create_chat_completion(http: Request) -> Response:
         request = translate.to_proto(body, call.model, call.meta(body.user))
         call.check(request)
         if body.stream:
-            stream = await call.stream("GenerateStream", request)
+            stream = await call.stream("GenerateStream", request, keep_alive=True)
             return call.respond_stream(translate.stream_chunks(stream, call.model.id, translate.include_usage(body)))
         return call.respond(await answer(call, body, request))
 

@@ -24,7 +24,7 @@ async def create_completion(http: Request) -> Response:
         call.check(requests[0])  # the prompts differ, nothing checked does
         if body.stream:
             # The first prompt is opened now so its errors get an HTTP status; later ones lazily.
-            first = await call.stream("GenerateStream", requests[0])
+            first = await call.stream("GenerateStream", requests[0], keep_alive=True)
             streams = [first, *(call.lazy_stream("GenerateStream", r) for r in requests[1:])]
             chunks = translate.stream_chunks(streams, call.model.id, body.n or 1, translate.include_usage(body))
             return call.respond_stream(chunks)

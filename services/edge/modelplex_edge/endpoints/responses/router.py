@@ -92,7 +92,7 @@ async def create_response(http: Request) -> Response:
         save = Saver(state.responses, call.admitted.scope, body, chain.depth + 1)
         try:
             if body.stream:
-                stream = await call.stream("GenerateStream", request)
+                stream = await call.stream("GenerateStream", request, keep_alive=True)
                 events = ResponseEvents(body, response_id, int(time.time()), call.model.id)
                 return call.respond_stream(framed(generate_events(events, stream, save)), done=None)
         except (grpc.aio.AioRpcError, ServiceError) as exc:
