@@ -66,9 +66,9 @@ adapters** (``--lora-slots N``, default 4; 0 turns LoRA off):
   ``already_loaded``, ``invalid``), ``lora_requests_total{lora_name}`` (requests served under each adapter),
   ``model_not_found_total`` and the gauge ``lora_adapters_loaded``.
 
-Every replica runs in one process, one free port each: ``python -m bench.engine_sim --replicas 8``
-prints ``READY <host:port> <host:port> ...`` once all listen (``--max-running 4``, ``--lora-slots 2`` etc. set
-SimParams, each replica the same).
+Every replica runs in one process, one free port each (or ``--ports 8001,8002``):
+``python -m bench.engine_sim --replicas 8`` prints ``READY <host:port> <host:port> ...`` once all listen
+(``--max-running 4``, ``--lora-slots 2`` etc. set SimParams, each replica the same).
 """
 
 from __future__ import annotations
@@ -803,9 +803,12 @@ class Run:
         return response
 
 
-async def serve(params: SimParams, replicas: int, host: str = "127.0.0.1", events_port: int = 0) -> list[Replica]:
-    """Starts ``replicas`` replicas in this event loop, each on a free port (``Replica.port``); with an
-    ``events_port``, each on its own loopback address, publishing its KV-cache events on that port."""
+async def serve(
+    params: SimParams, replicas: int, host: str = "127.0.0.1", events_port: int = 0, ports: list[int] | None = None
+) -> list[Replica]:
+    """Starts ``replicas`` replicas in this event loop, each on a free port (``Replica.port``) or on the given
+    ``ports``; with an ``events_port``, each on its own loopback address, publishing its KV-cache events on
+    that port."""
     started = []
     for i in range(replicas):
         replica = Replica(params)
@@ -814,7 +817,7 @@ async def serve(params: SimParams, replicas: int, host: str = "127.0.0.1", event
             replica.events = EventPublisher(f"tcp://{replica.host}:{events_port}")
         runner = web.AppRunner(ReplicaApp(replica).app, access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, replica.host, 0).start()
+        await web.TCPSite(runner, replica.host, ports[i] if ports else 0).start()
         replica.port = runner.addresses[0][1]
         replica.runner = runner
         started.append(replica)
@@ -825,6 +828,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--replicas", type=int, default=8)
     parser.add_argument("--events-port", type=int, default=0, help="publish KV-cache events on this port (0: none)")
+    parser.add_argument("--ports", default="", help="comma-separated ports, one per replica (default: free ones)")
     defaults = SimParams()
     for name in SimParams.__dataclass_fields__:
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(getattr(defaults, name)), default=None)
@@ -834,7 +838,9 @@ def main() -> None:
     disable_created_metrics()  # no *_created series: a scraper reads only what vLLM's /metrics has
 
     async def run() -> None:
-        replicas = await serve(params, args.replicas, events_port=args.events_port)
+        ports = [int(p) for p in args.ports.split(",")] if args.ports else None
+        count = len(ports) if ports else args.replicas
+        replicas = await serve(params, count, events_port=args.events_port, ports=ports)
         print("READY " + " ".join(f"{r.host}:{r.port}" for r in replicas), flush=True)
         await asyncio.Event().wait()
 

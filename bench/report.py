@@ -27,6 +27,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("bench.scheduling", ["--kv-events", "--no-share-picks", "--policies", "affinity", "--loads", "0.8"]),
     ("bench.scheduling", ["--lora"]),
     ("bench.lora", []),
+    ("bench.cold_start", []),
 ]
 
 

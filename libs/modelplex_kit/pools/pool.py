@@ -14,10 +14,10 @@ A request for a LoRA adapter goes where the adapter is loaded, or is loaded firs
 
 Scale to zero (``pool_cold_start_timeout_seconds`` > 0): a request that finds no replica ready (none in the
 source's snapshot, or every one down) is held, not failed. The pool reports its demand at once (``demand``
-below, pushed to the scaler KEDA asks), probes its replicas every scrape tick while it holds, and releases
-the held requests to the first replica that is ready; a held stream announces itself (``cold_start``) so the
-edge keeps its client's connection alive. Past the bound, or beyond ``pool_max_held`` held at once: 503
-with Retry-After. The pool counts as ready (its backend SERVING) with no replica at all: it can hold.
+below, pushed to the scaler KEDA asks), probes its replicas every ``pool_cold_probe_seconds`` while it holds,
+and releases the held requests to the first replica that is ready; a held stream announces itself
+(``cold_start``) so the edge keeps its client's connection alive. Past the bound, or beyond ``pool_max_held``
+held at once: 503 with Retry-After. The pool counts as ready (its backend SERVING) with no replica at all: it can hold.
 """
 
 from __future__ import annotations
@@ -154,6 +154,7 @@ class Pool(Generic[C]):
         self._held = 0
         self._held_gauge = telemetry.POOL_HELD.labels(name)
         self._replica_ready = asyncio.Event()  # set whenever a replica becomes available: held requests go
+        self._prober: asyncio.Task[None] | None = None
         self.demand_reporter = DemandReporter(
             settings.pool_demand_target,
             settings.pool_demand_key or name,
@@ -182,6 +183,9 @@ class Pool(Generic[C]):
             self.demand_reporter.start()
 
     async def close(self) -> None:
+        if self._prober is not None:
+            self._tasks.append(self._prober)
+            self._prober = None
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -386,6 +390,8 @@ class Pool(Generic[C]):
         self._held += 1
         self._held_gauge.set(self._held)
         self.demand_reporter.poke()  # the scaler hears of it now, not at the next tick
+        if self._prober is None or self._prober.done():
+            self._prober = asyncio.create_task(self._probe_while_held())
         outcome = "timeout"
         try:
             await cold_start.announce_held()
@@ -408,6 +414,20 @@ class Pool(Generic[C]):
             self._held -= 1
             self._held_gauge.set(self._held)
             telemetry.POOL_HOLD_SECONDS.labels(self.name, outcome).observe(time.monotonic() - started)
+
+    async def _probe_while_held(self) -> None:
+        """Every ``pool_cold_probe_seconds`` while requests are held: each replica that is not available is
+        asked whether it is ready, whatever its backoff, and quietly (a starting engine is not news); the
+        first that is takes the held requests. With an empty source there is nothing to ask: the snapshot
+        that brings a replica releases them (``_apply``)."""
+        interval = self._settings.pool_cold_probe_seconds
+        while self._held:
+            down = [r for r in self._ordered if not r.available]
+            answers = await asyncio.gather(*(r.client.ready() for r in down), return_exceptions=True)
+            for replica, ready in zip(down, answers, strict=True):
+                if ready is True and replica.key in self._replicas:
+                    self._take_back(replica)
+            await asyncio.sleep(interval)
 
     def _candidates(self, tried: set[str]) -> list[Replica[C]]:
         untried = [r for r in self._ordered if r.key not in tried]
@@ -553,12 +573,8 @@ class Pool(Generic[C]):
     async def _scrape(self, replica: Replica[C]) -> None:
         now = time.monotonic()
         if not replica.available:
-            if self._held:
-                # Requests wait for a replica to start: each tick, whatever its backoff, and quietly (a
-                # starting engine is not news). A probe that does not pass keeps the replica's backoff.
-                if await replica.client.ready():
-                    self._take_back(replica)
-            elif replica.ejected_until is not None and now >= replica.ejected_until:
+            # While requests are held, _probe_while_held looks far more often.
+            if not self._held and replica.ejected_until is not None and now >= replica.ejected_until:
                 await self._probe_back(replica)
             return
         try:

@@ -103,6 +103,9 @@ class PoolSettings(BaseModel):
     # held (modelplex_kit.cold_start), so the edge keeps their connections alive meanwhile. 0: a pool with no
     # ready replica answers 503 at once (a model that never scales to zero).
     pool_cold_start_timeout_seconds: float = Field(0.0, ge=0)
+    # While requests are held, each replica not ready is asked this often whether it is now (its readiness
+    # check: two small GETs on an OpenAI server, one gRPC call on Triton): the cold start's added latency.
+    pool_cold_probe_seconds: float = Field(0.02, gt=0)
     # Requests held at once; beyond it, 503 with Retry-After at once (bounded memory during a cold start).
     pool_max_held: int = Field(1024, ge=1)
     # The scaler's gRPC address (the catalog's DemandService, which KEDA's external scaler reads), and the
