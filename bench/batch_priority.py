@@ -4,9 +4,8 @@ The default laptop stack (SmolLM2 on the in-process llama.cpp engine, 8 sequence
 Interactive load: streamed chats at concurrency 4, time to the first content chunk measured by the client.
 Then a batch of several hundred chat lines is created on the same model and the same interactive load is
 measured again while the batch runs (the batch's lines done meanwhile are reported, so the row shows the
-engine was shared). Batch lines carry x-modelplex-priority: batch: the engine gives free slots to
-interactive sequences first, and the edge starts a line only while fewer than two interactive requests are in
-flight to the backend.
+engine was shared). Batch lines run in the jobs process and carry x-modelplex-priority: batch: the engine gives
+free slots to interactive sequences first and preempts batch sequences for waiting interactive ones.
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ KEY = "sk-bench-batches"
 MODEL = "smollm2-135m-instruct"
 
 
-def start(tmp: Path, yield_in_flight: int) -> Stack:
+def start(tmp: Path) -> Stack:
     model = {
         "id": MODEL,
         "modality": "text",
@@ -47,7 +46,6 @@ def start(tmp: Path, yield_in_flight: int) -> Stack:
         "MODELPLEX_EDGE_OBJECT_DIR": str(tmp / "objects"),
         "MODELPLEX_EDGE_BATCHES_STORE": "sqlite",
         "MODELPLEX_EDGE_BATCHES_SQLITE_PATH": str(tmp / "batches.sqlite3"),
-        "MODELPLEX_EDGE_BATCHES_YIELD_IN_FLIGHT": str(yield_in_flight),
     }
     return Stack(
         catalog, catalog_listen=f"127.0.0.1:{free_port()}", edge_port=free_port(), log_dir=tmp, env=env
@@ -132,20 +130,14 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--lines", type=int, default=300)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--only", choices=("gate", "engine"), help="measure one configuration")
     args = parser.parse_args()
-    # The default edge gate (2), then the engine's priority alone (the edge admits lines whatever the load).
-    configs = {"default (edge gate 2 + engine priority)": 2, "engine priority only (no edge gate)": 10_000}
-    if args.only:
-        configs = dict([list(configs.items())[0 if args.only == "gate" else 1]])
     results = {}
-    for name, gate in configs.items():
-        with tempfile.TemporaryDirectory() as tmp:
-            stack = start(Path(tmp), gate)
-            try:
-                results[name] = asyncio.run(measure(stack.base_url, args))
-            finally:
-                stack.stop()
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = start(Path(tmp))
+        try:
+            results["engine priority (batch lines in the jobs process)"] = asyncio.run(measure(stack.base_url, args))
+        finally:
+            stack.stop()
     print("## Batches below interactive traffic\n")
     print(__doc__.split("\n\n", 1)[1].strip().replace("\n", " ") + "\n")
     print(

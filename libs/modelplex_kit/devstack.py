@@ -5,10 +5,17 @@ in it gets one backend process of the entry's modality (the modality registry
 says which package serves it), listening on that target, configured from the
 entry's engine kind and settings, exactly as the Helm chart does in a cluster.
 
-Ports: the catalog's and the edge's come from :class:`LaunchSettings` (the same
-variables the two services read, or ``--catalog-listen``/``--port``), the
-backends' from the catalog file's ``backend`` targets, and the gatekeeper is on
-a unix socket of its own. Metrics: a backend serves Prometheus on its entry's
+Ports: the catalog's, the edge's and the jobs process's come from
+:class:`LaunchSettings` (the same variables the services read, or
+``--catalog-listen``/``--port``/``--jobs-port``), the backends' from the catalog
+file's ``backend`` targets, and the gatekeeper is on a unix socket of its own.
+
+The jobs process (``python -m modelplex_edge.jobs``: batches and background
+responses) starts after the edge with the edge's environment, so both reach the
+same stores (SQLite files and an object directory, in the stack's directory
+unless the environment names others), the same catalog and the same gatekeeper.
+
+Metrics: a backend serves Prometheus on its entry's
 ``engine.settings.metrics_port`` (local processes share one network namespace,
 so each needs its own); no process is given a process-wide
 ``MODELPLEX_METRICS_PORT``, which every one of them would try to claim.
@@ -52,11 +59,15 @@ _START_ATTEMPTS = 3
 # Where `make run` serves unless told otherwise (the catalog's and the edge's own defaults).
 DEFAULT_CATALOG_LISTEN = "127.0.0.1:50051"
 DEFAULT_EDGE_PORT = 8080
+#: The jobs process's /healthz, /readyz, /metrics (its own default, MODELPLEX_JOBS_PORT).
+DEFAULT_JOBS_PORT = 8081
 #: The shared Prometheus port variable (modelplex_kit.settings); set per process here, never inherited.
 METRICS_PORT_ENV = "MODELPLEX_METRICS_PORT"
 #: The engine setting of a catalog entry that names its backend's metrics port (not passed on as a
 #: MODELPLEX_<MODALITY>_ variable: it becomes MODELPLEX_METRICS_PORT of that backend alone).
 METRICS_PORT_SETTING = "metrics_port"
+#: The jobs process: the edge's package, its own command.
+JOBS_MODULE = "modelplex_edge.jobs"
 
 
 class LaunchSettings(BaseSettings):
@@ -72,6 +83,8 @@ class LaunchSettings(BaseSettings):
     )
     # The edge's HTTP port: the variable the edge itself reads.
     edge_port: int = Field(DEFAULT_EDGE_PORT, ge=1, le=65535, validation_alias=AliasChoices("MODELPLEX_EDGE_PORT"))
+    # The jobs process's HTTP port (health, readiness, metrics): the variable it reads itself.
+    jobs_port: int = Field(DEFAULT_JOBS_PORT, ge=1, le=65535, validation_alias=AliasChoices("MODELPLEX_JOBS_PORT"))
     keys_file: Path = Field(Path(".modelplex/keys.yaml"), validation_alias=AliasChoices("MODELPLEX_KEYS_FILE"))
 
 
@@ -144,6 +157,8 @@ class Stack:
     catalog: Path
     catalog_listen: str = DEFAULT_CATALOG_LISTEN
     edge_port: int = DEFAULT_EDGE_PORT
+    #: The jobs process's HTTP port; 0: a free one, chosen at start.
+    jobs_port: int = 0
     #: Every process's environment over os.environ; never its MODELPLEX_METRICS_PORT (one port cannot
     #: serve several processes): a backend's comes from its catalog entry, the others serve none.
     env: Mapping[str, str] = field(default_factory=dict)
@@ -151,7 +166,9 @@ class Stack:
     #: Set: a gatekeeper sidecar decides every request from this keys file (created holding the dev
     #: key if missing). None: the edge accepts only the dev key, without limits.
     keys_file: Path | None = None
-    #: "sidecar": its own process on a unix socket; "embedded": decided inside the edge process.
+    #: "sidecar": its own process on a unix socket, which the edge and the jobs process both call;
+    #: "embedded": decided inside the edge process, and inside the jobs process from the same keys file
+    #: (metering to the same usage file: one write per line, appended, so the two never interleave).
     gatekeeper: str = "sidecar"
     start_timeout: float = 180.0
     #: True: start() returns once every backend is SERVING (its engine ready). False: once each
@@ -185,6 +202,9 @@ class Stack:
             edge_env = {
                 "MODELPLEX_EDGE_PORT": str(self.edge_port),
                 "MODELPLEX_EDGE_CATALOG_TARGET": self.catalog_listen,
+                # Queued jobs reported to the catalog's scaler, as the backends report theirs.
+                "MODELPLEX_EDGE_DEMAND_TARGET": self.catalog_listen,
+                **self._shared_stores(),
             }
             if self.keys_file is not None and self.gatekeeper == "embedded":
                 edge_env |= self._gatekeeper_env(self.keys_file) | {"MODELPLEX_EDGE_GATEKEEPER_TARGET": "embedded"}
@@ -192,10 +212,32 @@ class Stack:
                 edge_env["MODELPLEX_EDGE_GATEKEEPER_TARGET"] = self._start_gatekeeper(self.keys_file)
             self._spawn("edge", "modelplex_edge", edge_env)
             self._wait_http("edge", f"http://127.0.0.1:{self.edge_port}/readyz")
+            # Batches and background responses: the edge's environment (its stores, catalog, gatekeeper).
+            self.jobs_port = self.jobs_port or free_port()
+            jobs_env = edge_env | {
+                "MODELPLEX_JOBS_PORT": str(self.jobs_port),
+                "MODELPLEX_JOBS_DEMAND_TARGET": self.catalog_listen,
+            }
+            self._spawn("jobs", JOBS_MODULE, jobs_env)
+            self._wait_http("jobs", f"http://127.0.0.1:{self.jobs_port}/readyz")
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _shared_stores(self) -> dict[str, str]:
+        """The stores the edge and the jobs process share: a memory store would be each process's own, so a
+        store the environment leaves unset is a SQLite file (objects: a directory) in the stack's directory."""
+        given = {**os.environ, **self.env}
+        state = self.log_dir or Path(tempfile.mkdtemp(prefix="modelplex-state-"))
+        defaults = {
+            "MODELPLEX_EDGE_RESPONSES_STORE": "sqlite",
+            "MODELPLEX_EDGE_RESPONSES_SQLITE_PATH": str(state / "responses.sqlite3"),
+            "MODELPLEX_EDGE_BATCHES_STORE": "sqlite",
+            "MODELPLEX_EDGE_BATCHES_SQLITE_PATH": str(state / "batches.sqlite3"),
+            "MODELPLEX_EDGE_OBJECT_DIR": str(state / "objects"),
+        }
+        return {name: value for name, value in defaults.items() if name not in given}
 
     def _start_gatekeeper(self, keys_file: Path) -> str:
         """Starts the gatekeeper on a unix socket (as beside the edge in a pod); returns its target."""
@@ -351,11 +393,16 @@ def launch_settings(argv: list[str] | None = None) -> LaunchSettings:
     parser.add_argument(
         "--port", "--edge-port", type=int, default=defaults.edge_port, help=f"MODELPLEX_EDGE_PORT ({DEFAULT_EDGE_PORT})"
     )
+    parser.add_argument(
+        "--jobs-port", type=int, default=defaults.jobs_port, help=f"MODELPLEX_JOBS_PORT ({DEFAULT_JOBS_PORT})"
+    )
     args = parser.parse_args(argv)
     if args.catalog is None:
         parser.error("name the catalog file: --catalog PATH or MODELPLEX_CATALOG")
     try:  # the flags over the environment (keyword arguments win over it)
-        return LaunchSettings(catalog=args.catalog, catalog_listen=args.catalog_listen, edge_port=args.port)
+        return LaunchSettings(
+            catalog=args.catalog, catalog_listen=args.catalog_listen, edge_port=args.port, jobs_port=args.jobs_port
+        )
     except ValidationError as exc:
         parser.error(str(exc))
 
@@ -388,6 +435,7 @@ def main() -> None:
         settings.catalog,
         catalog_listen=settings.catalog_listen,
         edge_port=settings.edge_port,
+        jobs_port=settings.jobs_port,
         env={"MODELPLEX_LOG_FORMAT": os.environ.get("MODELPLEX_LOG_FORMAT", "text"), **responses, **batches},
         keys_file=keys_file,
     )
@@ -408,7 +456,9 @@ def main() -> None:
     print(
         f"\n  Modelplex is serving at {stack.base_url}\n  API key: {key}  (keys: {stack.keys_file}; "
         "`modelplex keys create --name NAME` adds one)\n"
-        f'  Try: curl {stack.base_url}/models -H "Authorization: Bearer {key}"\n  Ctrl-C stops everything.\n',
+        f'  Try: curl {stack.base_url}/models -H "Authorization: Bearer {key}"\n'
+        f"  Batches and background responses run in the jobs process (metrics: "
+        f"http://127.0.0.1:{stack.jobs_port}/metrics)\n  Ctrl-C stops everything.\n",
         flush=True,
     )
     stack.start_supervising()

@@ -11,11 +11,15 @@ busy principal cannot starve the others. Deleting a job is how a caller cancels 
 next renewal fails and it stops.
 
 Two implementations of one interface (:class:`JobStore`): :class:`SQLiteJobStore` (one replica,
-or several processes on one host) and :class:`RedisJobStore` (several replicas, consumer groups).
+or several processes on one host; ``:memory:`` for one process) and :class:`RedisJobStore` (several
+replicas, consumer groups). An idle worker need not claim to learn that nothing is queued:
+:meth:`JobStore.depth` is one indexed count (one round trip in Redis), and :func:`until_claimable`
+waits on it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from dataclasses import dataclass, field, fields
@@ -29,6 +33,8 @@ from modelplex_kit.errors import ServiceError
 QUEUED, IN_PROGRESS, COMPLETED, FAILED = "queued", "in_progress", "completed", "failed"
 # A job whose worker died this many times is failed rather than retried forever.
 MAX_ATTEMPTS = 3
+
+
 @dataclass(slots=True, kw_only=True)
 class JobRecord:
     """What the queue keeps for every job. A user's job dataclass inherits it and adds its own fields
@@ -107,6 +113,16 @@ class Limits:
     max_queue_per_principal: int
 
 
+@dataclass(frozen=True, slots=True)
+class QueueDepth:
+    """How much work a queue holds, over every principal."""
+
+    #: Jobs waiting for a worker.
+    queued: int = 0
+    #: Jobs claimed by a worker and not finished (including one whose worker died, until it is re-claimed).
+    running: int = 0
+
+
 def idempotency_conflict() -> ServiceError:
     return ServiceError(
         grpc.StatusCode.ABORTED,
@@ -164,7 +180,28 @@ class JobStore(Protocol):
         """Marks completed jobs past ``expires_at`` as expired; returns their ids (content to delete)."""
         ...
 
+    async def depth(self) -> QueueDepth:
+        """Queued and running jobs over every principal: cheap (an indexed count, counters in Redis), so idle
+        workers and demand reports may ask often."""
+        ...
+
     async def close(self) -> None: ...
+
+
+async def until_claimable(store: JobStore, poll_seconds: float, look_seconds: float) -> None:
+    """What an idle worker waits for before its next claim: a job queued (one ``depth()`` every
+    ``poll_seconds``), or ``look_seconds`` gone by (a job whose worker died is running, not queued, until a
+    claim takes it over). A store that cannot answer ends the wait: the claim reports the outage."""
+    deadline = time.monotonic() + look_seconds
+    while True:
+        await asyncio.sleep(poll_seconds)
+        if time.monotonic() >= deadline:
+            return
+        try:
+            if (await store.depth()).queued > 0:
+                return
+        except Exception:
+            return
 
 
 _TEXT_COLUMNS = {"id": "TEXT UNIQUE NOT NULL", "principal": "TEXT NOT NULL", "status": "TEXT NOT NULL"}
@@ -217,11 +254,12 @@ class SQLiteJobStore:
 
     Calls are short, indexed statements made on the event loop's thread; a
     transaction per method keeps each one atomic. Opening the store re-queues
-    jobs left in progress: with one replica, their worker was this service
-    before it restarted.
+    jobs left in progress (``requeue``): with one process running the jobs, their
+    worker was that process before it restarted. A process that only queues and
+    reads (the edge, beside the jobs process) opens it with ``requeue=False``.
     """
 
-    def __init__(self, kind: JobKind, path: Path, idempotency_ttl_seconds: int) -> None:
+    def __init__(self, kind: JobKind, path: Path, idempotency_ttl_seconds: int, requeue: bool = True) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._kind = kind
         self._bools = kind.kinds_of("bool")
@@ -232,7 +270,10 @@ class SQLiteJobStore:
         self._db.executescript(_schema(kind))
         _add_new_columns(self._db, kind)
         self._idempotency_ttl = idempotency_ttl_seconds
-        self._db.execute("UPDATE jobs SET status=?, worker='', lease_until=0 WHERE status=?", (QUEUED, IN_PROGRESS))
+        if requeue:
+            self._db.execute(
+                "UPDATE jobs SET status=?, worker='', lease_until=0 WHERE status=?", (QUEUED, IN_PROGRESS)
+            )
 
     def _tx(self):
         return _Transaction(self._db)
@@ -380,6 +421,14 @@ class SQLiteJobStore:
             db.executemany("UPDATE jobs SET expired=1 WHERE id=?", [(i,) for i in ids])
         return ids
 
+    async def depth(self) -> QueueDepth:
+        counts = dict(
+            self._db.execute(  # the status index: counts of two statuses, never a read of the rows
+                "SELECT status, COUNT(*) FROM jobs WHERE status IN (?, ?) GROUP BY status", (QUEUED, IN_PROGRESS)
+            ).fetchall()
+        )
+        return QueueDepth(queued=counts.get(QUEUED, 0), running=counts.get(IN_PROGRESS, 0))
+
     async def close(self) -> None:
         self._db.close()
 
@@ -402,20 +451,23 @@ class _Transaction:
 
 GROUP = "workers"
 
-# KEYS: job, total counter, principal counter. ARGV: worker, lease_until.
+# KEYS: job, total counter, principal counter, running set. ARGV: worker, lease_until.
 _TAKE = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'queued' then return 0 end
 redis.call('HSET', KEYS[1], 'status', 'in_progress', 'worker', ARGV[1], 'lease_until', ARGV[2], 'progress', 0)
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('DECR', KEYS[2])
 redis.call('DECR', KEYS[3])
+redis.call('SADD', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
 return 1
 """
-# Re-taking a job whose worker died (its entry was auto-claimed). KEYS: job. ARGV: worker, lease_until.
+# Re-taking a job whose worker died (its entry was auto-claimed). KEYS: job, running set. ARGV: worker,
+# lease_until.
 _RETAKE = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then return 0 end
 redis.call('HSET', KEYS[1], 'worker', ARGV[1], 'lease_until', ARGV[2], 'progress', 0)
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+redis.call('SADD', KEYS[2], redis.call('HGET', KEYS[1], 'id'))
 return 1
 """
 # KEYS: job, stream. ARGV: worker, progress, lease_until, group.
@@ -428,11 +480,13 @@ redis.call('HSET', KEYS[1], 'progress', math.max(progress, tonumber(ARGV[2])), '
 redis.call('XCLAIM', KEYS[2], ARGV[4], ARGV[1], 0, redis.call('HGET', KEYS[1], 'entry'), 'JUSTID')
 return 1
 """
-# KEYS: job, stream, expiries. ARGV: worker, group, status, completed_at, expires_at, error_code, error_message.
+# KEYS: job, stream, expiries, running set. ARGV: worker, group, status, completed_at, expires_at, error_code,
+# error_message.
 _FINISH = """
 if redis.call('HGET', KEYS[1], 'worker') ~= ARGV[1] or redis.call('HGET', KEYS[1], 'status') ~= 'in_progress' then
   return 0
 end
+redis.call('SREM', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
 redis.call('HSET', KEYS[1], 'status', ARGV[3], 'completed_at', ARGV[4], 'expires_at', ARGV[5],
            'error_code', ARGV[6], 'error_message', ARGV[7], 'worker', '', 'finished_by', ARGV[1])
 if ARGV[3] == 'completed' then
@@ -491,7 +545,10 @@ class RedisJobStore:
     - ``turns``: a sorted set principal -> when it was last served; workers read the principals'
       streams least-recently-served first, so one busy principal cannot starve the others;
     - ``idem:<principal>:<key>``: Idempotency-Key reservations, expiring after the TTL;
-    - ``expiries``: completed job ids by ``expires_at``, for the sweeper.
+    - ``expiries``: completed job ids by ``expires_at``, for the sweeper;
+    - ``queued`` (and ``queued:<principal>``): counters of queued jobs; ``running``: the set of claimed job ids
+      (added when taken, removed when finished, released or deleted; a set, so a race cannot skew it), so
+      ``depth`` is one round trip.
 
     State changes that must not interleave (take, renew, complete, fail) are Lua scripts.
     """
@@ -592,6 +649,7 @@ class RedisJobStore:
             pipe.delete(self._key("job", job_id))
             pipe.zrem(self._key("jobs", principal), job_id)
             pipe.zrem(self._key("expiries"), job_id)
+            pipe.srem(self._key("running"), job_id)
             if job.status == QUEUED:  # its queue entry is skipped (and acknowledged) when read
                 pipe.decr(self._key("queued"))
                 pipe.decr(self._key("queued", principal))
@@ -639,11 +697,10 @@ class RedisJobStore:
             await self.fail(job_id, worker, "internal_error", self._kind.gave_up)
             return None
         if retake:
-            taken = await self._retake(keys=[job_key], args=[worker, lease_until])
+            taken = await self._retake(keys=[job_key, self._key("running")], args=[worker, lease_until])
         else:
-            taken = await self._take(
-                keys=[job_key, self._key("queued"), self._key("queued", job.principal)], args=[worker, lease_until]
-            )
+            keys = [job_key, self._key("queued"), self._key("queued", job.principal), self._key("running")]
+            taken = await self._take(keys=keys, args=[worker, lease_until])
         if not taken:  # finished or failed meanwhile: nothing to do
             await self._redis.xack(stream, GROUP, entry_id)
             return None
@@ -663,7 +720,8 @@ class RedisJobStore:
         if stream is None:
             return False
         args = [worker, GROUP, status, int(time.time()), expires_at, code, message]
-        return bool(await self._finish(keys=[job_key, stream.decode(), self._key("expiries")], args=args))
+        keys = [job_key, stream.decode(), self._key("expiries"), self._key("running")]
+        return bool(await self._finish(keys=keys, args=args))
 
     async def complete(self, job_id: str, worker: str, expires_at: int) -> bool:
         return await self._finish_job(job_id, worker, COMPLETED, expires_at)
@@ -683,6 +741,7 @@ class RedisJobStore:
             pipe.hincrby(self._key("job", job_id), "attempts", -1)  # not an attempt: the engine was unavailable
             pipe.incr(self._key("queued"))
             pipe.incr(self._key("queued", job.principal))
+            pipe.srem(self._key("running"), job_id)
             pipe.xack(stream, GROUP, entry)
             pipe.xadd(stream, {"job": job_id})
             await pipe.execute()
@@ -694,6 +753,13 @@ class RedisJobStore:
                 await self._redis.hset(self._key("job", job_id), "expired", 1)
             await self._redis.zrem(self._key("expiries"), job_id)
         return ids
+
+    async def depth(self) -> QueueDepth:
+        async with self._redis.pipeline(transaction=False) as pipe:  # one round trip
+            pipe.get(self._key("queued"))
+            pipe.scard(self._key("running"))
+            queued, running = await pipe.execute()
+        return QueueDepth(queued=max(0, int(queued or 0)), running=int(running))
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -141,3 +141,62 @@ def test_no_process_inherits_a_process_wide_metrics_port(monkeypatch, tmp_path):
         stack.stop()
     assert (tmp_path / "catalog.log").read_text().strip() == "0"
     assert (tmp_path / "backend.log").read_text().strip() == "9161"
+
+
+def test_make_run_takes_the_jobs_port_from_the_environment_or_its_flag(monkeypatch, tmp_path):
+    monkeypatch.setenv("MODELPLEX_KEYS_FILE", str(tmp_path / "keys.yaml"))
+    monkeypatch.delenv("MODELPLEX_JOBS_PORT", raising=False)
+    stack = _stack_main_builds(monkeypatch, ["--catalog", str(tmp_path / "catalog.yaml")])
+    assert stack.jobs_port == devstack.DEFAULT_JOBS_PORT == 8081  # beside the edge's 8080
+    monkeypatch.setenv("MODELPLEX_JOBS_PORT", "8182")
+    assert _stack_main_builds(monkeypatch, ["--catalog", str(tmp_path / "catalog.yaml")]).jobs_port == 8182
+    argv = ["--catalog", str(tmp_path / "catalog.yaml"), "--jobs-port", "8282"]
+    assert _stack_main_builds(monkeypatch, argv).jobs_port == 8282
+
+
+def _started(monkeypatch, stack: Stack) -> dict[str, tuple[str, dict[str, str]]]:
+    """name -> (module, env) of every process ``stack.start()`` spawns (nothing is started)."""
+    spawned: dict[str, tuple[str, dict[str, str]]] = {}
+
+    def spawn(self: Stack, name: str, module: str, env: dict[str, str], append: bool = False) -> None:
+        spawned[name] = (module, env)
+
+    monkeypatch.setattr(Stack, "_spawn", spawn)
+    monkeypatch.setattr(Stack, "_wait_grpc", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(Stack, "_wait_http", lambda self, *args, **kwargs: None)
+    stack.start()
+    return spawned
+
+
+@pytest.mark.parametrize("gatekeeper", ["sidecar", "embedded"])
+def test_the_jobs_process_starts_after_the_edge_with_the_edges_environment(monkeypatch, tmp_path, gatekeeper):
+    for name in ("MODELPLEX_EDGE_RESPONSES_STORE", "MODELPLEX_EDGE_BATCHES_STORE", "MODELPLEX_EDGE_OBJECT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    catalog = _catalog(tmp_path)
+    stack = Stack(catalog, log_dir=tmp_path, keys_file=tmp_path / "keys.yaml", gatekeeper=gatekeeper)
+    spawned = _started(monkeypatch, stack)
+    assert list(spawned)[-2:] == ["edge", "jobs"]
+    (edge_module, edge), (jobs_module, jobs) = spawned["edge"], spawned["jobs"]
+    assert (edge_module, jobs_module) == ("modelplex_edge", "modelplex_edge.jobs")
+    assert {name: jobs[name] for name in edge} == edge  # the same stores, catalog and gatekeeper
+    assert stack.jobs_port and jobs["MODELPLEX_JOBS_PORT"] == str(stack.jobs_port)  # a free port of its own
+    # Stores a second process can share: SQLite files and objects in the stack's directory, not memory.
+    assert edge["MODELPLEX_EDGE_RESPONSES_STORE"] == edge["MODELPLEX_EDGE_BATCHES_STORE"] == "sqlite"
+    assert edge["MODELPLEX_EDGE_BATCHES_SQLITE_PATH"] == str(tmp_path / "batches.sqlite3")
+    assert edge["MODELPLEX_EDGE_OBJECT_DIR"] == str(tmp_path / "objects")
+    if gatekeeper == "sidecar":  # both call the one sidecar on its unix socket
+        assert jobs["MODELPLEX_EDGE_GATEKEEPER_TARGET"].startswith("unix://")
+    else:  # each embeds it, from the same keys file, metering to the same usage file
+        assert jobs["MODELPLEX_EDGE_GATEKEEPER_TARGET"] == "embedded"
+        assert jobs["MODELPLEX_KEYS_FILE"] == str(tmp_path / "keys.yaml")
+        assert jobs["MODELPLEX_GATEKEEPER_USAGE_FILE"] == str(tmp_path / "usage.jsonl")
+    # Both report to the catalog's scaler, as the backends do.
+    assert edge["MODELPLEX_EDGE_DEMAND_TARGET"] == jobs["MODELPLEX_JOBS_DEMAND_TARGET"] == stack.catalog_listen
+
+
+def test_stores_the_environment_names_are_kept(monkeypatch, tmp_path):
+    monkeypatch.delenv("MODELPLEX_EDGE_OBJECT_DIR", raising=False)
+    env = {"MODELPLEX_EDGE_RESPONSES_STORE": "redis", "MODELPLEX_EDGE_BATCHES_STORE": "memory"}
+    spawned = _started(monkeypatch, Stack(_catalog(tmp_path), log_dir=tmp_path, env=env))
+    edge = spawned["edge"][1]
+    assert "MODELPLEX_EDGE_RESPONSES_STORE" not in edge and "MODELPLEX_EDGE_BATCHES_STORE" not in edge

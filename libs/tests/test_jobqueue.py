@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,88 @@ async def test_a_field_added_later_becomes_a_column_of_an_existing_file(tmp_path
     assert (await new.get("alice", "c1")).priority == 5  # old rows read the field's default
     await new.create(LaterChore(id="c2", principal="alice", payload="{}", priority=9), LIMITS)
     assert (await new.get("alice", "c2")).priority == 9
+
+
+# -- depth: what idle workers and demand reports read ------------------------------------------------------
+async def depth_contract(store: jobqueue.JobStore) -> None:
+    depth = store.depth
+    room = jobqueue.Limits(max_queue=10, max_queue_per_principal=10)
+    assert await depth() == jobqueue.QueueDepth(queued=0, running=0)
+    for i, principal in enumerate(["alice", "alice", "bob", "carol", "dave"]):
+        await store.create(Chore(id=f"d{i}", principal=principal, payload="{}"), room)
+    assert await depth() == jobqueue.QueueDepth(queued=5, running=0)  # over every principal
+    first, second = await store.claim("w1", 30), await store.claim("w2", 30)
+    assert await depth() == jobqueue.QueueDepth(queued=3, running=2)
+    await store.release(first.id, "w1")  # back to the queue
+    assert await depth() == jobqueue.QueueDepth(queued=4, running=1)
+    assert await store.complete(second.id, "w2", 0)
+    assert await depth() == jobqueue.QueueDepth(queued=4, running=0)
+    third = await store.claim("w3", 30)
+    await store.fail(third.id, "w3", "internal_error", "no")
+    fourth = await store.claim("w4", 30)
+    assert await depth() == jobqueue.QueueDepth(queued=2, running=1)
+    await store.delete(fourth.principal, fourth.id)  # cancelled while it runs
+    assert await depth() == jobqueue.QueueDepth(queued=2, running=0)
+    await store.create(Chore(id="e1", principal="erin", payload="{}"), room)
+    assert await depth() == jobqueue.QueueDepth(queued=3, running=0)
+    await store.delete("erin", "e1")  # cancelled while queued
+    assert await depth() == jobqueue.QueueDepth(queued=2, running=0)
+    await store.close()
+
+
+async def test_the_sqlite_queue_counts_its_depth(tmp_path):
+    await depth_contract(jobqueue.SQLiteJobStore(CHORES, tmp_path / "depth.sqlite3", 60))
+
+
+async def test_the_memory_queue_counts_its_depth():
+    await depth_contract(jobqueue.SQLiteJobStore(CHORES, Path(":memory:"), 60))
+
+
+async def test_the_sqlite_depth_is_an_index_count_not_a_scan(tmp_path):
+    store = jobqueue.SQLiteJobStore(CHORES, tmp_path / "plan.sqlite3", 60)
+    plan = store._db.execute(
+        "EXPLAIN QUERY PLAN SELECT status, COUNT(*) FROM jobs WHERE status IN (?, ?) GROUP BY status",
+        (jobqueue.QUEUED, jobqueue.IN_PROGRESS),
+    ).fetchall()
+    assert "COVERING INDEX jobs_by_status" in " ".join(row["detail"] for row in plan)
+    await store.close()
+
+
+@pytest.mark.integration
+async def test_the_redis_queue_counts_its_depth():
+    from tests.support.redis_server import RedisServer
+
+    server = RedisServer().start()
+    try:
+        await depth_contract(jobqueue.RedisJobStore(CHORES, server.url, 60))
+    finally:
+        server.stop()
+
+
+async def test_a_store_opened_without_requeue_leaves_running_jobs_to_their_worker(tmp_path):
+    """The edge opens the SQLite queue beside the jobs process: its restart must not take the jobs process's
+    running jobs from it; the jobs process's own restart re-queues them (their worker was itself)."""
+    path = tmp_path / "shared.sqlite3"
+    jobs = jobqueue.SQLiteJobStore(CHORES, path, 60)
+    await jobs.create(Chore(id="r1", principal="alice", payload="{}"), LIMITS)
+    assert (await jobs.claim("w1", 30)).id == "r1"
+    edge = jobqueue.SQLiteJobStore(CHORES, path, 60, requeue=False)
+    assert (await edge.depth()) == jobqueue.QueueDepth(queued=0, running=1)
+    assert await jobs.renew("r1", "w1", 0, 30)  # still w1's
+    restarted = jobqueue.SQLiteJobStore(CHORES, path, 60)
+    assert (await edge.depth()) == jobqueue.QueueDepth(queued=1, running=0)
+    for store in (jobs, edge, restarted):
+        await store.close()
+
+
+async def test_until_claimable_waits_for_queued_work_or_the_look_interval(tmp_path):
+    store = jobqueue.SQLiteJobStore(CHORES, tmp_path / "wait.sqlite3", 60)
+    started = time.monotonic()
+    await jobqueue.until_claimable(store, poll_seconds=0.02, look_seconds=0.3)  # nothing queued: the look
+    assert 0.28 <= time.monotonic() - started < 2
+    waiting = asyncio.create_task(jobqueue.until_claimable(store, poll_seconds=0.02, look_seconds=60))
+    await asyncio.sleep(0.1)
+    assert not waiting.done()
+    await store.create(Chore(id="q1", principal="alice", payload="{}"), LIMITS)
+    await asyncio.wait_for(waiting, 2)  # seen at the next poll, not after the look
+    await store.close()

@@ -1,7 +1,8 @@
 """The Files and Batches APIs through the official openai SDK, against the real local text engine.
 
-The edge runs with an embedded gatekeeper (two projects), the SQLite batch queue and the local object
-store, supervised: the durability test SIGKILLs it mid-batch and the restarted edge resumes the batch.
+The edge and the jobs process (which runs the batches) share an embedded gatekeeper's keys and usage file (two
+projects), the SQLite batch queue and the local object store, supervised: the durability test SIGKILLs the
+jobs process mid-batch and the restarted one resumes the batch.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def start_stack(tmp, **settings: str) -> Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     running = start_stack(tmp_path_factory.mktemp("batches"))
-    running.start_supervising(interval=0.2)  # as `make run` does: a killed edge comes back
+    running.start_supervising(interval=0.2)  # as `make run` does: a killed process comes back
     yield running
     running.stop()
 
@@ -326,12 +327,12 @@ def test_killed_worker_resumes_with_each_custom_id_once(stack, alpha):
         input_file_id=upload(alpha, rows), endpoint="/v1/chat/completions", completion_window="24h"
     )
     poll(alpha, created.id, lambda b: b.request_counts.completed >= 2)
-    edge = stack.process("edge")
-    restarts = edge.restarts
-    edge.popen.send_signal(signal.SIGKILL)  # no goodbye: the lease lapses, the restarted edge re-queues it
-    edge.popen.wait()
+    jobs = stack.process("jobs")
+    restarts = jobs.restarts
+    jobs.popen.send_signal(signal.SIGKILL)  # no goodbye: the restarted jobs process re-queues what it ran
+    jobs.popen.wait()
     batch = poll(alpha, created.id, finished, timeout=900)
-    assert edge.restarts > restarts
+    assert jobs.restarts > restarts
     assert batch.status == "completed", batch
     lines = results(alpha, batch.output_file_id) + results(alpha, batch.error_file_id)
     ids = [line["custom_id"] for line in lines]

@@ -1,7 +1,8 @@
-"""`make run` on the ports it is given: the catalog's and the edge's from the environment (as the services read
-them), the backends' from the catalog file, each backend's metrics on its catalog entry's `metrics_port`, and a
-process-wide MODELPLEX_METRICS_PORT claimed by no process. So two stacks, or a stack and a test run, share a
-machine, and a backend's (a pool's) metrics can be scraped locally."""
+"""`make run` on the ports it is given: the catalog's, the edge's and the jobs process's from the environment (as
+the services read them), the backends' from the catalog file, each backend's metrics on its catalog entry's
+`metrics_port`, and a process-wide MODELPLEX_METRICS_PORT claimed by no process. So two stacks, or a stack and a
+test run, share a machine, and a backend's (a pool's) metrics can be scraped locally. The jobs process
+(`python -m modelplex_edge.jobs`) is one of the processes it runs."""
 
 from __future__ import annotations
 
@@ -29,9 +30,34 @@ def _refused(port: int) -> bool:
         return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _descendants(pid: int) -> dict[int, list[str]]:
+    """pid -> argv of every process below ``pid`` (what `ps` shows under `make run`)."""
+    parents: dict[int, int] = {}
+    argv: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                parents[int(entry)] = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                argv[int(entry)] = [part.decode() for part in cmdline.read().split(b"\0") if part]
+        except OSError:  # gone meanwhile
+            continue
+    below, frontier = {}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in below:
+                below[child] = argv.get(child, [])
+                frontier.append(child)
+    return below
+
+
 def test_make_run_serves_on_the_ports_it_is_given(tmp_path):
-    catalog_listen, edge_port, metrics_port, shared_metrics_port = (
+    catalog_listen, edge_port, jobs_port, metrics_port, shared_metrics_port = (
         f"127.0.0.1:{free_port()}",
+        free_port(),
         free_port(),
         free_port(),
         free_port(),
@@ -48,6 +74,7 @@ def test_make_run_serves_on_the_ports_it_is_given(tmp_path):
         **os.environ,
         "MODELPLEX_CATALOG_LISTEN": catalog_listen,
         "MODELPLEX_EDGE_PORT": str(edge_port),
+        "MODELPLEX_JOBS_PORT": str(jobs_port),
         # Before: every process was given it; the first took it and the others failed on a port in use.
         "MODELPLEX_METRICS_PORT": str(shared_metrics_port),
         "MODELPLEX_KEYS_FILE": str(tmp_path / "keys.yaml"),
@@ -86,6 +113,11 @@ def test_make_run_serves_on_the_ports_it_is_given(tmp_path):
             for line in metrics.text.splitlines()
         ), metrics.text
         assert _refused(shared_metrics_port)  # taken by no process
+        # The jobs process (batches, background responses): its own process, ready on its port.
+        jobs = [argv for argv in _descendants(run.pid).values() if argv[1:3] == ["-m", "modelplex_edge.jobs"]]
+        assert len(jobs) == 1, _descendants(run.pid)
+        assert httpx.get(f"http://127.0.0.1:{jobs_port}/readyz", timeout=10).status_code == 200
+        assert "modelplex_job_queue_depth" in httpx.get(f"http://127.0.0.1:{jobs_port}/metrics", timeout=10).text
     finally:
         run.send_signal(signal.SIGTERM)  # make run's Ctrl-C: the stack stops
         try:

@@ -81,9 +81,10 @@ async def test_another_projects_key_finds_nothing_on_either_edge(redis_server, t
         assert (await ada_on_b.responses.retrieve(created.id)).output_text == "echo: alpha's secret"
 
 
-async def test_a_background_response_queued_on_a_killed_edge_completes_on_another(redis_server):
-    """Edge A (its own process) starts a background response and is SIGKILLed mid-generation; edge B,
-    sharing the Redis, takes the job over once A's lease lapses and completes it."""
+async def test_a_background_response_on_a_killed_jobs_process_completes_on_another(redis_server):
+    """A jobs process (its own process) runs a background response the edge queued and is SIGKILLed
+    mid-generation; another jobs runner, sharing the Redis, takes the job over once the first one's lease
+    lapses and completes it."""
     import os
     import signal
     import subprocess
@@ -91,16 +92,18 @@ async def test_a_background_response_queued_on_a_killed_edge_completes_on_anothe
 
     import httpx
 
+    from modelplex_edge.jobs.runner import JobsRunner
     from tests.support.ports import free_port
     from tests.support.scripted_text import edge_on, scripted_backend
 
     shared = {"dev_api_key": KEY, "responses_store": "redis", "responses_redis_url": redis_server.url,
               "responses_background_lease_seconds": 2.0}
-    async with scripted_backend() as backend:
+    async with scripted_backend() as backend, edge_on(backend, jobs=False, **shared) as edge:
         port = free_port()
         env = {**os.environ, **{f"MODELPLEX_EDGE_{name.upper()}": str(value) for name, value in shared.items()},
-               "MODELPLEX_EDGE_PORT": str(port), "MODELPLEX_EDGE_CATALOG_TARGET": backend.target}
-        edge_a = subprocess.Popen([sys.executable, "-m", "modelplex_edge"], env=env)
+               "MODELPLEX_JOBS_PORT": str(port), "MODELPLEX_EDGE_CATALOG_TARGET": backend.target}
+        jobs_a = subprocess.Popen([sys.executable, "-m", "modelplex_edge.jobs"], env=env)
+        client = openai.AsyncOpenAI(base_url=edge.base_url, api_key=KEY, max_retries=0)
         try:
             async def ready():
                 try:
@@ -110,29 +113,29 @@ async def test_a_background_response_queued_on_a_killed_edge_completes_on_anothe
                     return False
 
             await until(ready, 60)
-            on_a = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY, max_retries=0)
-            created = await on_a.responses.create(model="scripted", input="SLOW survive the kill", background=True)
+            created = await client.responses.create(model="scripted", input="SLOW survive the kill", background=True)
 
             async def running_on_a():
-                return backend.engine.requests and (await on_a.responses.retrieve(created.id)).status == "in_progress"
+                return backend.engine.requests and (await client.responses.retrieve(created.id)).status == "in_progress"
 
             await until(running_on_a, 60)
-            os.kill(edge_a.pid, signal.SIGKILL)  # no shutdown: its claim is simply never renewed
-            edge_a.wait(timeout=30)
+            os.kill(jobs_a.pid, signal.SIGKILL)  # no shutdown: its claim is simply never renewed
+            jobs_a.wait(timeout=30)
         finally:
-            if edge_a.poll() is None:
-                edge_a.kill()
-        async with edge_on(backend, **shared) as edge_b:
-            on_b = openai.AsyncOpenAI(base_url=edge_b.base_url, api_key=KEY, max_retries=0)
-
+            if jobs_a.poll() is None:
+                jobs_a.kill()
+        runner_b = JobsRunner(edge.state).start()
+        try:
             async def completed():
-                response = await on_b.responses.retrieve(created.id)
+                response = await client.responses.retrieve(created.id)
                 return response if response.status == "completed" else None
 
             done = await until(completed, 60)
             assert done.output_text == "echo: SLOW survive the kill"
             assert len(backend.engine.requests) == 2  # started on A, re-run from the start on B
-            # Its stream, resumed on B from the start, is the re-run's: numbered without gaps to the end.
-            stream = await on_b.responses.retrieve(created.id, stream=True, starting_after=0)
+            # Its stream, resumed from the start, is the re-run's: numbered without gaps to the end.
+            stream = await client.responses.retrieve(created.id, stream=True, starting_after=0)
             numbers = [event.sequence_number async for event in stream]
             assert numbers == list(range(1, numbers[-1] + 1))
+        finally:
+            await runner_b.stop()

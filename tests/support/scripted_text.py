@@ -2,7 +2,9 @@
 engine answers (tool calls mid-stream, a stream that breaks, logprobs) without loading a model.
 
 The backend speaks the real TextGenerationService and CatalogService protocols over real gRPC; the edge
-is the real app served by uvicorn on a free port, so clients are the official SDK over HTTP. What the
+is the real app served by uvicorn on a free port, so clients are the official SDK over HTTP. Beside it, in
+the same process and over the same state (its in-memory stores included), runs what the jobs process runs
+(``JobsRunner``: batches and background responses), unless a test asks for none (``jobs=False``). What the
 engine says is a pure function of the request, documented on ``Scripted``.
 """
 
@@ -18,7 +20,9 @@ import uvicorn
 
 from modelplex.v1 import catalog_pb2, catalog_pb2_grpc, common_pb2, text_pb2, text_pb2_grpc
 from modelplex_edge.app import create_app
+from modelplex_edge.jobs.runner import JobsRunner
 from modelplex_edge.settings import EdgeSettings
+from modelplex_edge.state import EdgeState
 from modelplex_kit.errors import ERROR_DETAIL_KEY
 from modelplex_kit.modalities.text import max_tokens_too_large
 from tests.support.ports import free_port
@@ -176,6 +180,10 @@ class Edge:
     engine: Scripted
     settings: EdgeSettings
     servers: list = field(default_factory=list)
+    #: The edge app's state (its stores, catalog copy, admission), shared with ``jobs``.
+    state: EdgeState | None = None
+    #: The jobs process's workers, run in this process over the edge's state (None: ``jobs=False``).
+    jobs: JobsRunner | None = None
 
 
 @dataclass(slots=True)
@@ -205,25 +213,32 @@ async def scripted_backend() -> AsyncIterator[Backend]:
 
 
 @contextlib.asynccontextmanager
-async def edge_on(backend: Backend, **settings) -> AsyncIterator[Edge]:
-    """An edge in this process, serving ``backend``'s models."""
+async def edge_on(backend: Backend, jobs: bool = True, **settings) -> AsyncIterator[Edge]:
+    """An edge in this process, serving ``backend``'s models; ``jobs``: with the jobs process's workers
+    running here over its state (their counts are the edge settings', as in the jobs process)."""
     edge_settings = EdgeSettings(port=free_port(), catalog_target=backend.target, **settings)
     app = create_app(edge_settings)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=edge_settings.port, log_level="warning"))
     serving = asyncio.create_task(server.serve())
+    runner = None
     try:
         while not server.started:
             if serving.done():
                 serving.result()
             await asyncio.sleep(0.02)
-        yield Edge(f"http://127.0.0.1:{edge_settings.port}/v1", backend.engine, edge_settings)
+        if jobs:
+            runner = JobsRunner(app.state.edge).start()
+        url = f"http://127.0.0.1:{edge_settings.port}/v1"
+        yield Edge(url, backend.engine, edge_settings, state=app.state.edge, jobs=runner)
     finally:
+        if runner is not None:
+            await runner.stop()
         server.should_exit = True
         await serving
 
 
 @contextlib.asynccontextmanager
-async def scripted_edge(**settings) -> AsyncIterator[Edge]:
+async def scripted_edge(jobs: bool = True, **settings) -> AsyncIterator[Edge]:
     """Models: `scripted` (chat, tools, logprobs, json_schema, vision), `plain` (chat only)."""
-    async with scripted_backend() as backend, edge_on(backend, **settings) as edge:
+    async with scripted_backend() as backend, edge_on(backend, jobs, **settings) as edge:
         yield edge

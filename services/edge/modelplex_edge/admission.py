@@ -136,6 +136,16 @@ class Admission(Protocol):
         """Reports what an admitted request consumed and releases what it held; called exactly once."""
         ...
 
+    def hand_off(self, admitted: Admitted) -> None:
+        """The request goes on in another process (the jobs process), which accounts it: this one stops
+        answering for it (the sidecar client no longer names it when a new stream resumes its requests)."""
+        ...
+
+    def take_over(self, admitted: Admitted) -> None:
+        """This process now runs a request admitted by another and will account it: the gatekeeper holds its
+        slot for this process (released if this process dies without accounting it)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -188,6 +198,12 @@ class DevKeyAdmission:
 
     async def account(self, admitted: Admitted, used: Consumption, failed: bool) -> None:
         return None  # no limits to release; the pipeline meters usage into Prometheus itself
+
+    def hand_off(self, admitted: Admitted) -> None:
+        return None
+
+    def take_over(self, admitted: Admitted) -> None:
+        return None
 
     async def close(self) -> None:
         return None

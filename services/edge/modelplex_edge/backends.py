@@ -7,7 +7,6 @@ needs no code here.
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 from typing import Any
 
@@ -49,10 +48,6 @@ class Backends:
         self.timeout = timeout_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[str, str], Any] = {}
-        #: Interactive (not batch) calls in flight, per backend target.
-        self.interactive: collections.Counter[str] = collections.Counter()
-        #: Set whenever an interactive call ends: batch lines waiting for a quiet backend look again.
-        self.interactive_ended = asyncio.Event()
 
     def stub(self, modality: Modality, target: str) -> Any:
         key = (modality.name, target)
@@ -70,14 +65,6 @@ class Backends:
         if priority:
             metadata = (*metadata, (PRIORITY_HEADER, priority))
         return {"metadata": metadata, "timeout": self.timeout}
-
-    def started(self, target: str) -> None:
-        """An interactive call to ``target`` began (batch lines wait while several are in flight)."""
-        self.interactive[target] += 1
-
-    def ended(self, target: str) -> None:
-        self.interactive[target] -= 1
-        self.interactive_ended.set()
 
     async def close(self) -> None:
         await asyncio.gather(*(ch.close() for ch in self._channels.values()))

@@ -233,6 +233,16 @@ class GatekeeperAdmission:
             )
         )
 
+    def hand_off(self, admitted: Admitted) -> None:
+        """With the sidecar, a request admitted over the stream is resumed on every new stream until it is
+        accounted; one the jobs process accounts would be resumed by this edge forever."""
+        if isinstance(self._transport, StreamTransport) and admitted.ticket and admitted.lease is None:
+            self._transport.forget(admitted.ticket)
+
+    def take_over(self, admitted: Admitted) -> None:
+        if isinstance(self._transport, StreamTransport) and admitted.ticket and admitted.lease is None:
+            self._transport.take_over(admitted.ticket)
+
     async def close(self) -> None:
         if self._book is not None:
             self._book.close()  # unused leases go back with the last batch
@@ -297,6 +307,18 @@ class StreamTransport:
             await self._send_queued()
         elif self._flush is None:
             self._flush = asyncio.get_running_loop().call_later(ACCOUNT_DELAY_SECONDS, self._flush_now)
+
+    def forget(self, ticket: str) -> None:
+        """Another process accounts this ticket: it is not this stream's to resume."""
+        self._running.discard(ticket)
+
+    def take_over(self, ticket: str) -> None:
+        """A ticket admitted by another process (the edge), accounted by this one: the gatekeeper is told now
+        that this stream holds it (``resumed``), so its slot is kept while this process lives."""
+        self._running.add(ticket)
+        self._queue.resumed.append(ticket)
+        if self._flush is None:
+            self._flush = asyncio.get_running_loop().call_soon(self._flush_now)
 
     def give_back(self, returned: pb.LeaseReturn) -> None:
         """The unused rest of a lease: sent with the next batch."""

@@ -225,10 +225,6 @@ class Call:
         self._labels = (model.id, endpoint.name)
         self._stub = state.backends.stub(endpoint.modality, model.backend_target)
         self._options = state.backends.call_options(request_id_var.get(), priority)
-        # Interactive calls are counted per backend: batch lines wait while several are in flight.
-        self._interactive = not priority
-        if self._interactive:
-            state.backends.started(model.backend_target)
         self._handed_off = False
         self._finished = False
         #: A response stream is being relayed (``watched``), and whether it ran to its end.
@@ -379,8 +375,6 @@ class Call:
 
     def _done_running(self) -> None:
         labelled(REQUESTS_RUNNING, *self._labels).dec()
-        if self._interactive:
-            self._state.backends.ended(self.model.backend_target)
 
     async def finish(self, failed: bool = False) -> None:
         if self._finished:

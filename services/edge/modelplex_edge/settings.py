@@ -64,6 +64,10 @@ class EdgeSettings(ServiceSettings, ObjectStoreSettings):
     catalog_wait_seconds: float = 10.0
     # uvicorn's keep-alive for idle client connections.
     keep_alive_seconds: int = 75
+    # The scaler that demand for the jobs process is reported to (modelplex_kit.demand; the catalog's gRPC
+    # address), under the key "jobs": queued jobs, reported at once after each enqueue, so a jobs process
+    # scaled to zero starts. Empty: nothing is reported.
+    demand_target: str = ""
 
     # -- stored responses (/v1/responses with store: true)
     # memory: this process only (tests); sqlite: one edge, survives restarts (`make run`);
@@ -79,17 +83,19 @@ class EdgeSettings(ServiceSettings, ObjectStoreSettings):
     responses_max_chain_depth: int = Field(100, ge=1)
     responses_max_chain_tokens: int = Field(1_000_000, ge=1)
     # -- background responses (background: true): a durable queue beside the response store (SQLite file
-    # next to responses_sqlite_path; the same Redis; in memory for the memory store), run by workers here.
-    # Background responses this edge runs at once.
+    # next to responses_sqlite_path; the same Redis; in memory for the memory store). The edge queues them; the
+    # jobs process (python -m modelplex_edge.jobs, which reads these settings too) runs them.
+    # Background responses the jobs process runs at once (0: none).
     responses_background_workers: int = Field(4, ge=0)
     # Queued background responses beyond these are a 429.
     responses_background_max_queue: int = Field(256, ge=1)
     responses_background_max_queue_per_project: int = Field(64, ge=1)
-    # A worker that stops renewing its claim this long is presumed dead (its edge was killed): another runs it.
+    # A worker that stops renewing its claim this long is presumed dead (its process was killed): another runs
+    # it (an idle worker claims at least every quarter lease to find such work).
     responses_background_lease_seconds: float = Field(10.0, gt=0)
-    # Idle workers look for work queued by other replicas this often (work queued here wakes them at once);
-    # each look reads every project's queue, so not too often.
-    responses_background_poll_seconds: float = Field(1.0, gt=0)
+    # Idle workers look at the queue's depth this often (one indexed count, or one Redis round trip) and claim
+    # when something is queued: a queued response starts within about this long.
+    responses_background_poll_seconds: float = Field(0.25, gt=0)
     # How often a running worker renews its claim, and so notices a cancel; resumed streams read the store
     # this often.
     responses_background_renew_seconds: float = Field(0.25, gt=0)
@@ -108,28 +114,28 @@ class EdgeSettings(ServiceSettings, ObjectStoreSettings):
     files_max_bytes: int = Field(200 * 1000 * 1000, ge=1)
     # Files of purpose batch expire this long after upload unless expires_after says otherwise (OpenAI: 30 days).
     files_default_expiry_seconds: int = Field(30 * 24 * 3600, ge=3600)
-    # Where batch jobs are queued (modelplex_kit.jobqueue): memory (one process; tests), sqlite (one edge,
-    # survives restarts: `make run`), redis (every replica).
+    # Where batch jobs are queued (modelplex_kit.jobqueue): memory (one process; tests), sqlite (the edge and
+    # the jobs process on one host, survives restarts: `make run`), redis (every replica).
     batches_store: Literal["memory", "sqlite", "redis"] = "memory"
     batches_sqlite_path: str = ".modelplex/batches.sqlite3"
     batches_redis_url: str = ""
-    # Batches this edge runs at once (0: this edge only queues), and lines of one batch in flight at once.
+    # Batches the jobs process runs at once (0: none), and lines of one batch in flight at once. Lines are
+    # marked x-modelplex-priority: batch; the backends' schedulers serve interactive work first.
     batches_workers: int = Field(1, ge=0)
     batches_line_concurrency: int = Field(4, ge=1)
     # Lines run between two durable checkpoints (a part object): a killed worker re-runs at most these.
     batches_chunk_lines: int = Field(16, ge=1)
-    # Batch lines start only while fewer interactive requests than this are in flight to the line's backend.
-    batches_yield_in_flight: int = Field(2, ge=1)
     # OpenAI's limits: lines per input file; queued batches per project beyond max_queue are a 429.
     batches_max_lines: int = Field(50_000, ge=1)
     batches_max_queue: int = Field(256, ge=1)
     # Estimated tokens (input bytes / 4) of a project's unfinished batches; a batch beyond it is a 429 at creation.
     batches_max_enqueued_tokens: int = Field(20_000_000, ge=1)
     # Lease of a running batch (a worker silent this long is presumed dead) and how often it is renewed (and
-    # a cancel noticed); idle workers look for work this often.
+    # a cancel noticed); idle workers look at the queue's depth this often (and claim at least every quarter
+    # lease, to find a dead worker's batch).
     batches_lease_seconds: float = Field(10.0, gt=0)
     batches_renew_seconds: float = Field(0.5, gt=0)
-    batches_poll_seconds: float = Field(1.0, gt=0)
+    batches_poll_seconds: float = Field(0.25, gt=0)
     # The completion window: what is not done this long after creation is expired (OpenAI's only one: 24h).
     batches_window_seconds: int = Field(24 * 3600, ge=1)
 

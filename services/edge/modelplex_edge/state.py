@@ -1,4 +1,5 @@
-"""What the routes share, built once at startup (``app.state.edge``)."""
+"""What the routes (and the jobs process's workers) share, built once at startup (modelplex_edge.build;
+``app.state.edge``)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,12 @@ class EdgeState:
     admission: Admission
     responses: ResponseStore
     drain: Drain = field(default_factory=Drain)
-    #: Background responses: the durable queue (modelplex_kit.jobqueue.JobStore) and this edge's workers
-    #: (endpoints.responses.background.BackgroundWorker, None when it runs none).
+    #: Background responses: the durable queue (modelplex_kit.jobqueue.JobStore); the jobs process runs it.
     background: Any = None
-    worker: Any = None
-    #: Files and batches: the object store (modelplex_kit.objectstore), the batch job queue and this edge's
-    #: batch workers (endpoints.batches.worker.BatchWorker, None when it runs none).
+    #: Files and batches: the object store (modelplex_kit.objectstore) and the batch job queue (run by the jobs
+    #: process, modelplex_edge.jobs).
     objects: Any = None
     batches: Any = None
-    batch_worker: Any = None
+    #: The edge's demand report for the jobs process (modelplex_edge.jobs.demand.JobsDemand): poked at each
+    #: enqueue. None outside the edge app.
+    jobs_demand: Any = None

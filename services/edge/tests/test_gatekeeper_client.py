@@ -80,9 +80,9 @@ async def test_an_unreachable_sidecar_is_a_503_with_retry_after():
 
 # -- the stream across age-outs: slots of requests still running are kept ---------------------------
 @pytest.fixture
-async def ageing_gatekeeper(tmp_path):
+async def ageing_sidecar(tmp_path):
     """The gatekeeper service, whose connections are aged out every second (0.5 s of grace), with a key
-    allowing one request at a time."""
+    allowing one request at a time: (its target, its usage file)."""
     keys_file = KeysFile()
     keys_file.add(ONE_AT_A_TIME, KeyRecord(name="one", hash="", max_concurrent=1))
     keys_file.save(tmp_path / "keys.yaml")
@@ -101,11 +101,18 @@ async def ageing_gatekeeper(tmp_path):
         return ["modelplex.v1.GatekeeperService"]
 
     task = asyncio.create_task(grpc_server.serve("gatekeeper", settings, register))
-    admission = GatekeeperAdmission(settings.listen, timeout_seconds=5)
-    yield admission, usage
-    await admission.close()
+    yield settings.listen, usage
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def ageing_gatekeeper(ageing_sidecar):
+    """An admission over ``ageing_sidecar``: (it, the usage file)."""
+    target, usage = ageing_sidecar
+    admission = GatekeeperAdmission(target, timeout_seconds=5)
+    yield admission, usage
+    await admission.close()
 
 
 ONE_AT_A_TIME = "sk-one-at-a-time-0123456789"
@@ -179,3 +186,38 @@ async def test_accounts_finishing_within_the_delay_share_one_stream_message(agei
     transport._flush_now()  # the delay ends
     await until(lambda: usage.exists() and len(usage.read_text().splitlines()) == 3, 10)
     assert writes == [(0, 3)]
+
+
+async def test_a_request_handed_to_the_jobs_process_keeps_its_slot_on_the_jobs_stream(ageing_sidecar):
+    """A background response is admitted by the edge and accounted by the jobs process: the edge stops naming
+    its ticket when its stream is re-opened (before, it would have resumed it forever), the jobs process names
+    it on its own stream from when it takes the request over, so the slot is held across both processes'
+    age-outs until the jobs process accounts it."""
+    target, usage = ageing_sidecar
+    edge = GatekeeperAdmission(target, timeout_seconds=5, leases=False)
+    jobs = GatekeeperAdmission(target, timeout_seconds=5, leases=False)
+    try:
+        admitted = await until_admitted(edge, 30)
+        edge.hand_off(admitted)
+        assert admitted.ticket not in edge._transport._running
+        jobs.take_over(admitted)
+        streams = []
+
+        def jobs_stream_replaced_twice() -> bool:
+            call = jobs._transport._call
+            if call is not None and (not streams or streams[-1] is not call):
+                streams.append(call)
+            return len(streams) >= 3
+
+        await until(jobs_stream_replaced_twice, 30, interval=0.02)  # each age-out passes the 1 s window
+        with pytest.raises(ServiceError) as refused:
+            await _admit(edge)
+        assert refused.value.http.status == 429 and "concurrent" in refused.value.message
+        assert admitted.ticket not in edge._transport._running
+        await jobs.account(admitted, Consumption(), failed=False)
+        second = await until_admitted(edge)
+        await edge.account(second, Consumption(), failed=False)
+        await until(lambda: usage.exists() and len(usage.read_text().splitlines()) == 2, 10)
+    finally:
+        await jobs.close()
+        await edge.close()

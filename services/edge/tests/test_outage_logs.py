@@ -31,6 +31,7 @@ from modelplex_gatekeeper.gate import Gate
 from modelplex_gatekeeper.keys import KeyRecord, KeyRing, KeysFile, new_key
 from modelplex_gatekeeper.servicer import GatekeeperServicer
 from modelplex_gatekeeper.store import MemoryStore, UsageLog
+from modelplex_kit import jobqueue
 from modelplex_kit.errors import ServiceError
 from tests.support.ports import free_port
 from tests.support.until import until
@@ -185,10 +186,16 @@ async def test_a_catalog_that_cannot_be_reached_is_one_warning_not_one_per_retry
 
 # -- the batch queue ------------------------------------------------------------------------------------------
 class DownQueue:
-    """A job queue whose store does not answer for the first ``failures`` claims, then has nothing queued."""
+    """A job queue whose store does not answer for the first ``failures`` claims; then it counts a job queued
+    that every claim finds taken (so idle workers keep claiming)."""
 
     def __init__(self, failures: int) -> None:
         self.failures, self.claims = failures, 0
+
+    async def depth(self) -> jobqueue.QueueDepth:
+        if self.claims < self.failures:
+            raise ConnectionError("Error 111 connecting to 10.0.0.7:6379. Connection refused.")
+        return jobqueue.QueueDepth(queued=1)
 
     async def claim(self, worker: str, lease_seconds: float):
         self.claims += 1

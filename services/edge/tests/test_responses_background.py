@@ -1,6 +1,7 @@
 """Background responses (background: true) through the official SDK over a scripted text backend: queued at
-once, run by the edge's workers off the durable queue, polled, cancelled, resumed with starting_after, and
-picked up by a new edge process after a restart. Every body and event validated against OpenAI's spec."""
+once by the edge, run off the durable queue by the jobs process's workers (JobsRunner, here in the edge's
+process over its state), polled, cancelled, resumed with starting_after, and picked up by new workers after a
+restart. Every body and event validated against OpenAI's spec."""
 
 from __future__ import annotations
 
@@ -159,8 +160,9 @@ async def test_background_stream_then_resume_from_starting_after_misses_nothing(
     assert [e["sequence_number"] for e in again] == numbers
 
 
-async def test_queued_work_is_picked_up_by_a_new_edge_process(tmp_path):
-    """An edge that queues but runs no workers stops; a new edge on the same files completes the work."""
+async def test_queued_work_is_picked_up_by_new_workers(tmp_path):
+    """An edge whose jobs runner runs no background workers queues and stops; a new edge and jobs runner on the
+    same files complete the work."""
     files = {"responses_store": "sqlite", "responses_sqlite_path": str(tmp_path / "responses.sqlite3")}
     async with scripted_edge(dev_api_key=KEY, responses_background_workers=0, **files) as first:
         client = openai.AsyncOpenAI(base_url=first.base_url, api_key=KEY, max_retries=0)
@@ -230,9 +232,9 @@ async def test_a_full_queue_is_a_429_with_retry_after():
         assert (await http.get(f"/responses/{first.json()['id']}")).json()["status"] == "queued"
 
 
-async def test_an_edge_stopping_mid_response_hands_it_over_unaccounted(tmp_path, monkeypatch):
-    """A graceful stop puts the running response back in the queue without accounting it; the edge that
-    re-runs it accounts it once, so the key is metered once."""
+async def test_jobs_stopping_mid_response_hand_it_over_unaccounted(tmp_path, monkeypatch):
+    """A graceful stop of the jobs runner puts the running response back in the queue without accounting it;
+    the runner that re-runs it accounts it once, so the key is metered once."""
     import json
 
     from modelplex_gatekeeper.keys import KeyRecord, KeysFile

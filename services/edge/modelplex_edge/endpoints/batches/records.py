@@ -99,11 +99,13 @@ BATCH_JOBS = jobqueue.JobKind(
 )
 
 
-def build_queue(settings: EdgeSettings) -> jobqueue.JobStore:
+def build_queue(settings: EdgeSettings, requeue: bool = False) -> jobqueue.JobStore:
+    """``requeue``: this process runs the batches (a SQLite file re-queues what it left running)."""
     if settings.batches_store == "redis":
         return jobqueue.RedisJobStore(BATCH_JOBS, settings.batches_redis_url, 3600, socket_timeout=5.0)
-    path = Path(settings.batches_sqlite_path) if settings.batches_store == "sqlite" else Path(":memory:")
-    return jobqueue.SQLiteJobStore(BATCH_JOBS, path, 3600)
+    if settings.batches_store == "sqlite":
+        return jobqueue.SQLiteJobStore(BATCH_JOBS, Path(settings.batches_sqlite_path), 3600, requeue=requeue)
+    return jobqueue.SQLiteJobStore(BATCH_JOBS, Path(":memory:"), 3600)
 
 
 async def _one(data: bytes) -> AsyncIterator[bytes]:

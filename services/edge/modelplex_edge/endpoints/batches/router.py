@@ -66,6 +66,7 @@ async def create_batch(http: Request) -> Response:
     body = await pipeline.parse(http, ENDPOINT, CreateBatchRequest)
     admitted = await pipeline.identify(http, ENDPOINT)
     state, scope = _state(http), admitted.scope
+    state.admission.hand_off(admitted)  # its lines are accounted with its ticket by the jobs process
     if body.endpoint not in ROUTES:
         raise invalid(f"Invalid value for 'endpoint': batches of '{body.endpoint}' are not served yet.", "endpoint")
     source = await FileStore(state.objects).get(scope, body.input_file_id)
@@ -116,8 +117,8 @@ async def create_batch(http: Request) -> Response:
         created_at=now,
     )
     await state.batches.create(job, _limits(state))  # 429 when the queue is full (the record stays unlisted)
-    if state.batch_worker is not None:
-        state.batch_worker.wake()
+    if state.jobs_demand is not None:
+        state.jobs_demand.enqueued()  # a jobs process scaled to zero is started now
     return _respond(admitted, batch)
 
 
@@ -183,7 +184,5 @@ async def cancel_batch(batch_id: str, http: Request) -> Response:
         return _respond(admitted, batch)
     await objects.request_cancel(scope, batch_id)
     batch = {**batch, "status": "cancelling", "cancelling_at": int(time.time())}
-    await objects.put(scope, batch)
-    if state.batch_worker is not None:
-        state.batch_worker.wake()  # a queued batch is finalized as soon as a worker is free
+    await objects.put(scope, batch)  # a queued batch is finalized cancelled by the next worker to claim it
     return _respond(admitted, batch)

@@ -1,11 +1,13 @@
 """The batch worker: claims a batch from the job queue, validates it, runs its lines, finalizes it.
 
-Runs in every edge (``MODELPLEX_EDGE_BATCHES_WORKERS``). A claimed batch is leased and the lease renewed
-while it runs; the renewal also notices a cancel (the ``cancel`` marker). Lines run in chunks of
-``batches_chunk_lines``, at most ``batches_line_concurrency`` at once, each only while fewer than
-``batches_yield_in_flight`` interactive calls are in flight to its backend; each finished chunk is written
-as a part before the next starts. A worker that dies (SIGKILL) loses at most its chunk in progress: its
-successor skips every line already in a part, so no ``custom_id`` is ever written twice.
+Runs in the jobs process (modelplex_edge.jobs; ``MODELPLEX_EDGE_BATCHES_WORKERS``), never in the edge, which
+only queues. A claimed batch is leased and the lease renewed while it runs; the renewal also notices a cancel
+(the ``cancel`` marker). Lines run in chunks of ``batches_chunk_lines``, at most ``batches_line_concurrency``
+at once, as calls marked ``x-modelplex-priority: batch``: the backend's scheduler serves interactive work
+first (this process cannot see the edge's interactive calls, and waits for none). Each finished chunk is
+written as a part before the next starts. A worker that dies (SIGKILL) loses at most its chunk in progress:
+its successor skips every line already in a part, so no ``custom_id`` is ever written twice. Idle workers
+look at the queue's depth every ``batches_poll_seconds`` and claim when something is queued.
 
 A queue that cannot be reached fails every worker's every poll: that is logged as an outage
 (modelplex_kit.outages), once with its traceback, a summary while it lasts, once when a claim works again.
@@ -14,7 +16,6 @@ A queue that cannot be reached fails every worker's every poll: that is logged a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 MAX_LISTED_ERRORS = 1000
 #: How often idle workers sweep expired files.
 SWEEP_SECONDS = 60.0
+#: How often a batch whose backend is unreachable tries again (it keeps its claim meanwhile).
+BACKEND_RETRY_SECONDS = 1.0
 
 
 class _Gone(Exception):
@@ -55,19 +58,17 @@ class BatchWorker:
         self._objects = BatchObjects(state.objects)
         self._files = FileStore(state.objects)
         self.worker_id = uuid.uuid4().hex[:12]
+        self.count = self._settings.batches_workers
+        #: Batches running in this process now.
+        self.running = 0
         self._tasks: list[asyncio.Task] = []
-        self._wake = asyncio.Event()
         self._stopping = False
-        #: Claims that failed (the queue's store unreachable), shared by this edge's workers.
+        #: Claims that failed (the queue's store unreachable), shared by this process's workers.
         self.queue_outage = OutageLog.of_queue(log, "batch queue", self._settings.outage_summary_seconds)
 
     def start(self) -> None:
-        count = self._settings.batches_workers
-        self._tasks = [asyncio.create_task(self._work(f"{self.worker_id}-{i}")) for i in range(count)]
+        self._tasks = [asyncio.create_task(self._work(f"{self.worker_id}-{i}")) for i in range(self.count)]
         self._tasks.append(asyncio.create_task(self._sweep()))
-
-    def wake(self) -> None:
-        self._wake.set()
 
     async def stop(self) -> None:
         """Running batches go back to the queue at once; their finished parts are kept, so the next worker
@@ -96,14 +97,17 @@ class BatchWorker:
             else:
                 self.queue_outage.recovered()
             if job is None:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._settings.batches_poll_seconds)
+                # A job whose worker died is running, not queued: a claim every quarter lease finds it.
+                lease = self._settings.batches_lease_seconds
+                await jobqueue.until_claimable(self._queue, self._settings.batches_poll_seconds, lease / 4)
                 continue
+            self.running += 1
             try:
                 await self._run(job, worker)
             except Exception:
                 log.exception("batch bookkeeping failed", extra={"batch_id": job.id})
+            finally:
+                self.running -= 1
 
     async def _run(self, job: BatchJob, worker: str) -> None:
         log.info("running batch", extra={"batch_id": job.id, "attempt": job.attempts})
@@ -189,7 +193,7 @@ class _Run:
                 log.info("batch waits for its backend", extra={"batch_id": self.job.id})
                 if self._must_stop():
                     raise _Stop() from None
-                await asyncio.sleep(self._settings.batches_poll_seconds)
+                await asyncio.sleep(BACKEND_RETRY_SECONDS)
 
     def _input(self) -> AsyncIterator[lines.RawLine]:
         content = self._files.content(self.job.principal, self.batch["input_file_id"])
@@ -258,9 +262,6 @@ class _Run:
                 if self._must_stop():
                     return
                 checked = await self._parse(raw, endpoint)
-                await self._quiet(endpoint, checked)
-                if self._must_stop():
-                    return
                 ok, result = await lines.run_line(self._state, self.job, endpoint, checked)
                 finished.append({"line": raw.index, "ok": ok, "result": result})
 
@@ -290,22 +291,6 @@ class _Run:
         """The line checked, within the JSON budget of any request body."""
         await json_budget.check(raw.data, self._settings.max_json_weight)
         return lines.parse_line(raw, endpoint, self._settings.max_body_bytes)
-
-    async def _quiet(self, endpoint: str, checked: lines.Checked) -> None:
-        """Waits while the line's backend is busy with interactive requests (below interactive traffic)."""
-        try:
-            model_name = checked.body.model  # type: ignore[attr-defined]
-            modality = lines.ROUTES[endpoint].endpoint.modality.proto
-            target = self._state.catalog.resolve(model_name, modality).backend_target
-        except Exception:
-            return  # the line's own run reports what is wrong with it
-        backends = self._state.backends
-        while backends.interactive[target] >= self._settings.batches_yield_in_flight:
-            if self._must_stop():
-                return
-            backends.interactive_ended.clear()  # woken by the next interactive call's end, not by polling
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(backends.interactive_ended.wait(), self._settings.batches_renew_seconds)
 
     # -- records -------------------------------------------------------------------------------
     async def _save(self, **changes: Any) -> None:

@@ -1,11 +1,12 @@
-"""Background responses: queued on the durable job queue, run by a worker on any edge replica.
+"""Background responses: queued by the edge on the durable job queue, run by a worker of the jobs process.
 
 ``background: true`` is admitted (the key checked, its tokens reserved) and checked like any request,
 stored with ``status: queued`` and queued on modelplex_kit.jobqueue (SQLite beside the response store's
-file, or the same Redis, so a killed edge's work is taken over by another). A worker claims it under a
-lease and runs it through the pipeline with the request's admission ticket, so it is metered to the
-caller's key as a foreground response would be; the stored response goes queued -> in_progress ->
-completed | incomplete | failed, or cancelled.
+file, or the same Redis, so a killed jobs process's work is taken over by another). A worker of the jobs
+process (modelplex_edge.jobs) finds it by polling the queue's depth, claims it under a lease and runs it
+through the pipeline with the request's admission ticket, so it is metered to the caller's key as a
+foreground response would be; the stored response goes queued -> in_progress -> completed | incomplete |
+failed, or cancelled.
 
 Every event of the run is kept in the stored response (bounded), so
 ``GET /v1/responses/{id}?stream=true&starting_after=N`` replays what a client missed and then follows
@@ -16,7 +17,6 @@ and it cancels the backend call, which frees the engine.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import time
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 #: Statuses after which nothing changes.
 TERMINAL = frozenset({"completed", "incomplete", "failed", "cancelled"})
 _CANCELLED = translate.Outcome("cancelled")
+#: How long a job whose model is unreachable (no catalog yet, its backend down) waits before it is claimed again.
+BACKEND_RETRY_SECONDS = 1.0
 
 
 @dataclass(slots=True, kw_only=True)
@@ -86,13 +88,16 @@ RESPONSE_JOBS = jobqueue.JobKind(
 )
 
 
-def build_queue(settings: EdgeSettings) -> jobqueue.JobStore:
-    """The queue lives where stored responses do, so every replica that sees one sees the other."""
+def build_queue(settings: EdgeSettings, requeue: bool = False) -> jobqueue.JobStore:
+    """The queue lives where stored responses do, so every process that sees one sees the other (the edge
+    and the jobs process; every replica with Redis). ``requeue``: this process runs the jobs (a SQLite file
+    re-queues what it left running)."""
     if settings.responses_store == "redis":
         return jobqueue.RedisJobStore(RESPONSE_JOBS, settings.responses_redis_url, 3600, socket_timeout=5.0)
     if settings.responses_store == "sqlite":
         path = Path(settings.responses_sqlite_path)
-        return jobqueue.SQLiteJobStore(RESPONSE_JOBS, path.with_name(path.stem + "-background.sqlite3"), 3600)
+        path = path.with_name(path.stem + "-background.sqlite3")
+        return jobqueue.SQLiteJobStore(RESPONSE_JOBS, path, 3600, requeue=requeue)
     return jobqueue.SQLiteJobStore(RESPONSE_JOBS, Path(":memory:"), 3600)
 
 
@@ -129,8 +134,9 @@ async def enqueue(
         await state.responses.delete(scope, response_id)
         raise
     call.defer()  # the worker accounts it, with this admission's ticket
-    if state.worker is not None:
-        state.worker.wake()
+    state.admission.hand_off(call.admitted)  # in the jobs process
+    if state.jobs_demand is not None:
+        state.jobs_demand.enqueued()  # a jobs process scaled to zero is started now
     return queued
 
 
@@ -204,29 +210,27 @@ class EventLog:
 
 
 class BackgroundWorker:
-    """This edge's workers: each claims a job, runs it, and renews its lease while it runs."""
+    """The jobs process's workers: each claims a job, runs it, and renews its lease while it runs."""
 
     def __init__(self, state: EdgeState, endpoint: pipeline.Endpoint) -> None:
         self._state, self._queue, self._settings = state, state.background, state.settings
         self._endpoint = endpoint
         self.worker_id = uuid.uuid4().hex[:12]
+        self.count = self._settings.responses_background_workers
+        #: Background responses running in this process now.
+        self.running = 0
         self._tasks: list[asyncio.Task] = []
-        self._wake = asyncio.Event()
         self._stopping = False
-        #: Claims that failed (the queue's store unreachable), shared by this edge's workers: an outage is
+        #: Claims that failed (the queue's store unreachable), shared by this process's workers: an outage is
         #: logged once with its traceback, summarised while it lasts, and once when a claim works again.
         self.queue_outage = OutageLog.of_queue(log, "background queue", self._settings.outage_summary_seconds)
 
     def start(self) -> None:
-        count = self._settings.responses_background_workers
-        self._tasks = [asyncio.create_task(self._work(f"{self.worker_id}-{i}")) for i in range(count)]
-
-    def wake(self) -> None:
-        self._wake.set()
+        self._tasks = [asyncio.create_task(self._work(f"{self.worker_id}-{i}")) for i in range(self.count)]
 
     async def stop(self) -> None:
-        """Running jobs go back to the queue, unaccounted: another replica (or this edge restarted) re-runs
-        them and accounts them once. (A killed edge's jobs are re-run once their lease lapses.)"""
+        """Running jobs go back to the queue, unaccounted: another jobs process (or this one restarted) re-runs
+        them and accounts them once. (A killed process's jobs are re-run once their lease lapses.)"""
         self._stopping = True
         for task in self._tasks:
             task.cancel()
@@ -247,14 +251,16 @@ class BackgroundWorker:
             else:
                 self.queue_outage.recovered()
             if job is None:
-                self._wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), poll)
+                # A job whose worker died is running, not queued: a claim every quarter lease finds it.
+                await jobqueue.until_claimable(self._queue, poll, lease / 4)
                 continue
+            self.running += 1
             try:
                 await self._run(job, worker)
             except Exception:
                 log.exception("background response bookkeeping failed", extra={"response_id": job.id})
+            finally:
+                self.running -= 1
 
     async def _run(self, job: BackgroundJob, worker: str) -> None:
         log.info("running background response", extra={"response_id": job.id, "attempt": job.attempts})
@@ -271,7 +277,7 @@ class BackgroundWorker:
                 await self._queue.release(job.id, worker)
         if not work.cancelled() and isinstance(work.exception(), _NotYet):
             await self._queue.release(job.id, worker)
-            await asyncio.sleep(self._settings.responses_background_poll_seconds)
+            await asyncio.sleep(BACKEND_RETRY_SECONDS)
             return
         if work.cancelled():
             if await self._queue.get(job.principal, job.id) is None:  # cancelled, not taken over
@@ -318,6 +324,7 @@ class BackgroundWorker:
                 raise _NotYet(job.id) from exc
             await _failed(progress, events, exc)
             return
+        self._state.admission.take_over(call.admitted)  # this process accounts it now
         try:
             async with call:
                 try:
@@ -335,6 +342,7 @@ class BackgroundWorker:
                 except asyncio.CancelledError:
                     if self._stopping:  # re-run elsewhere, which accounts it: not accounted twice
                         call.defer()
+                        self._state.admission.hand_off(call.admitted)
                     raise
         except ServiceError as exc:  # before the stream opened (the engine refused, the chain is gone)
             await _failed(progress, events, exc)
