@@ -317,8 +317,9 @@ def test_every_workload_has_a_network_policy(values_file: str) -> None:
         for rule in policy["spec"]["ingress"]:
             assert rule.get("ports"), f"{policy['metadata']['name']}: a rule without a port limit"
             if rule.get("from") == values["networkPolicy"]["metricsFrom"]:
-                # Prometheus reaches the metrics port only (vLLM serves /metrics on its API port).
-                assert rule["ports"] in ([{"port": "metrics"}], [{"port": "http"}])
+                # Prometheus reaches the metrics port only (vLLM serves /metrics on its API port, the jobs
+                # process on its own).
+                assert rule["ports"] in ([{"port": "metrics"}], [{"port": "http"}], [{"port": "jobs-http"}])
 
 
 def test_backends_reachable_from_the_edge_only(cpu_objects: list[dict[str, Any]]) -> None:

@@ -11,7 +11,18 @@ import pytest
 import yaml
 
 from modelplex_catalog.kube import spec_from_resource
-from tests.deploy.test_helm import CHART, LLAMA_VLLM, NAMESPACE, RELEASE, SMOLLM2, find, one, render, with_test_key
+from tests.deploy.test_helm import (
+    CHART,
+    LLAMA_VLLM,
+    NAMESPACE,
+    RELEASE,
+    SMOLLM2,
+    find,
+    one,
+    render,
+    svc_host,
+    with_test_key,
+)
 
 CRD = yaml.safe_load((CHART / "crds" / "models.modelplex.io.yaml").read_text())
 POOLS = helm.values_from_yaml((CHART / "ci" / "pools-values.yaml").read_text())
@@ -172,16 +183,29 @@ def test_render_refuses(values: dict[str, Any], message: str) -> None:
         chart.render(with_test_key(values), name=RELEASE, namespace=NAMESPACE)
 
 
-def test_keda_scales_every_chart_run_engine_on_the_queue_the_picker_reads():
+def test_keda_scales_every_chart_run_engine_on_the_demand_its_backends_report():
+    """The backends' pools report each model's demand (held, in flight, the engines' queues the picker reads) to
+    the catalog's scaler under the model id; KEDA asks it there (external-push), no Prometheus in between."""
     objects = render(POOLS | {"autoscaling": {"keda": {"enabled": True, "maxReplicas": 6}}})
     scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in find(objects, "ScaledObject")}
     assert set(scaled) == {f"{RELEASE}-vllm-llama-3-1-8b-instruct", f"{RELEASE}-triton-qwen2-5-7b-instruct"}
     vllm, triton = scaled[f"{RELEASE}-vllm-llama-3-1-8b-instruct"], scaled[f"{RELEASE}-triton-qwen2-5-7b-instruct"]
     assert vllm["spec"]["scaleTargetRef"]["kind"] == "StatefulSet"  # a cache claim per replica
-    assert "vllm:num_requests_waiting" in vllm["spec"]["triggers"][0]["metadata"]["query"]
-    query = triton["spec"]["triggers"][0]["metadata"]["query"]
-    assert query == f'sum(nv_inference_pending_request_count{{namespace="{NAMESPACE}",model="qwen2_5_7b_instruct"}})'
     assert triton["spec"]["scaleTargetRef"]["kind"] == "Deployment" and triton["spec"]["maxReplicaCount"] == 6
+    for model, obj in (("llama-3.1-8b-instruct", vllm), ("qwen2.5-7b-instruct", triton)):
+        (trigger,) = obj["spec"]["triggers"]
+        assert trigger == {
+            "type": "external-push",
+            "metadata": {"scalerAddress": f"{RELEASE}-catalog.{NAMESPACE}.svc:50051", "key": model,
+                         "targetPerReplica": "16"},
+        }
+        backend = _env(_pod(objects, "Deployment", f"{RELEASE}-text-{model.replace('.', '-')}"))
+        assert backend["MODELPLEX_TEXT_POOL_DEMAND_TARGET"] == f"{svc_host(f'{RELEASE}-catalog')}:50051"
+        assert backend["MODELPLEX_TEXT_POOL_DEMAND_KEY"] == model
+    # Pods you run (pool.selector, inferencePool) are yours to scale: no ScaledObject, and no reports unless the
+    # model scales to zero.
+    mistral = _env(_pod(objects, "Deployment", f"{RELEASE}-text-mistral-7b-instruct"))
+    assert "MODELPLEX_TEXT_POOL_DEMAND_TARGET" not in mistral
 
 
 def test_backends_of_remote_engines_share_their_picks_through_the_shared_redis(pools):

@@ -531,7 +531,8 @@ def test_gatekeeper_sidecar(default_objects: list[dict[str, Any]]) -> None:
     assert e["MODELPLEX_GATEKEEPER_LISTEN"] == socket
     assert e["MODELPLEX_KEYS_FILE"] == "/etc/modelplex/keys/keys.yaml"
     assert "MODELPLEX_GATEKEEPER_REDIS_URL" not in e
-    assert "MODELPLEX_EDGE_RESPONSES_STORE" not in env(edge)  # no Redis: each pod's memory
+    # No Redis: each pod's own stores, on the volume its jobs process shares (tests/deploy/test_chart_jobs.py).
+    assert env(edge)["MODELPLEX_EDGE_RESPONSES_STORE"] == "sqlite"
     assert "modelplex_gatekeeper" not in str(edge.get("command"))
     assert socket.removeprefix("unix://") in " ".join(gk["livenessProbe"]["exec"]["command"])
     mounts = {m["name"]: m for m in gk["volumeMounts"]}
@@ -597,11 +598,12 @@ def test_gatekeeper_lease_values_reach_the_edge_and_the_sidecar(default_objects:
 
 def test_gatekeeper_embedded_and_disabled() -> None:
     dep = one(render({"gatekeeper": {"mode": "embedded"}}), "Deployment", f"{RELEASE}-edge")
-    edge = container(dep)  # no sidecar
+    assert "gatekeeper" not in {c["name"] for c in dep["spec"]["template"]["spec"]["containers"]}  # no sidecar
+    edge = container(dep, "edge")
     assert env(edge)["MODELPLEX_EDGE_GATEKEEPER_TARGET"] == "embedded"
     assert env(edge)["MODELPLEX_KEYS_FILE"] == "/etc/modelplex/keys/keys.yaml"
     dep = one(render({"gatekeeper": {"enabled": False}}), "Deployment", f"{RELEASE}-edge")
-    assert "MODELPLEX_EDGE_GATEKEEPER_TARGET" not in env(container(dep))
+    assert "MODELPLEX_EDGE_GATEKEEPER_TARGET" not in env(container(dep, "edge"))
 
 
 def largest_body() -> int:

@@ -109,6 +109,7 @@ def test_one_backend_manifest_and_a_folder_per_modality() -> None:
     }
     assert deployments == {
         "base/edge/deployment.yaml",
+        "base/jobs/deployment.yaml",
         "base/catalog/deployment.yaml",
         "base/backend/deployment.yaml",
         "components/vllm-gpu/vllm.yaml",
@@ -155,6 +156,8 @@ def test_overlay_renders(overlay, name: str) -> None:
         assert find(objects, kind, "modelplex-edge")
         assert find(objects, kind, "modelplex-catalog")
         assert find(objects, kind, "modelplex-text-smollm2-135m-instruct")
+    # The jobs process runs beside them, called by nothing (no Service).
+    assert find(objects, "Deployment", "modelplex-jobs") and not find(objects, "Service", "modelplex-jobs")
     # A key Secret only where a laptop runs it; on a shared cluster the user brings one.
     assert bool(find(objects, "Secret", "modelplex-api-key")) == (name == "local-cpu")
     # `kubectl delete -k` on an overlay must not take the namespace (and the Secrets and volumes
@@ -249,8 +252,8 @@ def test_local_cpu(overlay) -> None:
     assert {"modelplex-edge", "modelplex-catalog", "modelplex-text-smollm2-135m-instruct"} <= {
         o["metadata"]["name"] for o in deployments
     }
-    # One CPU backend per modality.
-    assert {component(d) for d in deployments} == {"edge", "catalog", *BACKENDS}
+    # One CPU backend per modality, and the jobs process.
+    assert {component(d) for d in deployments} == {"edge", "jobs", "catalog", *BACKENDS}
     edge = one(objects, "Deployment", "modelplex-edge")
     assert edge["spec"]["replicas"] == 1
     assert env(edge)["MODELPLEX_EDGE_CORS_ORIGINS"]
@@ -313,14 +316,18 @@ def test_gpu(overlay) -> None:
     policies = {p["metadata"]["name"]: p for p in find(objects, "NetworkPolicy")}
     assert set(policies) == {
         "modelplex-edge-ingress",
+        "modelplex-jobs-ingress",
         "modelplex-catalog-ingress",
         "modelplex-backends-ingress",
         "modelplex-vllm-llama-3-1-8b-instruct-ingress",
     }
-    # Backends (text included: the edge makes the call behind translations) accept gRPC from the edge only.
+    # Backends (text included: the edge makes the call behind translations) accept gRPC from the edge and the
+    # jobs process (batch lines, background responses) only; the jobs process accepts nothing but metrics.
     for name in ("modelplex-catalog-ingress", "modelplex-backends-ingress"):
         grpc_rule = policies[name]["spec"]["ingress"][0]
-        assert [peer["podSelector"]["matchLabels"][COMPONENT] for peer in grpc_rule["from"]] == ["edge"]
+        assert [peer["podSelector"]["matchLabels"][COMPONENT] for peer in grpc_rule["from"]] == ["edge", "jobs"]
+    (jobs_rule,) = policies["modelplex-jobs-ingress"]["spec"]["ingress"]
+    assert jobs_rule["ports"] == [{"port": "jobs-http"}] and "namespaceSelector" in jobs_rule["from"][0]
     for dep in find(objects, "Deployment"):
         labels = dep["spec"]["template"]["metadata"]["labels"]
         assert any(
@@ -331,6 +338,43 @@ def test_gpu(overlay) -> None:
     engine = policies["modelplex-vllm-llama-3-1-8b-instruct-ingress"]["spec"]["ingress"][0]["from"][0]
     assert engine["podSelector"]["matchLabels"] == {COMPONENT: "text", "modelplex.io/model": "llama-3-1-8b-instruct"}
     assert find(objects, "PodDisruptionBudget", "modelplex-edge")
+    # vLLM drains on scale-down and rollouts: it keeps serving while its endpoint turns terminating, then
+    # finishes what is in flight (the chart's engines.drainSeconds / shutdownTimeoutSeconds).
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "15"]
+    assert c["args"][c["args"].index("--shutdown-timeout") + 1] == "600"
+    assert vllm["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] >= 15 + 600
+
+
+# The edge's store settings, which the jobs process reads as well (it shares the edge's MODELPLEX_EDGE_*).
+STORES = ("_RESPONSES_STORE", "_RESPONSES_SQLITE_PATH", "_RESPONSES_REDIS_URL", "_BATCHES_STORE",
+          "_BATCHES_SQLITE_PATH", "_BATCHES_REDIS_URL", "_OBJECT_DIR", "_OBJECT_STORE", "_OBJECT_STORE_BUCKET")
+
+
+@pytest.mark.parametrize("name", OVERLAYS)
+def test_the_jobs_process_runs_beside_the_edge_on_the_same_stores(overlay, name: str) -> None:
+    objects = overlay(name)
+    jobs, edge = one(objects, "Deployment", "modelplex-jobs"), one(objects, "Deployment", "modelplex-edge")
+    jc, ec = jobs["spec"]["template"]["spec"]["containers"][0], edge["spec"]["template"]["spec"]["containers"][0]
+    assert jc["command"] == ["python", "-m", "modelplex_edge.jobs"]
+    assert jc["image"] == ec["image"]  # the edge's image, its own command
+    assert jc["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "jobs-http"}
+    assert jc["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "jobs-http"}
+    e = env(jobs)
+    assert (e["MODELPLEX_JOBS_HOST"], e["MODELPLEX_JOBS_PORT"]) == ("0.0.0.0", "8090")
+    assert e["MODELPLEX_EDGE_CATALOG_TARGET"] == env(edge)["MODELPLEX_EDGE_CATALOG_TARGET"]
+    shared = {k: v for k, v in env(edge).items() if k.startswith("MODELPLEX_EDGE") and k.endswith(STORES)}
+    assert shared, "no shared stores: the jobs process would run nothing"
+    assert {k: e.get(k) for k in shared} == shared
+    assert shared["MODELPLEX_EDGE_RESPONSES_STORE"] != "memory" and shared["MODELPLEX_EDGE_BATCHES_STORE"] != "memory"
+    if name == "local-cpu":  # one volume on the one node
+        mounts = {m["name"]: m["mountPath"] for d in (jc, ec) for m in d["volumeMounts"]}
+        assert mounts["state"] == "/var/lib/modelplex-state"
+        (claim,) = find(objects, "PersistentVolumeClaim")
+        assert claim["metadata"]["name"] == "modelplex-state"
+    else:  # Redis and S3 from Secrets you create
+        assert shared["MODELPLEX_EDGE_BATCHES_STORE"] == "redis" and shared["MODELPLEX_EDGE_OBJECT_STORE"] == "s3"
+        redis = {"secretKeyRef": {"name": "modelplex-redis", "key": "redis-url"}}
+        assert e["MODELPLEX_EDGE_BATCHES_REDIS_URL"] == redis
 
 
 def test_weights_cache_outlives_the_gpu_overlay(kubectl: Path, overlay) -> None:

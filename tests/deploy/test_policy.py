@@ -193,6 +193,11 @@ def _env(container: dict[str, Any]) -> dict[str, str]:
     return {e["name"]: e.get("value") for e in container.get("env", []) if "value" in e}
 
 
+# Workloads nothing routes requests to (no Service): no preStop delay to wait out, no request to drain (the jobs
+# process puts what it runs back on its queues on SIGTERM).
+UNROUTED = {"jobs"}
+
+
 @pytest.mark.parametrize("name", sorted(RENDERED))
 def test_grace_covers_the_longest_backend_call(name: str) -> None:
     for obj, pod in _pods(RENDERED[name]):
@@ -200,10 +205,31 @@ def test_grace_covers_the_longest_backend_call(name: str) -> None:
         if "MODELPLEX_GRACE_SECONDS" not in env:
             continue
         grace = float(env["MODELPLEX_GRACE_SECONDS"])
-        assert grace >= 600, f"{name}: {obj['metadata']['name']}: the edge allows backend calls of 600 s"
         assert pod["terminationGracePeriodSeconds"] >= grace, f"{name}: {obj['metadata']['name']}"
+        if _component(obj) in UNROUTED:
+            continue
+        assert grace >= 600, f"{name}: {obj['metadata']['name']}: the edge allows backend calls of 600 s"
         pre_stop = pod["containers"][0]["lifecycle"]["preStop"]
         assert pre_stop, f"{name}: {obj['metadata']['name']}"
+
+
+@pytest.mark.parametrize("name", sorted(RENDERED))
+def test_engines_drain_before_they_go(name: str) -> None:
+    """Scale-down (KEDA, to zero too) and rollouts: a vLLM/Triton replica keeps serving while its endpoint turns
+    terminating, then finishes what is in flight; the kubelet waits for both."""
+    for obj, pod in _pods(RENDERED[name]):
+        if _component(obj) not in {"vllm", "triton"}:
+            continue
+        engine = pod["containers"][0]
+        sleep = engine["lifecycle"]["preStop"]["exec"]["command"]
+        assert sleep[0] == "sleep" and int(sleep[1]) > 0, f"{name}: {obj['metadata']['name']}"
+        args = engine.get("args", [])
+        if _component(obj) == "vllm":
+            timeout = int(args[args.index("--shutdown-timeout") + 1])
+        else:
+            timeout = int(next(a for a in args if a.startswith("--exit-timeout-secs=")).split("=")[1])
+        assert timeout >= 600, f"{name}: {obj['metadata']['name']}: the longest request (the edge's deadline)"
+        assert pod["terminationGracePeriodSeconds"] >= int(sleep[1]) + timeout, f"{name}: {obj['metadata']['name']}"
 
 
 def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -302,13 +328,19 @@ def test_edge_scales_on_requests_in_flight() -> None:
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
 
-def test_keda_scales_each_vllm_engine_on_its_queue() -> None:
-    (scaled,) = [o for o in _ops() if o["kind"] == "ScaledObject"]
+def test_keda_scales_each_vllm_engine_through_the_catalogs_scaler() -> None:
+    scaled = {o["spec"]["scaleTargetRef"]["name"]: o for o in _ops() if o["kind"] == "ScaledObject"}
     vllm = _vllm(_ops())
-    assert scaled["spec"]["scaleTargetRef"]["name"] == vllm["metadata"]["name"]
-    trigger = scaled["spec"]["triggers"][0]
-    assert trigger["type"] == "prometheus" and "vllm:num_requests_waiting" in trigger["metadata"]["query"]
-    assert 'model_name="llama-3.1-8b-instruct"' in trigger["metadata"]["query"]
+    (trigger,) = scaled[vllm["metadata"]["name"]]["spec"]["triggers"]
+    assert trigger["type"] == "external-push"
+    assert trigger["metadata"]["key"] == "llama-3.1-8b-instruct"
+    assert trigger["metadata"]["scalerAddress"] == "modelplex-catalog.mpx.svc:50051"
+    # The engines' replicas are KEDA's: an upgrade does not reset them.
+    assert "replicas" not in vllm["spec"]
+    # The scale-to-zero model, and the jobs Deployment, go down to zero; the other model keeps its minimum.
+    assert scaled[vllm["metadata"]["name"]]["spec"]["minReplicaCount"] == 1
+    assert scaled["modelplex-vllm-qwen2-5-7b-instruct"]["spec"]["minReplicaCount"] == 0
+    assert scaled["modelplex-jobs"]["spec"]["minReplicaCount"] == 0
     # KEDA may add replicas: a shared ReadWriteOnce cache is refused.
     values = helm.values_from_yaml((CHART / "ci" / "gpu-ops-values.yaml").read_text())
     values["engines"]["vllm"] = {"cache": {"persistence": True}}
@@ -319,7 +351,7 @@ def test_keda_scales_each_vllm_engine_on_its_queue() -> None:
 def test_pod_monitor_comes_with_a_network_policy_rule_for_prometheus() -> None:
     (monitor,) = [o for o in _ops() if o["kind"] == "PodMonitor"]
     assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "http"}
+    assert {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]} == {"metrics", "http", "jobs-http"}
     policies = [o for o in _ops() if o["kind"] == "NetworkPolicy"]
     prometheus = {"kubernetes.io/metadata.name": "monitoring"}
     assert any(
@@ -344,8 +376,12 @@ def test_gpu_scheduling_knobs() -> None:
     "values",
     [
         {"edge": {"autoscaling": {"metric": "memory"}}},
-        {"autoscaling": {"keda": {"prometheusAddress": "prometheus:9090"}}},
-        {"autoscaling": {"keda": {"waitingRequestsThreshold": 0}}},
+        {"autoscaling": {"keda": {"prometheusAddress": "http://prometheus:9090"}}},  # no Prometheus any more
+        {"autoscaling": {"keda": {"targetPerReplica": 0}}},
+        {"jobs": {"autoscaling": {"targetPerReplica": -1}}},
+        {"jobs": {"workers": 4}},
+        {"engines": {"drainSeconds": -1}},
+        {"networkPolicy": {"kedaFrom": [{}]}},
         {"monitoring": {"podMonitor": {"interval": "often"}}},
         {"monitoring": {"serviceMonitor": {"enabled": True}}},
         {"models": [{**VLLM, "engine": {**VLLM["engine"], "vllm": {"enabled": True, "gpuResourceName": "a100"}}}]},

@@ -381,7 +381,35 @@ Call with (dict "root" $ "model" $m). */}}
 {{- fail (printf "model %s: engine.vllm.lora is for text models (got %s)" $m.id $modality) }}
 {{- end }}
 {{- end }}
+{{- include "modelplex.validateScaleToZero" . }}
 {{- end }}
+{{- end }}
+
+{{/* Fails the render on a scale-to-zero setting nothing would honour. Call with (dict "root" $ "model" $m). */}}
+{{- define "modelplex.validateScaleToZero" -}}
+{{- $m := .model }}
+{{- if $m.scaleToZero }}
+{{- if not .root.Values.autoscaling.keda.enabled }}
+{{- fail (printf "model %s: scaleToZero needs autoscaling.keda.enabled: KEDA, asking the catalog's scaler, is what starts its engine again; without it nothing would ever scale the model up from zero replicas" $m.id) }}
+{{- end }}
+{{- if not (include "modelplex.poolSettings" . | fromYaml).upstream_discovery }}
+{{- fail (printf "model %s: scaleToZero needs engine replicas its backend discovers and can wait for: a chart-run engine (engine.vllm.enabled or engine.triton.enabled) or, for engines you run and scale, pool.selector or pool.inferencePool (engine.kind openai or triton)" $m.id) }}
+{{- end }}
+{{- /* The edge's deadline for one backend call counts the hold: past it the client gets a timeout, not the
+backend's 503 + Retry-After. */}}
+{{- $deadline := 600.0 }}
+{{- range .root.Values.edge.extraEnv }}{{ if eq .name "MODELPLEX_EDGE_BACKEND_TIMEOUT_SECONDS" }}{{ $deadline = float64 .value }}{{ end }}{{ end }}
+{{- if ge (float64 (include "modelplex.coldStartTimeout" $m)) $deadline }}
+{{- fail (printf "model %s: coldStartTimeout (%s s) must be below the edge's deadline for one backend call (%v s, MODELPLEX_EDGE_BACKEND_TIMEOUT_SECONDS), which counts the wait for a replica to start" $m.id (include "modelplex.coldStartTimeout" $m) $deadline) }}
+{{- end }}
+{{- else if hasKey $m "coldStartTimeout" }}
+{{- fail (printf "model %s: coldStartTimeout bounds how long a request waits for a replica to start from zero; it needs scaleToZero: true" $m.id) }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds a request for a scale-to-zero model waits for a replica to start (coldStartTimeout, 300 by default). */}}
+{{- define "modelplex.coldStartTimeout" -}}
+{{- .coldStartTimeout | default 300 }}
 {{- end }}
 
 {{/* The model's catalog entry as YAML. Call with (dict "root" $ "model" $m). */}}
@@ -406,6 +434,11 @@ Call with (dict "root" $ "model" $m). */}}
 {{- $_ := set $entry "owned_by" ($m.ownedBy | default "modelplex") }}
 {{- with $m.created }}{{ $_ := set $entry "created" (int64 .) }}{{ end }}
 {{- with $m.description }}{{ $_ := set $entry "description" . }}{{ end }}
+{{- if $m.scaleToZero }}
+{{- /* Its engines may be at zero replicas: requests wait up to cold_start_timeout seconds for one to start. */}}
+{{- $_ := set $entry "scale_to_zero" true }}
+{{- $_ := set $entry "cold_start_timeout" ($m.coldStartTimeout | default 300) }}
+{{- end }}
 {{- toYaml $entry }}
 {{- end }}
 
@@ -450,6 +483,30 @@ lifecycle:
       command: ["python", "-c", "import time; time.sleep({{ int .preStopSeconds }})"]
 {{- end }}
 {{- end -}}
+
+{{/*
+Drain of a chart-run engine replica (vLLM, Triton) on scale-down and rollouts. On deletion its endpoint turns
+terminating at once, so the backends' pools stop picking it within a second; the preStop `sleep` keeps it
+serving meanwhile (engines.drainSeconds). Then SIGTERM: the engine refuses new requests and finishes those in
+flight for up to engines.shutdownTimeoutSeconds (vLLM --shutdown-timeout, Triton --exit-timeout-secs; 600 s, the
+edge's deadline for one backend call: the longest request). terminationGracePeriodSeconds covers both.
+*/}}
+{{- define "modelplex.engineGrace" -}}
+{{- $e := .Values.engines }}
+{{- if lt (int $e.terminationGracePeriodSeconds) (add (int $e.drainSeconds) (int $e.shutdownTimeoutSeconds)) }}
+{{- fail (printf "engines.terminationGracePeriodSeconds (%d) must cover engines.drainSeconds (%d) + engines.shutdownTimeoutSeconds (%d): the kubelet would kill requests still in flight" (int $e.terminationGracePeriodSeconds) (int $e.drainSeconds) (int $e.shutdownTimeoutSeconds)) }}
+{{- end }}
+{{- int $e.terminationGracePeriodSeconds }}
+{{- end }}
+{{- define "modelplex.enginePreStop" -}}
+{{- if .Values.engines.drainSeconds }}
+lifecycle:
+  # Keeps serving while its endpoint turns terminating and the backends' pools stop picking it.
+  preStop:
+    exec:
+      command: ["sleep", {{ int .Values.engines.drainSeconds | toString | quote }}]
+{{- end }}
+{{- end }}
 
 {{/* ===================== engine pools ===================== */}}
 

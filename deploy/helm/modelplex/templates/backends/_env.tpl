@@ -50,6 +50,19 @@ so every one places a prefix where the others did (modelplex_kit/pools/sync.py).
   value: {{ $redis.url | quote }}
 {{- end }}
 {{- end }}
+{{- if $m.scaleToZero }}
+{{- /* Its pool may have no replica ready: a request waits this long for one to start (then 503 + Retry-After). */}}
+- name: {{ $p }}POOL_COLD_START_TIMEOUT_SECONDS
+  value: {{ include "modelplex.envValue" ($m.coldStartTimeout | default 300) | quote }}
+{{- end }}
+{{- /* The demand KEDA scales the engines on (held, in flight, the engines' queues), reported to the catalog's
+scaler under the model id: by every chart-run engine's backend with KEDA on, and by a scale-to-zero model's. */}}
+{{- if and .root.Values.autoscaling.keda.enabled (or (include "modelplex.hasVllm" .) (include "modelplex.hasTriton" .) $m.scaleToZero) }}
+- name: {{ $p }}POOL_DEMAND_TARGET
+  value: {{ include "modelplex.catalogTarget" .root | quote }}
+- name: {{ $p }}POOL_DEMAND_KEY
+  value: {{ $m.id | quote }}
+{{- end }}
 {{- if $row.objectStore }}
 {{ include "modelplex.objectStoreEnv" (list .root $p) }}
 {{- end }}
