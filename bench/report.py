@@ -28,6 +28,7 @@ SECTIONS: list[tuple[str, list[str]]] = [
     ("bench.scheduling", ["--lora"]),
     ("bench.lora", []),
     ("bench.cold_start", []),
+    ("bench.jobs", []),
 ]
 
 
