@@ -105,10 +105,22 @@ class Process:
             raise RuntimeError(f"{self.name} exited with status {self.popen.returncode}")
 
 
+_handed_out: set[int] = set()
+_handing_out = threading.Lock()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port nothing listens on now, and never one this process handed out before: the OS offers a
+    closed port again at once, so two callers asking in a row (a catalog's backend target, then a stack's edge
+    port), before either binds, could get the same one and the second server would find the first's."""
+    with _handing_out:
+        while True:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", 0))
+                port = sock.getsockname()[1]
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
 
 
 def backend_plan(catalog: Path, demand_target: str = "") -> dict[str, tuple[str, dict[str, str]]]:

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from modelplex_kit import devstack
-from modelplex_kit.devstack import Stack, backend_plan
+from modelplex_kit.devstack import Stack, backend_plan, free_port
 
 
 def test_a_dead_process_is_restarted_with_backoff(tmp_path):
@@ -200,3 +200,10 @@ def test_stores_the_environment_names_are_kept(monkeypatch, tmp_path):
     spawned = _started(monkeypatch, Stack(_catalog(tmp_path), log_dir=tmp_path, env=env))
     edge = spawned["edge"][1]
     assert "MODELPLEX_EDGE_RESPONSES_STORE" not in edge and "MODELPLEX_EDGE_BATCHES_STORE" not in edge
+
+
+def test_free_port_never_hands_out_one_port_twice():
+    """A stack's edge port once came out equal to a backend target picked a moment before (the OS reoffers a
+    closed port): the edge's readiness probe then read the backend's gRPC bytes (BadStatusLine)."""
+    ports = [free_port() for _ in range(3000)]
+    assert len(set(ports)) == len(ports)
