@@ -34,7 +34,8 @@ TRITON_METRICS_PORT ?= 8102
 .PHONY: help setup venv vllm triton-env triton protos lint run test test-fast test-e2e test-engines test-triton bench bench-peers bench-scheduling clean
 
 help:
-	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines; MODELPLEX_EDGE_PORT,"
+	@echo "make run        serve the API on http://127.0.0.1:8080/v1 (local CPU engines, and the jobs process for"
+	@echo "                batches and background responses; MODELPLEX_EDGE_PORT, MODELPLEX_JOBS_PORT,"
 	@echo "                MODELPLEX_CATALOG_LISTEN and the catalog's backend targets set the ports)"
 	@echo "make test       everything: unit, gRPC integration, end-to-end, deployment"
 	@echo "make test-fast  unit tests only (libs/ and services/)"
