@@ -71,7 +71,6 @@ class DemandReporter:
         self._task: asyncio.Task[None] | None = None
         self._channel: grpc.aio.Channel | None = None
         self._outage = OutageLog(log, f"demand reports to {target}", summary_seconds=outage_summary_seconds)
-        self.reports = 0  # sent, for tests and benchmarks
 
     @property
     def enabled(self) -> bool:
@@ -124,4 +123,3 @@ class DemandReporter:
             ttl_seconds=ttl_seconds,
         )
         await stub.Report(report, timeout=_REPORT_TIMEOUT_S)
-        self.reports += 1

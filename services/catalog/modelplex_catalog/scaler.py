@@ -85,10 +85,6 @@ class DemandBoard:
         return self._changed.setdefault(key, asyncio.Event())
 
 
-def _key(ref: externalscaler_pb2.ScaledObjectRef) -> str:
-    return ref.scalerMetadata.get(KEY_FIELD, "")
-
-
 class _Refused(Exception):
     pass
 
@@ -109,7 +105,7 @@ class ExternalScalerServicer(externalscaler_pb2_grpc.ExternalScalerServicer):
         self._board = board
 
     async def _key_or_abort(self, ref: externalscaler_pb2.ScaledObjectRef, context: grpc.aio.ServicerContext) -> str:
-        key = _key(ref)
+        key = ref.scalerMetadata.get(KEY_FIELD, "")
         if not key:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
